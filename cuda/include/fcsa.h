@@ -1,0 +1,209 @@
+/*
+ * fcsa.h: the public C API of libfcsa, fused cosine-similarity attention.
+ *
+ * This header is self-contained (C99 or C++), and it is the only one a caller needs.
+ * The function computed is described in the project's SPEC: for each batch b, query
+ * head h and query row i,
+ *
+ *     s_ij  = scale_h * <l2norm(q_i), l2norm(k_j)> + bias_ij
+ *     out_i = sum_j exp(s_ij) v_j / sum_j exp(s_ij)      over the visible keys j
+ *
+ * Conventions
+ *  - Every function returns an fcsa_status. On failure nothing has been written to any
+ *    output, and fcsa_last_error_message() (thread-local) says what was wrong.
+ *  - The library never aborts, exits, prints or allocates device memory. The caller
+ *    passes the stream and a workspace whose size it asked for beforehand, so calls can
+ *    be captured into CUDA graphs.
+ *  - Tensors are described by fcsa_tensor: shape and strides counted in elements.
+ *    The last dimension must be contiguous (stride 1); other strides are free.
+ *  - Structs that may grow begin with their own size (struct_size): set it to sizeof.
+ *  - Status values are fixed and are never renumbered.
+ */
+#ifndef FCSA_H_
+#define FCSA_H_
+
+#include <stddef.h>
+#include <stdint.h>
+
+#if defined(_WIN32)
+#  if defined(FCSA_BUILDING_LIBRARY)
+#    define FCSA_API __declspec(dllexport)
+#  else
+#    define FCSA_API __declspec(dllimport)
+#  endif
+#else
+#  define FCSA_API __attribute__((visibility("default")))
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---------------------------------------------------------------- version */
+
+#define FCSA_VERSION_MAJOR 0
+#define FCSA_VERSION_MINOR 1
+#define FCSA_VERSION_PATCH 0
+/* The ABI is versioned separately from the release: it changes only when a struct
+ * or a signature in this header changes incompatibly. */
+#define FCSA_ABI_VERSION 1
+
+/* "MAJOR.MINOR.PATCH" of the library that is loaded (may differ from the header). */
+FCSA_API const char *fcsa_version(void);
+/* FCSA_ABI_VERSION of the library that is loaded. */
+FCSA_API int fcsa_abi_version(void);
+
+/* ---------------------------------------------------------------- status */
+
+typedef enum fcsa_status {
+    FCSA_STATUS_SUCCESS = 0,
+    /* A tensor has the wrong dtype (Python maps this to TypeError). */
+    FCSA_STATUS_INVALID_DTYPE = 1,
+    /* A tensor has the wrong shape, a stride or a value is out of range (ValueError). */
+    FCSA_STATUS_INVALID_ARGUMENT = 2,
+    /* A valid combination that this build or device does not support
+     * (NotImplementedError), for example a CUDA tensor in a build without CUDA. */
+    FCSA_STATUS_NOT_SUPPORTED = 3,
+    /* The workspace passed is smaller than the size query asked for. */
+    FCSA_STATUS_WORKSPACE_TOO_SMALL = 4,
+    /* A CUDA runtime call or kernel launch failed. */
+    FCSA_STATUS_CUDA_ERROR = 5,
+    /* Host memory could not be allocated (CPU backend). */
+    FCSA_STATUS_OUT_OF_MEMORY = 6,
+    /* A bug: an internal invariant did not hold. */
+    FCSA_STATUS_INTERNAL_ERROR = 7
+} fcsa_status;
+
+/* A constant English name for a status, e.g. "FCSA_STATUS_INVALID_DTYPE". */
+FCSA_API const char *fcsa_status_string(fcsa_status status);
+/* The message of the last failed call on this thread ("" when none). The pointer
+ * stays valid until the next fcsa call on this thread. */
+FCSA_API const char *fcsa_last_error_message(void);
+
+/* ---------------------------------------------------------------- build and device */
+
+/* A one-line description of the build: version, CUDA version, SM targets, CPU ISA. */
+FCSA_API const char *fcsa_build_info(void);
+/* 1 if the library was compiled with its CUDA backends, else 0. */
+FCSA_API int fcsa_cuda_compiled(void);
+/* CUDA runtime version the library was built with (e.g. 13000), 0 without CUDA. */
+FCSA_API int fcsa_cuda_version(void);
+/* 1 if CUDA was compiled in and at least one usable device is present now. */
+FCSA_API int fcsa_cuda_available(void);
+/* Writes up to `capacity` compiled SM targets (e.g. 80, 86, 89, 90) into `targets`
+ * and returns how many there are in all. */
+FCSA_API int fcsa_compiled_sm_targets(int *targets, int capacity);
+
+/* ---------------------------------------------------------------- tensors */
+
+typedef enum fcsa_dtype {
+    FCSA_DTYPE_FLOAT32 = 0,
+    FCSA_DTYPE_FLOAT16 = 1,
+    FCSA_DTYPE_BFLOAT16 = 2,
+    FCSA_DTYPE_BOOL = 3 /* one byte per element, 0 or 1 */
+} fcsa_dtype;
+
+typedef enum fcsa_device_type {
+    FCSA_DEVICE_CPU = 0,
+    FCSA_DEVICE_CUDA = 1
+} fcsa_device_type;
+
+#define FCSA_MAX_DIMS 4
+
+/* A strided view of memory the caller owns. shape/strides beyond ndim are ignored. */
+typedef struct fcsa_tensor {
+    void *data;
+    int32_t ndim;
+    int32_t dtype;        /* fcsa_dtype */
+    int32_t device_type;  /* fcsa_device_type */
+    int32_t device_index; /* CUDA ordinal; 0 for the CPU */
+    int64_t shape[FCSA_MAX_DIMS];
+    int64_t strides[FCSA_MAX_DIMS]; /* in elements */
+} fcsa_tensor;
+
+/* ---------------------------------------------------------------- options */
+
+typedef enum fcsa_backend {
+    FCSA_BACKEND_AUTO = 0,     /* chosen from the tensors' device and its capability */
+    FCSA_BACKEND_CPU = 1,
+    FCSA_BACKEND_CUDA_SM80 = 2 /* portable tensor-core path: sm_80 and newer */
+} fcsa_backend;
+
+typedef struct fcsa_options {
+    size_t struct_size;     /* sizeof(fcsa_options) */
+    float scale;            /* logit scale, used when no scale tensor is given */
+    int32_t groups;         /* l2norm over this many equal chunks of the head dim */
+    int32_t causal;         /* key j is hidden from row i when j > i + (nk - nq) */
+    int32_t l2norm_qk;      /* 1: normalize q and k inside the kernel */
+    int32_t deterministic;  /* backward: bitwise reproducible, no float atomics */
+    int32_t backend;        /* fcsa_backend: AUTO, or force one path (tests) */
+    int32_t num_threads;    /* CPU backend: worker threads, 0 = all hardware threads */
+} fcsa_options;
+
+/* Fills the defaults: scale 8, groups 1, l2norm_qk 1, everything else 0. */
+FCSA_API void fcsa_options_init(fcsa_options *options);
+
+/*
+ * Shapes (all tensors on one device; q, k, v, out, dout, dq, dk, dv of one dtype):
+ *   q, out, dout, dq : (b, h, nq, d)
+ *   k, v, dk, dv     : (b, hk, nk, d)   h % hk == 0 (hk < h: kv heads shared)
+ *   mask             : (b, nk) bool, nonzero = the key may be attended; optional
+ *   bias, dbias      : 4-D, each dim equal to (b, h, nq, nk)'s or 1 (broadcast);
+ *                      dtype of q or float32; optional. dbias has bias' shape and
+ *                      dtype and receives the gradient summed over broadcast dims.
+ *   scale, dscale    : float32, shape () or (h,); optional. When given, scale
+ *                      replaces options.scale; dscale receives d(loss)/d(scale).
+ *   lse              : float32 (b, h, nq): log sum_j exp(s_ij), -inf for a row that
+ *                      sees no key. Optional in the forward, required in the backward
+ *                      (the forward's lse of the same inputs).
+ * Pass NULL for an absent optional tensor.
+ */
+typedef struct fcsa_forward_tensors {
+    size_t struct_size; /* sizeof(fcsa_forward_tensors) */
+    const fcsa_tensor *q, *k, *v;
+    const fcsa_tensor *mask, *bias, *scale;
+    const fcsa_tensor *out; /* written */
+    const fcsa_tensor *lse; /* written, optional */
+} fcsa_forward_tensors;
+
+typedef struct fcsa_backward_tensors {
+    size_t struct_size; /* sizeof(fcsa_backward_tensors) */
+    const fcsa_tensor *q, *k, *v;
+    const fcsa_tensor *mask, *bias, *scale;
+    const fcsa_tensor *out, *dout, *lse;
+    const fcsa_tensor *dq, *dk, *dv;   /* written */
+    const fcsa_tensor *dbias, *dscale; /* written, optional */
+} fcsa_backward_tensors;
+
+/* ---------------------------------------------------------------- attention */
+
+/* Bytes of workspace the call with these arguments needs (device memory on the
+ * tensors' device for CUDA, host memory for the CPU; 0 is a valid answer).
+ * Validates the arguments exactly as the call itself does. */
+FCSA_API fcsa_status fcsa_forward_workspace_size(const fcsa_options *options,
+                                                 const fcsa_forward_tensors *tensors,
+                                                 size_t *workspace_bytes);
+FCSA_API fcsa_status fcsa_backward_workspace_size(const fcsa_options *options,
+                                                  const fcsa_backward_tensors *tensors,
+                                                  size_t *workspace_bytes);
+
+/* `stream` is a cudaStream_t (NULL: the legacy default stream), ignored on the CPU.
+ * The call is asynchronous on CUDA: it returns once the work is enqueued. The
+ * workspace needs no initialization and must stay valid until the work finishes. */
+FCSA_API fcsa_status fcsa_forward(const fcsa_options *options,
+                                  const fcsa_forward_tensors *tensors,
+                                  void *workspace, size_t workspace_bytes, void *stream);
+FCSA_API fcsa_status fcsa_backward(const fcsa_options *options,
+                                   const fcsa_backward_tensors *tensors,
+                                   void *workspace, size_t workspace_bytes, void *stream);
+
+/* The backend that ran the last successful forward or backward on this thread
+ * (an fcsa_backend value other than AUTO), and its name ("cpu", "cuda-sm80"). */
+FCSA_API int fcsa_last_backend(void);
+FCSA_API const char *fcsa_backend_name(int backend);
+
+#ifdef __cplusplus
+} /* extern "C" */
+#endif
+
+#endif /* FCSA_H_ */

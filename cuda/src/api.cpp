@@ -1,0 +1,702 @@
+// api.cpp: the C ABI of libfcsa. Everything a caller passes is checked here, before
+// any work, and turned into a fcsa::Problem (problem.h); then the backend for the
+// tensors' device runs it. No C++ exception crosses this file's functions.
+#include <cmath>
+#include <cstdarg>
+#include <cstdio>
+#include <cstring>
+#include <exception>
+#include <new>
+#include <string>
+#include <vector>
+
+#include "backends.h"
+#include "cpu/tile_kernels.h"
+#include "fcsa.h"
+#include "problem.h"
+
+#if defined(FCSA_WITH_CUDA)
+#include <cuda_runtime_api.h>
+#endif
+
+#ifndef FCSA_VERSION_STRING
+#define FCSA_VERSION_STRING "0.1.0"
+#endif
+
+namespace fcsa {
+
+namespace {
+// Fixed-size, so that recording an error can never fail.
+thread_local char last_error_message[1024] = "";
+thread_local int last_backend = FCSA_BACKEND_AUTO;
+} // namespace
+
+fcsa_status set_error(fcsa_status status, const char *format, ...) {
+    va_list args;
+    va_start(args, format);
+    std::vsnprintf(last_error_message, sizeof last_error_message, format, args);
+    va_end(args);
+    return status;
+}
+
+namespace {
+
+#define FCSA_RETURN_IF_ERROR(expression)                                                                            \
+    do {                                                                                                           \
+        const fcsa_status status_ = (expression);                                                                  \
+        if (status_ != FCSA_STATUS_SUCCESS) return status_;                                                         \
+    } while (0)
+
+// Runs `body`, turning any C++ exception into a status and a message.
+template <class Body>
+fcsa_status guarded(Body &&body) {
+    try {
+        return body();
+    } catch (const std::bad_alloc &) {
+        return set_error(FCSA_STATUS_OUT_OF_MEMORY, "out of host memory");
+    } catch (const std::exception &error) {
+        return set_error(FCSA_STATUS_INTERNAL_ERROR, "internal error: %s", error.what());
+    } catch (...) {
+        return set_error(FCSA_STATUS_INTERNAL_ERROR, "internal error: unknown exception");
+    }
+}
+
+// ------------------------------------------------------------------ descriptions
+
+const char *dtype_name(int32_t dtype) {
+    switch (dtype) {
+    case FCSA_DTYPE_FLOAT32: return "float32";
+    case FCSA_DTYPE_FLOAT16: return "float16";
+    case FCSA_DTYPE_BFLOAT16: return "bfloat16";
+    case FCSA_DTYPE_BOOL: return "bool";
+    default: return "unknown";
+    }
+}
+
+bool is_floating(int32_t dtype) {
+    return dtype == FCSA_DTYPE_FLOAT32 || dtype == FCSA_DTYPE_FLOAT16 || dtype == FCSA_DTYPE_BFLOAT16;
+}
+
+std::string dims_string(const int64_t *dims, int count) {
+    std::string text = "(";
+    for (int i = 0; i < count; ++i) {
+        if (i) text += ", ";
+        text += std::to_string(dims[i]);
+    }
+    if (count == 1) text += ",";
+    return text + ")";
+}
+
+std::string shape_string(const fcsa_tensor &t) { return dims_string(t.shape, t.ndim); }
+
+std::string device_string(int32_t type, int32_t index) {
+    if (type == FCSA_DEVICE_CPU) return "cpu";
+    if (type == FCSA_DEVICE_CUDA) return "cuda:" + std::to_string(index);
+    return "unknown device type " + std::to_string(type);
+}
+
+// ------------------------------------------------------------------ validation
+
+// The leading part of each struct that the first ABI version defined. Later versions
+// may only append fields, so a larger struct_size is accepted and its tail ignored.
+constexpr size_t kOptionsV1Size = sizeof(fcsa_options);
+constexpr size_t kForwardTensorsV1Size = sizeof(fcsa_forward_tensors);
+constexpr size_t kBackwardTensorsV1Size = sizeof(fcsa_backward_tensors);
+
+fcsa_status read_options(const fcsa_options *given, fcsa_options *options) {
+    fcsa_options_init(options);
+    if (!given) return FCSA_STATUS_SUCCESS; // NULL: every default
+    if (given->struct_size < kOptionsV1Size)
+        return set_error(FCSA_STATUS_INVALID_ARGUMENT,
+                         "options: struct_size is %zu, expected at least %zu (sizeof(fcsa_options))",
+                         given->struct_size, kOptionsV1Size);
+    std::memcpy(options, given, kOptionsV1Size);
+    if (!std::isfinite(options->scale))
+        return set_error(FCSA_STATUS_INVALID_ARGUMENT, "options.scale: expected a finite number, got %g",
+                         double(options->scale));
+    if (options->groups < 1)
+        return set_error(FCSA_STATUS_INVALID_ARGUMENT, "options.groups: expected at least 1, got %d", options->groups);
+    if (options->backend != FCSA_BACKEND_AUTO && options->backend != FCSA_BACKEND_CPU &&
+        options->backend != FCSA_BACKEND_CUDA_SM80)
+        return set_error(FCSA_STATUS_INVALID_ARGUMENT,
+                         "options.backend: expected FCSA_BACKEND_AUTO (0), FCSA_BACKEND_CPU (1) or "
+                         "FCSA_BACKEND_CUDA_SM80 (2), got %d",
+                         options->backend);
+    if (options->num_threads < 0)
+        return set_error(FCSA_STATUS_INVALID_ARGUMENT, "options.num_threads: expected 0 (all) or more, got %d",
+                         options->num_threads);
+    return FCSA_STATUS_SUCCESS;
+}
+
+// The checks every tensor gets, whatever its role: a known dtype and device, a
+// non-negative shape, a contiguous last dimension and data behind a non-empty tensor.
+fcsa_status check_descriptor(const char *name, const fcsa_tensor &t, int min_ndim, int max_ndim) {
+    if (t.ndim < min_ndim || t.ndim > max_ndim) {
+        if (min_ndim == max_ndim)
+            return set_error(FCSA_STATUS_INVALID_ARGUMENT, "%s: expected a %d-D tensor, got ndim %d", name, min_ndim,
+                             t.ndim);
+        return set_error(FCSA_STATUS_INVALID_ARGUMENT, "%s: expected a %d-D or %d-D tensor, got ndim %d", name,
+                         min_ndim, max_ndim, t.ndim);
+    }
+    if (!is_floating(t.dtype) && t.dtype != FCSA_DTYPE_BOOL)
+        return set_error(FCSA_STATUS_INVALID_DTYPE, "%s: unknown dtype value %d", name, t.dtype);
+    if (t.device_type != FCSA_DEVICE_CPU && t.device_type != FCSA_DEVICE_CUDA)
+        return set_error(FCSA_STATUS_INVALID_ARGUMENT, "%s: unknown device type %d", name, t.device_type);
+    if (t.device_type == FCSA_DEVICE_CUDA && t.device_index < 0)
+        return set_error(FCSA_STATUS_INVALID_ARGUMENT, "%s: CUDA device index %d is negative", name, t.device_index);
+    int64_t numel = 1;
+    for (int i = 0; i < t.ndim; ++i) {
+        if (t.shape[i] < 0)
+            return set_error(FCSA_STATUS_INVALID_ARGUMENT, "%s: negative size in shape %s", name,
+                             shape_string(t).c_str());
+        numel *= t.shape[i];
+    }
+    if (t.ndim > 0 && t.shape[t.ndim - 1] > 1 && t.strides[t.ndim - 1] != 1)
+        return set_error(FCSA_STATUS_INVALID_ARGUMENT,
+                         "%s: the last dimension must be contiguous (stride 1), got strides %s", name,
+                         dims_string(t.strides, t.ndim).c_str());
+    if (numel > 0 && !t.data)
+        return set_error(FCSA_STATUS_INVALID_ARGUMENT, "%s: data is NULL for a tensor of shape %s", name,
+                         shape_string(t).c_str());
+    return FCSA_STATUS_SUCCESS;
+}
+
+fcsa_status check_dtype(const char *name, const fcsa_tensor &t, int32_t expected, const char *why) {
+    if (t.dtype != expected)
+        return set_error(FCSA_STATUS_INVALID_DTYPE, "%s: expected dtype %s%s, got %s", name, dtype_name(expected), why,
+                         dtype_name(t.dtype));
+    return FCSA_STATUS_SUCCESS;
+}
+
+fcsa_status check_shape(const char *name, const fcsa_tensor &t, const int64_t *expected, int ndim, const char *why) {
+    if (t.ndim != ndim || std::memcmp(t.shape, expected, sizeof(int64_t) * size_t(ndim)) != 0)
+        return set_error(FCSA_STATUS_INVALID_ARGUMENT, "%s: expected shape %s%s, got %s", name,
+                         dims_string(expected, ndim).c_str(), why, shape_string(t).c_str());
+    return FCSA_STATUS_SUCCESS;
+}
+
+fcsa_status require(const char *name, const fcsa_tensor *t) {
+    if (!t) return set_error(FCSA_STATUS_INVALID_ARGUMENT, "%s: required, got NULL", name);
+    return FCSA_STATUS_SUCCESS;
+}
+
+// Maps a tensor onto a 4-D view: source_dim[i] is the tensor dimension that becomes
+// view dimension i, or -1 for a dimension of size 1. Size-1 dimensions get stride 0.
+View make_view(const fcsa_tensor &t, const int (&source_dim)[4]) {
+    // An empty optional tensor may come without data; it still counts as given.
+    static char empty_tensor_data;
+    View view;
+    view.data = t.data ? t.data : &empty_tensor_data;
+    view.dtype = t.dtype;
+    for (int i = 0; i < 4; ++i) {
+        const int s = source_dim[i];
+        view.shape[i] = s < 0 ? 1 : t.shape[s];
+        view.stride[i] = view.shape[i] == 1 ? 0 : t.strides[s];
+    }
+    return view;
+}
+
+constexpr int kAllDims[4] = {0, 1, 2, 3};
+
+// Everything the forward and the backward check alike: q, k, v, out, mask, bias,
+// scale, lse (may be NULL in the forward) and the options.
+struct CommonTensors {
+    const fcsa_tensor *q, *k, *v, *mask, *bias, *scale, *out, *lse;
+};
+
+fcsa_status check_same_device(const char *name, const fcsa_tensor &t, const Problem &p) {
+    const bool same = t.device_type == p.device_type &&
+                      (t.device_type == FCSA_DEVICE_CPU || t.device_index == p.device_index);
+    if (!same)
+        return set_error(FCSA_STATUS_INVALID_ARGUMENT, "%s: expected a tensor on %s like q, got %s", name,
+                         device_string(p.device_type, p.device_index).c_str(),
+                         device_string(t.device_type, t.device_index).c_str());
+    return FCSA_STATUS_SUCCESS;
+}
+
+fcsa_status check_common(const fcsa_options &options, const CommonTensors &in, Problem &p) {
+    FCSA_RETURN_IF_ERROR(require("q", in.q));
+    FCSA_RETURN_IF_ERROR(require("k", in.k));
+    FCSA_RETURN_IF_ERROR(require("v", in.v));
+    FCSA_RETURN_IF_ERROR(require("out", in.out));
+    const fcsa_tensor &q = *in.q, &k = *in.k, &v = *in.v, &out = *in.out;
+
+    // q fixes b, h, nq, d, the dtype and the device.
+    FCSA_RETURN_IF_ERROR(check_descriptor("q", q, 4, 4));
+    if (!is_floating(q.dtype))
+        return set_error(FCSA_STATUS_INVALID_DTYPE, "q: expected dtype float32, float16 or bfloat16, got %s",
+                         dtype_name(q.dtype));
+    p.b = q.shape[0];
+    p.h = q.shape[1];
+    p.nq = q.shape[2];
+    p.d = q.shape[3];
+    p.dtype = q.dtype;
+    p.device_type = q.device_type;
+    p.device_index = q.device_type == FCSA_DEVICE_CUDA ? q.device_index : 0;
+    if (p.d < 1) return set_error(FCSA_STATUS_INVALID_ARGUMENT, "q: the head dim (last) must be at least 1, got 0");
+    if (p.d % options.groups != 0)
+        return set_error(FCSA_STATUS_INVALID_ARGUMENT,
+                         "options.groups: the head dim %lld must be divisible by groups, got groups = %d",
+                         (long long)p.d, options.groups);
+
+    FCSA_RETURN_IF_ERROR(check_descriptor("k", k, 4, 4));
+    FCSA_RETURN_IF_ERROR(check_dtype("k", k, p.dtype, " (like q)"));
+    const int64_t hk = k.shape[1], nk = k.shape[2];
+    if (k.shape[0] != p.b || k.shape[3] != p.d || hk < 1 || p.h % hk != 0) {
+        const int64_t full[4] = {p.b, p.h, nk, p.d};
+        return set_error(FCSA_STATUS_INVALID_ARGUMENT,
+                         "k: expected shape %s or (%lld, hk, %lld, %lld) with %lld %% hk == 0, got %s",
+                         dims_string(full, 4).c_str(), (long long)p.b, (long long)nk, (long long)p.d, (long long)p.h,
+                         shape_string(k).c_str());
+    }
+    p.hk = hk;
+    p.nk = nk;
+    FCSA_RETURN_IF_ERROR(check_descriptor("v", v, 4, 4));
+    FCSA_RETURN_IF_ERROR(check_dtype("v", v, p.dtype, " (like q)"));
+    FCSA_RETURN_IF_ERROR(check_shape("v", v, k.shape, 4, " (like k)"));
+    FCSA_RETURN_IF_ERROR(check_descriptor("out", out, 4, 4));
+    FCSA_RETURN_IF_ERROR(check_dtype("out", out, p.dtype, " (like q)"));
+    FCSA_RETURN_IF_ERROR(check_shape("out", out, q.shape, 4, " (like q)"));
+    FCSA_RETURN_IF_ERROR(check_same_device("k", k, p));
+    FCSA_RETURN_IF_ERROR(check_same_device("v", v, p));
+    FCSA_RETURN_IF_ERROR(check_same_device("out", out, p));
+    p.q = make_view(q, kAllDims);
+    p.k = make_view(k, kAllDims);
+    p.v = make_view(v, kAllDims);
+    p.out = make_view(out, kAllDims);
+
+    if (in.mask) {
+        const fcsa_tensor &mask = *in.mask;
+        FCSA_RETURN_IF_ERROR(check_descriptor("mask", mask, 2, 2));
+        FCSA_RETURN_IF_ERROR(check_dtype("mask", mask, FCSA_DTYPE_BOOL, ""));
+        const int64_t expected[2] = {p.b, p.nk};
+        FCSA_RETURN_IF_ERROR(check_shape("mask", mask, expected, 2, " (b, nk)"));
+        FCSA_RETURN_IF_ERROR(check_same_device("mask", mask, p));
+        p.mask = make_view(mask, {0, -1, -1, 1});
+    }
+
+    if (in.bias) {
+        const fcsa_tensor &bias = *in.bias;
+        FCSA_RETURN_IF_ERROR(check_descriptor("bias", bias, 4, 4));
+        if (bias.dtype != p.dtype && bias.dtype != FCSA_DTYPE_FLOAT32)
+            return set_error(FCSA_STATUS_INVALID_DTYPE, "bias: expected dtype %s (like q) or float32, got %s",
+                             dtype_name(p.dtype), dtype_name(bias.dtype));
+        const int64_t full[4] = {p.b, p.h, p.nq, p.nk};
+        for (int i = 0; i < 4; ++i)
+            if (bias.shape[i] != full[i] && bias.shape[i] != 1)
+                return set_error(FCSA_STATUS_INVALID_ARGUMENT,
+                                 "bias: expected a shape broadcastable to %s (each dim that size or 1), got %s",
+                                 dims_string(full, 4).c_str(), shape_string(bias).c_str());
+        FCSA_RETURN_IF_ERROR(check_same_device("bias", bias, p));
+        p.bias = make_view(bias, kAllDims);
+    }
+
+    if (in.scale) {
+        const fcsa_tensor &scale = *in.scale;
+        FCSA_RETURN_IF_ERROR(check_descriptor("scale", scale, 0, 1));
+        FCSA_RETURN_IF_ERROR(check_dtype("scale", scale, FCSA_DTYPE_FLOAT32, ""));
+        if (scale.ndim == 1 && scale.shape[0] != p.h)
+            return set_error(FCSA_STATUS_INVALID_ARGUMENT, "scale: expected shape () or (%lld,), got %s",
+                             (long long)p.h, shape_string(scale).c_str());
+        FCSA_RETURN_IF_ERROR(check_same_device("scale", scale, p));
+        if (scale.ndim == 1)
+            p.scale_t = make_view(scale, {-1, 0, -1, -1});
+        else
+            p.scale_t = make_view(scale, {-1, -1, -1, -1});
+    }
+
+    if (in.lse) {
+        const fcsa_tensor &lse = *in.lse;
+        FCSA_RETURN_IF_ERROR(check_descriptor("lse", lse, 3, 3));
+        FCSA_RETURN_IF_ERROR(check_dtype("lse", lse, FCSA_DTYPE_FLOAT32, ""));
+        const int64_t expected[3] = {p.b, p.h, p.nq};
+        FCSA_RETURN_IF_ERROR(check_shape("lse", lse, expected, 3, " (b, h, nq)"));
+        FCSA_RETURN_IF_ERROR(check_same_device("lse", lse, p));
+        p.lse = make_view(lse, {0, 1, 2, -1});
+    }
+
+    p.scale = options.scale;
+    p.groups = options.groups;
+    p.causal = options.causal != 0;
+    p.l2norm = options.l2norm_qk != 0;
+    p.deterministic = options.deterministic != 0;
+    p.num_threads = options.num_threads;
+    return FCSA_STATUS_SUCCESS;
+}
+
+fcsa_status read_struct_size(const char *name, size_t given, size_t first_version) {
+    if (given < first_version)
+        return set_error(FCSA_STATUS_INVALID_ARGUMENT, "%s: struct_size is %zu, expected at least %zu", name, given,
+                         first_version);
+    return FCSA_STATUS_SUCCESS;
+}
+
+fcsa_status validate_forward(const fcsa_options *given_options, const fcsa_forward_tensors *tensors,
+                             fcsa_options &options, Problem &p) {
+    FCSA_RETURN_IF_ERROR(read_options(given_options, &options));
+    if (!tensors) return set_error(FCSA_STATUS_INVALID_ARGUMENT, "tensors: required, got NULL");
+    FCSA_RETURN_IF_ERROR(read_struct_size("tensors", tensors->struct_size, kForwardTensorsV1Size));
+    const CommonTensors common = {tensors->q,    tensors->k,     tensors->v,   tensors->mask,
+                                  tensors->bias, tensors->scale, tensors->out, tensors->lse};
+    return check_common(options, common, p);
+}
+
+fcsa_status validate_backward(const fcsa_options *given_options, const fcsa_backward_tensors *tensors,
+                              fcsa_options &options, Problem &p) {
+    FCSA_RETURN_IF_ERROR(read_options(given_options, &options));
+    if (!tensors) return set_error(FCSA_STATUS_INVALID_ARGUMENT, "tensors: required, got NULL");
+    FCSA_RETURN_IF_ERROR(read_struct_size("tensors", tensors->struct_size, kBackwardTensorsV1Size));
+    FCSA_RETURN_IF_ERROR(require("lse", tensors->lse));
+    const CommonTensors common = {tensors->q,    tensors->k,     tensors->v,   tensors->mask,
+                                  tensors->bias, tensors->scale, tensors->out, tensors->lse};
+    FCSA_RETURN_IF_ERROR(check_common(options, common, p));
+
+    FCSA_RETURN_IF_ERROR(require("dout", tensors->dout));
+    FCSA_RETURN_IF_ERROR(require("dq", tensors->dq));
+    FCSA_RETURN_IF_ERROR(require("dk", tensors->dk));
+    FCSA_RETURN_IF_ERROR(require("dv", tensors->dv));
+    const fcsa_tensor &q = *tensors->q, &k = *tensors->k;
+    struct Gradient {
+        const char *name;
+        const fcsa_tensor *tensor;
+        const fcsa_tensor *like;
+        const char *why;
+        View *view;
+    };
+    const Gradient gradients[] = {{"dout", tensors->dout, &q, " (like q)", &p.dout},
+                                  {"dq", tensors->dq, &q, " (like q)", &p.dq},
+                                  {"dk", tensors->dk, &k, " (like k)", &p.dk},
+                                  {"dv", tensors->dv, &k, " (like k)", &p.dv}};
+    for (const Gradient &g : gradients) {
+        FCSA_RETURN_IF_ERROR(check_descriptor(g.name, *g.tensor, 4, 4));
+        FCSA_RETURN_IF_ERROR(check_dtype(g.name, *g.tensor, p.dtype, " (like q)"));
+        FCSA_RETURN_IF_ERROR(check_shape(g.name, *g.tensor, g.like->shape, 4, g.why));
+        FCSA_RETURN_IF_ERROR(check_same_device(g.name, *g.tensor, p));
+        *g.view = make_view(*g.tensor, kAllDims);
+    }
+
+    if (tensors->dbias) {
+        if (!tensors->bias)
+            return set_error(FCSA_STATUS_INVALID_ARGUMENT, "dbias: given without bias (pass NULL when there is no bias)");
+        const fcsa_tensor &dbias = *tensors->dbias, &bias = *tensors->bias;
+        FCSA_RETURN_IF_ERROR(check_descriptor("dbias", dbias, 4, 4));
+        FCSA_RETURN_IF_ERROR(check_dtype("dbias", dbias, bias.dtype, " (like bias)"));
+        FCSA_RETURN_IF_ERROR(check_shape("dbias", dbias, bias.shape, 4, " (like bias)"));
+        FCSA_RETURN_IF_ERROR(check_same_device("dbias", dbias, p));
+        p.dbias = make_view(dbias, kAllDims);
+    }
+    if (tensors->dscale) {
+        if (!tensors->scale)
+            return set_error(FCSA_STATUS_INVALID_ARGUMENT,
+                             "dscale: given without a scale tensor (pass NULL when the scale is a number)");
+        const fcsa_tensor &dscale = *tensors->dscale, &scale = *tensors->scale;
+        FCSA_RETURN_IF_ERROR(check_descriptor("dscale", dscale, 0, 1));
+        FCSA_RETURN_IF_ERROR(check_dtype("dscale", dscale, FCSA_DTYPE_FLOAT32, ""));
+        FCSA_RETURN_IF_ERROR(check_shape("dscale", dscale, scale.shape, scale.ndim, " (like scale)"));
+        FCSA_RETURN_IF_ERROR(check_same_device("dscale", dscale, p));
+        if (dscale.ndim == 1)
+            p.dscale = make_view(dscale, {-1, 0, -1, -1});
+        else
+            p.dscale = make_view(dscale, {-1, -1, -1, -1});
+    }
+    return FCSA_STATUS_SUCCESS;
+}
+
+// ------------------------------------------------------------------ dispatch
+
+int64_t numel(const View &view) {
+    return view.present() ? view.shape[0] * view.shape[1] * view.shape[2] * view.shape[3] : 0;
+}
+
+// True when the call has no output element to write (then it succeeds at once).
+bool nothing_to_write(const Problem &p, bool backward) {
+    if (!backward) return p.b * p.h * p.nq == 0;
+    return numel(p.dq) == 0 && numel(p.dk) == 0 && numel(p.dv) == 0 && numel(p.dbias) == 0 && numel(p.dscale) == 0;
+}
+
+fcsa_status choose_backend(const fcsa_options &options, const Problem &p, int *backend) {
+    if (p.device_type == FCSA_DEVICE_CPU) {
+        if (options.backend == FCSA_BACKEND_CUDA_SM80)
+            return set_error(FCSA_STATUS_NOT_SUPPORTED,
+                             "options.backend: FCSA_BACKEND_CUDA_SM80 needs CUDA tensors, got tensors on cpu");
+        *backend = FCSA_BACKEND_CPU;
+        return FCSA_STATUS_SUCCESS;
+    }
+    if (options.backend == FCSA_BACKEND_CPU)
+        return set_error(FCSA_STATUS_NOT_SUPPORTED,
+                         "options.backend: FCSA_BACKEND_CPU needs CPU tensors, got tensors on %s",
+                         device_string(p.device_type, p.device_index).c_str());
+#if defined(FCSA_WITH_CUDA)
+    *backend = FCSA_BACKEND_CUDA_SM80;
+    return FCSA_STATUS_SUCCESS;
+#else
+    return set_error(FCSA_STATUS_NOT_SUPPORTED,
+                     "q: tensors on %s, but this build of libfcsa has no CUDA backend (CPU only)",
+                     device_string(p.device_type, p.device_index).c_str());
+#endif
+}
+
+#if defined(FCSA_WITH_CUDA)
+// Makes the tensors' device current for the call and restores the caller's after it.
+class DeviceGuard {
+  public:
+    fcsa_status enter(int device) {
+        cudaError_t error = cudaGetDevice(&previous_);
+        if (error == cudaSuccess && previous_ != device) {
+            error = cudaSetDevice(device);
+            changed_ = error == cudaSuccess;
+        }
+        if (error != cudaSuccess) {
+            cudaGetLastError(); // clear the sticky-free error so later calls start clean
+            return set_error(FCSA_STATUS_CUDA_ERROR, "cannot make cuda:%d the current device: %s", device,
+                             cudaGetErrorString(error));
+        }
+        return FCSA_STATUS_SUCCESS;
+    }
+    ~DeviceGuard() {
+        if (changed_) cudaSetDevice(previous_);
+    }
+
+  private:
+    int previous_ = 0;
+    bool changed_ = false;
+};
+#endif
+
+fcsa_status check_workspace(const void *workspace, size_t workspace_bytes, size_t needed) {
+    if (workspace_bytes < needed)
+        return set_error(FCSA_STATUS_WORKSPACE_TOO_SMALL,
+                         "workspace: %zu bytes given, this call needs %zu (ask the workspace size query)",
+                         workspace_bytes, needed);
+    if (needed > 0 && !workspace)
+        return set_error(FCSA_STATUS_WORKSPACE_TOO_SMALL, "workspace: NULL, this call needs %zu bytes", needed);
+    return FCSA_STATUS_SUCCESS;
+}
+
+// Validates, then either answers the workspace size (run == false) or runs the call.
+fcsa_status attention(bool backward, const fcsa_options &options, const Problem &p, bool run, void *workspace,
+                      size_t workspace_bytes, void *stream, size_t *needed) {
+    int backend = FCSA_BACKEND_AUTO;
+    FCSA_RETURN_IF_ERROR(choose_backend(options, p, &backend));
+    if (nothing_to_write(p, backward)) {
+        if (needed) *needed = 0;
+        if (run) last_backend = backend;
+        return FCSA_STATUS_SUCCESS;
+    }
+    if (backend == FCSA_BACKEND_CPU) {
+        const size_t bytes = backward ? cpu_backward_workspace(p) : cpu_forward_workspace(p);
+        if (needed) *needed = bytes;
+        if (!run) return FCSA_STATUS_SUCCESS;
+        FCSA_RETURN_IF_ERROR(check_workspace(workspace, workspace_bytes, bytes));
+        FCSA_RETURN_IF_ERROR(backward ? cpu_backward(p, workspace) : cpu_forward(p, workspace));
+        last_backend = backend;
+        return FCSA_STATUS_SUCCESS;
+    }
+#if defined(FCSA_WITH_CUDA)
+    DeviceGuard guard;
+    FCSA_RETURN_IF_ERROR(guard.enter(p.device_index));
+    FCSA_RETURN_IF_ERROR(sm80_supports(p, backward));
+    const size_t bytes = backward ? sm80_backward_workspace(p) : sm80_forward_workspace(p);
+    if (needed) *needed = bytes;
+    if (!run) return FCSA_STATUS_SUCCESS;
+    FCSA_RETURN_IF_ERROR(check_workspace(workspace, workspace_bytes, bytes));
+    FCSA_RETURN_IF_ERROR(backward ? sm80_backward(p, workspace, stream) : sm80_forward(p, workspace, stream));
+    last_backend = backend;
+    return FCSA_STATUS_SUCCESS;
+#else
+    (void)stream;
+    return set_error(FCSA_STATUS_INTERNAL_ERROR, "internal error: no backend for this device");
+#endif
+}
+
+// ------------------------------------------------------------------ build information
+
+std::vector<int> parse_sm_targets() {
+    std::vector<int> targets;
+#if defined(FCSA_WITH_CUDA) && defined(FCSA_SM_TARGETS)
+    // "80-real;86-real;90a-real;120-virtual" -> 80, 86, 90, 120 (each once)
+    const char *text = FCSA_SM_TARGETS;
+    while (*text) {
+        if (*text >= '0' && *text <= '9') {
+            int value = 0;
+            while (*text >= '0' && *text <= '9') value = value * 10 + (*text++ - '0');
+            bool seen = false;
+            for (int t : targets) seen |= t == value;
+            if (!seen) targets.push_back(value);
+        }
+        while (*text && *text != ';' && *text != ',' && *text != ' ') ++text; // the rest of this entry
+        while (*text == ';' || *text == ',' || *text == ' ') ++text;
+    }
+#endif
+    return targets;
+}
+
+std::string describe_build() {
+    std::string info = "fcsa " FCSA_VERSION_STRING " (ABI " + std::to_string(FCSA_ABI_VERSION) + "); ";
+#if defined(FCSA_WITH_CUDA)
+    info += "CUDA " + std::to_string(CUDART_VERSION / 1000) + "." + std::to_string(CUDART_VERSION % 1000 / 10);
+#if defined(FCSA_SM_TARGETS)
+    info += ", SM targets " FCSA_SM_TARGETS;
+#endif
+#else
+    info += "CUDA not compiled";
+#endif
+    info += "; CPU kernels ";
+    info += cpu::tile_kernels().isa;
+    return info;
+}
+
+} // namespace
+} // namespace fcsa
+
+// ====================================================================== the C ABI
+
+using namespace fcsa;
+
+extern "C" {
+
+FCSA_API const char *fcsa_version(void) { return FCSA_VERSION_STRING; }
+
+FCSA_API int fcsa_abi_version(void) { return FCSA_ABI_VERSION; }
+
+FCSA_API const char *fcsa_status_string(fcsa_status status) {
+    switch (status) {
+    case FCSA_STATUS_SUCCESS: return "FCSA_STATUS_SUCCESS";
+    case FCSA_STATUS_INVALID_DTYPE: return "FCSA_STATUS_INVALID_DTYPE";
+    case FCSA_STATUS_INVALID_ARGUMENT: return "FCSA_STATUS_INVALID_ARGUMENT";
+    case FCSA_STATUS_NOT_SUPPORTED: return "FCSA_STATUS_NOT_SUPPORTED";
+    case FCSA_STATUS_WORKSPACE_TOO_SMALL: return "FCSA_STATUS_WORKSPACE_TOO_SMALL";
+    case FCSA_STATUS_CUDA_ERROR: return "FCSA_STATUS_CUDA_ERROR";
+    case FCSA_STATUS_OUT_OF_MEMORY: return "FCSA_STATUS_OUT_OF_MEMORY";
+    case FCSA_STATUS_INTERNAL_ERROR: return "FCSA_STATUS_INTERNAL_ERROR";
+    }
+    return "FCSA_STATUS_UNKNOWN";
+}
+
+FCSA_API const char *fcsa_last_error_message(void) { return last_error_message; }
+
+FCSA_API const char *fcsa_build_info(void) {
+    try {
+        static const std::string info = describe_build();
+        return info.c_str();
+    } catch (...) {
+        return "fcsa " FCSA_VERSION_STRING;
+    }
+}
+
+FCSA_API int fcsa_cuda_compiled(void) {
+#if defined(FCSA_WITH_CUDA)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+FCSA_API int fcsa_cuda_version(void) {
+#if defined(FCSA_WITH_CUDA)
+    return CUDART_VERSION;
+#else
+    return 0;
+#endif
+}
+
+FCSA_API int fcsa_cuda_available(void) {
+#if defined(FCSA_WITH_CUDA)
+    // "Usable": the portable backend needs compute capability 8.0 or newer. No driver,
+    // no device or any other failure simply means "not available".
+    int count = 0;
+    if (cudaGetDeviceCount(&count) != cudaSuccess) {
+        cudaGetLastError();
+        return 0;
+    }
+    for (int device = 0; device < count; ++device) {
+        int major = 0;
+        if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major >= 8)
+            return 1;
+    }
+    cudaGetLastError();
+    return 0;
+#else
+    return 0;
+#endif
+}
+
+FCSA_API int fcsa_compiled_sm_targets(int *targets, int capacity) {
+    try {
+        static const std::vector<int> compiled = parse_sm_targets();
+        for (int i = 0; i < int(compiled.size()) && i < capacity && targets; ++i) targets[i] = compiled[size_t(i)];
+        return int(compiled.size());
+    } catch (...) {
+        return 0;
+    }
+}
+
+FCSA_API void fcsa_options_init(fcsa_options *options) {
+    if (!options) return;
+    std::memset(options, 0, sizeof *options);
+    options->struct_size = sizeof *options;
+    options->scale = 8.f;
+    options->groups = 1;
+    options->l2norm_qk = 1;
+}
+
+FCSA_API fcsa_status fcsa_forward_workspace_size(const fcsa_options *options, const fcsa_forward_tensors *tensors,
+                                                 size_t *workspace_bytes) {
+    return guarded([&] {
+        if (!workspace_bytes) return set_error(FCSA_STATUS_INVALID_ARGUMENT, "workspace_bytes: required, got NULL");
+        fcsa_options checked;
+        Problem p;
+        FCSA_RETURN_IF_ERROR(validate_forward(options, tensors, checked, p));
+        size_t bytes = 0;
+        FCSA_RETURN_IF_ERROR(attention(false, checked, p, false, nullptr, 0, nullptr, &bytes));
+        *workspace_bytes = bytes;
+        return FCSA_STATUS_SUCCESS;
+    });
+}
+
+FCSA_API fcsa_status fcsa_backward_workspace_size(const fcsa_options *options, const fcsa_backward_tensors *tensors,
+                                                  size_t *workspace_bytes) {
+    return guarded([&] {
+        if (!workspace_bytes) return set_error(FCSA_STATUS_INVALID_ARGUMENT, "workspace_bytes: required, got NULL");
+        fcsa_options checked;
+        Problem p;
+        FCSA_RETURN_IF_ERROR(validate_backward(options, tensors, checked, p));
+        size_t bytes = 0;
+        FCSA_RETURN_IF_ERROR(attention(true, checked, p, false, nullptr, 0, nullptr, &bytes));
+        *workspace_bytes = bytes;
+        return FCSA_STATUS_SUCCESS;
+    });
+}
+
+FCSA_API fcsa_status fcsa_forward(const fcsa_options *options, const fcsa_forward_tensors *tensors, void *workspace,
+                                  size_t workspace_bytes, void *stream) {
+    return guarded([&] {
+        fcsa_options checked;
+        Problem p;
+        FCSA_RETURN_IF_ERROR(validate_forward(options, tensors, checked, p));
+        return attention(false, checked, p, true, workspace, workspace_bytes, stream, nullptr);
+    });
+}
+
+FCSA_API fcsa_status fcsa_backward(const fcsa_options *options, const fcsa_backward_tensors *tensors, void *workspace,
+                                   size_t workspace_bytes, void *stream) {
+    return guarded([&] {
+        fcsa_options checked;
+        Problem p;
+        FCSA_RETURN_IF_ERROR(validate_backward(options, tensors, checked, p));
+        return attention(true, checked, p, true, workspace, workspace_bytes, stream, nullptr);
+    });
+}
+
+FCSA_API int fcsa_last_backend(void) { return last_backend; }
+
+FCSA_API const char *fcsa_backend_name(int backend) {
+    switch (backend) {
+    case FCSA_BACKEND_AUTO: return "auto";
+    case FCSA_BACKEND_CPU: return "cpu";
+    case FCSA_BACKEND_CUDA_SM80: return "cuda-sm80";
+    default: return "unknown";
+    }
+}
+
+} // extern "C"

@@ -1,0 +1,37 @@
+// backends.h: what api.cpp calls after validation. Each backend receives a checked
+// Problem and may assume everything api.cpp guarantees (see problem.h); it reports
+// failures through set_error and returns a status, never throws across this line.
+#pragma once
+
+#include <cstddef>
+
+#include "fcsa.h"
+#include "problem.h"
+
+namespace fcsa {
+
+// Sets this thread's fcsa_last_error_message (printf-style) and returns `status`.
+fcsa_status set_error(fcsa_status status, const char *format, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 2, 3)))
+#endif
+    ;
+
+// ---- CPU backend (cpu/): every feature, any d. Workspace is host memory.
+size_t cpu_forward_workspace(const Problem &p);
+size_t cpu_backward_workspace(const Problem &p);
+fcsa_status cpu_forward(const Problem &p, void *workspace);
+fcsa_status cpu_backward(const Problem &p, void *workspace);
+
+#if defined(FCSA_WITH_CUDA)
+// ---- portable CUDA backend (sm80/): sm_80 and newer. Workspace is device memory on
+// p.device_index; `stream` is a cudaStream_t. The caller has made p.device_index the
+// current device. sm80_supports returns SUCCESS or NOT_SUPPORTED with a message set.
+fcsa_status sm80_supports(const Problem &p, bool backward);
+size_t sm80_forward_workspace(const Problem &p);
+size_t sm80_backward_workspace(const Problem &p);
+fcsa_status sm80_forward(const Problem &p, void *workspace, void *stream);
+fcsa_status sm80_backward(const Problem &p, void *workspace, void *stream);
+#endif
+
+} // namespace fcsa

@@ -1,0 +1,136 @@
+// copy.cuh: moving tiles between global and shared memory.
+//
+// Shared tiles are row-major with each row padded by 16 bytes (PaddedTile). For 16-bit
+// elements a row is then an odd number of 16-byte units, so the 8 rows an ldmatrix
+// phase reads fall in 8 different bank groups; for float32 rows the stride is 4 mod 32
+// words, which keeps the tf32 fragment loads of mma.cuh conflict-free. Both need the
+// tile width to be a multiple of 32 floats / 16 halves, which every head-dim bucket is.
+//
+// load_tile copies the valid rows x cols of a strided global matrix with cp.async
+// (16 bytes per instruction, zero-filling what lies outside) when every row start is
+// 16-byte aligned, and with plain element loads otherwise; either way the rest of the
+// tile is zero, so padded rows and columns add nothing to a product.
+#pragma once
+
+#include <cstdint>
+
+#include "mma.cuh"
+#include "numeric.cuh"
+
+namespace fcsa {
+namespace common {
+
+template <typename T, int kRows, int kCols> struct PaddedTile {
+    static constexpr int kChunk = 16 / int(sizeof(T)); // elements per 16-byte copy
+    static constexpr int kStride = kCols + kChunk;     // elements per row
+    static constexpr int kChunksPerRow = kCols / kChunk;
+    static constexpr int kElements = kRows * kStride;
+    static constexpr int kBytes = kElements * int(sizeof(T));
+    static_assert(kCols % kChunk == 0, "tile width must be whole 16-byte chunks");
+};
+
+// ---------------------------------------------------------------- cp.async
+// 16 bytes global -> shared, bypassing L1; with valid == false nothing is read and the
+// 16 bytes are zero-filled.
+__device__ __forceinline__ void cp_async_16(uint32_t smem, const void *gmem, bool valid) {
+    const int src_bytes = valid ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem),
+                 "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// Waits until at most `kPending` committed groups of this thread are still in flight.
+template <int kPending> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+
+// ---------------------------------------------------------------- 16-byte chunks
+template <typename T> struct Chunk {
+    static constexpr int N = 16 / int(sizeof(T));
+};
+
+template <typename T>
+__device__ __forceinline__ void chunk_to_float(const uint4 &v, float (&f)[Chunk<T>::N]) {
+    if constexpr (ElementTraits<T>::kIs16Bit) {
+        const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const float2 p = unpack_float2<T>(w[i]);
+            f[2 * i] = p.x;
+            f[2 * i + 1] = p.y;
+        }
+    } else {
+        f[0] = __uint_as_float(v.x);
+        f[1] = __uint_as_float(v.y);
+        f[2] = __uint_as_float(v.z);
+        f[3] = __uint_as_float(v.w);
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ uint4 float_to_chunk(const float (&f)[Chunk<T>::N]) {
+    uint4 v;
+    if constexpr (ElementTraits<T>::kIs16Bit) {
+        v.x = pack_float2<T>(f[0], f[1]);
+        v.y = pack_float2<T>(f[2], f[3]);
+        v.z = pack_float2<T>(f[4], f[5]);
+        v.w = pack_float2<T>(f[6], f[7]);
+    } else {
+        v.x = __float_as_uint(f[0]);
+        v.y = __float_as_uint(f[1]);
+        v.z = __float_as_uint(f[2]);
+        v.w = __float_as_uint(f[3]);
+    }
+    return v;
+}
+
+// ---------------------------------------------------------------- tiles
+// Global rows [0, rows) x cols [0, cols) of `src` (row stride in elements) -> the padded
+// tile; the rest of the tile becomes zero. `vectorized` requires src and row_stride to
+// be 16-byte aligned; then the copies are asynchronous (commit and wait as usual),
+// otherwise they complete before the function returns. Called by kThreads threads.
+template <typename T, int kRows, int kCols, int kThreads>
+__device__ __forceinline__ void load_tile(T *tile, const T *src, int64_t row_stride, int rows,
+                                          int cols, bool vectorized, int tid) {
+    using L = PaddedTile<T, kRows, kCols>;
+    if (vectorized) {
+#pragma unroll
+        for (int i = tid; i < kRows * L::kChunksPerRow; i += kThreads) {
+            const int r = i / L::kChunksPerRow;
+            const int c = (i % L::kChunksPerRow) * L::kChunk;
+            const bool valid = r < rows && c < cols;
+            cp_async_16(smem_address(tile + r * L::kStride + c), valid ? src + r * row_stride + c : src,
+                        valid);
+        }
+    } else {
+        for (int i = tid; i < kRows * kCols; i += kThreads) {
+            const int r = i / kCols, c = i % kCols;
+            tile[r * L::kStride + c] = r < rows && c < cols ? src[r * row_stride + c] : from_float<T>(0.f);
+        }
+    }
+}
+
+// The padded tile's rows [0, rows) x cols [0, cols) -> global `dst`. `vectorized` as in
+// load_tile. Called by kThreads threads (a warp storing its own rows passes lane as tid).
+template <typename T, int kRows, int kCols, int kThreads>
+__device__ __forceinline__ void store_tile(T *dst, int64_t row_stride, const T *tile, int rows,
+                                           int cols, bool vectorized, int tid) {
+    using L = PaddedTile<T, kRows, kCols>;
+    if (vectorized) {
+#pragma unroll
+        for (int i = tid; i < kRows * L::kChunksPerRow; i += kThreads) {
+            const int r = i / L::kChunksPerRow;
+            const int c = (i % L::kChunksPerRow) * L::kChunk;
+            if (r < rows && c < cols)
+                *reinterpret_cast<uint4 *>(dst + r * row_stride + c) =
+                    *reinterpret_cast<const uint4 *>(tile + r * L::kStride + c);
+        }
+    } else {
+        for (int i = tid; i < kRows * kCols; i += kThreads) {
+            const int r = i / kCols, c = i % kCols;
+            if (r < rows && c < cols) dst[r * row_stride + c] = tile[r * L::kStride + c];
+        }
+    }
+}
+
+} // namespace common
+} // namespace fcsa

@@ -1,0 +1,387 @@
+// backward.cpp: the CPU backward, fused and tiled like the forward, in one pass over
+// the keys: with P = exp(s - lse) recomputed per tile, dS = P * (dP - delta) where
+// delta_i = <dO_i, O_i>, and dq^ = scale dS k^, dk^ = scale dS^T q^, dv = P^T dO.
+//
+// A work item owns one kv head of one batch (and a range of its key tiles, when there
+// are few kv heads): it visits every query head that shares that kv head, so dk and
+// dv are summed inside the item, in a fixed order, with no atomics. dq of a range of
+// keys goes to a partial buffer that a last pass sums in a fixed order; likewise dbias
+// and dscale. Every sum has one order, whatever the thread count: bitwise reproducible.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "backends.h"
+#include "cpu/common.h"
+#include "cpu/numeric.h"
+#include "cpu/parallel.h"
+#include "cpu/tile_kernels.h"
+
+namespace fcsa {
+namespace {
+
+using namespace cpu;
+
+// Enough items to keep a many-core machine busy when there are few kv heads; the
+// partial dq buffers this costs are kept below a fixed budget.
+constexpr int64_t kTargetItems = 16;
+constexpr int64_t kPartialBudgetBytes = int64_t(256) << 20;
+
+struct BackwardLayout {
+    PackedKeysValues packed;
+    int64_t key_splits = 1;      // key ranges per kv head
+    int64_t tiles_per_split = 0; // key tiles per range
+    float *dq_partial = nullptr; // [split][b][h][nq][padded_d] when key_splits > 1
+    // dbias: float32 sums over the broadcast dims inside an item, one slot per item
+    // that shares a dbias element (slots: over b, kv heads, key splits).
+    float *dbias_sum = nullptr;
+    int64_t dbias_numel = 0;
+    int64_t slots_b = 1, slots_h = 1, slots_split = 1;
+    float *dscale_partial = nullptr; // [b][hk][split][heads_per_kv]
+    size_t bytes = 0;
+};
+
+BackwardLayout backward_layout(const Problem &p, void *workspace) {
+    BackwardLayout layout;
+    WorkspaceCarver carver(workspace);
+    PackedKeysValues &packed = layout.packed;
+    packed.key_tiles = ceil_div(p.nk, kKeyTile);
+    packed.padded_d = round_up(p.d, 8);
+    packed.keys_transposed = carver.take(p.b * p.hk * packed.key_tiles * p.d * kKeyTile);
+    packed.key_rows = carver.take(p.b * p.hk * p.nk * packed.padded_d);
+    packed.key_norms = carver.take(p.l2norm ? p.b * p.hk * p.nk * p.groups : 0);
+    packed.values_transposed = carver.take(p.b * p.hk * packed.key_tiles * p.d * kKeyTile);
+
+    const int64_t dq_floats = p.b * p.h * p.nq * packed.padded_d;
+    int64_t splits = 1;
+    if (p.b * p.hk < kTargetItems) splits = ceil_div(kTargetItems, std::max<int64_t>(p.b * p.hk, 1));
+    splits = std::min(splits, std::max<int64_t>(packed.key_tiles, 1));
+    if (dq_floats > 0) splits = std::min(splits, std::max<int64_t>(1, kPartialBudgetBytes / (dq_floats * 4)));
+    layout.tiles_per_split = ceil_div(packed.key_tiles, splits);
+    layout.key_splits = packed.key_tiles > 0 ? ceil_div(packed.key_tiles, layout.tiles_per_split) : 1;
+    if (layout.key_splits > 1) layout.dq_partial = carver.take(layout.key_splits * dq_floats);
+
+    if (p.dbias.present()) {
+        const View &bias = p.bias;
+        layout.dbias_numel = bias.shape[0] * bias.shape[1] * bias.shape[2] * bias.shape[3];
+        layout.slots_b = bias.shape[0] == 1 ? p.b : 1;
+        layout.slots_h = bias.shape[1] == 1 ? p.hk : 1;
+        layout.slots_split = bias.shape[3] == 1 ? layout.key_splits : 1;
+        layout.dbias_sum =
+            carver.take(layout.slots_b * layout.slots_h * layout.slots_split * layout.dbias_numel);
+    }
+    if (p.dscale.present())
+        layout.dscale_partial = carver.take(p.b * p.hk * layout.key_splits * p.heads_per_kv());
+    layout.bytes = carver.bytes_needed();
+    return layout;
+}
+
+struct BackwardScratch {
+    BackwardScratch(int64_t padded_d, int64_t split_keys, int32_t groups)
+        : queries(size_t(kQueryTile * padded_d)), scaled_queries(size_t(kQueryTile * padded_d)),
+          dout(size_t(kQueryTile * padded_d)), dq(size_t(kQueryTile * padded_d)),
+          cos(size_t(kQueryTile * kKeyTile)), probs(size_t(kQueryTile * kKeyTile)),
+          dprobs(size_t(kQueryTile * kKeyTile)), dk(size_t(split_keys * padded_d)),
+          dv(size_t(split_keys * padded_d)), row(size_t(padded_d)), query_norms(size_t(kQueryTile * groups)),
+          lse(kQueryTile), delta(kQueryTile), ds_dot_cos(kQueryTile), key_bias(kKeyTile + 8),
+          bias_row(kKeyTile), limit(kQueryTile) {}
+    FloatBuffer queries, scaled_queries, dout, dq, cos, probs, dprobs, dk, dv, row, query_norms;
+    std::vector<float> lse, delta, ds_dot_cos, key_bias, bias_row;
+    std::vector<int> limit;
+};
+
+void fill_key_bias(const Problem &p, int64_t batch, int64_t first_key, int keys, float *key_bias) {
+    const uint8_t *mask = static_cast<const uint8_t *>(p.mask.data);
+    const float hidden = -std::numeric_limits<float>::infinity();
+    for (int j = 0; j < keys; ++j) key_bias[j] = mask[p.mask.offset(batch, 0, 0, first_key + j)] ? 0.f : hidden;
+    for (int j = keys; j < kKeyTile + 8; ++j) key_bias[j] = hidden;
+}
+
+// Index of dbias element (batch, head, row, key) inside one slot of dbias_sum.
+int64_t dbias_index(const View &bias, int64_t batch, int64_t head, int64_t row, int64_t key) {
+    const int64_t i0 = bias.shape[0] == 1 ? 0 : batch, i1 = bias.shape[1] == 1 ? 0 : head;
+    const int64_t i2 = bias.shape[2] == 1 ? 0 : row, i3 = bias.shape[3] == 1 ? 0 : key;
+    return ((i0 * bias.shape[1] + i1) * bias.shape[2] + i2) * bias.shape[3] + i3;
+}
+
+struct KeyRange {
+    int64_t first_tile, end_tile, first_key, end_key;
+};
+
+KeyRange split_range(const Problem &p, const BackwardLayout &layout, int64_t split) {
+    KeyRange range;
+    range.first_tile = std::min(split * layout.tiles_per_split, layout.packed.key_tiles);
+    range.end_tile = std::min(range.first_tile + layout.tiles_per_split, layout.packed.key_tiles);
+    range.first_key = std::min(range.first_tile * kKeyTile, p.nk);
+    range.end_key = std::min(range.end_tile * kKeyTile, p.nk);
+    return range;
+}
+
+// One query tile of one head against the item's key range.
+void backward_query_tile(const Problem &p, const BackwardLayout &layout, const TileKernels &kernels, int64_t batch,
+                         int64_t head, int64_t split, const KeyRange &range, int64_t first_row,
+                         BackwardScratch &s, float *dscale_sum) {
+    const int64_t d = p.d, padded_d = layout.packed.padded_d;
+    const int rows = int(std::min<int64_t>(kQueryTile, p.nq - first_row));
+    const int64_t kv_head = head / p.heads_per_kv();
+    const int64_t bh = batch * p.hk + kv_head;
+    const float scale = head_scale(p, head);
+    const float infinity = std::numeric_limits<float>::infinity();
+
+    // Causal: skip key tiles no row of this tile sees.
+    int64_t end_tile = range.end_tile;
+    if (p.causal) {
+        const int64_t key_end = std::max<int64_t>(0, first_row + rows + p.causal_offset());
+        end_tile = std::min(end_tile, ceil_div(key_end, kKeyTile));
+    }
+    if (end_tile <= range.first_tile && layout.key_splits > 1) {
+        // Nothing visible in this range: the partial dq of these rows is zero.
+        for (int r = 0; r < rows; ++r) {
+            float *partial = layout.dq_partial + (((split * p.b + batch) * p.h + head) * p.nq + first_row + r) * padded_d;
+            std::fill(partial, partial + padded_d, 0.f);
+        }
+        return;
+    }
+
+    float *queries = s.queries.data(), *scaled_queries = s.scaled_queries.data(), *dout = s.dout.data();
+    for (int r = 0; r < rows; ++r) {
+        const int64_t row_index = first_row + r;
+        float *q_row = queries + r * padded_d;
+        load_normalized_row(p, p.q, batch, head, row_index, p.l2norm, padded_d, q_row,
+                            s.query_norms.data() + r * p.groups);
+        for (int64_t t = 0; t < padded_d; ++t) scaled_queries[r * padded_d + t] = q_row[t] * scale;
+        float *do_row = dout + r * padded_d;
+        load_normalized_row(p, p.dout, batch, head, row_index, false, padded_d, do_row, nullptr);
+        load_normalized_row(p, p.out, batch, head, row_index, false, padded_d, s.row.data(), nullptr);
+        float delta = 0.f;
+        for (int64_t t = 0; t < d; ++t) delta += do_row[t] * s.row[size_t(t)];
+        s.delta[size_t(r)] = delta;
+        const float lse = static_cast<const float *>(p.lse.data)[p.lse.offset(batch, head, row_index, 0)];
+        // A row that saw no key (lse = -inf) gets offset +inf: P = 0, no gradient.
+        s.lse[size_t(r)] = lse == -infinity ? infinity : lse;
+    }
+    float *dq = s.dq.data();
+    std::fill(dq, dq + rows * padded_d, 0.f);
+    std::fill(s.ds_dot_cos.begin(), s.ds_dot_cos.end(), 0.f);
+
+    float *cos = s.cos.data(), *probs = s.probs.data(), *dprobs = s.dprobs.data();
+    for (int64_t tile = range.first_tile; tile < end_tile; ++tile) {
+        const int64_t first_key = tile * kKeyTile;
+        const int keys = int(std::min<int64_t>(kKeyTile, p.nk - first_key));
+        kernels.matmul(cos, kKeyTile, queries, padded_d, 1, layout.packed.key_tile(bh, tile, d), kKeyTile, rows,
+                       kKeyTile, int(d), false);
+        const float *key_bias = nullptr;
+        if (p.mask.present()) {
+            fill_key_bias(p, batch, first_key, keys, s.key_bias.data());
+            key_bias = s.key_bias.data();
+        }
+        for (int r = 0; r < rows; ++r) {
+            int64_t visible = keys;
+            if (p.causal) visible = std::min<int64_t>(visible, first_row + r + p.causal_offset() - first_key + 1);
+            s.limit[size_t(r)] = int(std::max<int64_t>(visible, 0));
+        }
+        if (p.bias.present()) {
+            // Logits with the bias, then P from them.
+            const View &bias = p.bias;
+            for (int r = 0; r < rows; ++r) {
+                const int64_t index = bias.offset(batch, head, first_row + r, first_key);
+                float *logit_row = probs + r * kKeyTile;
+                const float *cos_row = cos + r * kKeyTile;
+                if (bias.stride[3] == 0) {
+                    const float value = load_element(bias.data, index, bias.dtype);
+                    for (int j = 0; j < keys; ++j) logit_row[j] = cos_row[j] * scale + value;
+                } else {
+                    load_row(bias.data, index, bias.dtype, keys, s.bias_row.data());
+                    for (int j = 0; j < keys; ++j) logit_row[j] = cos_row[j] * scale + s.bias_row[size_t(j)];
+                }
+            }
+            kernels.exp_rows(probs, probs, kKeyTile, rows, keys, 1.f, s.lse.data(), s.limit.data(), key_bias, nullptr);
+        } else {
+            kernels.exp_rows(probs, cos, kKeyTile, rows, keys, scale, s.lse.data(), s.limit.data(), key_bias,
+                              nullptr);
+        }
+        // dP = dO V^T, then dS = P (dP - delta) in place.
+        kernels.matmul(dprobs, kKeyTile, dout, padded_d, 1, layout.packed.value_tile(bh, tile, d), kKeyTile, rows,
+                       kKeyTile, int(d), false);
+        kernels.softmax_grad_rows(dprobs, probs, cos, kKeyTile, rows, keys, s.delta.data(),
+                                  dscale_sum ? s.ds_dot_cos.data() : nullptr);
+        if (layout.dbias_sum) {
+            const int64_t slot =
+                ((layout.slots_b > 1 ? batch : 0) * layout.slots_h + (layout.slots_h > 1 ? kv_head : 0)) *
+                    layout.slots_split +
+                (layout.slots_split > 1 ? split : 0);
+            float *sum = layout.dbias_sum + slot * layout.dbias_numel;
+            for (int r = 0; r < rows; ++r)
+                for (int j = 0; j < keys; ++j)
+                    sum[dbias_index(p.bias, batch, head, first_row + r, first_key + j)] += dprobs[r * kKeyTile + j];
+        }
+        const int64_t local_key = first_key - range.first_key;
+        // dv += P^T dO ; dq^ += dS k^ ; dk^ += dS^T (scale q^)
+        kernels.matmul(s.dv.data() + local_key * padded_d, padded_d, probs, 1, kKeyTile, dout, padded_d, keys,
+                       int(padded_d), rows, true);
+        kernels.matmul(dq, padded_d, dprobs, kKeyTile, 1, layout.packed.key_rows + (bh * p.nk + first_key) * padded_d,
+                       padded_d, rows, int(padded_d), keys, true);
+        kernels.matmul(s.dk.data() + local_key * padded_d, padded_d, dprobs, 1, kKeyTile, scaled_queries, padded_d,
+                       keys, int(padded_d), rows, true);
+    }
+    if (dscale_sum)
+        for (int r = 0; r < rows; ++r) *dscale_sum += s.ds_dot_cos[size_t(r)];
+
+    for (int r = 0; r < rows; ++r) {
+        float *dq_row = dq + r * padded_d;
+        for (int64_t t = 0; t < d; ++t) dq_row[t] *= scale;
+        if (layout.key_splits > 1) {
+            float *partial =
+                layout.dq_partial + (((split * p.b + batch) * p.h + head) * p.nq + first_row + r) * padded_d;
+            std::copy(dq_row, dq_row + padded_d, partial);
+            continue;
+        }
+        const float *result = dq_row;
+        if (p.l2norm) {
+            l2norm_backward_row(queries + r * padded_d, dq_row, s.query_norms.data() + r * p.groups, d, p.groups,
+                                s.row.data());
+            result = s.row.data();
+        }
+        store_row(p.dq.data, p.dq.offset(batch, head, first_row + r, 0), p.dq.dtype, d, result);
+    }
+}
+
+// One kv head of one batch, one key range: every query head sharing it, every query tile.
+void backward_item(const Problem &p, const BackwardLayout &layout, const TileKernels &kernels, int64_t item,
+                   BackwardScratch &s) {
+    const int64_t split = item % layout.key_splits;
+    const int64_t bh = item / layout.key_splits;
+    const int64_t batch = bh / p.hk, kv_head = bh % p.hk;
+    const KeyRange range = split_range(p, layout, split);
+    const int64_t keys = range.end_key - range.first_key, padded_d = layout.packed.padded_d;
+    std::fill(s.dk.data(), s.dk.data() + keys * padded_d, 0.f);
+    std::fill(s.dv.data(), s.dv.data() + keys * padded_d, 0.f);
+
+    const int64_t heads_per_kv = p.heads_per_kv();
+    const int64_t query_tiles = ceil_div(p.nq, kQueryTile);
+    for (int64_t g = 0; g < heads_per_kv; ++g) {
+        const int64_t head = kv_head * heads_per_kv + g;
+        float *dscale_sum = nullptr;
+        if (layout.dscale_partial) {
+            dscale_sum = layout.dscale_partial + (bh * layout.key_splits + split) * heads_per_kv + g;
+            *dscale_sum = 0.f;
+        }
+        for (int64_t tile = 0; tile < query_tiles; ++tile)
+            backward_query_tile(p, layout, kernels, batch, head, split, range, tile * kQueryTile, s, dscale_sum);
+    }
+
+    for (int64_t j = 0; j < keys; ++j) {
+        const int64_t key = range.first_key + j;
+        const float *dk_hat = s.dk.data() + j * padded_d;
+        const float *result = dk_hat;
+        if (p.l2norm) {
+            l2norm_backward_row(layout.packed.key_rows + (bh * p.nk + key) * padded_d, dk_hat,
+                                layout.packed.key_norms + (bh * p.nk + key) * p.groups, p.d, p.groups,
+                                s.row.data());
+            result = s.row.data();
+        }
+        store_row(p.dk.data, p.dk.offset(batch, kv_head, key, 0), p.dk.dtype, p.d, result);
+        store_row(p.dv.data, p.dv.offset(batch, kv_head, key, 0), p.dv.dtype, p.d, s.dv.data() + j * padded_d);
+    }
+}
+
+// dq when the keys were split: the partial sums in split order, then the l2norm backward.
+void finish_dq_rows(const Problem &p, const BackwardLayout &layout, int64_t item, std::vector<float> &sum,
+                    std::vector<float> &q_hat, std::vector<float> &norms, std::vector<float> &dq) {
+    const int64_t padded_d = layout.packed.padded_d, bh = item / p.nq, row = item % p.nq;
+    const int64_t batch = bh / p.h, head = bh % p.h;
+    std::fill(sum.begin(), sum.end(), 0.f);
+    for (int64_t split = 0; split < layout.key_splits; ++split) {
+        const float *partial = layout.dq_partial + (((split * p.b + batch) * p.h + head) * p.nq + row) * padded_d;
+        for (int64_t t = 0; t < p.d; ++t) sum[size_t(t)] += partial[t];
+    }
+    const float *result = sum.data();
+    if (p.l2norm) {
+        load_normalized_row(p, p.q, batch, head, row, true, padded_d, q_hat.data(), norms.data());
+        l2norm_backward_row(q_hat.data(), sum.data(), norms.data(), p.d, p.groups, dq.data());
+        result = dq.data();
+    }
+    store_row(p.dq.data, p.dq.offset(batch, head, row, 0), p.dq.dtype, p.d, result);
+}
+
+void finish_dbias(const Problem &p, const BackwardLayout &layout, int threads) {
+    const View &dbias = p.dbias;
+    const int64_t rows = dbias.shape[0] * dbias.shape[1] * dbias.shape[2], cols = dbias.shape[3];
+    const int64_t slots = layout.slots_b * layout.slots_h * layout.slots_split;
+    parallel_for(rows, threads, [&](int64_t row, int) {
+        const int64_t i2 = row % dbias.shape[2], i1 = row / dbias.shape[2] % dbias.shape[1];
+        const int64_t i0 = row / (dbias.shape[2] * dbias.shape[1]);
+        for (int64_t j = 0; j < cols; ++j) {
+            float total = 0.f;
+            for (int64_t slot = 0; slot < slots; ++slot) total += layout.dbias_sum[slot * layout.dbias_numel + row * cols + j];
+            store_element(dbias.data, dbias.offset(i0, i1, i2, j), dbias.dtype, total);
+        }
+    });
+}
+
+void finish_dscale(const Problem &p, const BackwardLayout &layout) {
+    const int64_t heads_per_kv = p.heads_per_kv();
+    float *dscale = static_cast<float *>(p.dscale.data);
+    // dscale is (h,) or a single value (shape () or (1,) with one head).
+    const bool single = p.dscale.shape[1] == 1;
+    float total = 0.f;
+    for (int64_t head = 0; head < p.h; ++head) {
+        const int64_t kv_head = head / heads_per_kv, g = head % heads_per_kv;
+        float head_total = 0.f;
+        for (int64_t batch = 0; batch < p.b; ++batch)
+            for (int64_t split = 0; split < layout.key_splits; ++split)
+                head_total +=
+                    layout.dscale_partial[((batch * p.hk + kv_head) * layout.key_splits + split) * heads_per_kv + g];
+        if (!single) dscale[p.dscale.offset(0, head, 0, 0)] = head_total;
+        total += head_total;
+    }
+    if (single) dscale[0] = total;
+}
+
+} // namespace
+
+size_t cpu_backward_workspace(const Problem &p) { return backward_layout(p, nullptr).bytes; }
+
+fcsa_status cpu_backward(const Problem &p, void *workspace) {
+    const BackwardLayout layout = backward_layout(p, workspace);
+    const TileKernels &kernels = tile_kernels();
+    const int64_t items = p.b * p.hk * layout.key_splits;
+    const int threads = resolve_thread_count(p.num_threads, std::max<int64_t>(items, 1));
+    const int64_t padded_d = layout.packed.padded_d;
+
+    pack_keys_values(p, layout.packed, threads);
+    if (layout.dbias_sum)
+        std::fill(layout.dbias_sum,
+                  layout.dbias_sum + layout.slots_b * layout.slots_h * layout.slots_split * layout.dbias_numel, 0.f);
+    if (layout.dscale_partial) std::fill(layout.dscale_partial, layout.dscale_partial + items * p.heads_per_kv(), 0.f);
+
+    const int64_t split_keys = std::min<int64_t>(layout.tiles_per_split * kKeyTile, std::max<int64_t>(p.nk, 1));
+    std::vector<std::unique_ptr<BackwardScratch>> scratch(static_cast<size_t>(threads));
+    for (auto &s : scratch) s.reset(new BackwardScratch(padded_d, split_keys, p.groups));
+    parallel_for(items, threads, [&](int64_t item, int worker) {
+        backward_item(p, layout, kernels, item, *scratch[size_t(worker)]);
+    });
+
+    if (layout.key_splits > 1) {
+        const int64_t rows = p.b * p.h * p.nq;
+        const int row_threads = resolve_thread_count(p.num_threads, rows);
+        std::vector<std::vector<float>> sums(static_cast<size_t>(row_threads)), q_hats(sums.size()),
+            norms(sums.size()), dqs(sums.size());
+        for (int w = 0; w < row_threads; ++w) {
+            sums[size_t(w)].resize(size_t(padded_d));
+            q_hats[size_t(w)].resize(size_t(padded_d));
+            norms[size_t(w)].resize(size_t(p.groups));
+            dqs[size_t(w)].resize(size_t(padded_d));
+        }
+        parallel_for(rows, row_threads, [&](int64_t row, int worker) {
+            finish_dq_rows(p, layout, row, sums[size_t(worker)], q_hats[size_t(worker)], norms[size_t(worker)],
+                           dqs[size_t(worker)]);
+        });
+    }
+    if (layout.dbias_sum) finish_dbias(p, layout, threads);
+    if (layout.dscale_partial) finish_dscale(p, layout);
+    return FCSA_STATUS_SUCCESS;
+}
+
+} // namespace fcsa

@@ -1,0 +1,119 @@
+#include "cpu/common.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <new>
+#include <vector>
+
+#include "cpu/numeric.h"
+#include "cpu/parallel.h"
+
+namespace fcsa {
+namespace cpu {
+
+FloatBuffer::FloatBuffer(size_t count) {
+    const size_t bytes = std::max<size_t>(count, 1) * sizeof(float);
+    float *memory = static_cast<float *>(::operator new[](bytes, std::align_val_t(64)));
+    std::memset(memory, 0, bytes);
+    data_.reset(memory);
+}
+
+void FloatBuffer::Free::operator()(float *p) const { ::operator delete[](p, std::align_val_t(64)); }
+
+WorkspaceCarver::WorkspaceCarver(void *base) : base_(static_cast<char *>(base)) {
+    if (base_) {
+        const uintptr_t address = reinterpret_cast<uintptr_t>(base_);
+        base_ += (64 - address % 64) % 64;
+    }
+}
+
+float *WorkspaceCarver::take(int64_t floats) {
+    float *result = base_ ? reinterpret_cast<float *>(base_ + used_) : nullptr;
+    used_ += size_t(round_up(floats * int64_t(sizeof(float)), 64));
+    return result;
+}
+
+float head_scale(const Problem &p, int64_t head) {
+    if (!p.scale_t.present()) return p.scale;
+    const int64_t index = p.scale_t.offset(0, p.scale_t.shape[1] == 1 ? 0 : head, 0, 0);
+    return static_cast<const float *>(p.scale_t.data)[index];
+}
+
+float constant_offset(const Problem &p, float scale) {
+    const float offset = std::fabs(scale) * float(p.groups);
+    if (!p.logits_bounded() || !(offset <= kMaxConstantOffset)) return -1.f;
+    return offset;
+}
+
+void load_normalized_row(const Problem &p, const View &view, int64_t batch, int64_t head, int64_t row,
+                         bool l2norm, int64_t padded_d, float *dst, float *norms) {
+    const int64_t d = p.d;
+    load_row(view.data, view.offset(batch, head, row, 0), view.dtype, d, dst);
+    std::fill(dst + d, dst + padded_d, 0.f);
+    if (!l2norm) return;
+    const int64_t group_size = d / p.groups;
+    for (int32_t g = 0; g < p.groups; ++g) {
+        float *chunk = dst + g * group_size;
+        float squares = 0.f;
+        for (int64_t t = 0; t < group_size; ++t) squares += chunk[t] * chunk[t];
+        const float norm = std::sqrt(squares);
+        const float denominator = std::max(norm, kNormEpsilon);
+        for (int64_t t = 0; t < group_size; ++t) chunk[t] /= denominator;
+        if (norms) norms[g] = norm;
+    }
+}
+
+void l2norm_backward_row(const float *x_hat, const float *dx_hat, const float *norms, int64_t d, int32_t groups,
+                         float *dx) {
+    const int64_t group_size = d / groups;
+    for (int32_t g = 0; g < groups; ++g) {
+        const int64_t begin = g * group_size, end = begin + group_size;
+        if (!(norms[g] >= kNormEpsilon)) {
+            // x^ = x / epsilon is linear here: the clamped norm passes no gradient.
+            for (int64_t t = begin; t < end; ++t) dx[t] = dx_hat[t] / kNormEpsilon;
+            continue;
+        }
+        float dot = 0.f;
+        for (int64_t t = begin; t < end; ++t) dot += x_hat[t] * dx_hat[t];
+        for (int64_t t = begin; t < end; ++t) dx[t] = (dx_hat[t] - x_hat[t] * dot) / norms[g];
+    }
+}
+
+void pack_keys_values(const Problem &p, const PackedKeysValues &packed, int threads) {
+    const int64_t d = p.d, padded_d = packed.padded_d, key_tiles = packed.key_tiles;
+    const int64_t tiles = p.b * p.hk * key_tiles;
+    parallel_for(tiles, threads, [&](int64_t item, int) {
+        const int64_t bh = item / key_tiles, tile = item % key_tiles;
+        const int64_t batch = bh / p.hk, kv_head = bh % p.hk;
+        const int64_t first = tile * kKeyTile, count = std::min<int64_t>(kKeyTile, p.nk - first);
+        std::vector<float> row(static_cast<size_t>(padded_d));
+        std::vector<float> norms(static_cast<size_t>(p.groups));
+        float *keys_t = packed.keys_transposed ? packed.keys_transposed + item * d * kKeyTile : nullptr;
+        float *values_t = packed.values_transposed ? packed.values_transposed + item * d * kKeyTile : nullptr;
+        for (int64_t j = 0; j < kKeyTile; ++j) {
+            const int64_t key = first + j;
+            const bool real = j < count;
+            if (keys_t || packed.key_rows || packed.key_norms) {
+                if (real)
+                    load_normalized_row(p, p.k, batch, kv_head, key, p.l2norm, padded_d, row.data(), norms.data());
+                if (keys_t)
+                    for (int64_t t = 0; t < d; ++t) keys_t[t * kKeyTile + j] = real ? row[size_t(t)] : 0.f;
+                if (real && packed.key_rows)
+                    std::copy(row.begin(), row.end(), packed.key_rows + (bh * p.nk + key) * padded_d);
+                if (real && packed.key_norms && p.l2norm)
+                    std::copy(norms.begin(), norms.end(), packed.key_norms + (bh * p.nk + key) * p.groups);
+            }
+            if (values_t || packed.value_rows) {
+                if (real) load_normalized_row(p, p.v, batch, kv_head, key, false, padded_d, row.data(), nullptr);
+                if (values_t)
+                    for (int64_t t = 0; t < d; ++t) values_t[t * kKeyTile + j] = real ? row[size_t(t)] : 0.f;
+                if (real && packed.value_rows)
+                    std::copy(row.begin(), row.end(), packed.value_rows + (bh * p.nk + key) * padded_d);
+            }
+        }
+    });
+}
+
+} // namespace cpu
+} // namespace fcsa

@@ -1,0 +1,187 @@
+// forward.cpp: the CPU forward. Fused and tiled: one work item is a tile of query rows
+// of one head; it streams over the key tiles, keeping only a (rows x keys) logit tile
+// and a (rows x d) output accumulator. K (normalized) and V are converted to float32
+// once per call into the workspace, in the layouts the tile kernels read.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "backends.h"
+#include "cpu/common.h"
+#include "cpu/numeric.h"
+#include "cpu/parallel.h"
+#include "cpu/tile_kernels.h"
+
+namespace fcsa {
+namespace {
+
+using namespace cpu;
+
+struct ForwardLayout {
+    PackedKeysValues packed;
+    size_t bytes = 0;
+};
+
+ForwardLayout forward_layout(const Problem &p, void *workspace) {
+    ForwardLayout layout;
+    WorkspaceCarver carver(workspace);
+    PackedKeysValues &packed = layout.packed;
+    packed.key_tiles = ceil_div(p.nk, kKeyTile);
+    packed.padded_d = round_up(p.d, 8);
+    packed.keys_transposed = carver.take(p.b * p.hk * packed.key_tiles * p.d * kKeyTile);
+    packed.value_rows = carver.take(p.b * p.hk * p.nk * packed.padded_d);
+    layout.bytes = carver.bytes_needed();
+    return layout;
+}
+
+// Scratch of one worker thread, reused across its work items.
+struct ForwardScratch {
+    explicit ForwardScratch(int64_t padded_d)
+        : queries(size_t(kQueryTile * padded_d)), logits(size_t(kQueryTile * kKeyTile)),
+          output(size_t(kQueryTile * padded_d)), row_sum(kQueryTile), row_max(kQueryTile),
+          tile_max(kQueryTile), offset(kQueryTile), rescale(kQueryTile), key_bias(kKeyTile + 8),
+          bias_row(kKeyTile), limit(kQueryTile) {}
+    FloatBuffer queries, logits, output;
+    std::vector<float> row_sum, row_max, tile_max, offset, rescale, key_bias, bias_row;
+    std::vector<int> limit;
+};
+
+// Adds bias[batch, head, rows, keys] to a logit tile.
+void add_bias_tile(const Problem &p, int64_t batch, int64_t head, int64_t first_row, int rows, int64_t first_key,
+                   int keys, float *logits, float *bias_row) {
+    const View &bias = p.bias;
+    for (int r = 0; r < rows; ++r) {
+        const int64_t index = bias.offset(batch, head, first_row + r, first_key);
+        float *row = logits + int64_t(r) * kKeyTile;
+        if (bias.stride[3] == 0) {
+            const float value = load_element(bias.data, index, bias.dtype);
+            for (int j = 0; j < keys; ++j) row[j] += value;
+        } else {
+            load_row(bias.data, index, bias.dtype, keys, bias_row);
+            for (int j = 0; j < keys; ++j) row[j] += bias_row[j];
+        }
+    }
+}
+
+// 0 for a key the mask lets through, -inf for one it hides.
+void fill_key_bias(const Problem &p, int64_t batch, int64_t first_key, int keys, float *key_bias) {
+    const uint8_t *mask = static_cast<const uint8_t *>(p.mask.data);
+    const float hidden = -std::numeric_limits<float>::infinity();
+    for (int j = 0; j < keys; ++j) key_bias[j] = mask[p.mask.offset(batch, 0, 0, first_key + j)] ? 0.f : hidden;
+    for (int j = keys; j < kKeyTile + 8; ++j) key_bias[j] = hidden;
+}
+
+void forward_tile(const Problem &p, const ForwardLayout &layout, const TileKernels &kernels, int64_t batch,
+                  int64_t head, int64_t first_row, ForwardScratch &scratch) {
+    const int64_t d = p.d, padded_d = layout.packed.padded_d;
+    const int rows = int(std::min<int64_t>(kQueryTile, p.nq - first_row));
+    const int64_t kv_head = head / p.heads_per_kv();
+    const int64_t bh = batch * p.hk + kv_head;
+    const float scale = head_scale(p, head);
+    const float fixed_offset = constant_offset(p, scale);
+    const bool running_max = fixed_offset < 0.f;
+    const float infinity = std::numeric_limits<float>::infinity();
+
+    // Queries: normalized, then scaled so that q . k is the logit.
+    float *queries = scratch.queries.data();
+    for (int r = 0; r < rows; ++r) {
+        float *row = queries + r * padded_d;
+        load_normalized_row(p, p.q, batch, head, first_row + r, p.l2norm, padded_d, row, nullptr);
+        for (int64_t t = 0; t < d; ++t) row[t] *= scale;
+    }
+
+    float *output = scratch.output.data();
+    std::fill(output, output + rows * padded_d, 0.f);
+    std::fill(scratch.row_sum.begin(), scratch.row_sum.end(), 0.f);
+    std::fill(scratch.row_max.begin(), scratch.row_max.end(), -infinity);
+    std::fill(scratch.offset.begin(), scratch.offset.end(), fixed_offset);
+
+    // Causal: the last row sees keys up to last_row + (nk - nq); later tiles are skipped.
+    int64_t key_end = p.nk;
+    if (p.causal) key_end = std::min(key_end, std::max<int64_t>(0, first_row + rows + p.causal_offset()));
+    const int64_t tiles = ceil_div(key_end, kKeyTile);
+
+    float *logits = scratch.logits.data();
+    for (int64_t tile = 0; tile < tiles; ++tile) {
+        const int64_t first_key = tile * kKeyTile;
+        const int keys = int(std::min<int64_t>(kKeyTile, p.nk - first_key));
+        kernels.matmul(logits, kKeyTile, queries, padded_d, 1, layout.packed.key_tile(bh, tile, d), kKeyTile, rows,
+                       kKeyTile, int(d), false);
+        if (p.bias.present())
+            add_bias_tile(p, batch, head, first_row, rows, first_key, keys, logits, scratch.bias_row.data());
+        const float *key_bias = nullptr;
+        if (p.mask.present()) {
+            fill_key_bias(p, batch, first_key, keys, scratch.key_bias.data());
+            key_bias = scratch.key_bias.data();
+        }
+        for (int r = 0; r < rows; ++r) {
+            int64_t visible = keys;
+            if (p.causal) visible = std::min<int64_t>(visible, first_row + r + p.causal_offset() - first_key + 1);
+            scratch.limit[size_t(r)] = int(std::max<int64_t>(visible, 0));
+        }
+
+        if (running_max) {
+            kernels.max_rows(logits, kKeyTile, rows, keys, scratch.limit.data(), key_bias, scratch.tile_max.data());
+            bool any_rescale = false;
+            for (int r = 0; r < rows; ++r) {
+                const float old_max = scratch.row_max[size_t(r)];
+                const float new_max = std::max(old_max, scratch.tile_max[size_t(r)]);
+                scratch.row_max[size_t(r)] = new_max;
+                // A row that has seen nothing yet keeps offset +inf: all its weights are 0.
+                scratch.offset[size_t(r)] = new_max == -infinity ? infinity : new_max;
+                float factor = 1.f;
+                if (new_max != old_max && old_max != -infinity) factor = std::exp(old_max - new_max);
+                scratch.rescale[size_t(r)] = factor;
+                scratch.row_sum[size_t(r)] *= factor;
+                any_rescale |= factor != 1.f;
+            }
+            if (any_rescale) kernels.scale_rows(output, padded_d, rows, int(padded_d), scratch.rescale.data());
+        }
+        kernels.exp_rows(logits, logits, kKeyTile, rows, keys, 1.f, scratch.offset.data(), scratch.limit.data(),
+                          key_bias, scratch.row_sum.data());
+        kernels.matmul(output, padded_d, logits, kKeyTile, 1,
+                       layout.packed.value_rows + (bh * p.nk + first_key) * padded_d, padded_d, rows, int(padded_d),
+                       keys, true);
+    }
+
+    // out = acc / sum; lse = log(sum) + offset. A row that saw no key: out 0, lse -inf.
+    for (int r = 0; r < rows; ++r) {
+        const float sum = scratch.row_sum[size_t(r)];
+        float *row = output + r * padded_d;
+        const float inverse = sum > 0.f ? 1.f / sum : 0.f;
+        for (int64_t t = 0; t < d; ++t) row[t] *= inverse;
+        store_row(p.out.data, p.out.offset(batch, head, first_row + r, 0), p.out.dtype, d, row);
+        if (p.lse.present()) {
+            const float lse = sum > 0.f ? std::log(sum) + scratch.offset[size_t(r)] : -infinity;
+            static_cast<float *>(p.lse.data)[p.lse.offset(batch, head, first_row + r, 0)] = lse;
+        }
+    }
+}
+
+} // namespace
+
+size_t cpu_forward_workspace(const Problem &p) { return forward_layout(p, nullptr).bytes; }
+
+fcsa_status cpu_forward(const Problem &p, void *workspace) {
+    const ForwardLayout layout = forward_layout(p, workspace);
+    const TileKernels &kernels = tile_kernels();
+    const int64_t query_tiles = ceil_div(p.nq, kQueryTile);
+    const int64_t items = p.b * p.h * query_tiles;
+    if (items == 0) return FCSA_STATUS_SUCCESS;
+    const int threads = resolve_thread_count(p.num_threads, items);
+
+    pack_keys_values(p, layout.packed, threads);
+
+    std::vector<std::unique_ptr<ForwardScratch>> scratch(static_cast<size_t>(threads));
+    for (auto &s : scratch) s.reset(new ForwardScratch(layout.packed.padded_d));
+    // Causal tiles near the end of the sequence cost the most: hand those out first.
+    parallel_for(items, threads, [&](int64_t item, int worker) {
+        const int64_t tile = query_tiles - 1 - item / (p.b * p.h);
+        const int64_t bh = item % (p.b * p.h);
+        forward_tile(p, layout, kernels, bh / p.h, bh % p.h, tile * kQueryTile, *scratch[size_t(worker)]);
+    });
+    return FCSA_STATUS_SUCCESS;
+}
+
+} // namespace fcsa

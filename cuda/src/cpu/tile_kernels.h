@@ -1,0 +1,49 @@
+// tile_kernels.h: the inner loops of the CPU backend, on float32 tiles in per-thread
+// scratch memory. One source (tile_kernels_impl.inc) is compiled once per instruction
+// set (portable, AVX2+FMA) and the best one the running CPU supports is picked once.
+//
+// Conventions: tiles are row-major with a leading dimension `ld` (elements) that is a
+// multiple of 8, and rows are readable up to the next multiple of 8 past `cols`.
+// Logits are in natural units; the row offset is subtracted before anything else so
+// that large logits (a large bias, no l2norm) lose no precision to it.
+#pragma once
+
+#include <cstdint>
+
+namespace fcsa {
+namespace cpu {
+
+struct TileKernels {
+    const char *isa; // "avx2", "generic"
+
+    // c[m][n] = (accumulate ? c[m][n] : 0) + sum_k a[m * a_row + k * a_col] * b[k * ldb + n]
+    // for m < rows, n < cols, k < depth; cols % 8 == 0. `a` may be read transposed.
+    void (*matmul)(float *c, int64_t ldc, const float *a, int64_t a_row, int64_t a_col,
+                   const float *b, int64_t ldb, int rows, int cols, int depth, bool accumulate);
+
+    // p[r][j] = exp(s[r][j] * s_scale + col_bias[j] - offset[r]) for j < cols; col_bias
+    // (optional) is 0 or -inf per column; entries with j >= limit[r] (limit optional)
+    // and entries below exp(-87) become exactly 0. `p` may be `s`. When row_sum is
+    // given, row_sum[r] += sum_j p[r][j].
+    void (*exp_rows)(float *p, const float *s, int64_t ld, int rows, int cols, float s_scale,
+                     const float *offset, const int *limit, const float *col_bias, float *row_sum);
+
+    // row_max[r] = max over the visible entries (as in exp_rows) of s[r][j] + col_bias[j];
+    // -inf when the row sees nothing.
+    void (*max_rows)(const float *s, int64_t ld, int rows, int cols, const int *limit,
+                     const float *col_bias, float *row_max);
+
+    // The softmax backward: dp[r][j] <- p[r][j] * (dp[r][j] - delta[r]) (then dS), and,
+    // when ds_dot_cos is given, ds_dot_cos[r] += sum_j dS[r][j] * cos[r][j].
+    void (*softmax_grad_rows)(float *dp, const float *p, const float *cos, int64_t ld, int rows,
+                              int cols, const float *delta, float *ds_dot_cos);
+
+    // x[r][j] *= factor[r] for j < cols.
+    void (*scale_rows)(float *x, int64_t ld, int rows, int cols, const float *factor);
+};
+
+// The kernels for the running CPU (decided once, thread-safe).
+const TileKernels &tile_kernels();
+
+} // namespace cpu
+} // namespace fcsa

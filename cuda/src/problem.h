@@ -1,0 +1,59 @@
+// problem.h: one attention call after validation, in the form every backend reads.
+//
+// api.cpp checks the caller's fcsa_tensor descriptors and turns them into a Problem:
+// every tensor becomes a 4-D View whose broadcast dimensions have stride 0, so a
+// backend indexes all of them the same way, with 64-bit arithmetic, and never has to
+// re-check anything. Absent optional tensors have data == nullptr.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "fcsa.h"
+
+namespace fcsa {
+
+struct View {
+    void *data = nullptr;
+    int32_t dtype = FCSA_DTYPE_FLOAT32;
+    int64_t shape[4] = {1, 1, 1, 1};
+    int64_t stride[4] = {0, 0, 0, 0}; // elements; 0 on every dimension of size 1
+
+    bool present() const { return data != nullptr; }
+    int64_t offset(int64_t i0, int64_t i1, int64_t i2, int64_t i3) const {
+        return i0 * stride[0] + i1 * stride[1] + i2 * stride[2] + i3 * stride[3];
+    }
+};
+
+struct Problem {
+    // Sizes. h % hk == 0; query head hq reads kv head hq / (h / hk).
+    int64_t b = 0, h = 0, hk = 0, nq = 0, nk = 0, d = 0;
+    int32_t dtype = FCSA_DTYPE_FLOAT32; // q, k, v, out, dout, dq, dk, dv
+    int32_t device_type = FCSA_DEVICE_CPU;
+    int32_t device_index = 0;
+
+    // Options.
+    float scale = 8.f; // used when scale_t is absent
+    int32_t groups = 1;
+    bool causal = false;
+    bool l2norm = true;
+    bool deterministic = false;
+    int32_t num_threads = 0;
+
+    // Forward inputs and outputs; the views' shapes:
+    View q, out, dout, dq;    // (b, h, nq, d)
+    View k, v, dk, dv;        // (b, hk, nk, d)
+    View lse;                 // (b, h, nq, 1), float32
+    View mask;                // (b, 1, 1, nk), bool; stride 0 on the middle dims
+    View bias, dbias;         // each dim full or 1 (stride 0 there); dbias has bias' shape
+    View scale_t, dscale;     // (1, h or 1, 1, 1), float32
+
+    int64_t heads_per_kv() const { return h / hk; }
+    // With l2norm and no bias every logit lies in [-|scale| * groups, |scale| * groups],
+    // so exp(s - |scale| * groups) cannot overflow and replaces the running maximum.
+    bool logits_bounded() const { return l2norm && !bias.present(); }
+    // Causal, aligned to the end: row i sees keys j <= i + causal_offset().
+    int64_t causal_offset() const { return nk - nq; }
+};
+
+} // namespace fcsa

@@ -1,0 +1,558 @@
+// backward.cu: the portable CUDA backward (sm_80 and newer), host side and the small
+// passes around the two tile kernels of backward_kernels.cuh.
+//
+// sm80_backward enqueues, on the caller's stream and with no allocation or
+// synchronization (CUDA-graph capture works):
+//   memsets   the float32 accumulators that start at zero (dQ^ with atomics, dbias);
+//   prepass   delta = <dO, O>, lse * log2(e) (+inf for rows that see no key), and the
+//             l2-normalized copies q^, k^ in q's dtype;
+//   main      dK, dV (finished in its epilogue, l2norm backward included), dQ^ by
+//             atomics, dbias, dscale partials;
+//   dq        deterministic only: dQ^ without atomics;
+//   finish    dq = l2norm backward of dQ^ (and dk where the head dim was split);
+//             dbias from its float32 accumulator; dscale summed in a fixed order.
+// The workspace holds every intermediate; plan_workspace computes its layout once for
+// both the size query and the call. Checked by cuda/tests/check_backward.cu.
+#include <cstdint>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "../backends.h"
+#include "../common/numeric.cuh"
+#include "backward_device.cuh"
+#include "backward_params.cuh"
+
+namespace fcsa {
+namespace sm80_bwd {
+namespace {
+
+constexpr int kPassThreads = 256;
+constexpr int kMaxHeadDim = 256;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+bool is_full_shape(const View &bias, const Problem &p) {
+    const int64_t full[4] = {p.b, p.h, p.nq, p.nk};
+    for (int i = 0; i < 4; ++i)
+        if (bias.shape[i] != full[i]) return false;
+    return true;
+}
+
+// The head-dim bucket the kernels are instantiated for (0: none fits).
+int head_dim_bucket(int32_t dtype, int64_t d) {
+    if (d <= 0 || d % 8 != 0 || d > kMaxHeadDim) return 0;
+    if (d <= 32) return 32;
+    if (d <= 64) return 64;
+    if (d <= 96 && dtype != FCSA_DTYPE_FLOAT32) return 96;
+    if (d <= 128) return 128;
+    return 256;
+}
+
+template <typename T> LaunchShape shape_for(int bucket) {
+    switch (bucket) {
+    case 32: return launch_shape<T, 32>();
+    case 64: return launch_shape<T, 64>();
+    case 96:
+        if constexpr (common::ElementTraits<T>::kIs16Bit) return launch_shape<T, 96>();
+        break;
+    case 128: return launch_shape<T, 128>();
+    case 256: return launch_shape<T, 256>();
+    }
+    return LaunchShape{};
+}
+
+LaunchShape shape_for(int32_t dtype, int bucket) {
+    switch (dtype) {
+    case FCSA_DTYPE_FLOAT16: return shape_for<__half>(bucket);
+    case FCSA_DTYPE_BFLOAT16: return shape_for<__nv_bfloat16>(bucket);
+    default: return shape_for<float>(bucket);
+    }
+}
+
+size_t element_size(int32_t dtype) { return dtype == FCSA_DTYPE_FLOAT32 ? 4 : 2; }
+
+// Where each intermediate lives in the workspace (byte offsets, 256-byte aligned).
+struct Plan {
+    int bucket = 0;
+    LaunchShape shape;
+    int64_t main_key_tiles = 0;
+    int32_t dbias_mode = kDbiasNone;
+    size_t lse2 = 0, delta = 0, q_hat = 0, k_hat = 0, dq_acc = 0, dk_acc = 0, dscale = 0, dbias_acc = 0;
+    size_t dq_acc_bytes = 0, dbias_acc_bytes = 0;
+    bool dk_acc_used = false; // split head dim with l2norm: dk is finished by a row pass
+    size_t total = 0;
+};
+
+Plan plan_workspace(const Problem &p) {
+    Plan plan;
+    plan.bucket = head_dim_bucket(p.dtype, p.d);
+    if (plan.bucket == 0) return plan;
+    plan.shape = shape_for(p.dtype, plan.bucket);
+    plan.main_key_tiles = ceil_div(p.nk, plan.shape.main_keys);
+    if (p.dbias.present()) {
+        if (is_full_shape(p.bias, p))
+            plan.dbias_mode = kDbiasDirect;
+        else if (!p.deterministic)
+            plan.dbias_mode = kDbiasAtomic;
+        else if (p.bias.shape[3] == p.nk)
+            plan.dbias_mode = kDbiasOwnedKeys;
+        else
+            plan.dbias_mode = kDbiasOwnedQueries;
+    }
+    size_t offset = 0;
+    auto take = [&offset](size_t bytes) {
+        const size_t at = offset;
+        offset += (bytes + 255) / 256 * 256;
+        return at;
+    };
+    const size_t query_rows = size_t(p.b * p.h * p.nq), key_rows = size_t(p.b * p.hk * p.nk);
+    const size_t elem = element_size(p.dtype);
+    plan.lse2 = take(query_rows * 4);
+    plan.delta = take(query_rows * 4);
+    if (p.l2norm) {
+        plan.q_hat = take(query_rows * size_t(p.d) * elem);
+        plan.k_hat = take(key_rows * size_t(p.d) * elem);
+    }
+    plan.dq_acc_bytes = query_rows * size_t(p.d) * 4;
+    plan.dq_acc = take(plan.dq_acc_bytes);
+    plan.dk_acc_used = p.l2norm && plan.shape.column_splits > 1;
+    if (plan.dk_acc_used) plan.dk_acc = take(key_rows * size_t(p.d) * 4);
+    if (p.dscale.present()) plan.dscale = take(size_t(p.b * p.h * plan.main_key_tiles) * 4);
+    if (plan.dbias_mode != kDbiasNone && plan.dbias_mode != kDbiasDirect) {
+        const View &db = p.dbias;
+        plan.dbias_acc_bytes = size_t(db.shape[0] * db.shape[1] * db.shape[2] * db.shape[3]) * 4;
+        plan.dbias_acc = take(plan.dbias_acc_bytes);
+    }
+    plan.total = offset;
+    return plan;
+}
+
+bool aligned16(const View &v, size_t elem) {
+    if (reinterpret_cast<uintptr_t>(v.data) % 16 != 0) return false;
+    for (int i = 0; i < 3; ++i)
+        if ((v.stride[i] * int64_t(elem)) % 16 != 0) return false;
+    return true;
+}
+
+Rows rows_of(const View &v, size_t elem) {
+    Rows r;
+    r.data = v.data;
+    r.stride_b = v.stride[0];
+    r.stride_h = v.stride[1];
+    r.stride_row = v.stride[2];
+    r.aligned16 = aligned16(v, elem);
+    return r;
+}
+
+OutRows out_rows_of(const View &v) {
+    OutRows r;
+    r.data = v.data;
+    r.stride_b = v.stride[0];
+    r.stride_h = v.stride[1];
+    r.stride_row = v.stride[2];
+    return r;
+}
+
+// A contiguous (b, heads, rows, d) array in the workspace.
+Rows contiguous_rows(const void *data, int64_t heads, int64_t rows, int64_t d) {
+    Rows r;
+    r.data = data;
+    r.stride_row = d;
+    r.stride_h = rows * d;
+    r.stride_b = heads * rows * d;
+    r.aligned16 = true; // workspace offsets are 256-byte aligned, d * elem a multiple of 16
+    return r;
+}
+
+// ---------------------------------------------------------------- passes
+
+struct PrepassArgs {
+    int64_t b, h, hk, nq, nk;
+    int32_t d, groups;
+    bool l2norm;
+    Rows q, k, out, dout;
+    const float *lse;
+    int64_t lse_stride[3];
+    float *lse2, *delta;
+    void *q_hat, *k_hat; // contiguous, nullptr without l2norm
+};
+
+// One warp per row: query rows get delta, lse2 and q^; key rows get k^.
+template <typename T> __global__ void __launch_bounds__(kPassThreads) prepass_kernel(const PrepassArgs a) {
+    constexpr int kPer = WarpRow<kMaxHeadDim>::kPerLane;
+    const int lane = threadIdx.x & 31;
+    const int64_t query_rows = a.b * a.h * a.nq;
+    const int64_t key_rows = a.l2norm ? a.b * a.hk * a.nk : 0;
+    const int64_t warps = int64_t(gridDim.x) * (blockDim.x / 32);
+    for (int64_t row = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32; row < query_rows + key_rows;
+         row += warps) {
+        const bool is_query = row < query_rows;
+        const int64_t local = is_query ? row : row - query_rows;
+        const int64_t n = is_query ? a.nq : a.nk, heads = is_query ? a.h : a.hk;
+        const int64_t i = local % n, head = (local / n) % heads, batch = local / (n * heads);
+        if (is_query) {
+            const T *o = a.out.row<T>(batch, head, i), *dout = a.dout.row<T>(batch, head, i);
+            float dot = 0.f;
+            for (int c = lane; c < a.d; c += 32) dot = fmaf(common::to_float(o[c]), common::to_float(dout[c]), dot);
+            dot = warp_sum(dot);
+            if (lane == 0) {
+                const float lse = a.lse[batch * a.lse_stride[0] + head * a.lse_stride[1] + i * a.lse_stride[2]];
+                // A row that sees no key has lse = -inf and P = exp(s - lse) must be 0.
+                a.lse2[row] = lse == -INFINITY ? INFINITY : lse * common::kLog2e;
+                a.delta[row] = dot;
+            }
+        }
+        if (!a.l2norm) continue;
+        const T *x = is_query ? a.q.row<T>(batch, head, i) : a.k.row<T>(batch, head, i);
+        T *y = static_cast<T *>(is_query ? a.q_hat : a.k_hat) + local * a.d;
+        float v[kPer], inv[kPer];
+        bool clamped[kPer];
+#pragma unroll
+        for (int m = 0; m < kPer; ++m) {
+            const int c = lane + 32 * m;
+            v[m] = c < a.d ? common::to_float(x[c]) : 0.f;
+        }
+        group_inverse_norms<kMaxHeadDim>(v, a.d, a.groups, lane, inv, clamped);
+#pragma unroll
+        for (int m = 0; m < kPer; ++m) {
+            const int c = lane + 32 * m;
+            if (c < a.d) y[c] = common::from_float<T>(v[m] * inv[m]);
+        }
+    }
+}
+
+struct FinishRowsArgs {
+    int64_t b, heads, rows;
+    int32_t d, groups;
+    bool l2norm;
+    Rows x;             // the caller's q or k
+    const float *dx_hat; // contiguous [b][heads][rows][d]
+    OutRows out;
+};
+
+// dq (or dk) = l2norm backward of the float32 accumulator, one warp per row.
+template <typename T> __global__ void __launch_bounds__(kPassThreads) finish_rows_kernel(const FinishRowsArgs a) {
+    const int lane = threadIdx.x & 31;
+    const int64_t total = a.b * a.heads * a.rows;
+    const int64_t warps = int64_t(gridDim.x) * (blockDim.x / 32);
+    for (int64_t row = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32; row < total; row += warps) {
+        const int64_t i = row % a.rows, head = (row / a.rows) % a.heads, batch = row / (a.rows * a.heads);
+        l2norm_backward_row<T, kMaxHeadDim>(a.x.row<T>(batch, head, i), a.dx_hat + row * a.d,
+                                            a.out.row<T>(batch, head, i), a.d, a.groups, a.l2norm, lane);
+    }
+}
+
+struct Strided4 {
+    void *data;
+    int64_t shape[4], stride[4];
+};
+
+// dbias (its own shape and strides, in T or float) from the contiguous float32 sums.
+template <typename T>
+__global__ void __launch_bounds__(kPassThreads) dbias_convert_kernel(const float *acc, Strided4 dbias, bool f32) {
+    const int64_t total = dbias.shape[0] * dbias.shape[1] * dbias.shape[2] * dbias.shape[3];
+    for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
+        int64_t rest = e, index = 0;
+        for (int dim = 3; dim >= 0; --dim) {
+            index += (rest % dbias.shape[dim]) * dbias.stride[dim];
+            rest /= dbias.shape[dim];
+        }
+        store_from_float<T>(dbias.data, index, acc[e], f32);
+    }
+}
+
+// Zeros in every element of a strided 4-D tensor (elem_size 2 or 4 bytes).
+__global__ void __launch_bounds__(kPassThreads) zero_kernel(Strided4 x, int elem_size) {
+    const int64_t total = x.shape[0] * x.shape[1] * x.shape[2] * x.shape[3];
+    for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
+        int64_t rest = e, index = 0;
+        for (int dim = 3; dim >= 0; --dim) {
+            index += (rest % x.shape[dim]) * x.stride[dim];
+            rest /= x.shape[dim];
+        }
+        if (elem_size == 4)
+            static_cast<float *>(x.data)[index] = 0.f;
+        else
+            static_cast<uint16_t *>(x.data)[index] = 0;
+    }
+}
+
+// dscale[hs] = sum over batches, (heads,) key tiles of the main kernel's partials, in a
+// fixed order: one block per output, a fixed split over threads and a fixed tree.
+__global__ void __launch_bounds__(kPassThreads)
+    dscale_reduce_kernel(const float *partial, int64_t b, int64_t h, int64_t key_tiles, bool per_head, float *dscale,
+                         int64_t dscale_stride) {
+    __shared__ float sums[kPassThreads];
+    const int64_t out = blockIdx.x;
+    const int64_t heads = per_head ? 1 : h;
+    const int64_t terms = b * heads * key_tiles;
+    float sum = 0.f;
+    for (int64_t e = threadIdx.x; e < terms; e += blockDim.x) {
+        const int64_t tile = e % key_tiles, head = per_head ? out : (e / key_tiles) % h;
+        const int64_t batch = e / (key_tiles * heads);
+        sum += partial[(batch * h + head) * key_tiles + tile];
+    }
+    sums[threadIdx.x] = sum;
+    __syncthreads();
+    for (int width = kPassThreads / 2; width > 0; width /= 2) {
+        if (threadIdx.x < width) sums[threadIdx.x] += sums[threadIdx.x + width];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) dscale[out * dscale_stride] = sums[0];
+}
+
+unsigned pass_blocks(int64_t work_items, int64_t items_per_block) {
+    const int64_t blocks = ceil_div(work_items, items_per_block);
+    return static_cast<unsigned>(blocks < 1 ? 1 : (blocks > 65535 * 16 ? 65535 * 16 : blocks));
+}
+
+Strided4 strided4(const View &v) {
+    Strided4 s;
+    s.data = v.data;
+    for (int i = 0; i < 4; ++i) {
+        s.shape[i] = v.shape[i];
+        s.stride[i] = v.stride[i];
+    }
+    return s;
+}
+
+fcsa_status check_launch(cudaError_t err, const char *what) {
+    if (err == cudaSuccess) return FCSA_STATUS_SUCCESS;
+    return set_error(FCSA_STATUS_CUDA_ERROR, "sm80 backward: %s failed: %s", what, cudaGetErrorString(err));
+}
+
+fcsa_status zero_fill(const View &v, cudaStream_t stream) {
+    if (!v.present()) return FCSA_STATUS_SUCCESS;
+    const Strided4 s = strided4(v);
+    const int64_t total = s.shape[0] * s.shape[1] * s.shape[2] * s.shape[3];
+    if (total == 0) return FCSA_STATUS_SUCCESS;
+    const int elem = v.dtype == FCSA_DTYPE_FLOAT32 ? 4 : 2;
+    zero_kernel<<<pass_blocks(total, kPassThreads * 4), kPassThreads, 0, stream>>>(s, elem);
+    return check_launch(cudaGetLastError(), "zero fill");
+}
+
+template <typename T> int run_main(int bucket, const Params &p, void *stream) {
+    switch (bucket) {
+    case 32: return launch_main<T, 32>(p, stream);
+    case 64: return launch_main<T, 64>(p, stream);
+    case 96:
+        if constexpr (common::ElementTraits<T>::kIs16Bit) return launch_main<T, 96>(p, stream);
+        break;
+    case 128: return launch_main<T, 128>(p, stream);
+    case 256: return launch_main<T, 256>(p, stream);
+    }
+    return cudaErrorInvalidValue;
+}
+
+template <typename T> int run_dq(int bucket, const Params &p, void *stream) {
+    switch (bucket) {
+    case 32: return launch_dq<T, 32>(p, stream);
+    case 64: return launch_dq<T, 64>(p, stream);
+    case 96:
+        if constexpr (common::ElementTraits<T>::kIs16Bit) return launch_dq<T, 96>(p, stream);
+        break;
+    case 128: return launch_dq<T, 128>(p, stream);
+    case 256: return launch_dq<T, 256>(p, stream);
+    }
+    return cudaErrorInvalidValue;
+}
+
+template <typename T> fcsa_status backward(const Problem &pr, const Plan &plan, char *ws, cudaStream_t stream) {
+    const size_t elem = sizeof(T);
+    // ---- the accumulators that start at zero
+    if (!pr.deterministic) {
+        if (cudaError_t e = cudaMemsetAsync(ws + plan.dq_acc, 0, plan.dq_acc_bytes, stream))
+            return check_launch(e, "memset of the dq accumulator");
+    }
+    if (plan.dbias_acc_bytes > 0) {
+        if (cudaError_t e = cudaMemsetAsync(ws + plan.dbias_acc, 0, plan.dbias_acc_bytes, stream))
+            return check_launch(e, "memset of the dbias accumulator");
+    }
+
+    // ---- prepass
+    PrepassArgs pre{};
+    pre.b = pr.b;
+    pre.h = pr.h;
+    pre.hk = pr.hk;
+    pre.nq = pr.nq;
+    pre.nk = pr.nk;
+    pre.d = int32_t(pr.d);
+    pre.groups = pr.groups;
+    pre.l2norm = pr.l2norm;
+    pre.q = rows_of(pr.q, elem);
+    pre.k = rows_of(pr.k, elem);
+    pre.out = rows_of(pr.out, elem);
+    pre.dout = rows_of(pr.dout, elem);
+    pre.lse = static_cast<const float *>(pr.lse.data);
+    for (int i = 0; i < 3; ++i) pre.lse_stride[i] = pr.lse.stride[i];
+    pre.lse2 = reinterpret_cast<float *>(ws + plan.lse2);
+    pre.delta = reinterpret_cast<float *>(ws + plan.delta);
+    pre.q_hat = pr.l2norm ? ws + plan.q_hat : nullptr;
+    pre.k_hat = pr.l2norm ? ws + plan.k_hat : nullptr;
+    const int64_t prepass_rows = pr.b * pr.h * pr.nq + (pr.l2norm ? pr.b * pr.hk * pr.nk : 0);
+    prepass_kernel<T><<<pass_blocks(prepass_rows, kPassThreads / 32), kPassThreads, 0, stream>>>(pre);
+    if (fcsa_status s = check_launch(cudaGetLastError(), "prepass kernel")) return s;
+
+    // ---- main and dq kernels
+    Params p;
+    p.b = pr.b;
+    p.h = pr.h;
+    p.hk = pr.hk;
+    p.nq = pr.nq;
+    p.nk = pr.nk;
+    p.d = int32_t(pr.d);
+    p.groups = pr.groups;
+    p.heads_per_kv = int32_t(pr.h / pr.hk);
+    p.causal = pr.causal;
+    p.l2norm = pr.l2norm;
+    p.deterministic = pr.deterministic;
+    p.causal_offset = pr.causal_offset();
+    p.q = pr.l2norm ? contiguous_rows(ws + plan.q_hat, pr.h, pr.nq, pr.d) : rows_of(pr.q, elem);
+    p.k = pr.l2norm ? contiguous_rows(ws + plan.k_hat, pr.hk, pr.nk, pr.d) : rows_of(pr.k, elem);
+    p.v = rows_of(pr.v, elem);
+    p.dout = rows_of(pr.dout, elem);
+    p.q_raw = rows_of(pr.q, elem);
+    p.k_raw = rows_of(pr.k, elem);
+    p.lse_log2 = pre.lse2;
+    p.delta = pre.delta;
+    if (pr.mask.present()) {
+        p.mask = static_cast<const uint8_t *>(pr.mask.data);
+        p.mask_stride_b = pr.mask.stride[0];
+        p.mask_stride_key = pr.mask.stride[3];
+    }
+    p.scale = pr.scale;
+    if (pr.scale_t.present()) {
+        p.scale_t = static_cast<const float *>(pr.scale_t.data);
+        p.scale_stride = pr.scale_t.stride[1];
+    }
+    if (pr.bias.present()) {
+        p.bias = pr.bias.data;
+        p.bias_f32 = pr.bias.dtype == FCSA_DTYPE_FLOAT32;
+        for (int i = 0; i < 4; ++i) p.bias_stride[i] = pr.bias.stride[i];
+    }
+    p.dk = out_rows_of(pr.dk);
+    p.dv = out_rows_of(pr.dv);
+    p.dq_acc = reinterpret_cast<float *>(ws + plan.dq_acc);
+    p.dk_acc = plan.dk_acc_used ? reinterpret_cast<float *>(ws + plan.dk_acc) : nullptr;
+    p.dscale_partial = pr.dscale.present() ? reinterpret_cast<float *>(ws + plan.dscale) : nullptr;
+    p.dbias_mode = plan.dbias_mode;
+    if (plan.dbias_mode != kDbiasNone) {
+        const View &db = pr.dbias;
+        p.dbias = db.data;
+        p.dbias_f32 = db.dtype == FCSA_DTYPE_FLOAT32;
+        for (int i = 0; i < 4; ++i) p.dbias_stride[i] = db.stride[i];
+        p.dbias_sum_rows = db.shape[2] == 1 && pr.nq > 1;
+        p.dbias_sum_keys = db.shape[3] == 1 && pr.nk > 1;
+        if (plan.dbias_mode != kDbiasDirect) {
+            p.dbias_acc = reinterpret_cast<float *>(ws + plan.dbias_acc);
+            // Contiguous over dbias' own shape, 0 on its dimensions of size 1.
+            int64_t stride = 1;
+            for (int i = 3; i >= 0; --i) {
+                p.dbias_acc_stride[i] = db.shape[i] == 1 ? 0 : stride;
+                stride *= db.shape[i];
+            }
+        }
+        const bool batch_broadcast = db.shape[0] == 1 && pr.b > 1;
+        const bool head_broadcast = db.shape[1] == 1 && pr.h > 1;
+        if (plan.dbias_mode == kDbiasOwnedKeys) {
+            p.main_batches_per_cta = batch_broadcast ? int32_t(pr.b) : 1;
+            p.main_kv_heads_per_cta = head_broadcast ? int32_t(pr.hk) : 1;
+        } else if (plan.dbias_mode == kDbiasOwnedQueries) {
+            p.dq_batches_per_cta = batch_broadcast ? int32_t(pr.b) : 1;
+            p.dq_heads_per_cta = head_broadcast ? int32_t(pr.h) : 1;
+            p.dq_tiles_per_cta = p.dbias_sum_rows ? int32_t(ceil_div(pr.nq, plan.shape.dq_queries)) : 1;
+        }
+    }
+
+    if (fcsa_status s = check_launch(cudaError_t(run_main<T>(plan.bucket, p, stream)), "main kernel")) return s;
+    if (pr.deterministic) {
+        if (fcsa_status s = check_launch(cudaError_t(run_dq<T>(plan.bucket, p, stream)), "dq kernel")) return s;
+    }
+
+    // ---- finishing passes
+    FinishRowsArgs fq{};
+    fq.b = pr.b;
+    fq.heads = pr.h;
+    fq.rows = pr.nq;
+    fq.d = int32_t(pr.d);
+    fq.groups = pr.groups;
+    fq.l2norm = pr.l2norm;
+    fq.x = p.q_raw;
+    fq.dx_hat = p.dq_acc;
+    fq.out = out_rows_of(pr.dq);
+    finish_rows_kernel<T><<<pass_blocks(pr.b * pr.h * pr.nq, kPassThreads / 32), kPassThreads, 0, stream>>>(fq);
+    if (fcsa_status s = check_launch(cudaGetLastError(), "dq finishing kernel")) return s;
+    if (p.dk_acc != nullptr) {
+        FinishRowsArgs fk = fq;
+        fk.heads = pr.hk;
+        fk.rows = pr.nk;
+        fk.x = p.k_raw;
+        fk.dx_hat = p.dk_acc;
+        fk.out = out_rows_of(pr.dk);
+        finish_rows_kernel<T><<<pass_blocks(pr.b * pr.hk * pr.nk, kPassThreads / 32), kPassThreads, 0, stream>>>(fk);
+        if (fcsa_status s = check_launch(cudaGetLastError(), "dk finishing kernel")) return s;
+    }
+    if (p.dbias_acc != nullptr) {
+        const Strided4 db = strided4(pr.dbias);
+        const int64_t total = db.shape[0] * db.shape[1] * db.shape[2] * db.shape[3];
+        dbias_convert_kernel<T><<<pass_blocks(total, kPassThreads * 4), kPassThreads, 0, stream>>>(p.dbias_acc, db,
+                                                                                                  p.dbias_f32);
+        if (fcsa_status s = check_launch(cudaGetLastError(), "dbias finishing kernel")) return s;
+    }
+    if (p.dscale_partial != nullptr) {
+        const bool per_head = pr.dscale.shape[1] == pr.h;
+        dscale_reduce_kernel<<<unsigned(per_head ? pr.h : 1), kPassThreads, 0, stream>>>(
+            p.dscale_partial, pr.b, pr.h, plan.main_key_tiles, per_head, static_cast<float *>(pr.dscale.data),
+            pr.dscale.stride[1]);
+        if (fcsa_status s = check_launch(cudaGetLastError(), "dscale reduction")) return s;
+    }
+    return FCSA_STATUS_SUCCESS;
+}
+
+} // namespace
+} // namespace sm80_bwd
+
+size_t sm80_backward_workspace(const Problem &p) {
+    if (p.b == 0 || p.h == 0 || p.nq == 0 || p.nk == 0) return 0;
+    return sm80_bwd::plan_workspace(p).total;
+}
+
+fcsa_status sm80_backward(const Problem &p, void *workspace, void *stream_ptr) {
+    using namespace sm80_bwd;
+    cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+    if (p.dtype != FCSA_DTYPE_FLOAT32 && p.dtype != FCSA_DTYPE_FLOAT16 && p.dtype != FCSA_DTYPE_BFLOAT16)
+        return set_error(FCSA_STATUS_NOT_SUPPORTED, "sm80 backward: unsupported dtype %d", int(p.dtype));
+    if (head_dim_bucket(p.dtype, p.d) == 0)
+        return set_error(FCSA_STATUS_NOT_SUPPORTED,
+                         "sm80 backward: head dim %lld is not a multiple of 8 in [8, %d]", (long long)p.d,
+                         kMaxHeadDim);
+
+    // Nothing to attend to (or nobody attending): every gradient is zero.
+    if (p.b == 0 || p.h == 0 || p.nq == 0 || p.nk == 0) {
+        for (const View *v : {&p.dq, &p.dk, &p.dv, &p.dbias, &p.dscale})
+            if (fcsa_status s = zero_fill(*v, stream)) return s;
+        return FCSA_STATUS_SUCCESS;
+    }
+
+    const Plan plan = plan_workspace(p);
+    int device = 0, smem_limit = 0;
+    if (cudaError_t e = cudaGetDevice(&device)) return check_launch(e, "cudaGetDevice");
+    if (cudaError_t e = cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device))
+        return check_launch(e, "cudaDeviceGetAttribute");
+    const int smem_needed = plan.shape.main_smem > plan.shape.dq_smem ? plan.shape.main_smem : plan.shape.dq_smem;
+    if (smem_needed > smem_limit)
+        return set_error(FCSA_STATUS_NOT_SUPPORTED,
+                         "sm80 backward: head dim %lld needs %d bytes of shared memory per block, this GPU "
+                         "allows %d",
+                         (long long)p.d, smem_needed, smem_limit);
+
+    char *ws = static_cast<char *>(workspace);
+    switch (p.dtype) {
+    case FCSA_DTYPE_FLOAT16: return backward<__half>(p, plan, ws, stream);
+    case FCSA_DTYPE_BFLOAT16: return backward<__nv_bfloat16>(p, plan, ws, stream);
+    default: return backward<float>(p, plan, ws, stream);
+    }
+}
+
+} // namespace fcsa

@@ -1,0 +1,13 @@
+// backward_d32.cu: the backward tile kernels for head dims in the 32 bucket (one file per
+// bucket so that builds compile them in parallel). See backward_kernels.cuh.
+#include "backward_kernels.cuh"
+
+namespace fcsa {
+namespace sm80_bwd {
+
+FCSA_BWD_INSTANTIATE(__half, 32)
+FCSA_BWD_INSTANTIATE(__nv_bfloat16, 32)
+FCSA_BWD_INSTANTIATE(float, 32)
+
+} // namespace sm80_bwd
+} // namespace fcsa

@@ -1,0 +1,12 @@
+// backward_d96.cu: the backward tile kernels for head dims in the 96 bucket (one file per
+// bucket so that builds compile them in parallel). See backward_kernels.cuh.
+#include "backward_kernels.cuh"
+
+namespace fcsa {
+namespace sm80_bwd {
+
+FCSA_BWD_INSTANTIATE(__half, 96)
+FCSA_BWD_INSTANTIATE(__nv_bfloat16, 96)
+
+} // namespace sm80_bwd
+} // namespace fcsa

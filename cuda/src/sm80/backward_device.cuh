@@ -1,0 +1,119 @@
+// backward_device.cuh: small device functions shared by the backward's kernels and its
+// pre/post-passes: warp sums, dtype-agnostic element access, and the per-row l2norm
+// (forward in the prepass, backward in the dq/dk epilogues).
+#pragma once
+
+#include <cstdint>
+
+#include "../common/numeric.cuh"
+
+namespace fcsa {
+namespace sm80_bwd {
+
+constexpr float kNormEpsilon = 1e-12f;
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
+    return x;
+}
+
+// Element `index` of an array of T, or of float when is_f32 (bias, dbias).
+template <typename T> __device__ __forceinline__ float load_as_float(const void *base, int64_t index, bool is_f32) {
+    return is_f32 ? static_cast<const float *>(base)[index]
+                  : common::to_float(static_cast<const T *>(base)[index]);
+}
+template <typename T> __device__ __forceinline__ void store_from_float(void *base, int64_t index, float v, bool is_f32) {
+    if (is_f32)
+        static_cast<float *>(base)[index] = v;
+    else
+        static_cast<T *>(base)[index] = common::from_float<T>(v);
+}
+
+// One row of d <= kMaxD elements, spread over a warp: lane holds columns lane + 32 m.
+template <int kMaxD> struct WarpRow {
+    static constexpr int kPerLane = (kMaxD + 31) / 32;
+};
+
+// The inverse norm of each element's group, 1 / max(||x_group||, eps), for a row held
+// as in WarpRow. Every lane of the warp must call it.
+template <int kMaxD>
+__device__ __forceinline__ void group_inverse_norms(const float (&x)[WarpRow<kMaxD>::kPerLane], int d, int groups,
+                                                    int lane, float (&inv)[WarpRow<kMaxD>::kPerLane],
+                                                    bool (&clamped)[WarpRow<kMaxD>::kPerLane]) {
+    constexpr int kPer = WarpRow<kMaxD>::kPerLane;
+    const int group_size = d / groups;
+    for (int group = 0; group < groups; ++group) {
+        float sum_sq = 0.f;
+#pragma unroll
+        for (int m = 0; m < kPer; ++m) {
+            const int c = lane + 32 * m;
+            if (c < d && c / group_size == group) sum_sq = fmaf(x[m], x[m], sum_sq);
+        }
+        const float norm = sqrtf(warp_sum(sum_sq));
+#pragma unroll
+        for (int m = 0; m < kPer; ++m) {
+            const int c = lane + 32 * m;
+            if (c < d && c / group_size == group) {
+                inv[m] = 1.f / fmaxf(norm, kNormEpsilon);
+                clamped[m] = !(norm >= kNormEpsilon);
+            }
+        }
+    }
+}
+
+// The l2norm backward of one row: dx = (dx^ - x^ <x^, dx^>) / max(||x||, eps) per group
+// (dx^ / eps where the norm was clamped: x^ = x / eps passes no gradient through the
+// norm). x is the caller's raw row (T), dx_hat float (global or shared), out T.
+// Without l2norm, out = dx^. Every lane of the warp must call it.
+template <typename T, int kMaxD>
+__device__ __forceinline__ void l2norm_backward_row(const T *x_row, const float *dx_hat, T *out, int d,
+                                                    int groups, bool l2norm, int lane) {
+    constexpr int kPer = WarpRow<kMaxD>::kPerLane;
+    float x[kPer], dy[kPer];
+#pragma unroll
+    for (int m = 0; m < kPer; ++m) {
+        const int c = lane + 32 * m;
+        x[m] = c < d ? common::to_float(x_row[c]) : 0.f;
+        dy[m] = c < d ? dx_hat[c] : 0.f;
+    }
+    if (l2norm) {
+        float inv[kPer], xhat_dot[kPer];
+        bool clamped[kPer];
+        group_inverse_norms<kMaxD>(x, d, groups, lane, inv, clamped);
+        // <x^, dx^> per group = inv * <x, dx^>.
+        const int group_size = d / groups;
+        for (int group = 0; group < groups; ++group) {
+            float dot = 0.f;
+#pragma unroll
+            for (int m = 0; m < kPer; ++m) {
+                const int c = lane + 32 * m;
+                if (c < d && c / group_size == group) dot = fmaf(x[m] * inv[m], dy[m], dot);
+            }
+            dot = warp_sum(dot);
+#pragma unroll
+            for (int m = 0; m < kPer; ++m) {
+                const int c = lane + 32 * m;
+                if (c < d && c / group_size == group) xhat_dot[m] = dot;
+            }
+        }
+#pragma unroll
+        for (int m = 0; m < kPer; ++m) {
+            const int c = lane + 32 * m;
+            if (c < d) {
+                const float xhat = x[m] * inv[m];
+                const float g = clamped[m] ? dy[m] * inv[m] : (dy[m] - xhat * xhat_dot[m]) * inv[m];
+                out[c] = common::from_float<T>(g);
+            }
+        }
+    } else {
+#pragma unroll
+        for (int m = 0; m < kPer; ++m) {
+            const int c = lane + 32 * m;
+            if (c < d) out[c] = common::from_float<T>(dy[m]);
+        }
+    }
+}
+
+} // namespace sm80_bwd
+} // namespace fcsa

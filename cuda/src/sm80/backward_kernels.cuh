@@ -1,0 +1,801 @@
+// backward_kernels.cuh: the two tile kernels of the sm80 backward, templated on the
+// element type and a head-dim bucket; backward_d*.cu instantiate them, backward.cu runs
+// them (see backward_params.cuh for the order of launches).
+//
+// main_kernel: one CTA per (key tile, kv head, batch) [, column half of the head dim].
+//   Each warp owns 16 * KT keys and keeps their dK^, dV rows in float registers for
+//   the whole CTA. For every query head sharing the kv head and every query tile
+//   (double-buffered with cp.async) it computes, in the transposed orientation,
+//       S^T = K^ Q^T,  P^T = exp2(scale log2e S^T + bias - lse2),  dP^T = V dO^T,
+//       dS^T = P^T (dP^T - delta),  dV += P^T dO,  dK^ += scale dS^T Q^,
+//   so that P^T and dS^T are accumulators in registers and serve directly as the A
+//   operands of the next products. dQ^ += scale dS K^ goes through shared memory and
+//   float atomics (skipped when deterministic: dq_kernel owns dQ^ then).
+// dq_kernel: one CTA per (query tile, head, batch); each warp owns 16 query rows,
+//   streams the key tiles and keeps dQ^ in registers: no atomics, a fixed order.
+//
+// Both are checked by cuda/tests/check_backward.cu against a float64 reference.
+#pragma once
+
+#include <cstdint>
+#include <cuda_runtime.h>
+
+#include "../common/copy.cuh"
+#include "../common/mma.cuh"
+#include "../common/numeric.cuh"
+#include "backward_device.cuh"
+#include "backward_gemm.cuh"
+#include "backward_params.cuh"
+
+namespace fcsa {
+namespace sm80_bwd {
+
+// ---------------------------------------------------------------- tile shapes
+
+template <typename T, int kHeadDim, int kWarps, int kKeyBlocksPerWarp, int kQueryRows, int kSplits>
+struct MainShape {
+    static constexpr int D = kHeadDim;
+    static constexpr int kThreads = kWarps * 32;
+    static constexpr int KT = kKeyBlocksPerWarp;         // 16-key blocks per warp
+    static constexpr int kKeys = kWarps * KT * 16;        // keys per CTA
+    static constexpr int BR = kQueryRows;                 // query rows per tile
+    static constexpr int kSplitCount = kSplits;
+    static constexpr int DC = kHeadDim / kSplits;         // dK / dV / dQ columns per CTA
+    using KTile = common::PaddedTile<T, kKeys, D>;
+    using QTile = common::PaddedTile<T, BR, D>;
+    using STile = common::PaddedTile<T, kKeys, BR>;       // scale * dS^T, [key][query]
+    // dQ^ = dS K^ splits the BR x DC block over the warps.
+    static constexpr int kRowBlocks = BR / 16;
+    static constexpr int kColBlocks = kWarps / kRowBlocks;
+    static constexpr int kColsPerWarp = DC / kColBlocks;
+    static constexpr int kDqBlocks = kColsPerWarp / 8;
+    // Shared memory, in bytes.
+    static constexpr int kOffK = 0;
+    static constexpr int kOffV = kOffK + KTile::kBytes;
+    static constexpr int kOffQ = kOffV + KTile::kBytes;   // 2 stages
+    static constexpr int kOffDo = kOffQ + 2 * QTile::kBytes;
+    static constexpr int kOffS = kOffDo + 2 * QTile::kBytes;
+    static constexpr int kOffLse = kOffS + STile::kBytes; // [2][BR] float
+    static constexpr int kOffDelta = kOffLse + 2 * BR * 4;
+    static constexpr int kOffReduce = kOffDelta + 2 * BR * 4;
+    static constexpr int kSmemBytes = kOffReduce + kWarps * 4;
+    // The epilogue stages dK^ rows (float) over the K, V, Q and dO tiles.
+    static constexpr int kStageStride = DC + 4;
+
+    static_assert(kWarps % kRowBlocks == 0 && DC % kColBlocks == 0, "dQ partition");
+    static_assert(kColsPerWarp % 16 == 0 || !common::ElementTraits<T>::kIs16Bit, "dQ partition");
+    static_assert(kColsPerWarp % 8 == 0 && DC % 16 == 0 && BR % 16 == 0, "tile shapes");
+    static_assert(kKeys * kStageStride * 4 <= kOffS, "dK staging fits");
+};
+
+template <typename T, int kHeadDim, int kWarps, int kKeys> struct DqShape {
+    static constexpr int D = kHeadDim;
+    static constexpr int kThreads = kWarps * 32;
+    static constexpr int BR = kWarps * 16; // query rows per CTA
+    static constexpr int BC = kKeys;       // keys per tile
+    using QTile = common::PaddedTile<T, BR, D>;
+    using KTile = common::PaddedTile<T, BC, D>;
+    static constexpr int kOffQ = 0;
+    static constexpr int kOffDo = kOffQ + QTile::kBytes;
+    static constexpr int kOffK = kOffDo + QTile::kBytes; // 2 stages
+    static constexpr int kOffV = kOffK + 2 * KTile::kBytes;
+    static constexpr int kOffLse = kOffV + 2 * KTile::kBytes;
+    static constexpr int kOffDelta = kOffLse + BR * 4;
+    static constexpr int kOffKeyOk = kOffDelta + BR * 4; // [2][BC] bytes
+    static constexpr int kOffReduce = kOffKeyOk + 2 * BC;
+    static constexpr int kSmemBytes = kOffReduce + kWarps * 4;
+    static_assert(BC % 16 == 0, "tile shapes");
+};
+
+// Per (dtype, head-dim bucket): the shapes used. Shared memory stays under the 163 KB
+// an sm_80 block may use; registers hold dK^ and dV of 16 * KT keys x DC columns.
+template <typename T, int D, bool kIs16 = common::ElementTraits<T>::kIs16Bit> struct Shapes;
+
+template <typename T, int D> struct Shapes<T, D, true> {
+    static_assert(D == 32 || D == 64 || D == 96 || D == 128 || D == 256, "16-bit head-dim buckets");
+    using Main = MainShape<T, D, (D == 32 || D == 256) ? 4 : 8, D == 32 ? 2 : 1, D == 256 ? 32 : 64,
+                           D == 256 ? 2 : 1>;
+    using Dq = DqShape<T, D, 4, D == 256 ? 32 : 64>;
+};
+
+template <typename T, int D> struct Shapes<T, D, false> {
+    static_assert(D == 32 || D == 64 || D == 128 || D == 256, "float32 head-dim buckets");
+    using Main = MainShape<T, D, D == 256 ? 2 : 4, 1, D == 256 ? 16 : 32, D == 256 ? 2 : 1>;
+    using Dq = DqShape<T, D, D == 256 ? 2 : 4, D == 256 ? 16 : 32>;
+};
+
+// ---------------------------------------------------------------- score helpers
+
+__device__ __forceinline__ bool key_unmasked(const Params &p, int64_t batch, int64_t key) {
+    return key < p.nk && (p.mask == nullptr || p.mask[batch * p.mask_stride_b + key * p.mask_stride_key] != 0);
+}
+
+__device__ __forceinline__ float head_scale(const Params &p, int64_t head) {
+    return p.scale_t != nullptr ? p.scale_t[head * p.scale_stride] : p.scale;
+}
+
+// bias[b, h, i, j] * log2(e), 0 without a bias.
+template <typename T>
+__device__ __forceinline__ float bias_log2(const Params &p, int64_t bh_offset, int64_t i, int64_t j) {
+    if (p.bias == nullptr) return 0.f;
+    const int64_t index = bh_offset + i * p.bias_stride[2] + j * p.bias_stride[3];
+    return load_as_float<T>(p.bias, index, p.bias_f32) * common::kLog2e;
+}
+
+// P = exp(s - lse) for a visible score (0 otherwise) and dS = P (dP - delta).
+__device__ __forceinline__ void probability_and_grad(float &score_to_p, float &dp_to_ds, bool visible,
+                                                     float scale_log2, float bias2, float lse2,
+                                                     float delta) {
+    const float prob = visible ? common::exp2_approx(fmaf(score_to_p, scale_log2, bias2 - lse2)) : 0.f;
+    dp_to_ds = prob * (dp_to_ds - delta);
+    score_to_p = prob;
+}
+
+__device__ __forceinline__ void dbias_add(const Params &p, int64_t index, float v) {
+    if (p.dbias_mode == kDbiasAtomic)
+        atomicAdd(p.dbias_acc + index, v);
+    else
+        p.dbias_acc[index] += v; // owned by this thread in a fixed order
+}
+
+// Two adjacent float32 dQ^ entries (index even).
+__device__ __forceinline__ void atomic_add2(float *address, float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    atomicAdd(reinterpret_cast<float2 *>(address), make_float2(a, b));
+#else
+    atomicAdd(address, a);
+    atomicAdd(address + 1, b);
+#endif
+}
+
+// dS of a main-kernel tile (accumulator rows = keys, columns = queries) into dbias:
+// stored as is (full-shape bias) or summed over the broadcast dimensions first.
+template <typename T, class S>
+__device__ __forceinline__ void main_tile_dbias(const Params &p, const FragC (&ds)[S::KT][S::BR / 8],
+                                                int64_t batch, int64_t head, int64_t i0, int64_t key0,
+                                                int lane) {
+    const int g = lane >> 2, t = lane & 3;
+    if (p.dbias_mode == kDbiasDirect) {
+        const int64_t base = batch * p.dbias_stride[0] + head * p.dbias_stride[1];
+#pragma unroll
+        for (int kt = 0; kt < S::KT; ++kt)
+#pragma unroll
+            for (int n = 0; n < S::BR / 8; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int64_t j = key0 + 16 * kt + g + 8 * (e >> 1), i = i0 + 8 * n + 2 * t + (e & 1);
+                    if (i < p.nq && j < p.nk)
+                        store_from_float<T>(p.dbias, base + i * p.dbias_stride[2] + j * p.dbias_stride[3],
+                                            ds[kt][n].x[e], p.dbias_f32);
+                }
+        return;
+    }
+    const int64_t *st = p.dbias_acc_stride;
+    const int64_t base = batch * st[0] + head * st[1];
+    const bool sum_rows = p.dbias_sum_rows, sum_keys = p.dbias_sum_keys;
+    if (!sum_rows && !sum_keys) {
+#pragma unroll
+        for (int kt = 0; kt < S::KT; ++kt)
+#pragma unroll
+            for (int n = 0; n < S::BR / 8; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int64_t j = key0 + 16 * kt + g + 8 * (e >> 1), i = i0 + 8 * n + 2 * t + (e & 1);
+                    if (i < p.nq && j < p.nk) dbias_add(p, base + i * st[2] + j * st[3], ds[kt][n].x[e]);
+                }
+    } else if (sum_rows && !sum_keys) {
+        // Each key row: the thread's columns, then the 4 lanes of the row.
+#pragma unroll
+        for (int kt = 0; kt < S::KT; ++kt)
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                float sum = 0.f;
+#pragma unroll
+                for (int n = 0; n < S::BR / 8; ++n) sum += ds[kt][n].x[2 * half] + ds[kt][n].x[2 * half + 1];
+                sum = common::quad_sum(sum);
+                const int64_t j = key0 + 16 * kt + g + 8 * half;
+                if (t == 0 && j < p.nk) dbias_add(p, base + j * st[3], sum);
+            }
+    } else if (!sum_rows && sum_keys) {
+        // Only with atomics (a broadcast key dim is owned by the dq kernel otherwise).
+#pragma unroll
+        for (int n = 0; n < S::BR / 8; ++n)
+#pragma unroll
+            for (int col = 0; col < 2; ++col) {
+                float sum = 0.f;
+#pragma unroll
+                for (int kt = 0; kt < S::KT; ++kt) sum += ds[kt][n].x[col] + ds[kt][n].x[2 + col];
+#pragma unroll
+                for (int offset = 4; offset < 32; offset *= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+                const int64_t i = i0 + 8 * n + 2 * t + col;
+                if (g == 0 && i < p.nq) dbias_add(p, base + i * st[2], sum);
+            }
+    } else {
+        float sum = 0.f;
+#pragma unroll
+        for (int kt = 0; kt < S::KT; ++kt)
+#pragma unroll
+            for (int n = 0; n < S::BR / 8; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) sum += ds[kt][n].x[e];
+        sum = warp_sum(sum);
+        if (lane == 0) dbias_add(p, base, sum);
+    }
+}
+
+// Writes zeros to dbias rows [row_begin, row_end) x keys [key0, key0 + keys) of one
+// head (full-shape bias: tiles the kernel skips still get their gradient, 0).
+template <typename T>
+__device__ __forceinline__ void zero_dbias_block(const Params &p, int64_t batch, int64_t head, int64_t row_begin,
+                                                 int64_t row_end, int64_t key0, int keys, int tid, int threads) {
+    const int64_t base = batch * p.dbias_stride[0] + head * p.dbias_stride[1];
+    const int64_t count = (row_end - row_begin) * keys;
+    for (int64_t e = tid; e < count; e += threads) {
+        const int64_t i = row_begin + e / keys, j = key0 + e % keys;
+        store_from_float<T>(p.dbias, base + i * p.dbias_stride[2] + j * p.dbias_stride[3], 0.f, p.dbias_f32);
+    }
+}
+
+// A block-wide sum in a fixed order (warp trees, then warp 0's partials in order).
+template <int kWarps>
+__device__ __forceinline__ float block_sum(float v, float *reduce, int tid) {
+    v = warp_sum(v);
+    if ((tid & 31) == 0) reduce[tid >> 5] = v;
+    __syncthreads();
+    float total = 0.f;
+    if (tid == 0)
+        for (int w = 0; w < kWarps; ++w) total += reduce[w];
+    __syncthreads();
+    return total; // valid in thread 0
+}
+
+// ---------------------------------------------------------------- main kernel
+
+template <typename T, class S> struct MainKernel {
+    using G = WarpGemm<T>;
+    static constexpr int KT = S::KT, BR = S::BR, DC = S::DC, NQ8 = S::BR / 8, NC8 = S::DC / 8;
+
+    struct Smem {
+        T *k, *v, *q, *dout, *ds;
+        float *lse2, *delta, *reduce;
+    };
+
+    __device__ __forceinline__ static Smem carve(unsigned char *base) {
+        Smem s;
+        s.k = reinterpret_cast<T *>(base + S::kOffK);
+        s.v = reinterpret_cast<T *>(base + S::kOffV);
+        s.q = reinterpret_cast<T *>(base + S::kOffQ);
+        s.dout = reinterpret_cast<T *>(base + S::kOffDo);
+        s.ds = reinterpret_cast<T *>(base + S::kOffS);
+        s.lse2 = reinterpret_cast<float *>(base + S::kOffLse);
+        s.delta = reinterpret_cast<float *>(base + S::kOffDelta);
+        s.reduce = reinterpret_cast<float *>(base + S::kOffReduce);
+        return s;
+    }
+
+    // Starts the copies of query tile `qt` of (batch, head) into `stage`.
+    __device__ __forceinline__ static void issue_query_tile(const Params &p, const Smem &s, int64_t batch, int64_t head,
+                                            int64_t qt, int stage, int tid) {
+        const int64_t i0 = qt * BR;
+        const int rows = static_cast<int>(p.nq - i0 < BR ? p.nq - i0 : BR);
+        common::load_tile<T, BR, S::D, S::kThreads>(s.q + stage * S::QTile::kElements,
+                                                     p.q.row<T>(batch, head, i0), p.q.stride_row, rows, p.d,
+                                                     p.q.aligned16, tid);
+        common::load_tile<T, BR, S::D, S::kThreads>(s.dout + stage * S::QTile::kElements,
+                                                     p.dout.row<T>(batch, head, i0), p.dout.stride_row, rows,
+                                                     p.d, p.dout.aligned16, tid);
+        const int64_t row_base = (batch * p.h + head) * p.nq + i0;
+        for (int r = tid; r < BR; r += S::kThreads) {
+            const bool real = r < rows;
+            s.lse2[stage * BR + r] = real ? p.lse_log2[row_base + r] : __int_as_float(0x7f800000);
+            s.delta[stage * BR + r] = real ? p.delta[row_base + r] : 0.f;
+        }
+    }
+
+    __device__ __forceinline__ static void run(const Params &p, unsigned char *smem_base) {
+        const Smem s = carve(smem_base);
+        const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+        const int64_t key_tiles = (p.nk + S::kKeys - 1) / S::kKeys;
+        const int64_t key_tile = blockIdx.x % key_tiles;
+        const int split = static_cast<int>(blockIdx.x / key_tiles);
+        const int64_t batch_groups = (p.b + p.main_batches_per_cta - 1) / p.main_batches_per_cta;
+        const int64_t head_groups = p.hk / p.main_kv_heads_per_cta;
+        for (int64_t item = blockIdx.y; item < batch_groups * head_groups; item += gridDim.y) {
+            const int64_t b_begin = (item % batch_groups) * p.main_batches_per_cta;
+            const int64_t g_begin = (item / batch_groups) * p.main_kv_heads_per_cta;
+            const int64_t b_end = b_begin + p.main_batches_per_cta < p.b ? b_begin + p.main_batches_per_cta : p.b;
+            for (int64_t batch = b_begin; batch < b_end; ++batch)
+                for (int64_t kv = g_begin; kv < g_begin + p.main_kv_heads_per_cta; ++kv)
+                    key_tile_item(p, s, batch, kv, key_tile, key_tiles, split, tid, lane, warp);
+        }
+    }
+
+    __device__ __forceinline__ static void key_tile_item(const Params &p, const Smem &s, int64_t batch, int64_t kv,
+                                         int64_t key_tile, int64_t key_tiles, int split, int tid, int lane,
+                                         int warp) {
+        const int g = lane >> 2, t = lane & 3;
+        const int64_t j0 = key_tile * S::kKeys;
+        const int keys = static_cast<int>(p.nk - j0 < S::kKeys ? p.nk - j0 : S::kKeys);
+        const int col0 = split * DC;
+        const bool lead = split == 0; // the column split that writes dbias and dscale
+        const int warp_key0 = warp * KT * 16;
+        const int64_t query_tiles = (p.nq + BR - 1) / BR;
+        const int64_t head0 = kv * p.heads_per_kv;
+
+        __syncthreads(); // the previous item's epilogue is done with shared memory
+
+        bool key_ok[KT][2];
+        bool any_key = false;
+#pragma unroll
+        for (int kt = 0; kt < KT; ++kt)
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                key_ok[kt][half] = key_unmasked(p, batch, j0 + warp_key0 + 16 * kt + g + 8 * half);
+                any_key |= key_ok[kt][half];
+            }
+        if (!__syncthreads_or(any_key)) {
+            // Every key of the tile is hidden: no gradient flows through them.
+            write_zero_grads(p, batch, kv, j0, keys, col0, tid);
+            for (int64_t head = head0; head < head0 + p.heads_per_kv; ++head) {
+                if (lead && p.dscale_partial != nullptr && tid == 0)
+                    p.dscale_partial[(batch * p.h + head) * key_tiles + key_tile] = 0.f;
+                if (lead && p.dbias_mode == kDbiasDirect)
+                    zero_dbias_block<T>(p, batch, head, 0, p.nq, j0, keys, tid, S::kThreads);
+            }
+            return;
+        }
+
+        common::load_tile<T, S::kKeys, S::D, S::kThreads>(s.k, p.k.row<T>(batch, kv, j0), p.k.stride_row, keys,
+                                                           p.d, p.k.aligned16, tid);
+        common::load_tile<T, S::kKeys, S::D, S::kThreads>(s.v, p.v.row<T>(batch, kv, j0), p.v.stride_row, keys,
+                                                           p.d, p.v.aligned16, tid);
+
+        FragC dk[KT][NC8], dv[KT][NC8];
+#pragma unroll
+        for (int kt = 0; kt < KT; ++kt)
+#pragma unroll
+            for (int n = 0; n < NC8; ++n) {
+                common::clear(dk[kt][n]);
+                common::clear(dv[kt][n]);
+            }
+
+        for (int64_t head = head0; head < head0 + p.heads_per_kv; ++head) {
+            const float scale = head_scale(p, head);
+            const float scale_log2 = scale * common::kLog2e;
+            // Causal: rows below j0 - offset see none of these keys.
+            int64_t first_row = p.causal ? j0 - p.causal_offset : 0;
+            if (first_row < 0) first_row = 0;
+            const int64_t qt_begin = first_row < p.nq ? first_row / BR : query_tiles;
+            if (lead && p.dbias_mode == kDbiasDirect) {
+                const int64_t skipped = qt_begin * BR < p.nq ? qt_begin * BR : p.nq;
+                zero_dbias_block<T>(p, batch, head, 0, skipped, j0, keys, tid, S::kThreads);
+            }
+            const int64_t bias_bh = batch * p.bias_stride[0] + head * p.bias_stride[1];
+            float dscale_sum = 0.f;
+
+            __syncthreads(); // the previous head's last tile is no longer read
+            if (qt_begin < query_tiles) issue_query_tile(p, s, batch, head, qt_begin, 0, tid);
+            common::cp_async_commit();
+
+            for (int64_t qt = qt_begin; qt < query_tiles; ++qt) {
+                const int stage = static_cast<int>((qt - qt_begin) & 1);
+                common::cp_async_wait<0>();
+                __syncthreads();
+                if (qt + 1 < query_tiles) issue_query_tile(p, s, batch, head, qt + 1, stage ^ 1, tid);
+                common::cp_async_commit();
+
+                const T *q_s = s.q + stage * S::QTile::kElements;
+                const T *do_s = s.dout + stage * S::QTile::kElements;
+                const float *lse2_s = s.lse2 + stage * BR;
+                const float *delta_s = s.delta + stage * BR;
+                const int64_t i0 = qt * BR;
+
+                // S^T = K^ Q^T and dP^T = V dO^T for this warp's keys.
+                FragC sc[KT][NQ8], dp[KT][NQ8];
+#pragma unroll
+                for (int kt = 0; kt < KT; ++kt)
+#pragma unroll
+                    for (int n = 0; n < NQ8; ++n) {
+                        common::clear(sc[kt][n]);
+                        common::clear(dp[kt][n]);
+                    }
+                G::template rows_nk<KT, NQ8, S::D>(sc, s.k, S::KTile::kStride, warp_key0, q_s, S::QTile::kStride,
+                                                   0, lane);
+                G::template rows_nk<KT, NQ8, S::D>(dp, s.v, S::KTile::kStride, warp_key0, do_s,
+                                                   S::QTile::kStride, 0, lane);
+
+                // P^T and dS^T, element by element (accumulator rows = keys).
+#pragma unroll
+                for (int kt = 0; kt < KT; ++kt)
+#pragma unroll
+                    for (int n = 0; n < NQ8; ++n)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) {
+                            const int r = 8 * n + 2 * t + (e & 1);
+                            const int64_t i = i0 + r, j = j0 + warp_key0 + 16 * kt + g + 8 * (e >> 1);
+                            const bool visible = key_ok[kt][e >> 1] && i < p.nq &&
+                                                 (!p.causal || j <= i + p.causal_offset);
+                            const float cosine = sc[kt][n].x[e];
+                            const float bias2 = visible ? bias_log2<T>(p, bias_bh, i, j) : 0.f;
+                            probability_and_grad(sc[kt][n].x[e], dp[kt][n].x[e], visible, scale_log2, bias2,
+                                                 lse2_s[r], delta_s[r]);
+                            dscale_sum = fmaf(dp[kt][n].x[e], cosine, dscale_sum);
+                        }
+                if (lead && p.dbias_mode != kDbiasNone && p.dbias_mode != kDbiasOwnedQueries)
+                    main_tile_dbias<T, S>(p, dp, batch, head, i0, j0 + warp_key0, lane);
+
+                // dV += P^T dO and dK^ += scale dS^T Q^, A operands straight from registers.
+                typename G::Operand op[KT][BR / 16];
+#pragma unroll
+                for (int kt = 0; kt < KT; ++kt)
+#pragma unroll
+                    for (int kq = 0; kq < BR / 16; ++kq)
+                        G::to_operand(op[kt][kq], sc[kt][2 * kq], sc[kt][2 * kq + 1], 1.f);
+                G::template acc_kn<KT, BR / 16, NC8>(dv, op, do_s, S::QTile::kStride, col0, lane);
+#pragma unroll
+                for (int kt = 0; kt < KT; ++kt)
+#pragma unroll
+                    for (int kq = 0; kq < BR / 16; ++kq)
+                        G::to_operand(op[kt][kq], dp[kt][2 * kq], dp[kt][2 * kq + 1], scale);
+                G::template acc_kn<KT, BR / 16, NC8>(dk, op, q_s, S::QTile::kStride, col0, lane);
+
+                if (!p.deterministic) {
+                    // dQ^ += scale dS K^: dS^T to shared memory, then each warp one block.
+                    store_scaled_scores(s.ds, dp, warp_key0, scale, lane);
+                    __syncthreads();
+                    const int wr = warp % S::kRowBlocks, wc = warp / S::kRowBlocks;
+                    const int dq_col0 = col0 + wc * S::kColsPerWarp;
+                    FragC dq[S::kDqBlocks];
+#pragma unroll
+                    for (int n = 0; n < S::kDqBlocks; ++n) common::clear(dq[n]);
+                    G::template tileT_kn<S::kDqBlocks, S::kKeys>(dq, s.ds, S::STile::kStride, 16 * wr, s.k,
+                                                                 S::KTile::kStride, dq_col0, lane);
+                    float *dq_rows = p.dq_acc + ((batch * p.h + head) * p.nq + i0 + 16 * wr) * p.d;
+#pragma unroll
+                    for (int n = 0; n < S::kDqBlocks; ++n) {
+                        const int c = dq_col0 + 8 * n + 2 * t;
+#pragma unroll
+                        for (int half = 0; half < 2; ++half) {
+                            const int r = g + 8 * half;
+                            if (i0 + 16 * wr + r < p.nq && c < p.d)
+                                atomic_add2(dq_rows + int64_t(r) * p.d + c, dq[n].x[2 * half],
+                                            dq[n].x[2 * half + 1]);
+                        }
+                    }
+                }
+            }
+
+            if (lead && p.dscale_partial != nullptr) {
+                const float total = block_sum<S::kThreads / 32>(dscale_sum, s.reduce, tid);
+                if (tid == 0) p.dscale_partial[(batch * p.h + head) * key_tiles + key_tile] = total;
+            }
+        }
+        common::cp_async_wait<0>();
+        epilogue(p, s, dk, dv, batch, kv, j0, keys, col0, tid, lane, warp);
+    }
+
+    // scale * dS^T -> the [key][query] tile in T (or float for the float32 path).
+    __device__ __forceinline__ static void store_scaled_scores(T *tile, const FragC (&ds)[KT][NQ8], int warp_key0, float scale,
+                                               int lane) {
+        const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+        for (int kt = 0; kt < KT; ++kt)
+#pragma unroll
+            for (int n = 0; n < NQ8; ++n)
+#pragma unroll
+                for (int half = 0; half < 2; ++half) {
+                    T *dst = tile + (warp_key0 + 16 * kt + g + 8 * half) * S::STile::kStride + 8 * n + 2 * t;
+                    const float a = ds[kt][n].x[2 * half] * scale, b = ds[kt][n].x[2 * half + 1] * scale;
+                    if constexpr (common::ElementTraits<T>::kIs16Bit)
+                        *reinterpret_cast<uint32_t *>(dst) = common::pack_float2<T>(a, b);
+                    else
+                        *reinterpret_cast<float2 *>(dst) = make_float2(a, b);
+                }
+    }
+
+    __device__ __forceinline__ static void write_zero_grads(const Params &p, int64_t batch, int64_t kv, int64_t j0, int keys,
+                                            int col0, int tid) {
+        const int cols = p.d - col0 < DC ? p.d - col0 : DC;
+        if (cols <= 0) return;
+        for (int e = tid; e < keys * cols; e += S::kThreads) {
+            const int r = e / cols, c = col0 + e % cols;
+            p.dv.row<T>(batch, kv, j0 + r)[c] = common::from_float<T>(0.f);
+            if (p.dk_acc != nullptr)
+                p.dk_acc[((batch * p.hk + kv) * p.nk + j0 + r) * p.d + c] = 0.f;
+            else
+                p.dk.row<T>(batch, kv, j0 + r)[c] = common::from_float<T>(0.f);
+        }
+    }
+
+    __device__ __forceinline__ static void epilogue(const Params &p, const Smem &s, const FragC (&dk)[KT][NC8],
+                                    const FragC (&dv)[KT][NC8], int64_t batch, int64_t kv, int64_t j0, int keys,
+                                    int col0, int tid, int lane, int warp) {
+        const int g = lane >> 2, t = lane & 3;
+        const int warp_key0 = warp * KT * 16;
+#pragma unroll
+        for (int kt = 0; kt < KT; ++kt)
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const int r = warp_key0 + 16 * kt + g + 8 * half;
+                if (r >= keys) continue;
+                T *dv_row = p.dv.row<T>(batch, kv, j0 + r);
+#pragma unroll
+                for (int n = 0; n < NC8; ++n) {
+                    const int c = col0 + 8 * n + 2 * t;
+                    if (c < p.d) {
+                        dv_row[c] = common::from_float<T>(dv[kt][n].x[2 * half]);
+                        dv_row[c + 1] = common::from_float<T>(dv[kt][n].x[2 * half + 1]);
+                    }
+                }
+            }
+
+        if (p.l2norm && S::kSplitCount == 1) {
+            // The l2norm backward needs whole rows: stage dK^ in shared memory.
+            __syncthreads(); // every warp is done with the K tile
+            float *stage = reinterpret_cast<float *>(s.k);
+#pragma unroll
+            for (int kt = 0; kt < KT; ++kt)
+#pragma unroll
+                for (int n = 0; n < NC8; ++n)
+#pragma unroll
+                    for (int half = 0; half < 2; ++half) {
+                        const int r = warp_key0 + 16 * kt + g + 8 * half;
+                        *reinterpret_cast<float2 *>(stage + r * S::kStageStride + 8 * n + 2 * t) =
+                            make_float2(dk[kt][n].x[2 * half], dk[kt][n].x[2 * half + 1]);
+                    }
+            __syncthreads();
+            for (int r = warp; r < keys; r += S::kThreads / 32)
+                l2norm_backward_row<T, S::D>(p.k_raw.row<T>(batch, kv, j0 + r), stage + r * S::kStageStride,
+                                             p.dk.row<T>(batch, kv, j0 + r), p.d, p.groups, true, lane);
+            return;
+        }
+#pragma unroll
+        for (int kt = 0; kt < KT; ++kt)
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const int r = warp_key0 + 16 * kt + g + 8 * half;
+                if (r >= keys) continue;
+#pragma unroll
+                for (int n = 0; n < NC8; ++n) {
+                    const int c = col0 + 8 * n + 2 * t;
+                    if (c >= p.d) continue;
+                    const float a = dk[kt][n].x[2 * half], b = dk[kt][n].x[2 * half + 1];
+                    if (p.dk_acc != nullptr) {
+                        // Split head dim with l2norm: the dk post-pass finishes the rows.
+                        *reinterpret_cast<float2 *>(p.dk_acc + ((batch * p.hk + kv) * p.nk + j0 + r) * p.d + c) =
+                            make_float2(a, b);
+                    } else {
+                        T *dk_row = p.dk.row<T>(batch, kv, j0 + r);
+                        dk_row[c] = common::from_float<T>(a);
+                        dk_row[c + 1] = common::from_float<T>(b);
+                    }
+                }
+            }
+    }
+};
+
+template <typename T, class S>
+__global__ void __launch_bounds__(S::kThreads, 1) main_kernel(const Params p) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    MainKernel<T, S>::run(p, smem);
+}
+
+// ---------------------------------------------------------------- dq kernel
+
+template <typename T, class S> struct DqKernel {
+    using G = WarpGemm<T>;
+    static constexpr int BR = S::BR, BC = S::BC, D = S::D, NK8 = S::BC / 8, ND8 = S::D / 8;
+
+    struct Smem {
+        T *q, *dout, *k, *v;
+        float *lse2, *delta, *reduce;
+        uint8_t *key_ok;
+    };
+
+    __device__ __forceinline__ static Smem carve(unsigned char *base) {
+        Smem s;
+        s.q = reinterpret_cast<T *>(base + S::kOffQ);
+        s.dout = reinterpret_cast<T *>(base + S::kOffDo);
+        s.k = reinterpret_cast<T *>(base + S::kOffK);
+        s.v = reinterpret_cast<T *>(base + S::kOffV);
+        s.lse2 = reinterpret_cast<float *>(base + S::kOffLse);
+        s.delta = reinterpret_cast<float *>(base + S::kOffDelta);
+        s.key_ok = reinterpret_cast<uint8_t *>(base + S::kOffKeyOk);
+        s.reduce = reinterpret_cast<float *>(base + S::kOffReduce);
+        return s;
+    }
+
+    __device__ __forceinline__ static void issue_key_tile(const Params &p, const Smem &s, int64_t batch, int64_t kv, int64_t kt,
+                                          int stage, int tid) {
+        const int64_t j0 = kt * BC;
+        const int keys = static_cast<int>(p.nk - j0 < BC ? p.nk - j0 : BC);
+        common::load_tile<T, BC, D, S::kThreads>(s.k + stage * S::KTile::kElements, p.k.row<T>(batch, kv, j0),
+                                                  p.k.stride_row, keys, p.d, p.k.aligned16, tid);
+        common::load_tile<T, BC, D, S::kThreads>(s.v + stage * S::KTile::kElements, p.v.row<T>(batch, kv, j0),
+                                                  p.v.stride_row, keys, p.d, p.v.aligned16, tid);
+        for (int c = tid; c < BC; c += S::kThreads) s.key_ok[stage * BC + c] = key_unmasked(p, batch, j0 + c);
+    }
+
+    __device__ __forceinline__ static void run(const Params &p, unsigned char *smem_base) {
+        const Smem s = carve(smem_base);
+        const int tid = threadIdx.x;
+        const int64_t query_tiles = (p.nq + BR - 1) / BR;
+        const int64_t tiles_per_cta = p.dq_tiles_per_cta;
+        const int64_t batch_groups = (p.b + p.dq_batches_per_cta - 1) / p.dq_batches_per_cta;
+        const int64_t head_groups = (p.h + p.dq_heads_per_cta - 1) / p.dq_heads_per_cta;
+        const int64_t t_begin = blockIdx.x * tiles_per_cta;
+        const int64_t t_end = t_begin + tiles_per_cta < query_tiles ? t_begin + tiles_per_cta : query_tiles;
+        for (int64_t item = blockIdx.y; item < batch_groups * head_groups; item += gridDim.y) {
+            const int64_t b_begin = (item % batch_groups) * p.dq_batches_per_cta;
+            const int64_t h_begin = (item / batch_groups) * p.dq_heads_per_cta;
+            const int64_t b_end = b_begin + p.dq_batches_per_cta < p.b ? b_begin + p.dq_batches_per_cta : p.b;
+            const int64_t h_end = h_begin + p.dq_heads_per_cta < p.h ? h_begin + p.dq_heads_per_cta : p.h;
+            for (int64_t batch = b_begin; batch < b_end; ++batch)
+                for (int64_t head = h_begin; head < h_end; ++head)
+                    for (int64_t qt = t_begin; qt < t_end; ++qt) query_tile_item(p, s, batch, head, qt, tid);
+        }
+    }
+
+    __device__ __forceinline__ static void query_tile_item(const Params &p, const Smem &s, int64_t batch, int64_t head,
+                                           int64_t qt, int tid) {
+        const int lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+        const int64_t kv = head / p.heads_per_kv;
+        const int64_t i0 = qt * BR;
+        const int rows = static_cast<int>(p.nq - i0 < BR ? p.nq - i0 : BR);
+        const int64_t key_tiles_all = (p.nk + BC - 1) / BC;
+        int64_t key_tiles = key_tiles_all;
+        if (p.causal) {
+            const int64_t last_key = i0 + rows - 1 + p.causal_offset;
+            key_tiles = last_key < 0 ? 0 : (last_key / BC + 1 < key_tiles_all ? last_key / BC + 1 : key_tiles_all);
+        }
+        const float scale = head_scale(p, head);
+        const float scale_log2 = scale * common::kLog2e;
+        const int64_t bias_bh = batch * p.bias_stride[0] + head * p.bias_stride[1];
+
+        __syncthreads(); // the previous item is done with shared memory
+        common::load_tile<T, BR, D, S::kThreads>(s.q, p.q.row<T>(batch, head, i0), p.q.stride_row, rows, p.d,
+                                                  p.q.aligned16, tid);
+        common::load_tile<T, BR, D, S::kThreads>(s.dout, p.dout.row<T>(batch, head, i0), p.dout.stride_row, rows,
+                                                  p.d, p.dout.aligned16, tid);
+        const int64_t row_base = (batch * p.h + head) * p.nq + i0;
+        for (int r = tid; r < BR; r += S::kThreads) {
+            s.lse2[r] = r < rows ? p.lse_log2[row_base + r] : __int_as_float(0x7f800000);
+            s.delta[r] = r < rows ? p.delta[row_base + r] : 0.f;
+        }
+        if (key_tiles > 0) issue_key_tile(p, s, batch, kv, 0, 0, tid);
+        common::cp_async_commit();
+
+        FragC dq[1][ND8];
+#pragma unroll
+        for (int n = 0; n < ND8; ++n) common::clear(dq[0][n]);
+        float row_dbias[2] = {0.f, 0.f}; // sum over keys of dS, rows g and g + 8
+        const int r0 = warp * 16 + g;
+
+        for (int64_t kt = 0; kt < key_tiles; ++kt) {
+            const int stage = static_cast<int>(kt & 1);
+            common::cp_async_wait<0>();
+            __syncthreads();
+            if (kt + 1 < key_tiles) issue_key_tile(p, s, batch, kv, kt + 1, stage ^ 1, tid);
+            common::cp_async_commit();
+            const T *k_s = s.k + stage * S::KTile::kElements;
+            const T *v_s = s.v + stage * S::KTile::kElements;
+            const uint8_t *ok_s = s.key_ok + stage * BC;
+            const int64_t j0 = kt * BC;
+
+            FragC sc[1][NK8], dp[1][NK8];
+#pragma unroll
+            for (int n = 0; n < NK8; ++n) {
+                common::clear(sc[0][n]);
+                common::clear(dp[0][n]);
+            }
+            G::template rows_nk<1, NK8, D>(sc, s.q, S::QTile::kStride, warp * 16, k_s, S::KTile::kStride, 0, lane);
+            G::template rows_nk<1, NK8, D>(dp, s.dout, S::QTile::kStride, warp * 16, v_s, S::KTile::kStride, 0,
+                                           lane);
+#pragma unroll
+            for (int n = 0; n < NK8; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int r = r0 + 8 * (e >> 1), c = 8 * n + 2 * t + (e & 1);
+                    const int64_t i = i0 + r, j = j0 + c;
+                    const bool visible = ok_s[c] != 0 && r < rows && (!p.causal || j <= i + p.causal_offset);
+                    const float bias2 = visible ? bias_log2<T>(p, bias_bh, i, j) : 0.f;
+                    probability_and_grad(sc[0][n].x[e], dp[0][n].x[e], visible, scale_log2, bias2, s.lse2[r],
+                                         s.delta[r]);
+                    row_dbias[e >> 1] += dp[0][n].x[e];
+                }
+            typename G::Operand op[1][BC / 16];
+#pragma unroll
+            for (int kq = 0; kq < BC / 16; ++kq) G::to_operand(op[0][kq], dp[0][2 * kq], dp[0][2 * kq + 1], scale);
+            G::template acc_kn<1, BC / 16, ND8>(dq, op, k_s, S::KTile::kStride, 0, lane);
+        }
+
+        // This CTA owns its rows of dQ^: plain stores, every element of rows < nq.
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int r = r0 + 8 * half;
+            if (r >= rows) continue;
+            float *dst = p.dq_acc + (row_base + r) * p.d;
+#pragma unroll
+            for (int n = 0; n < ND8; ++n) {
+                const int c = 8 * n + 2 * t;
+                if (c < p.d) *reinterpret_cast<float2 *>(dst + c) = make_float2(dq[0][n].x[2 * half], dq[0][n].x[2 * half + 1]);
+            }
+        }
+
+        if (p.dbias_mode == kDbiasOwnedQueries) {
+            const int64_t *st = p.dbias_acc_stride;
+            const int64_t base = batch * st[0] + head * st[1];
+            const float row0 = common::quad_sum(row_dbias[0]), row1 = common::quad_sum(row_dbias[1]);
+            if (!p.dbias_sum_rows) {
+                if (t == 0 && r0 < rows) p.dbias_acc[base + (i0 + r0) * st[2]] += row0;
+                if (t == 0 && r0 + 8 < rows) p.dbias_acc[base + (i0 + r0 + 8) * st[2]] += row1;
+            } else {
+                // Rows broadcast too: one sum over the tile, in a fixed order.
+                const float total = block_sum<S::kThreads / 32>(t == 0 ? row0 + row1 : 0.f, s.reduce, tid);
+                if (tid == 0) p.dbias_acc[base] += total;
+            }
+        }
+    }
+};
+
+template <typename T, class S>
+__global__ void __launch_bounds__(S::kThreads, 1) dq_kernel(const Params p) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    DqKernel<T, S>::run(p, smem);
+}
+
+// ---------------------------------------------------------------- launchers
+
+template <typename T, int kHeadDim> LaunchShape launch_shape() {
+    using Main = typename Shapes<T, kHeadDim>::Main;
+    using Dq = typename Shapes<T, kHeadDim>::Dq;
+    LaunchShape shape;
+    shape.main_keys = Main::kKeys;
+    shape.dq_queries = Dq::BR;
+    shape.column_splits = Main::kSplitCount;
+    shape.main_smem = Main::kSmemBytes;
+    shape.dq_smem = Dq::kSmemBytes;
+    return shape;
+}
+
+inline unsigned grid_items(int64_t items) { return static_cast<unsigned>(items < 65535 ? items : 65535); }
+
+template <typename T, class S> int launch_main_shape(const Params &p, void *stream) {
+    const int64_t key_tiles = (p.nk + S::kKeys - 1) / S::kKeys;
+    const int64_t items = (p.b + p.main_batches_per_cta - 1) / p.main_batches_per_cta *
+                          (p.hk / p.main_kv_heads_per_cta);
+    cudaError_t err = cudaFuncSetAttribute(main_kernel<T, S>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           S::kSmemBytes);
+    if (err != cudaSuccess) return err;
+    const dim3 grid(static_cast<unsigned>(key_tiles * S::kSplitCount), grid_items(items));
+    main_kernel<T, S><<<grid, S::kThreads, S::kSmemBytes, static_cast<cudaStream_t>(stream)>>>(p);
+    return cudaGetLastError();
+}
+
+template <typename T, class S> int launch_dq_shape(const Params &p, void *stream) {
+    const int64_t query_tiles = (p.nq + S::BR - 1) / S::BR;
+    const int64_t tile_groups = (query_tiles + p.dq_tiles_per_cta - 1) / p.dq_tiles_per_cta;
+    const int64_t items = (p.b + p.dq_batches_per_cta - 1) / p.dq_batches_per_cta *
+                          ((p.h + p.dq_heads_per_cta - 1) / p.dq_heads_per_cta);
+    cudaError_t err =
+        cudaFuncSetAttribute(dq_kernel<T, S>, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSmemBytes);
+    if (err != cudaSuccess) return err;
+    const dim3 grid(static_cast<unsigned>(tile_groups), grid_items(items));
+    dq_kernel<T, S><<<grid, S::kThreads, S::kSmemBytes, static_cast<cudaStream_t>(stream)>>>(p);
+    return cudaGetLastError();
+}
+
+template <typename T, int kHeadDim> int launch_main(const Params &p, void *stream) {
+    return launch_main_shape<T, typename Shapes<T, kHeadDim>::Main>(p, stream);
+}
+template <typename T, int kHeadDim> int launch_dq(const Params &p, void *stream) {
+    return launch_dq_shape<T, typename Shapes<T, kHeadDim>::Dq>(p, stream);
+}
+
+#define FCSA_BWD_INSTANTIATE(T, D)                                                                  \
+    template LaunchShape launch_shape<T, D>();                                                      \
+    template int launch_main<T, D>(const Params &, void *);                                         \
+    template int launch_dq<T, D>(const Params &, void *);
+
+} // namespace sm80_bwd
+} // namespace fcsa

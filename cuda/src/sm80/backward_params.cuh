@@ -1,0 +1,118 @@
+// backward_params.cuh: what the host part of the sm80 backward (backward.cu) hands to
+// its kernels (backward_kernels.cuh, instantiated in backward_d*.cu).
+//
+// The backward runs as a few launches on the caller's stream:
+//   1. prepass      delta_i = <dO_i, O_i>, lse in base 2 (+inf for rows that see no
+//                   key, so their P is 0), and the l2-normalized copies q^, k^;
+//   2. main         one CTA per (key tile, kv head, batch): dK, dV in registers, dQ^
+//                   by float atomics (or by 3. when deterministic), dscale partials,
+//                   dbias;
+//   3. dq           deterministic only: one CTA per (query tile, head, batch) recomputes
+//                   S, P, dP over all keys and owns its rows of dQ^ (no atomics);
+//   4. post-passes  dq (and dk when the head dim was split) through the l2norm
+//                   backward into q's dtype; dbias from its float32 accumulator;
+//                   dscale from the per-CTA partials, in a fixed order.
+#pragma once
+
+#include <cstdint>
+
+#include "../problem.h"
+
+namespace fcsa {
+namespace sm80_bwd {
+
+// How dbias is produced (see choose_dbias_mode in backward.cu).
+enum DbiasMode : int32_t {
+    kDbiasNone = 0,
+    kDbiasDirect = 1,      // bias has the full (b, h, nq, nk) shape: dS is stored as is
+    kDbiasAtomic = 2,      // broadcast dims, float atomics into the float32 accumulator
+    kDbiasOwnedKeys = 3,   // deterministic, nk not broadcast: the main kernel's CTAs own
+                           // their key columns and loop over the batches / heads that
+                           // meet in one dbias entry, adding in a fixed order
+    kDbiasOwnedQueries = 4 // deterministic, nk broadcast: the dq kernel's CTAs own their
+                           // rows and loop likewise
+};
+
+// A (batch, head, row, column) tensor with a contiguous last dimension.
+struct Rows {
+    const void *data = nullptr;
+    int64_t stride_b = 0, stride_h = 0, stride_row = 0;
+    bool aligned16 = false; // data and strides allow 16-byte vector copies
+
+    template <typename T>
+    __host__ __device__ const T *row(int64_t b, int64_t h, int64_t r) const {
+        return static_cast<const T *>(data) + b * stride_b + h * stride_h + r * stride_row;
+    }
+};
+
+struct OutRows {
+    void *data = nullptr;
+    int64_t stride_b = 0, stride_h = 0, stride_row = 0;
+
+    template <typename T> __host__ __device__ T *row(int64_t b, int64_t h, int64_t r) const {
+        return static_cast<T *>(data) + b * stride_b + h * stride_h + r * stride_row;
+    }
+};
+
+struct Params {
+    // Sizes.
+    int64_t b = 0, h = 0, hk = 0, nq = 0, nk = 0;
+    int32_t d = 0, groups = 1;
+    int32_t heads_per_kv = 1;
+    bool causal = false;
+    bool l2norm = true;
+    bool deterministic = false;
+    int64_t causal_offset = 0; // row i sees keys j <= i + causal_offset
+
+    // Inputs as the kernels read them: q and k are the normalized copies when l2norm.
+    Rows q, k, v, dout;
+    Rows q_raw, k_raw; // the caller's q and k, for the l2norm backward
+    const float *lse_log2 = nullptr; // [b][h][nq]: lse * log2(e), +inf for empty rows
+    const float *delta = nullptr;    // [b][h][nq]
+    const uint8_t *mask = nullptr;   // nullptr: every key visible
+    int64_t mask_stride_b = 0, mask_stride_key = 1;
+
+    float scale = 8.f;               // when scale_t is absent
+    const float *scale_t = nullptr;  // per head (stride 1) or scalar (stride 0)
+    int64_t scale_stride = 0;
+
+    const void *bias = nullptr;
+    bool bias_f32 = false;
+    int64_t bias_stride[4] = {0, 0, 0, 0};
+
+    // Outputs.
+    OutRows dk, dv;
+    float *dq_acc = nullptr;  // [b][h][nq][d] float32: dq^ (atomics, or the dq kernel)
+    float *dk_acc = nullptr;  // [b][hk][nk][d] float32 when the head dim is split and l2norm
+    float *dscale_partial = nullptr; // [b][h][key tiles of the main kernel], or nullptr
+    int32_t dbias_mode = kDbiasNone;
+    void *dbias = nullptr;           // kDbiasDirect: the caller's dbias
+    bool dbias_f32 = false;
+    int64_t dbias_stride[4] = {0, 0, 0, 0};
+    float *dbias_acc = nullptr;      // other modes: float32, dbias' shape, contiguous
+    int64_t dbias_acc_stride[4] = {0, 0, 0, 0}; // 0 on every dimension of size 1
+    bool dbias_sum_rows = false; // bias broadcast over nq > 1 rows: sum them
+    bool dbias_sum_keys = false; // bias broadcast over nk > 1 keys: sum them
+
+    // Work partition of the deterministic dbias modes: how many batches / kv heads /
+    // query heads / query tiles one CTA loops over (1 otherwise).
+    int32_t main_batches_per_cta = 1, main_kv_heads_per_cta = 1;
+    int32_t dq_batches_per_cta = 1, dq_heads_per_cta = 1, dq_tiles_per_cta = 1;
+};
+
+// Tile shapes of one (dtype, head-dim bucket); the host sizes grids and workspaces from
+// these, the kernels are built from them.
+struct LaunchShape {
+    int32_t main_keys = 0;   // keys per main CTA
+    int32_t dq_queries = 0;  // query rows per dq CTA
+    int32_t column_splits = 1; // the head dim is split over this many main CTAs
+    int32_t main_smem = 0, dq_smem = 0; // dynamic shared memory, bytes
+};
+
+template <typename T, int kHeadDim> LaunchShape launch_shape();
+// Each returns a cudaError_t (as int) of its launch.
+template <typename T, int kHeadDim> int launch_main(const Params &p, void *stream);
+template <typename T, int kHeadDim> int launch_dq(const Params &p, void *stream);
+
+} // namespace sm80_bwd
+} // namespace fcsa

@@ -1,0 +1,90 @@
+// forward.cuh: the portable CUDA forward (sm_80 and newer): parameters, tile shapes,
+// and the entry points each instantiation file defines.
+//
+// One kernel template, forward_kernel<T, D> (forward_kernel.cuh), covers every feature;
+// T is float, __half or __nv_bfloat16 and D a head-dim bucket (32, 64, 96, 128, 192,
+// 256) that the real head dim d <= D is zero-padded to. Each (T, D) is instantiated in
+// its own file, forward_<dtype>_d<D>.cu, so that builds run in parallel.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <type_traits>
+
+#include <cuda_runtime.h>
+
+#include "../common/copy.cuh"
+#include "../common/numeric.cuh"
+#include "fcsa.h"
+
+namespace fcsa {
+namespace sm80 {
+
+// Everything the kernel reads, filled from a Problem by forward.cu. Strides in elements.
+struct ForwardParams {
+    const void *q, *k, *v;
+    void *out;
+    float *lse;           // optional
+    const uint8_t *mask;  // optional, (batch, key)
+    const void *bias;     // optional, T or float32
+    const float *scale_t; // optional, one float per head (stride scale_stride, 0 = shared)
+    int64_t q_stride[3], k_stride[3], v_stride[3], out_stride[3]; // batch, head, row
+    int64_t lse_stride[3];                                         // batch, head, row
+    int64_t mask_stride[2];                                        // batch, key
+    int64_t bias_stride[4];                                        // batch, head, row, key
+    int64_t scale_stride;
+    int batch, heads, heads_per_kv, nq, nk, d, groups, num_m_tiles;
+    float scale;
+    bool causal, l2norm, logits_bounded, bias_is_f32;
+    bool vec_q, vec_k, vec_v, vec_out; // 16-byte aligned rows: vector copies allowed
+};
+
+// Tile shapes per element type and head-dim bucket. Every configuration fits the 99 KB
+// of shared memory that sm_86/sm_89 give a block. A warp owns kMBlocks x 16 query rows:
+// two blocks for 16-bit inputs up to D = 128, so that each K/V fragment read from shared
+// memory feeds two products (one would leave the tensor cores waiting on shared-memory
+// bandwidth); with D <= 64 the warp also keeps its Q rows in registers.
+template <typename T, int D> struct ForwardConfig {
+    static constexpr bool k16Bit = common::ElementTraits<T>::kIs16Bit;
+    static constexpr int kMBlocks = k16Bit && D <= 128 ? 2 : 1;
+    static constexpr int kWarps = 4;
+    static constexpr int kThreads = kWarps * 32;
+    static constexpr int kRowsPerWarp = 16 * kMBlocks;
+    static constexpr int kBlockM = kWarps * kRowsPerWarp;
+    static constexpr int kBlockN = k16Bit ? (D <= 192 ? 64 : 32)
+                                          : (D <= 64 ? 64 : D <= 128 ? 32 : 16);
+    static constexpr bool kQInRegisters = k16Bit && D <= 64;
+
+    // Without a running maximum p = 2^(x - offset), offset = bound - kExpShift, lies in
+    // [2^(kExpShift - 2 bound), 2^kExpShift] (x, bound in base 2). The shift keeps
+    // float16 probabilities in its normal range; kBoundedRange is the widest 2 * bound
+    // for which that holds (else the kernel tracks a running maximum).
+    static constexpr float kExpShift = std::is_same<T, __half>::value ? 15.f : 0.f;
+    static constexpr float kBoundedRange = std::is_same<T, __half>::value ? 29.f : 100.f;
+
+    // Per-tile visibility bits under a key mask, for the first kBitmapTiles tiles.
+    static constexpr int kBitmapWords = 64;
+    static constexpr int kBitmapTiles = kBitmapWords * 32;
+
+    using QTile = common::PaddedTile<T, kBlockM, D>;
+    using KTile = common::PaddedTile<T, kBlockN, D>; // K and V tiles alike
+    static constexpr int kOffsetK = QTile::kBytes;
+    static constexpr int kOffsetV = kOffsetK + KTile::kBytes;
+    static constexpr int kOffsetKInv = kOffsetV + KTile::kBytes;
+    static constexpr int kOffsetBitmaps = kOffsetKInv + kBlockN * 4;
+    static constexpr int kSmemBytes = kOffsetBitmaps + 2 * kBitmapWords * 4;
+};
+
+// Launches the kernel for one (T, D) on `stream`; defined in forward_<dtype>_d<D>.cu.
+template <typename T, int D> fcsa_status launch_forward(const ForwardParams &params, cudaStream_t stream);
+
+// The head-dim bucket of d (d % 8 == 0, 8 <= d <= 256).
+inline int forward_head_dim_bucket(int64_t d) {
+    return d <= 32 ? 32 : d <= 64 ? 64 : d <= 96 ? 96 : d <= 128 ? 128 : d <= 192 ? 192 : 256;
+}
+
+// Dynamic shared memory of the forward kernel for (dtype, d); 0 for an unknown dtype.
+size_t forward_smem_bytes(int32_t dtype, int64_t d);
+
+} // namespace sm80
+} // namespace fcsa

@@ -1,0 +1,4 @@
+// forward_bf16_d256.cu: the forward kernel for __nv_bfloat16 inputs and head dims in the 256 bucket.
+#include "forward_kernel.cuh"
+
+FCSA_INSTANTIATE_FORWARD(__nv_bfloat16, 256)

@@ -1,0 +1,4 @@
+// forward_bf16_d96.cu: the forward kernel for __nv_bfloat16 inputs and head dims in the 96 bucket.
+#include "forward_kernel.cuh"
+
+FCSA_INSTANTIATE_FORWARD(__nv_bfloat16, 96)

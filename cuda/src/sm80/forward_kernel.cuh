@@ -1,0 +1,432 @@
+// forward_kernel.cuh: the portable CUDA forward kernel, FlashAttention-2 style.
+//
+// One CTA per (query tile, head, batch), flattened into grid.x (query tiles fastest,
+// in reverse so that causal's long tiles start first; neighbouring CTAs share K/V in
+// L2). Each warp owns 16 or 32 query rows (ForwardConfig). Per CTA:
+//   prologue  Q tile -> shared (cp.async), l2-normalized in place per group (float32
+//             norms); with 16-bit inputs each warp then keeps its Q rows
+//             in registers when D <= 64. Under a key mask, one pass over the mask marks which key
+//             tiles have any / only visible keys.
+//   loop      over the visible key tiles (causal stops at the diagonal; masked-out
+//             tiles are skipped): K and V stream through one shared buffer each, the
+//             next K tile loading while P·V runs and V loading while S = Q K^T runs.
+//             K rows are normalized as the tile arrives: for groups == 1 a factor
+//             1/||k_j|| per column of S (folded with scale * log2(e)), else in place.
+//             Per-element masking (causal diagonal, key mask, sequence end) runs only
+//             on tiles that need it.
+//   softmax   base 2. With l2norm and no bias every logit is bounded by |scale|*groups,
+//             so p = 2^(x - bound) needs no running maximum, no reductions and no
+//             rescaling of O; otherwise (or when the bound is too wide for the
+//             probabilities' format) an online softmax tracks the row maximum.
+//             P stays in registers as the A operand of P·V.
+//   epilogue  O / rowsum -> shared -> global (16-byte stores), lse = ln(sum) + max.
+// Products: mma.m16n8k16 for f16/bf16 (ldmatrix, .trans for V); float32 through
+// 3xTF32 (mma.m16n8k8 on split operands), which keeps float32 accuracy.
+// Checked against a float64 reference by cuda/tests/check_forward.cu.
+#pragma once
+
+#include <cmath>
+
+#include "../common/copy.cuh"
+#include "../common/l2norm.cuh"
+#include "../common/mma.cuh"
+#include "../common/numeric.cuh"
+#include "../backends.h"
+#include "forward.cuh"
+
+namespace fcsa {
+namespace sm80 {
+
+template <typename T, int D>
+__global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
+    forward_kernel(const __grid_constant__ ForwardParams p) {
+    using namespace common;
+    using C = ForwardConfig<T, D>;
+    constexpr int BM = C::kBlockM, BN = C::kBlockN, kThreads = C::kThreads;
+    constexpr int kM = C::kMBlocks;  // m16 blocks per warp
+    constexpr int kSBlocks = BN / 8; // n8 blocks of S per warp
+    constexpr int kOBlocks = D / 8;  // n8 blocks of O per warp
+    constexpr int QS = C::QTile::kStride, KS = C::KTile::kStride;
+    constexpr float kInf = INFINITY;
+
+    extern __shared__ __align__(16) unsigned char smem[];
+    T *sQ = reinterpret_cast<T *>(smem);
+    T *sK = reinterpret_cast<T *>(smem + C::kOffsetK);
+    T *sV = reinterpret_cast<T *>(smem + C::kOffsetV);
+    float *sKInv = reinterpret_cast<float *>(smem + C::kOffsetKInv);
+    uint32_t *sAnyVisible = reinterpret_cast<uint32_t *>(smem + C::kOffsetBitmaps);
+    uint32_t *sPartlyVisible = sAnyVisible + C::kBitmapWords;
+
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int g = lane >> 2, t4 = lane & 3; // fragment row group and column pair
+
+    // ---- which tile
+    // (32-bit division: a 64-bit one is a slow subroutine; the grid is < 2^31 CTAs.)
+    const uint32_t cta = blockIdx.x;
+    const int m_tile = p.num_m_tiles - 1 - int(cta % uint32_t(p.num_m_tiles));
+    const uint32_t batch_head = cta / uint32_t(p.num_m_tiles);
+    const int hq = int(batch_head % uint32_t(p.heads));
+    const int64_t bi = batch_head / uint32_t(p.heads);
+    const int kvh = hq / p.heads_per_kv;
+    const int m0 = m_tile * BM;
+    const int rows_here = min(BM, p.nq - m0);
+    const int d = p.d;
+
+    const T *q = static_cast<const T *>(p.q) + bi * p.q_stride[0] + hq * p.q_stride[1] +
+                 int64_t(m0) * p.q_stride[2];
+    const T *k = static_cast<const T *>(p.k) + bi * p.k_stride[0] + kvh * p.k_stride[1];
+    const T *v = static_cast<const T *>(p.v) + bi * p.v_stride[0] + kvh * p.v_stride[1];
+    T *out = static_cast<T *>(p.out) + bi * p.out_stride[0] + hq * p.out_stride[1] +
+             int64_t(m0) * p.out_stride[2];
+
+    // ---- logit scale (base 2) and the softmax mode
+    const float scale = p.scale_t != nullptr ? p.scale_t[hq * p.scale_stride] : p.scale;
+    const float scale_log2 = scale * kLog2e;
+    const float bound_log2 = fabsf(scale) * float(p.groups) * kLog2e;
+    const bool track_max = !(p.logits_bounded && 2.f * bound_log2 <= C::kBoundedRange);
+    const float fixed_offset = bound_log2 - C::kExpShift;
+
+    // ---- key tiles: [0, tile_end), causal stops after the last row's diagonal
+    const int causal_offset = p.nk - p.nq; // row i sees keys j <= i + causal_offset
+    int tile_end = (p.nk + BN - 1) / BN;
+    if (p.causal) {
+        const int last_key = m0 + rows_here - 1 + causal_offset;
+        tile_end = last_key < 0 ? 0 : min(tile_end, last_key / BN + 1);
+    }
+
+    // ---- prologue: Q tile, mask summary, first K tile
+    load_tile<T, BM, D, kThreads>(sQ, q, p.q_stride[2], rows_here, d, p.vec_q, tid);
+    cp_async_commit();
+
+    const uint8_t *mask = p.mask != nullptr ? p.mask + bi * p.mask_stride[0] : nullptr;
+    if (mask != nullptr) {
+        for (int i = tid; i < 2 * C::kBitmapWords; i += kThreads) sAnyVisible[i] = 0;
+        __syncthreads();
+        const int tile_limit = min(tile_end, C::kBitmapTiles);
+        const int scan_keys = min(p.nk, tile_limit * BN);
+        for (int base = warp * 32; base < scan_keys; base += kThreads) {
+            const int j = base + lane;
+            const bool inside = j < p.nk;
+            const bool visible = inside && mask[j * p.mask_stride[1]] != 0;
+            const uint32_t any = __ballot_sync(0xffffffffu, visible);
+            const uint32_t fine = __ballot_sync(0xffffffffu, visible || !inside);
+            if (lane == 0) {
+                constexpr int kSpan = BN < 32 ? BN : 32; // keys of one tile in this chunk
+#pragma unroll
+                for (int s = 0; s < 32 / kSpan; ++s) {
+                    const uint32_t bits = (kSpan == 32 ? 0xffffffffu : (1u << kSpan) - 1u) << (s * kSpan);
+                    const int tile = (base + s * kSpan) / BN;
+                    if (tile >= tile_limit) break;
+                    if (any & bits) atomicOr(&sAnyVisible[tile >> 5], 1u << (tile & 31));
+                    if ((fine & bits) != bits) atomicOr(&sPartlyVisible[tile >> 5], 1u << (tile & 31));
+                }
+            }
+        }
+        __syncthreads();
+    }
+    auto tile_visible = [&](int tile) {
+        return mask == nullptr || tile >= C::kBitmapTiles || ((sAnyVisible[tile >> 5] >> (tile & 31)) & 1u);
+    };
+    auto tile_partly_masked = [&](int tile) {
+        return mask != nullptr &&
+               (tile >= C::kBitmapTiles || ((sPartlyVisible[tile >> 5] >> (tile & 31)) & 1u));
+    };
+    auto next_tile = [&](int tile) {
+        while (tile < tile_end && !tile_visible(tile)) ++tile;
+        return tile;
+    };
+
+    int tile = next_tile(0);
+    if (tile < tile_end)
+        load_tile<T, BN, D, kThreads>(sK, k + int64_t(tile) * BN * p.k_stride[2], p.k_stride[2],
+                                      min(BN, p.nk - tile * BN), d, p.vec_k, tid);
+    cp_async_commit();
+    cp_async_wait<1>(); // Q has landed (K may still be in flight)
+    __syncthreads();
+    if (p.l2norm) {
+        l2norm_rows<T, QS, kThreads>(sQ, rows_here, d, p.groups, nullptr, true, tid);
+        __syncthreads();
+    }
+    const int warp_row0 = warp * C::kRowsPerWarp;
+    FragA16 q_frag[C::kQInRegisters ? kM : 1][C::kQInRegisters ? D / 16 : 1];
+    if constexpr (C::kQInRegisters) {
+#pragma unroll
+        for (int mb = 0; mb < kM; ++mb)
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk)
+                load_a16(q_frag[mb][kk], sQ, QS, warp_row0 + 16 * mb, kk * 16, lane);
+    }
+
+    // ---- accumulators and softmax state. A lane holds kRows = 2 * kM rows of the
+    // warp's: row h lies in m16 block h / 2, at fragment row g + 8 * (h % 2).
+    constexpr int kRows = 2 * kM;
+    FragC o[kM][kOBlocks];
+#pragma unroll
+    for (int mb = 0; mb < kM; ++mb)
+#pragma unroll
+        for (int i = 0; i < kOBlocks; ++i) clear(o[mb][i]);
+    float row_max[kRows], row_sum[kRows];
+    int row_index[kRows];
+#pragma unroll
+    for (int h = 0; h < kRows; ++h) {
+        row_max[h] = track_max ? -kInf : fixed_offset;
+        row_sum[h] = 0.f;
+        row_index[h] = m0 + warp_row0 + 16 * (h / 2) + g + 8 * (h % 2);
+    }
+    const bool has_bias = p.bias != nullptr;
+
+    while (tile < tile_end) {
+        const int j0 = tile * BN;
+        const int keys_here = min(BN, p.nk - j0);
+
+        cp_async_wait<0>();
+        __syncthreads(); // K tile ready; every warp is done with the previous V tile
+        load_tile<T, BN, D, kThreads>(sV, v + int64_t(j0) * p.v_stride[2], p.v_stride[2], keys_here, d,
+                                      p.vec_v, tid);
+        cp_async_commit();
+        if (p.l2norm) {
+            if (p.groups == 1) {
+                l2norm_rows<T, KS, kThreads>(sK, keys_here, d, 1, sKInv, false, tid);
+            } else {
+                l2norm_rows<T, KS, kThreads>(sK, keys_here, d, p.groups, nullptr, true, tid);
+                __syncthreads();
+            }
+        }
+
+        // S = Q K^T
+        FragC s[kM][kSBlocks];
+#pragma unroll
+        for (int mb = 0; mb < kM; ++mb)
+#pragma unroll
+            for (int n = 0; n < kSBlocks; ++n) clear(s[mb][n]);
+        if constexpr (C::k16Bit) {
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk) {
+                FragA16 a[kM];
+#pragma unroll
+                for (int mb = 0; mb < kM; ++mb) {
+                    if constexpr (C::kQInRegisters) a[mb] = q_frag[mb][kk];
+                    else load_a16(a[mb], sQ, QS, warp_row0 + 16 * mb, kk * 16, lane);
+                }
+#pragma unroll
+                for (int n = 0; n < kSBlocks; n += 2) {
+                    FragB16 b[2];
+                    load_b16_nk(b, sK, KS, n * 8, kk * 16, lane);
+#pragma unroll
+                    for (int mb = 0; mb < kM; ++mb) {
+                        mma_m16n8k16<T>(s[mb][n], a[mb], b[0]);
+                        mma_m16n8k16<T>(s[mb][n + 1], a[mb], b[1]);
+                    }
+                }
+            }
+        } else {
+#pragma unroll
+            for (int kk = 0; kk < D / 8; ++kk) {
+                FragATf32 a_big[kM], a_small[kM];
+#pragma unroll
+                for (int mb = 0; mb < kM; ++mb)
+                    load_a_tf32(a_big[mb], a_small[mb], sQ, QS, warp_row0 + 16 * mb, kk * 8, lane);
+#pragma unroll
+                for (int n = 0; n < kSBlocks; ++n) {
+                    FragBTf32 b_big, b_small;
+                    load_b_tf32_nk(b_big, b_small, sK, KS, n * 8, kk * 8, lane);
+#pragma unroll
+                    for (int mb = 0; mb < kM; ++mb)
+                        mma_m16n8k8_3xtf32(s[mb][n], a_big[mb], a_small[mb], b_big, b_small);
+                }
+            }
+        }
+
+        cp_async_wait<0>();
+        __syncthreads(); // V tile ready; K buffer free; the 1/||k|| factors visible
+        const int next = next_tile(tile + 1);
+        if (next < tile_end)
+            load_tile<T, BN, D, kThreads>(sK, k + int64_t(next) * BN * p.k_stride[2], p.k_stride[2],
+                                          min(BN, p.nk - next * BN), d, p.vec_k, tid);
+        cp_async_commit();
+
+        // Logits in base 2: scale (and 1/||k_j|| per column when groups == 1), + bias.
+        const bool per_column = p.l2norm && p.groups == 1;
+#pragma unroll
+        for (int n = 0; n < kSBlocks; ++n) {
+            float2 f = make_float2(scale_log2, scale_log2);
+            if (per_column) {
+                f = *reinterpret_cast<const float2 *>(sKInv + 8 * n + 2 * t4);
+                f.x *= scale_log2;
+                f.y *= scale_log2;
+            }
+#pragma unroll
+            for (int mb = 0; mb < kM; ++mb)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[mb][n].x[e] *= (e & 1) ? f.y : f.x;
+        }
+        if (has_bias) {
+            const T *bias_t = static_cast<const T *>(p.bias) + bi * p.bias_stride[0] + hq * p.bias_stride[1];
+            const float *bias_f = static_cast<const float *>(p.bias) + bi * p.bias_stride[0] + hq * p.bias_stride[1];
+#pragma unroll
+            for (int h = 0; h < kRows; ++h) {
+                const int i = row_index[h];
+                if (i >= p.nq) continue;
+                const int64_t row_offset = int64_t(i) * p.bias_stride[2];
+#pragma unroll
+                for (int n = 0; n < kSBlocks; ++n)
+#pragma unroll
+                    for (int c = 0; c < 2; ++c) {
+                        const int j = j0 + 8 * n + 2 * t4 + c;
+                        if (j >= p.nk) continue;
+                        const int64_t offset = row_offset + int64_t(j) * p.bias_stride[3];
+                        const float b = p.bias_is_f32 ? bias_f[offset] : to_float(bias_t[offset]);
+                        s[h / 2][n].x[2 * (h % 2) + c] += b * kLog2e;
+                    }
+            }
+        }
+
+        // Hidden keys -> -inf, only where some may be hidden.
+        const bool element_mask = keys_here < BN || tile_partly_masked(tile) ||
+                                  (p.causal && j0 + BN - 1 > m0 + warp_row0 + causal_offset);
+        if (element_mask) {
+#pragma unroll
+            for (int n = 0; n < kSBlocks; ++n)
+#pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                    const int j = j0 + 8 * n + 2 * t4 + c;
+                    bool key_ok = j < p.nk;
+                    if (key_ok && mask != nullptr) key_ok = mask[int64_t(j) * p.mask_stride[1]] != 0;
+#pragma unroll
+                    for (int h = 0; h < kRows; ++h) {
+                        const bool ok = key_ok && (!p.causal || j <= row_index[h] + causal_offset);
+                        if (!ok) s[h / 2][n].x[2 * (h % 2) + c] = -kInf;
+                    }
+                }
+        }
+
+        // Softmax numerators; a running maximum only when the logits are not bounded.
+        float offset[kRows];
+#pragma unroll
+        for (int h = 0; h < kRows; ++h) offset[h] = row_max[h];
+        if (track_max) {
+#pragma unroll
+            for (int h = 0; h < kRows; ++h) {
+                const int mb = h / 2, e0 = 2 * (h % 2);
+                float tile_max = -kInf;
+#pragma unroll
+                for (int n = 0; n < kSBlocks; ++n)
+                    tile_max = fmaxf(tile_max, fmaxf(s[mb][n].x[e0], s[mb][n].x[e0 + 1]));
+                const float new_max = fmaxf(row_max[h], quad_max(tile_max));
+                offset[h] = new_max == -kInf ? 0.f : new_max; // no visible key yet: p = 0
+                const float rescale = exp2_approx(row_max[h] - offset[h]);
+                row_max[h] = new_max;
+                row_sum[h] *= rescale;
+#pragma unroll
+                for (int i = 0; i < kOBlocks; ++i) {
+                    o[mb][i].x[e0] *= rescale;
+                    o[mb][i].x[e0 + 1] *= rescale;
+                }
+            }
+        }
+#pragma unroll
+        for (int mb = 0; mb < kM; ++mb)
+#pragma unroll
+            for (int n = 0; n < kSBlocks; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int h = 2 * mb + e / 2;
+                    const float prob = exp2_approx(s[mb][n].x[e] - offset[h]);
+                    row_sum[h] += prob;
+                    s[mb][n].x[e] = prob;
+                }
+
+        // O += P V, P straight from the accumulators.
+        if constexpr (C::k16Bit) {
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; ++kk) {
+                FragA16 a[kM];
+#pragma unroll
+                for (int mb = 0; mb < kM; ++mb) accumulators_to_a16<T>(a[mb], s[mb][2 * kk], s[mb][2 * kk + 1]);
+#pragma unroll
+                for (int i = 0; i < kOBlocks; i += 2) {
+                    FragB16 b[2];
+                    load_b16_kn(b, sV, KS, kk * 16, i * 8, lane);
+#pragma unroll
+                    for (int mb = 0; mb < kM; ++mb) {
+                        mma_m16n8k16<T>(o[mb][i], a[mb], b[0]);
+                        mma_m16n8k16<T>(o[mb][i + 1], a[mb], b[1]);
+                    }
+                }
+            }
+        } else {
+#pragma unroll
+            for (int kk = 0; kk < kSBlocks; ++kk) {
+                FragATf32 a_big[kM], a_small[kM];
+#pragma unroll
+                for (int mb = 0; mb < kM; ++mb) accumulator_to_a_tf32(a_big[mb], a_small[mb], s[mb][kk]);
+#pragma unroll
+                for (int i = 0; i < kOBlocks; ++i) {
+                    FragBTf32 b_big, b_small;
+                    load_b_tf32_kn_permuted(b_big, b_small, sV, KS, kk * 8, i * 8, lane);
+#pragma unroll
+                    for (int mb = 0; mb < kM; ++mb)
+                        mma_m16n8k8_3xtf32(o[mb][i], a_big[mb], a_small[mb], b_big, b_small);
+                }
+            }
+        }
+        tile = next;
+    }
+
+    // ---- epilogue: normalize, lse, stage the warp's rows in its part of sQ, store
+    float inv_sum[kRows];
+#pragma unroll
+    for (int h = 0; h < kRows; ++h) {
+        const float sum = quad_sum(row_sum[h]);
+        inv_sum[h] = sum > 0.f ? reciprocal_approx(sum) : 0.f; // no visible key: out = 0
+        const int i = row_index[h];
+        if (p.lse != nullptr && t4 == 0 && i < p.nq)
+            p.lse[bi * p.lse_stride[0] + hq * p.lse_stride[1] + int64_t(i) * p.lse_stride[2]] =
+                sum > 0.f ? (row_max[h] + log2_approx(sum)) * kLn2 : -kInf;
+    }
+    T *staging = sQ + warp_row0 * QS; // only this warp ever read these rows of sQ
+#pragma unroll
+    for (int h = 0; h < kRows; ++h)
+#pragma unroll
+        for (int i = 0; i < kOBlocks; ++i) {
+            const int e0 = 2 * (h % 2);
+            T *dst = staging + (16 * (h / 2) + g + 8 * (h % 2)) * QS + i * 8 + 2 * t4;
+            const float lo = o[h / 2][i].x[e0] * inv_sum[h], hi = o[h / 2][i].x[e0 + 1] * inv_sum[h];
+            if constexpr (C::k16Bit) *reinterpret_cast<uint32_t *>(dst) = pack_float2<T>(lo, hi);
+            else *reinterpret_cast<float2 *>(dst) = make_float2(lo, hi);
+        }
+    __syncwarp();
+    store_tile<T, C::kRowsPerWarp, D, 32>(out + int64_t(warp_row0) * p.out_stride[2], p.out_stride[2], staging,
+                                          rows_here - warp_row0, d, p.vec_out, lane);
+}
+
+template <typename T, int D> fcsa_status launch_forward(const ForwardParams &params, cudaStream_t stream) {
+    using C = ForwardConfig<T, D>;
+    const int64_t ctas = int64_t(params.num_m_tiles) * params.heads * params.batch;
+    if (ctas <= 0) return FCSA_STATUS_SUCCESS;
+    if (ctas > int64_t(INT32_MAX))
+        return set_error(FCSA_STATUS_NOT_SUPPORTED,
+                         "cuda-sm80 forward: batch * heads * ceil(nq / %d) = %lld exceeds the grid limit",
+                         C::kBlockM, static_cast<long long>(ctas));
+    auto kernel = forward_kernel<T, D>;
+    if (C::kSmemBytes > 48 * 1024) {
+        const cudaError_t err =
+            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes);
+        if (err != cudaSuccess)
+            return set_error(FCSA_STATUS_CUDA_ERROR, "cuda-sm80 forward: setting %d bytes of shared memory: %s",
+                             C::kSmemBytes, cudaGetErrorString(err));
+    }
+    kernel<<<unsigned(ctas), C::kThreads, C::kSmemBytes, stream>>>(params);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess)
+        return set_error(FCSA_STATUS_CUDA_ERROR, "cuda-sm80 forward: kernel launch failed: %s",
+                         cudaGetErrorString(err));
+    return FCSA_STATUS_SUCCESS;
+}
+
+} // namespace sm80
+} // namespace fcsa
+
+// Instantiates launch_forward for one (T, D); used once per forward_<dtype>_d<D>.cu.
+#define FCSA_INSTANTIATE_FORWARD(T, D)                                                                  \
+    template fcsa_status fcsa::sm80::launch_forward<T, D>(const fcsa::sm80::ForwardParams &, cudaStream_t);

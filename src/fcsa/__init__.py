@@ -1,0 +1,71 @@
+"""fcsa: fused cosine-similarity attention.
+
+    import fcsa
+    out = fcsa.flash_cosine_sim_attention(q, k, v, causal=True)
+
+The computation runs in libfcsa (a C library with CUDA and CPU backends), reached
+through the small binding fcsa._lib; C, C++ or Rust users can link that library
+directly: see get_include() and get_library().
+"""
+
+import importlib.metadata
+import os
+
+from . import _lib
+from .attention import (flash_cosine_sim_attention, l2norm_tensors,
+                        plain_cosine_sim_attention)
+from .module import CosineSimAttention
+
+__all__ = [
+    "__version__",
+    "CosineSimAttention",
+    "build_info",
+    "compiled_sm_targets",
+    "cuda_available",
+    "cuda_compiled",
+    "flash_cosine_sim_attention",
+    "get_include",
+    "get_library",
+    "l2norm_tensors",
+    "last_backend",
+    "plain_cosine_sim_attention",
+]
+
+__version__ = importlib.metadata.version("fcsa")
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def get_include() -> str:
+    """The directory holding fcsa.h, the library's C header."""
+    return os.path.join(_HERE, "include")
+
+
+def get_library() -> str:
+    """The path of libfcsa.so, the shared library this package runs on."""
+    return os.path.join(_HERE, "lib", "libfcsa.so")
+
+
+def build_info() -> str:
+    """libfcsa's one-line description of its build (version, CUDA, SM targets, CPU)."""
+    return _lib.build_info()
+
+
+def cuda_compiled() -> bool:
+    """True if libfcsa was built with its CUDA backends."""
+    return _lib.cuda_compiled()
+
+
+def cuda_available() -> bool:
+    """True if libfcsa has CUDA backends and a usable GPU is present."""
+    return _lib.cuda_available()
+
+
+def compiled_sm_targets() -> tuple:
+    """The GPU architectures libfcsa was compiled for, e.g. (80, 90)."""
+    return _lib.compiled_sm_targets()
+
+
+def last_backend() -> str:
+    """The backend that ran this thread's last successful call: "cpu" or "cuda-sm80"."""
+    return _lib.last_backend()

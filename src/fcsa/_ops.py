@@ -1,0 +1,176 @@
+"""The torch.library operators fcsa::forward and fcsa::backward.
+
+They take tensors already in the canonical 4-D form (see _inputs.py), allocate every
+output and the workspace through torch on the tensors' device, describe the tensors to
+the C library through fcsa._lib and run it on the current CUDA stream. Fake (meta)
+implementations and the autograd formula make them traceable by torch.compile.
+"""
+
+import contextlib
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _lib
+
+if not hasattr(torch.library, "custom_op"):
+    raise ImportError(f"fcsa needs torch >= 2.4 (torch.library.custom_op); "
+                      f"this is torch {torch.__version__}")
+
+_DTYPE_CODES = {
+    torch.float32: _lib.DTYPE_FLOAT32,
+    torch.float16: _lib.DTYPE_FLOAT16,
+    torch.bfloat16: _lib.DTYPE_BFLOAT16,
+    torch.bool: _lib.DTYPE_BOOL,
+}
+_DEVICE_CODES = {"cpu": _lib.DEVICE_CPU, "cuda": _lib.DEVICE_CUDA}
+
+
+def describe(t: Optional[Tensor]):
+    """The plain tuple fcsa._lib turns into an fcsa_tensor (None stays None)."""
+    if t is None:
+        return None
+    if t.dtype not in _DTYPE_CODES:
+        raise TypeError(f"fcsa cannot describe a tensor of dtype {t.dtype}")
+    if t.device.type not in _DEVICE_CODES:
+        raise NotImplementedError(f"fcsa runs on CPU and CUDA tensors, not {t.device.type}")
+    return (t.data_ptr(), _DTYPE_CODES[t.dtype], _DEVICE_CODES[t.device.type],
+            t.device.index or 0, tuple(t.shape), tuple(t.stride()))
+
+
+def last_dim_contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
+    """The library reads rows with stride 1: copy only when the last stride is not 1."""
+    if t is None or t.dim() == 0 or t.shape[-1] <= 1 or t.stride(-1) == 1:
+        return t
+    return t.contiguous()
+
+
+@contextlib.contextmanager
+def _on_device(device: torch.device):
+    """Makes `device` current (CUDA) and yields the stream handle to run on."""
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            yield torch.cuda.current_stream(device).cuda_stream
+    else:
+        yield 0
+
+
+def _options(scale_value, groups, causal, l2norm_qk, deterministic):
+    return _lib.Options(scale=scale_value, groups=groups, causal=causal,
+                        l2norm_qk=l2norm_qk, deterministic=deterministic,
+                        num_threads=torch.get_num_threads())
+
+
+def _workspace(nbytes: int, device: torch.device):
+    """A uint8 tensor of nbytes on device (None for 0) and its address."""
+    if nbytes == 0:
+        return None, 0
+    ws = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    return ws, ws.data_ptr()
+
+
+# ---------------------------------------------------------------- forward
+
+@torch.library.custom_op("fcsa::forward", mutates_args=())
+def forward_op(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
+               bias: Optional[Tensor], scale: Optional[Tensor], scale_value: float,
+               groups: int, causal: bool, l2norm_qk: bool, deterministic: bool,
+               need_lse: bool) -> Tuple[Tensor, Tensor]:
+    """out (b, h, nq, d) and lse (b, h, nq) float32; lse is (0,) when need_lse is False."""
+    b, h, nq, _ = q.shape
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, h, nq) if need_lse else (0,), dtype=torch.float32, device=q.device)
+    tensors = dict(q=describe(q), k=describe(k), v=describe(v), mask=describe(mask),
+                   bias=describe(bias), scale=describe(scale), out=describe(out),
+                   lse=describe(lse) if need_lse else None)
+    options = _options(scale_value, groups, causal, l2norm_qk, deterministic)
+    with _on_device(q.device) as stream:
+        nbytes = _lib.forward_workspace_size(options, **tensors)
+        ws, ws_ptr = _workspace(nbytes, q.device)
+        _lib.forward(options, **tensors, workspace=ws_ptr, workspace_bytes=nbytes,
+                     stream=stream)
+    return out, lse
+
+
+@forward_op.register_fake
+def _forward_fake(q, k, v, mask, bias, scale, scale_value, groups, causal, l2norm_qk,
+                  deterministic, need_lse):
+    b, h, nq, _ = q.shape
+    out = q.new_empty(q.shape)
+    lse = q.new_empty((b, h, nq) if need_lse else (0,), dtype=torch.float32)
+    return out, lse
+
+
+# ---------------------------------------------------------------- backward
+
+@torch.library.custom_op("fcsa::backward", mutates_args=())
+def backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
+                bias: Optional[Tensor], scale: Optional[Tensor], out: Tensor, lse: Tensor,
+                scale_value: float, groups: int, causal: bool, l2norm_qk: bool,
+                deterministic: bool, need_dbias: bool,
+                need_dscale: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """dq, dk, dv, and dbias (bias' shape) and dscale (scale's shape) when asked for,
+    else tensors of shape (0,) in their place."""
+    dq, dk, dv, dbias, dscale = _backward_outputs(q, k, v, bias, scale, need_dbias,
+                                                  need_dscale, torch.empty)
+    tensors = dict(q=describe(q), k=describe(k), v=describe(v), mask=describe(mask),
+                   bias=describe(bias), scale=describe(scale), out=describe(out),
+                   dout=describe(dout), lse=describe(lse), dq=describe(dq),
+                   dk=describe(dk), dv=describe(dv),
+                   dbias=describe(dbias) if need_dbias else None,
+                   dscale=describe(dscale) if need_dscale else None)
+    options = _options(scale_value, groups, causal, l2norm_qk, deterministic)
+    with _on_device(q.device) as stream:
+        nbytes = _lib.backward_workspace_size(options, **tensors)
+        ws, ws_ptr = _workspace(nbytes, q.device)
+        _lib.backward(options, **tensors, workspace=ws_ptr, workspace_bytes=nbytes,
+                      stream=stream)
+    return dq, dk, dv, dbias, dscale
+
+
+def _backward_outputs(q, k, v, bias, scale, need_dbias, need_dscale, empty):
+    dq = empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = empty(k.shape, dtype=k.dtype, device=q.device)
+    dv = empty(v.shape, dtype=v.dtype, device=q.device)
+    dbias = (empty(bias.shape, dtype=bias.dtype, device=q.device) if need_dbias
+             else empty((0,), dtype=q.dtype, device=q.device))
+    dscale = (empty(scale.shape, dtype=torch.float32, device=q.device) if need_dscale
+              else empty((0,), dtype=torch.float32, device=q.device))
+    return dq, dk, dv, dbias, dscale
+
+
+@backward_op.register_fake
+def _backward_fake(dout, q, k, v, mask, bias, scale, out, lse, scale_value, groups, causal,
+                   l2norm_qk, deterministic, need_dbias, need_dscale):
+    return _backward_outputs(q, k, v, bias, scale, need_dbias, need_dscale, q.new_empty)
+
+
+# ---------------------------------------------------------------- autograd
+
+def _setup_context(ctx, inputs, output):
+    (q, k, v, mask, bias, scale, scale_value, groups, causal, l2norm_qk, deterministic,
+     need_lse) = inputs
+    out, lse = output
+    # lse is a statistic for composing partial results, returned without a gradient.
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, mask, bias, scale, out, lse)
+    ctx.flags = (scale_value, groups, causal, l2norm_qk, deterministic)
+    ctx.has_lse = need_lse
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, mask, bias, scale, out, lse = ctx.saved_tensors
+    if not ctx.has_lse:
+        raise RuntimeError("fcsa: the forward ran without lse, so it cannot be "
+                           "differentiated (no input required grad when it ran)")
+    need_dbias = bias is not None and ctx.needs_input_grad[4]
+    need_dscale = scale is not None and ctx.needs_input_grad[5]
+    dq, dk, dv, dbias, dscale = torch.ops.fcsa.backward(
+        last_dim_contiguous(dout), q, k, v, mask, bias, scale, out, lse, *ctx.flags,
+        need_dbias, need_dscale)
+    return (dq, dk, dv, None, dbias if need_dbias else None,
+            dscale if need_dscale else None, None, None, None, None, None, None)
+
+
+forward_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,130 @@
+"""The public functions: fused attention, its plain PyTorch counterpart, l2norm."""
+
+import numbers
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _ops
+from ._inputs import KERNEL_DTYPES, REFERENCE_DTYPES, canonical_inputs
+
+L2NORM_EPS = 1e-12
+
+
+def flash_cosine_sim_attention(q, k, v, mask=None, attn_bias=None, scale=8, groups=1,
+                               causal=False, l2norm_qk=True, attn_bias_batch_dim=False, *,
+                               return_lse=False, deterministic=False):
+    """Fused cosine-similarity attention.
+
+    For each query row i: s_ij = scale * <l2norm(q_i), l2norm(k_j)> + bias_ij over the
+    visible keys j, out_i = softmax(s_i) @ v. The n x n matrix is never materialized.
+
+    Args:
+        q: (b, h, nq, d), or (B, nq, d) with batch and heads merged.
+        k, v: (b, hk, nk, d) with h % hk == 0, or (b, nk, d) single-headed; (B, nk, d)
+            with a 3-D q. Same dtype as q: float32, float16 or bfloat16.
+        mask: bool (b, nk), True where a key may be attended.
+        attn_bias: (h, nq, nk); (b, nq, nk) with attn_bias_batch_dim=True; or 4-D
+            broadcastable to (b, h, nq, nk). q's dtype or float32.
+        scale: a float, or a tensor of shape () or (h,) (learnable per-head temperature).
+        groups: l2norm over this many equal chunks of the head dim.
+        causal: key j is hidden from row i when j > i + nk - nq (aligned to the end).
+        l2norm_qk: normalize q and k inside the kernel (False: they come normalized).
+        return_lse: also return lse = log sum_j exp(s_ij), float32 (b, h, nq) or
+            (B, nq), -inf for a row that sees no key. It carries no gradient.
+        deterministic: make the backward bitwise reproducible.
+
+    Returns:
+        out, of q's shape and dtype; or (out, lse) when return_lse.
+    """
+    x = canonical_inputs(q, k, v, mask, attn_bias, scale, groups, attn_bias_batch_dim,
+                         KERNEL_DTYPES)
+    if x.q.device.type not in ("cpu", "cuda"):
+        raise NotImplementedError(f"fcsa runs on CPU and CUDA tensors; q is on {x.q.device}")
+    q, k, v, mask, bias = map(_ops.last_dim_contiguous, (x.q, x.k, x.v, x.mask, x.bias))
+    scale_t = None if x.scale is None else _ops.last_dim_contiguous(x.scale.float())
+
+    # The backward needs lse: compute it whenever a gradient may be asked for.
+    need_lse = bool(return_lse) or (torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, bias, scale_t)))
+    out, lse = torch.ops.fcsa.forward(q, k, v, mask, bias, scale_t, x.scale_value,
+                                      int(groups), bool(causal), bool(l2norm_qk),
+                                      bool(deterministic), need_lse)
+    if x.merged:
+        out = out.squeeze(1)
+        lse = lse.squeeze(1) if return_lse else lse
+    return (out, lse) if return_lse else out
+
+
+def l2norm_tensors(*tensors, groups=1):
+    """Each tensor divided by its l2 norm over the last dim, taken separately over
+    `groups` equal chunks: x / max(|x|, 1e-12), the norm computed in float32 (or
+    float64 for float64 input). Returns a tuple, each tensor in its own dtype."""
+    if not tensors:
+        raise ValueError("l2norm_tensors needs at least one tensor")
+    if isinstance(groups, bool) or not isinstance(groups, numbers.Integral):
+        raise TypeError(f"groups must be an int, got {type(groups).__name__}")
+    for i, t in enumerate(tensors):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"tensors[{i}] must be a torch.Tensor, got {type(t).__name__}")
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"tensors[{i}] must be floating point, got {t.dtype}")
+        if t.dim() == 0 or groups < 1 or t.shape[-1] % groups != 0:
+            raise ValueError(f"groups must be a positive divisor of the last dim of "
+                             f"tensors[{i}] (shape {tuple(t.shape)}), got {groups}")
+    return tuple(_l2norm(t, groups) for t in tensors)
+
+
+def _l2norm(t: Tensor, groups: int) -> Tensor:
+    x = t.to(torch.promote_types(t.dtype, torch.float32))
+    x = x.unflatten(-1, (groups, t.shape[-1] // groups))
+    x = F.normalize(x, p=2.0, dim=-1, eps=L2NORM_EPS)
+    return x.flatten(-2).to(t.dtype)
+
+
+def plain_cosine_sim_attention(q, k, v, mask=None, attn_bias=None, scale=8, groups=1,
+                               causal=False, l2norm_qk=True, attn_bias_batch_dim=False, *,
+                               return_lse=False):
+    """The same function as flash_cosine_sim_attention, written in plain PyTorch: it
+    materializes the (nq, nk) score matrix and runs in the inputs' dtype (float64
+    included), so it works on any device and serves as the reference."""
+    x = canonical_inputs(q, k, v, mask, attn_bias, scale, groups, attn_bias_batch_dim,
+                         REFERENCE_DTYPES)
+    q, k, v = x.q, x.k, x.v
+    b, h, nq, _ = q.shape
+    hk, nk = k.shape[1], k.shape[2]
+    if l2norm_qk:
+        q, k = l2norm_tensors(q, k, groups=groups)
+    if hk != h:
+        k = k.repeat_interleave(h // hk, dim=1)
+        v = v.repeat_interleave(h // hk, dim=1)
+
+    sim = q @ k.transpose(-1, -2)
+    if x.scale is None:
+        sim = sim * x.scale_value
+    else:
+        s = x.scale.to(sim.dtype)
+        sim = sim * (s.view(1, h, 1, 1) if s.dim() == 1 else s)
+    if x.bias is not None:
+        sim = sim + x.bias.to(sim.dtype)
+
+    visible = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=q.device)
+    if x.mask is not None:
+        visible = visible & x.mask[:, None, None, :]
+    if causal:
+        rows = torch.ones(nq, nk, dtype=torch.bool, device=q.device)
+        visible = visible & rows.tril(nk - nq)
+    visible = visible.expand(b, h, nq, nk)
+
+    # A row that sees no key gets weights of zero: out 0, no gradient, no NaN.
+    attn = sim.masked_fill(~visible, torch.finfo(sim.dtype).min).softmax(dim=-1)
+    attn = attn.masked_fill(~visible, 0.0)
+    out = attn @ v
+    if x.merged:
+        out = out.squeeze(1)
+    if not return_lse:
+        return out
+    lse = sim.to(torch.promote_types(sim.dtype, torch.float32))
+    lse = lse.masked_fill(~visible, float("-inf")).logsumexp(dim=-1)
+    return out, (lse.squeeze(1) if x.merged else lse)

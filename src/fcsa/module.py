@@ -1,0 +1,66 @@
+"""CosineSimAttention: a multi-head attention layer built on the fused kernel."""
+
+import torch
+from torch import nn
+
+from .attention import flash_cosine_sim_attention
+
+
+class CosineSimAttention(nn.Module):
+    """Multi-head cosine-similarity attention with its projections.
+
+    x (b, n, dim) -> (b, n, dim). Queries come from x; keys and values from `context`
+    when given (cross attention), else from x.
+
+    Args:
+        dim: model width of x.
+        heads: query heads.
+        dim_head: width of each head.
+        kv_heads: key/value heads (grouped-query attention); None: heads. Must divide
+            heads; 1 is single-headed key/values.
+        scale: the logit scale (temperature).
+        learned_scale: make the scale a learnable per-head parameter, initialized to
+            `scale`.
+        causal: each position attends to itself and the ones before it (aligned to the
+            end when the context is longer).
+        groups: l2norm over this many chunks of each head.
+        dim_context: width of `context`; None: dim.
+    """
+
+    def __init__(self, dim, *, heads=8, dim_head=64, kv_heads=None, scale=8.0,
+                 learned_scale=False, causal=False, groups=1, dim_context=None):
+        super().__init__()
+        kv_heads = heads if kv_heads is None else kv_heads
+        if kv_heads < 1 or heads % kv_heads != 0:
+            raise ValueError(f"kv_heads ({kv_heads}) must divide heads ({heads})")
+        self.heads, self.kv_heads, self.dim_head = heads, kv_heads, dim_head
+        self.causal, self.groups = causal, groups
+        dim_context = dim if dim_context is None else dim_context
+        self.to_q = nn.Linear(dim, heads * dim_head, bias=False)
+        self.to_kv = nn.Linear(dim_context, 2 * kv_heads * dim_head, bias=False)
+        self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
+        if learned_scale:
+            self.scale = nn.Parameter(torch.full((heads,), float(scale)))
+        else:
+            self.scale = float(scale)
+
+    def forward(self, x, context=None, mask=None, attn_bias=None):
+        """mask: bool (b, context length), True = attend. attn_bias: as in
+        flash_cosine_sim_attention, (heads, n, context length) or 4-D broadcastable."""
+        context = x if context is None else context
+        b, n, _ = x.shape
+        m = context.shape[1]
+        # (b, n, heads * dim_head) -> (b, heads, n, dim_head): views, no copies.
+        q = self.to_q(x).view(b, n, self.heads, self.dim_head).transpose(1, 2)
+        k, v = self.to_kv(context).chunk(2, dim=-1)
+        k = k.reshape(b, m, self.kv_heads, self.dim_head).transpose(1, 2)
+        v = v.reshape(b, m, self.kv_heads, self.dim_head).transpose(1, 2)
+        out = flash_cosine_sim_attention(q, k, v, mask=mask, attn_bias=attn_bias,
+                                         scale=self.scale, groups=self.groups,
+                                         causal=self.causal)
+        out = out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head)
+        return self.to_out(out)
+
+    def extra_repr(self):
+        return (f"heads={self.heads}, kv_heads={self.kv_heads}, dim_head={self.dim_head}, "
+                f"causal={self.causal}, groups={self.groups}")

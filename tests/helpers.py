@@ -1,0 +1,117 @@
+"""Shared by the tests: devices, dtypes, and the comparison against the float64 reference.
+
+The fused function's error is bounded by PyTorch's own at the same precision:
+
+    max|fused - ref| <= 2 * max|plain_lowprec - ref| + atol * max(1, max|ref|)
+
+where ref is plain_cosine_sim_attention in float64 on the same (rounded) inputs and
+plain_lowprec the same plain computation in the tested dtype.
+"""
+
+import pytest
+import torch
+
+import fcsa
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+GRAD_NAMES = ("q", "k", "v", "attn_bias", "scale")
+
+
+def dtype_id(dtype):
+    return str(dtype).replace("torch.", "")
+
+
+def default_run(attention, **tensors):
+    return attention(**tensors)
+
+
+def attention_results(attention, run, tensors, dout):
+    """Runs run(attention, **tensors); returns {"out", "lse"?, and the gradients}."""
+    result = run(attention, **tensors)
+    out, lse = result if isinstance(result, tuple) else (result, None)
+    results = {"out": out.detach()}
+    if lse is not None:
+        results["lse"] = lse.detach()
+    wrt = [n for n in GRAD_NAMES if n in tensors and tensors[n].requires_grad]
+    if dout is not None and wrt:
+        grads = torch.autograd.grad(out, [tensors[n] for n in wrt], dout, allow_unused=True)
+        for n, g in zip(wrt, grads):
+            results["d" + n] = torch.zeros_like(tensors[n]) if g is None else g
+    return results
+
+
+def assert_bounded(name, got, ref, lowprec, atol):
+    """got within 2x of PyTorch's own error at the same precision, plus atol."""
+    assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    got, ref, lowprec = (t.detach().double().cpu() for t in (got, ref, lowprec))
+    if got.numel() == 0:
+        return
+    # -inf marks rows without a visible key (lse): they must agree exactly.
+    infinite = torch.isinf(ref)
+    assert torch.equal(torch.isinf(got), infinite), f"{name}: infinities differ"
+    assert torch.equal(got[infinite], ref[infinite]), f"{name}: infinities differ"
+    got, ref, lowprec = got[~infinite], ref[~infinite], lowprec[~infinite]
+    assert torch.isfinite(got).all(), f"{name}: not finite"
+    if got.numel() == 0:
+        return
+    err = (got - ref).abs().max().item()
+    base = (lowprec - ref).abs().max().item()
+    tol = 2 * base + atol * max(1.0, ref.abs().max().item())
+    assert err <= tol, (f"{name}: max error {err:.3g} exceeds {tol:.3g} "
+                        f"(plain torch at this precision: {base:.3g})")
+
+
+def check_attention(tensors, dtype, device, run=default_run, *, grad=True, bias_fp32=False,
+                    atol=None, deterministic=None):
+    """Checks the fused function against the float64 reference.
+
+    tensors: float32 (or bool) CPU tensors, keyword arguments of the attention function;
+    floating ones are cast to `dtype` (attn_bias to float32 with bias_fp32, scale always
+    float32) and moved to `device`. run(attention, **tensors) calls the function.
+    Returns the fused results (dict of out, lse and gradients).
+    """
+    atol = ATOL[dtype] if atol is None else atol
+
+    def cast(name, t):
+        if not t.is_floating_point():
+            return t.to(device)
+        to = dtype
+        if name == "scale" or (name == "attn_bias" and bias_fp32):
+            to = torch.float32
+        return t.to(device=device, dtype=to).requires_grad_(grad)
+
+    low = {n: cast(n, t) for n, t in tensors.items()}
+    ref_in = {n: (t.detach().cpu().double().requires_grad_(grad) if t.is_floating_point()
+                  else t.cpu()) for n, t in low.items()}
+    plain_in = {n: (t.detach().clone().requires_grad_(grad) if t.is_floating_point() else t)
+                for n, t in low.items()}
+
+    flash = fcsa.flash_cosine_sim_attention
+    if deterministic is not None:
+        def flash(*args, **kwargs):
+            return fcsa.flash_cosine_sim_attention(*args, deterministic=deterministic,
+                                                   **kwargs)
+
+    # The output has q's shape.
+    dout = torch.randn(tensors["q"].shape).to(device=device, dtype=dtype) if grad else None
+    got = attention_results(flash, run, low, dout)
+    ref = attention_results(fcsa.plain_cosine_sim_attention, run, ref_in,
+                            None if dout is None else dout.double().cpu())
+    plain = attention_results(fcsa.plain_cosine_sim_attention, run, plain_in, dout)
+
+    assert set(got) == set(ref), f"results {sorted(got)} != {sorted(ref)}"
+    assert got["out"].dtype == dtype and got["out"].device.type == device
+    for name in got:
+        if name.startswith("d"):
+            assert got[name].dtype == low[name[1:]].dtype, f"{name}: dtype"
+        assert_bounded(name, got[name], ref[name], plain[name], atol)
+    return got
+
+
+def random_mask(b, n, p=0.7):
+    """A bool (b, n) mask with about p of the keys visible, at least one per row."""
+    mask = torch.rand(b, n) < p
+    mask[:, torch.randint(n, (1,))] = True
+    return mask

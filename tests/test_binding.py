@@ -1,0 +1,176 @@
+"""fcsa._lib called directly: queries, poisoned outputs overwritten, failed validation
+writes nothing, statuses mapped to the right exceptions."""
+
+import os
+
+import pytest
+import torch
+
+import fcsa
+from fcsa import _lib
+from fcsa._ops import describe
+
+
+def test_version_and_build_queries():
+    assert fcsa.__version__ == _lib.version()
+    assert _lib.abi_version() == _lib.ABI_VERSION
+    info = fcsa.build_info()
+    assert isinstance(info, str) and _lib.version() in info
+    assert isinstance(fcsa.cuda_compiled(), bool)
+    assert isinstance(fcsa.cuda_available(), bool)
+    if not fcsa.cuda_compiled():
+        assert not fcsa.cuda_available()
+        assert fcsa.compiled_sm_targets() == ()
+    else:
+        assert all(isinstance(t, int) and t >= 80 for t in fcsa.compiled_sm_targets())
+    assert _lib.status_string(0) == "FCSA_STATUS_SUCCESS"
+    assert _lib.backend_name(_lib.BACKEND_CPU) == "cpu"
+
+
+def test_c_user_paths():
+    assert os.path.isfile(os.path.join(fcsa.get_include(), "fcsa.h"))
+    assert os.path.isfile(fcsa.get_library())
+
+
+def test_last_backend_cpu():
+    q, k, v = (torch.randn(1, 1, 4, 8) for _ in range(3))
+    fcsa.flash_cosine_sim_attention(q, k, v)
+    assert fcsa.last_backend() == "cpu"
+
+
+def test_options_defaults_and_repr():
+    text = repr(_lib.Options())
+    assert "scale=8.0" in text and "groups=1" in text and "l2norm_qk=True" in text
+
+
+def problem(b=2, h=4, hk=2, nq=13, nk=21, d=24, bias_shape=(1, 4, 13, 1), scale_shape=(4,)):
+    t = dict(q=torch.randn(b, h, nq, d), k=torch.randn(b, hk, nk, d),
+             v=torch.randn(b, hk, nk, d), mask=torch.rand(b, nk) < 0.8,
+             bias=torch.randn(bias_shape), scale=4 + 4 * torch.rand(scale_shape))
+    t["mask"][:, 0] = True
+    return t
+
+
+def poisoned(shape, dtype=torch.float32):
+    return torch.full(shape, float("nan"), dtype=dtype)
+
+
+def test_forward_and_backward_overwrite_poisoned_outputs():
+    t = problem()
+    b, h, nq, d = t["q"].shape
+    opts = _lib.Options(causal=True)
+    out, lse = poisoned(t["q"].shape), poisoned((b, h, nq))
+    desc = {n: describe(x) for n, x in t.items()}
+    nbytes = _lib.forward_workspace_size(opts, **desc, out=describe(out), lse=describe(lse))
+    ws = torch.full((max(nbytes, 1),), 0xFF, dtype=torch.uint8)  # workspace garbage too
+    _lib.forward(opts, **desc, out=describe(out), lse=describe(lse),
+                 workspace=ws.data_ptr(), workspace_bytes=nbytes)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+
+    leaves = {n: x.double().requires_grad_() for n, x in t.items() if n != "mask"}
+    ref, ref_lse = fcsa.plain_cosine_sim_attention(
+        leaves["q"], leaves["k"], leaves["v"], mask=t["mask"], attn_bias=leaves["bias"],
+        scale=leaves["scale"], causal=True, return_lse=True)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
+
+    dout = torch.randn_like(out)
+    grads = {n: poisoned(x.shape) for n, x in leaves.items()}
+    bdesc = dict(desc, out=describe(out), dout=describe(dout), lse=describe(lse),
+                 dq=describe(grads["q"]), dk=describe(grads["k"]), dv=describe(grads["v"]),
+                 dbias=describe(grads["bias"]), dscale=describe(grads["scale"]))
+    nbytes = _lib.backward_workspace_size(opts, **bdesc)
+    ws = torch.full((max(nbytes, 1),), 0xFF, dtype=torch.uint8)
+    _lib.backward(opts, **bdesc, workspace=ws.data_ptr(), workspace_bytes=nbytes)
+
+    ref_grads = torch.autograd.grad(ref, list(leaves.values()), dout.double())
+    for (name, got), want in zip(grads.items(), ref_grads):
+        assert torch.isfinite(got).all(), name
+        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_failed_validation_writes_nothing():
+    t = problem()
+    b, h, nq, d = t["q"].shape
+    sentinel = 12345.0
+    out = torch.full(t["q"].shape, sentinel)
+    bad_lse = torch.full((b, h, nq + 1), sentinel)  # wrong shape
+    desc = {n: describe(x) for n, x in t.items()}
+    with pytest.raises(ValueError, match="lse"):
+        _lib.forward(_lib.Options(), **desc, out=describe(out), lse=describe(bad_lse))
+    assert (out == sentinel).all() and (bad_lse == sentinel).all()
+
+    grads = [torch.full(x.shape, sentinel) for x in (t["q"], t["k"], t["v"])]
+    good_lse = torch.zeros(b, h, nq)
+    bad_dout = torch.randn(b, h, nq, d).half()  # dtype differs from q's
+    with pytest.raises(TypeError):
+        _lib.backward(_lib.Options(), **desc, out=describe(out), dout=describe(bad_dout),
+                      lse=describe(good_lse), dq=describe(grads[0]), dk=describe(grads[1]),
+                      dv=describe(grads[2]))
+    for g in grads:
+        assert (g == sentinel).all()
+
+
+def test_library_errors_map_to_exceptions():
+    t = problem()
+    opts = _lib.Options()
+    out = torch.empty(t["q"].shape)
+    desc = {n: describe(x) for n, x in t.items()}
+
+    # Wrong dtype -> TypeError, wrong shape -> ValueError, with the library's message.
+    half_v = describe(t["v"].half())
+    with pytest.raises(TypeError) as info:
+        _lib.forward(opts, **dict(desc, v=half_v), out=describe(out))
+    assert "v" in str(info.value)
+    with pytest.raises(ValueError) as info:
+        _lib.forward(opts, **dict(desc, out=describe(torch.empty(3, 3))))
+    assert "out" in str(info.value)
+    # Last-dim stride other than 1 -> ValueError naming the tensor.
+    ptr, dtype, dev, idx, shape, strides = desc["q"]
+    with pytest.raises(ValueError, match="q"):
+        _lib.forward(opts, **dict(desc, q=(ptr, dtype, dev, idx, shape, strides[:3] + (2,))),
+                     out=describe(out))
+    # A groups value that does not divide d -> ValueError naming groups.
+    with pytest.raises(ValueError, match="groups"):
+        _lib.forward(_lib.Options(groups=5), **desc, out=describe(out))
+    # Malformed descriptors are refused by the binding itself.
+    with pytest.raises(TypeError, match="q"):
+        _lib.forward(opts, **dict(desc, q=(1, 2)), out=describe(out))
+    with pytest.raises(ValueError, match="q"):
+        _lib.forward(opts, **dict(desc, q=(ptr, dtype, dev, idx, (1,) * 5, (1,) * 5)),
+                     out=describe(out))
+    # The process keeps working.
+    _lib.forward(opts, **desc, out=describe(out))
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.skipif(fcsa.cuda_compiled(), reason="libfcsa has CUDA backends")
+def test_cuda_descriptor_in_cpu_only_build_is_not_supported():
+    t = problem()
+    out = torch.empty(t["q"].shape)
+    cuda = {}
+    for name, x in dict(t, out=out).items():
+        ptr, dtype, _, _, shape, strides = describe(x)
+        cuda[name] = (ptr, dtype, _lib.DEVICE_CUDA, 0, shape, strides)
+    with pytest.raises(NotImplementedError, match="CUDA"):
+        _lib.forward(_lib.Options(), **cuda)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or fcsa.cuda_compiled(),
+                    reason="needs a CUDA GPU and a CPU-only libfcsa")
+def test_cuda_tensors_in_cpu_only_build_raise_not_implemented():
+    q, k, v = (torch.randn(1, 2, 8, 16, device="cuda") for _ in range(3))
+    with pytest.raises(NotImplementedError):
+        fcsa.flash_cosine_sim_attention(q, k, v)
+
+
+def test_workspace_too_small_is_refused():
+    t = problem(nq=300, nk=300)
+    desc = {n: describe(x) for n, x in t.items()}
+    out = torch.empty(t["q"].shape)
+    nbytes = _lib.forward_workspace_size(_lib.Options(), **desc, out=describe(out))
+    if nbytes == 0:
+        pytest.skip("this call needs no workspace")
+    with pytest.raises(RuntimeError, match="WORKSPACE"):
+        _lib.forward(_lib.Options(), **desc, out=describe(out), workspace=0,
+                     workspace_bytes=nbytes - 1)

@@ -1,0 +1,113 @@
+"""CUDA-only checks: the GPU backend against the CPU backend, the backend reported, the
+stream and device used, and CUDA graph capture. The shared accuracy tests in the other
+files run on CUDA too (their `cuda` parameter)."""
+
+import pytest
+import torch
+
+import fcsa
+from helpers import dtype_id
+
+pytestmark = pytest.mark.cuda
+
+
+def inputs(b, h, hk, nq, nk, d, dtype, device="cuda"):
+    q = torch.randn(b, h, nq, d, device=device, dtype=dtype)
+    k = torch.randn(b, hk, nk, d, device=device, dtype=dtype)
+    v = torch.randn(b, hk, nk, d, device=device, dtype=dtype)
+    return q, k, v
+
+
+def test_backend_name():
+    q, k, v = inputs(1, 2, 2, 64, 64, 64, torch.float16)
+    fcsa.flash_cosine_sim_attention(q, k, v)
+    assert fcsa.last_backend() == "cuda-sm80"
+    assert fcsa.cuda_compiled() and fcsa.compiled_sm_targets()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("d", [32, 64, 128])
+def test_matches_cpu_backend(d, dtype):
+    b, h, hk, nq, nk = 2, 4, 2, 100, 177
+    q, k, v = (t.requires_grad_() for t in inputs(b, h, hk, nq, nk, d, dtype))
+    mask = torch.rand(b, nk, device="cuda") < 0.8
+    mask[:, 0] = True
+    bias = torch.randn(1, h, nq, nk, device="cuda", dtype=dtype, requires_grad=True)
+    scale = torch.full((h,), 9.0, device="cuda", requires_grad=True)
+    leaves = (q, k, v, bias, scale)
+    cpu_leaves = [t.detach().cpu().requires_grad_() for t in leaves]
+
+    def run(q, k, v, bias, scale, mask):
+        out, lse = fcsa.flash_cosine_sim_attention(q, k, v, mask=mask, attn_bias=bias,
+                                                   scale=scale, causal=True, return_lse=True)
+        return out, lse
+
+    out, lse = run(*leaves, mask)
+    cpu_out, cpu_lse = run(*cpu_leaves, mask.cpu())
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, dout)
+    cpu_grads = torch.autograd.grad(cpu_out, cpu_leaves, dout.cpu())
+
+    tol = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
+    torch.testing.assert_close(out.cpu(), cpu_out, atol=tol, rtol=tol)
+    torch.testing.assert_close(lse.cpu(), cpu_lse, atol=1e-3, rtol=1e-4)
+    for name, g, c in zip(("q", "k", "v", "bias", "scale"), grads, cpu_grads):
+        scale_ = max(1.0, c.abs().max().item())
+        torch.testing.assert_close(g.cpu().float(), c.float(), atol=tol * scale_, rtol=tol,
+                                   msg=name)
+
+
+def test_runs_on_the_tensors_device_and_current_stream():
+    q, k, v = inputs(2, 2, 2, 128, 128, 64, torch.float16)
+    ref = fcsa.flash_cosine_sim_attention(q, k, v, causal=True)
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        out = fcsa.flash_cosine_sim_attention(q, k, v, causal=True)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_second_device():
+    q, k, v = inputs(1, 2, 2, 64, 64, 64, torch.bfloat16, device="cuda:1")
+    out = fcsa.flash_cosine_sim_attention(q, k, v)
+    assert out.device == q.device
+    ref = fcsa.flash_cosine_sim_attention(q.cpu(), k.cpu(), v.cpu())
+    torch.testing.assert_close(out.cpu(), ref, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+def test_cuda_graph_capture_of_forward(dtype):
+    q, k, v = inputs(2, 4, 4, 200, 200, 64, dtype)
+    mask = torch.ones(2, 200, dtype=torch.bool, device="cuda")
+
+    # Warm up on a side stream, as torch recommends before capture.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fcsa.flash_cosine_sim_attention(q, k, v, mask=mask, causal=True)
+    torch.cuda.current_stream().wait_stream(side)
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fcsa.flash_cosine_sim_attention(q, k, v, mask=mask, causal=True)
+
+    for _ in range(2):
+        q.copy_(torch.randn_like(q))
+        mask.copy_(torch.rand(2, 200, device="cuda") < 0.7)
+        mask[:, 0] = True
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = fcsa.flash_cosine_sim_attention(q, k, v, mask=mask, causal=True)
+        torch.testing.assert_close(out, ref, atol=0, rtol=0)
+
+
+def test_large_batch_many_heads():
+    q, k, v = inputs(8, 16, 4, 512, 512, 128, torch.bfloat16)
+    out = fcsa.flash_cosine_sim_attention(q, k, v, causal=True)
+    ref = fcsa.plain_cosine_sim_attention(q.double(), k.double(), v.double(), causal=True)
+    low = fcsa.plain_cosine_sim_attention(q, k, v, causal=True)
+    err = (out.double() - ref).abs().max()
+    assert err <= 2 * (low.double() - ref).abs().max() + 1.6e-2
