@@ -200,6 +200,8 @@ def parse_args(argv=None):
     p.add_argument("--prime-length", type=int, default=128)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--checkpoint", default="checkpoints/byte-gpt.pt", metavar="PATH",
                    help="where the final model, optimizer state and arguments go")
     p.add_argument("--dim", type=int, default=512)
@@ -227,6 +229,8 @@ def validate(model, data, args, gen, device, autocast) -> float:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
 

@@ -42,8 +42,9 @@ def attention_results(attention, run, tensors, dout):
     return results
 
 
-def assert_bounded(name, got, ref, lowprec, atol):
-    """got within 2x of PyTorch's own error at the same precision, plus atol."""
+def assert_bounded(name, got, ref, lowprec, atol, magnitude=1.0):
+    """got within 2x of PyTorch's own error at the same precision, plus atol relative to
+    the larger of max|ref| and `magnitude` (the size of the terms a reduction sums)."""
     assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
     got, ref, lowprec = (t.detach().double().cpu() for t in (got, ref, lowprec))
     if got.numel() == 0:
@@ -58,7 +59,7 @@ def assert_bounded(name, got, ref, lowprec, atol):
         return
     err = (got - ref).abs().max().item()
     base = (lowprec - ref).abs().max().item()
-    tol = 2 * base + atol * max(1.0, ref.abs().max().item())
+    tol = 2 * base + atol * max(1.0, magnitude, ref.abs().max().item())
     assert err <= tol, (f"{name}: max error {err:.3g} exceeds {tol:.3g} "
                         f"(plain torch at this precision: {base:.3g})")
 
@@ -103,11 +104,32 @@ def check_attention(tensors, dtype, device, run=default_run, *, grad=True, bias_
 
     assert set(got) == set(ref), f"results {sorted(got)} != {sorted(ref)}"
     assert got["out"].dtype == dtype and got["out"].device.type == device
+    magnitudes = {}
+    if grad and "attn_bias" in tensors and tensors["attn_bias"].dim() == 4:
+        magnitudes["dattn_bias"] = bias_gradient_magnitude(run, ref_in, dout)
     for name in got:
         if name.startswith("d"):
             assert got[name].dtype == low[name[1:]].dtype, f"{name}: dtype"
-        assert_bounded(name, got[name], ref[name], plain[name], atol)
+        assert_bounded(name, got[name], ref[name], plain[name], atol,
+                       magnitudes.get(name, 1.0))
     return got
+
+
+def bias_gradient_magnitude(run, ref_in, dout):
+    """The largest sum of |d score| that one entry of a broadcast 4-D bias's gradient
+    adds up. Where the bias is constant along the keys, the exact gradient is 0 (each
+    softmax row's score gradients sum to 0), so the error is measured against the size
+    of the terms summed, not against the result."""
+    bias = ref_in["attn_bias"]
+    q, k = ref_in["q"], ref_in["k"]
+    b, h, nq = (q.shape[0], 1, q.shape[1]) if q.dim() == 3 else tuple(q.shape[:3])
+    full = bias.detach().expand(b, h, nq, k.shape[-2]).clone().requires_grad_()
+    result = run(fcsa.plain_cosine_sim_attention, **dict(ref_in, attn_bias=full))
+    out = result[0] if isinstance(result, tuple) else result
+    (dscore,) = torch.autograd.grad(out, [full], dout.double().cpu())
+    reduced = [i for i in range(4) if bias.shape[i] == 1 and full.shape[i] != 1]
+    total = dscore.abs().sum(dim=reduced) if reduced else dscore.abs()
+    return total.max().item()
 
 
 def random_mask(b, n, p=0.7):

@@ -43,12 +43,26 @@ def test_options_defaults_and_repr():
     assert "scale=8.0" in text and "groups=1" in text and "l2norm_qk=True" in text
 
 
-def problem(b=2, h=4, hk=2, nq=13, nk=21, d=24, bias_shape=(1, 4, 13, 1), scale_shape=(4,)):
+def problem(b=2, h=4, hk=2, nq=13, nk=21, d=24):
+    """Canonical inputs with a broadcast bias (1, h, nq, 1) and a per-head scale."""
     t = dict(q=torch.randn(b, h, nq, d), k=torch.randn(b, hk, nk, d),
              v=torch.randn(b, hk, nk, d), mask=torch.rand(b, nk) < 0.8,
-             bias=torch.randn(bias_shape), scale=4 + 4 * torch.rand(scale_shape))
+             bias=torch.randn(1, h, nq, 1), scale=4 + 4 * torch.rand(h))
     t["mask"][:, 0] = True
     return t
+
+
+def run_forward(options, **tensors):
+    """Workspace query, then the call, with a workspace full of garbage."""
+    nbytes = _lib.forward_workspace_size(options, **tensors)
+    ws = torch.full((max(nbytes, 1),), 0xFF, dtype=torch.uint8)
+    _lib.forward(options, **tensors, workspace=ws.data_ptr(), workspace_bytes=nbytes)
+
+
+def run_backward(options, **tensors):
+    nbytes = _lib.backward_workspace_size(options, **tensors)
+    ws = torch.full((max(nbytes, 1),), 0xFF, dtype=torch.uint8)
+    _lib.backward(options, **tensors, workspace=ws.data_ptr(), workspace_bytes=nbytes)
 
 
 def poisoned(shape, dtype=torch.float32):
@@ -61,10 +75,7 @@ def test_forward_and_backward_overwrite_poisoned_outputs():
     opts = _lib.Options(causal=True)
     out, lse = poisoned(t["q"].shape), poisoned((b, h, nq))
     desc = {n: describe(x) for n, x in t.items()}
-    nbytes = _lib.forward_workspace_size(opts, **desc, out=describe(out), lse=describe(lse))
-    ws = torch.full((max(nbytes, 1),), 0xFF, dtype=torch.uint8)  # workspace garbage too
-    _lib.forward(opts, **desc, out=describe(out), lse=describe(lse),
-                 workspace=ws.data_ptr(), workspace_bytes=nbytes)
+    run_forward(opts, **desc, out=describe(out), lse=describe(lse))
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
 
     leaves = {n: x.double().requires_grad_() for n, x in t.items() if n != "mask"}
@@ -79,9 +90,7 @@ def test_forward_and_backward_overwrite_poisoned_outputs():
     bdesc = dict(desc, out=describe(out), dout=describe(dout), lse=describe(lse),
                  dq=describe(grads["q"]), dk=describe(grads["k"]), dv=describe(grads["v"]),
                  dbias=describe(grads["bias"]), dscale=describe(grads["scale"]))
-    nbytes = _lib.backward_workspace_size(opts, **bdesc)
-    ws = torch.full((max(nbytes, 1),), 0xFF, dtype=torch.uint8)
-    _lib.backward(opts, **bdesc, workspace=ws.data_ptr(), workspace_bytes=nbytes)
+    run_backward(opts, **bdesc)
 
     ref_grads = torch.autograd.grad(ref, list(leaves.values()), dout.double())
     for (name, got), want in zip(grads.items(), ref_grads):
@@ -97,16 +106,16 @@ def test_failed_validation_writes_nothing():
     bad_lse = torch.full((b, h, nq + 1), sentinel)  # wrong shape
     desc = {n: describe(x) for n, x in t.items()}
     with pytest.raises(ValueError, match="lse"):
-        _lib.forward(_lib.Options(), **desc, out=describe(out), lse=describe(bad_lse))
+        run_forward(_lib.Options(), **desc, out=describe(out), lse=describe(bad_lse))
     assert (out == sentinel).all() and (bad_lse == sentinel).all()
 
     grads = [torch.full(x.shape, sentinel) for x in (t["q"], t["k"], t["v"])]
     good_lse = torch.zeros(b, h, nq)
     bad_dout = torch.randn(b, h, nq, d).half()  # dtype differs from q's
     with pytest.raises(TypeError):
-        _lib.backward(_lib.Options(), **desc, out=describe(out), dout=describe(bad_dout),
-                      lse=describe(good_lse), dq=describe(grads[0]), dk=describe(grads[1]),
-                      dv=describe(grads[2]))
+        run_backward(_lib.Options(), **desc, out=describe(out), dout=describe(bad_dout),
+                     lse=describe(good_lse), dq=describe(grads[0]), dk=describe(grads[1]),
+                     dv=describe(grads[2]))
     for g in grads:
         assert (g == sentinel).all()
 
@@ -140,7 +149,7 @@ def test_library_errors_map_to_exceptions():
         _lib.forward(opts, **dict(desc, q=(ptr, dtype, dev, idx, (1,) * 5, (1,) * 5)),
                      out=describe(out))
     # The process keeps working.
-    _lib.forward(opts, **desc, out=describe(out))
+    run_forward(opts, **desc, out=describe(out))
     assert torch.isfinite(out).all()
 
 

@@ -62,12 +62,16 @@ def _options(scale_value, groups, causal, l2norm_qk, deterministic):
                         num_threads=torch.get_num_threads())
 
 
-def _workspace(nbytes: int, device: torch.device):
-    """A uint8 tensor of nbytes on device (None for 0) and its address."""
-    if nbytes == 0:
-        return None, 0
-    ws = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    return ws, ws.data_ptr()
+def _run(size_query, call, device, options, tensors):
+    """Asks the library for the workspace size, allocates the workspace through torch
+    on `device` and runs the call there, on the current stream. (On CUDA the work is
+    only enqueued; torch's caching allocator hands the workspace out again only to
+    work ordered after it on that stream.)"""
+    with _on_device(device) as stream:
+        nbytes = size_query(options, **tensors)
+        ws = torch.empty(nbytes, dtype=torch.uint8, device=device) if nbytes else None
+        call(options, **tensors, workspace=0 if ws is None else ws.data_ptr(),
+             workspace_bytes=nbytes, stream=stream)
 
 
 # ---------------------------------------------------------------- forward
@@ -85,11 +89,7 @@ def forward_op(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
                    bias=describe(bias), scale=describe(scale), out=describe(out),
                    lse=describe(lse) if need_lse else None)
     options = _options(scale_value, groups, causal, l2norm_qk, deterministic)
-    with _on_device(q.device) as stream:
-        nbytes = _lib.forward_workspace_size(options, **tensors)
-        ws, ws_ptr = _workspace(nbytes, q.device)
-        _lib.forward(options, **tensors, workspace=ws_ptr, workspace_bytes=nbytes,
-                     stream=stream)
+    _run(_lib.forward_workspace_size, _lib.forward, q.device, options, tensors)
     return out, lse
 
 
@@ -103,6 +103,19 @@ def _forward_fake(q, k, v, mask, bias, scale, scale_value, groups, causal, l2nor
 
 
 # ---------------------------------------------------------------- backward
+
+def _backward_outputs(q, k, v, bias, scale, need_dbias, need_dscale, empty):
+    """dq, dk, dv like q, k, v; dbias like bias and dscale like scale (float32) when
+    wanted, else of shape (0,). `empty` allocates (torch.empty, or new_empty when fake)."""
+    dq = empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = empty(k.shape, dtype=k.dtype, device=q.device)
+    dv = empty(v.shape, dtype=v.dtype, device=q.device)
+    dbias = (empty(bias.shape, dtype=bias.dtype, device=q.device) if need_dbias
+             else empty((0,), dtype=q.dtype, device=q.device))
+    dscale = (empty(scale.shape, dtype=torch.float32, device=q.device) if need_dscale
+              else empty((0,), dtype=torch.float32, device=q.device))
+    return dq, dk, dv, dbias, dscale
+
 
 @torch.library.custom_op("fcsa::backward", mutates_args=())
 def backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
@@ -121,22 +134,7 @@ def backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Te
                    dbias=describe(dbias) if need_dbias else None,
                    dscale=describe(dscale) if need_dscale else None)
     options = _options(scale_value, groups, causal, l2norm_qk, deterministic)
-    with _on_device(q.device) as stream:
-        nbytes = _lib.backward_workspace_size(options, **tensors)
-        ws, ws_ptr = _workspace(nbytes, q.device)
-        _lib.backward(options, **tensors, workspace=ws_ptr, workspace_bytes=nbytes,
-                      stream=stream)
-    return dq, dk, dv, dbias, dscale
-
-
-def _backward_outputs(q, k, v, bias, scale, need_dbias, need_dscale, empty):
-    dq = empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = empty(k.shape, dtype=k.dtype, device=q.device)
-    dv = empty(v.shape, dtype=v.dtype, device=q.device)
-    dbias = (empty(bias.shape, dtype=bias.dtype, device=q.device) if need_dbias
-             else empty((0,), dtype=q.dtype, device=q.device))
-    dscale = (empty(scale.shape, dtype=torch.float32, device=q.device) if need_dscale
-              else empty((0,), dtype=torch.float32, device=q.device))
+    _run(_lib.backward_workspace_size, _lib.backward, q.device, options, tensors)
     return dq, dk, dv, dbias, dscale
 
 

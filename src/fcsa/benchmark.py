@@ -314,12 +314,13 @@ MEMORY_METHOD_CUDA = (
     "included, the same for every implementation)"
 )
 MEMORY_METHOD_CPU = (
-    "each cell runs one forward+backward in a fresh interpreter: the child's ru_maxrss "
-    "(from wait4) minus its RSS while idle after importing torch and fcsa and one tiny "
-    "forward+backward of the same implementation (which pages in the code), its peak RSS "
-    "reset there (Linux clear_refs) so that earlier transient peaks hide nothing (inputs, "
-    "gradients and dout included, the same for every implementation)"
-)
+    "each cell runs in a fresh interpreter that imports torch and fcsa, runs one small "
+    "forward+backward of the same implementation (n <= 256: pages in the code, starts the "
+    "thread pool), resets its peak RSS (Linux /proc/self/clear_refs), then runs the cell's "
+    "forward+backward; reported: the peak RSS then (VmHWM) minus the idle RSS before it "
+    "(inputs, gradients and dout included, the same for every implementation). getrusage's "
+    "ru_maxrss is not used: it cannot be reset, and a spawned child's value also counts the "
+    "parent's memory at exec")
 
 
 def _step_once(impl: Impl, q, k, v):
@@ -359,33 +360,23 @@ def peak_memory_cuda(impl_name, s: Shape, dtype, device, args, seed):
         torch.cuda.empty_cache()
 
 
-def _maxrss_bytes(ru) -> int:
-    # Linux reports kilobytes, macOS bytes.
-    return int(ru.ru_maxrss) * (1 if sys.platform == "darwin" else 1024)
-
-
-def _run_child(spec: dict):
-    """Run one memory cell in a fresh interpreter; return (result dict, peak RSS bytes)."""
+def _run_child(spec: dict) -> dict:
+    """Run one memory cell in a fresh interpreter and return what it reports."""
     cmd = [sys.executable, "-m", "fcsa.benchmark", "--_memory-cell", json.dumps(spec)]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    out = p.stdout.read()
-    p.stdout.close()
-    # wait4 gives this child's own rusage (getrusage(RUSAGE_CHILDREN) would give the
-    # maximum over every child waited for so far).
-    _, status, ru = os.wait4(p.pid, 0)
-    p.returncode = os.waitstatus_to_exitcode(status)
-    result = None
-    for line in out.splitlines():
+    # A fixed mmap threshold: glibc then maps every large block afresh and unmaps it when
+    # freed, so the warm-up leaves no heap behind that the measured run could reuse.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                       env=env)
+    for line in reversed(p.stdout.splitlines()):
         if line.startswith(CHILD_TAG):
-            result = json.loads(line[len(CHILD_TAG):])
-    if result is None:
-        why = f"exit status {p.returncode}"
-        if p.returncode < 0:
-            why = f"killed by signal {-p.returncode}"
-        tail = out.strip().splitlines()[-1:] or [""]
-        result = {"status": "oom" if p.returncode == -9 else "error",
-                  "error": f"{why}: {tail[0]}"[:300]}
-    return result, _maxrss_bytes(ru)
+            return json.loads(line[len(CHILD_TAG):])
+    why = f"exit status {p.returncode}"
+    if p.returncode < 0:
+        why = f"killed by signal {-p.returncode}"
+    tail = p.stdout.strip().splitlines()[-1:] or [""]
+    return {"status": "oom" if p.returncode == -9 else "error",
+            "error": f"{why}: {tail[0]}"[:300]}
 
 
 def _reset_peak_rss():
@@ -403,6 +394,8 @@ def memory_child_main(spec: dict) -> int:
     import fcsa  # noqa: F401  (the idle baseline imports it too)
 
     _limit_address_space(spec["limit_bytes"])
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
     s = Shape(**spec["shape"])
     dtype = DTYPES[spec["dtype"]]
     cpu = torch.device("cpu")
@@ -415,11 +408,11 @@ def memory_child_main(spec: dict) -> int:
         _step_once(impl, q, k, v)
 
     try:
-        step(Shape(s.batch, s.heads, min(s.seq_len, 16), s.dim))
+        step(Shape(s.batch, s.heads, min(s.seq_len, 256), s.dim))
         _reset_peak_rss()
         idle = _proc_status_bytes("VmRSS")
         step(s)
-        res = {"status": "ok", "idle_rss": idle}
+        res = {"status": "ok", "idle_rss": idle, "peak_rss": _proc_status_bytes("VmHWM")}
     except Exception as err:
         res = {"status": "oom" if is_oom(err) else "n/a", "error": _one_line(err)}
     print(CHILD_TAG + json.dumps(res), flush=True)
@@ -653,15 +646,15 @@ def memory_row(run: Run, dtype: str, s: Shape, seed: int):
         else:
             spec = {"impl": name, "shape": asdict(s), "dtype": dtype, "seed": seed,
                     "mask_prob": args.mask_prob, "causal": args.causal, "scale": args.scale,
-                    "limit_bytes": args.cpu_mem_limit_bytes}
-            res, rss = _run_child(spec)
+                    "limit_bytes": args.cpu_mem_limit_bytes, "threads": args.threads}
+            res = _run_child(spec)
             status, err = res["status"], res.get("error")
             peak = None
             if status == "ok":
-                if res.get("idle_rss") is None:
+                if res.get("idle_rss") is None or res.get("peak_rss") is None:
                     status, err = "n/a", "no /proc/self/status to read the RSS from"
                 else:
-                    peak = max(0, rss - res["idle_rss"])
+                    peak = max(0, res["peak_rss"] - res["idle_rss"])
         cells[name] = (status, peak, err)
         run.records.append(Record(
             "memory", dtype, "fwd+bwd", args.causal, args.mask_prob, s.seq_len, s.batch,
@@ -811,6 +804,8 @@ def parse_args(argv=None):
     p.add_argument("--timer", choices=("auto", "do_bench", "events", "wall"), default="auto",
                    help="auto: do_bench when triton imports, else CUDA events; wall on CPU")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--json", metavar="PATH", help="write every measurement here")
     p.add_argument("--plot", metavar="PATH", help="TFLOP/s vs sequence length, a PNG")
     p.add_argument("--memory", action="store_true",
@@ -932,6 +927,9 @@ def main(argv=None) -> int:
         return memory_child_main(json.loads(args.memory_cell))
     args = finish_args(args)
     import fcsa  # noqa: F401  (fail early, before any work, when the package is missing)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     skipped = []
     names = [KERNEL]

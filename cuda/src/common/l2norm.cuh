@@ -6,6 +6,8 @@
 // few adjacent lanes share one (row, group) and combine their sums with shuffles, so
 // the whole block works on the tile at once; groups whose size is a multiple of the
 // 16-byte chunk are read a chunk at a time, others element by element.
+// row_inverse_norms is the fast case of the same (one group per row, only the factors):
+// fixed thread-to-chunk assignment, no runtime loops, for the per-tile K norms.
 // Called by all kThreads threads of the block (a barrier before and after is the
 // caller's business).
 #pragma once
@@ -74,6 +76,37 @@ __device__ __forceinline__ void l2norm_rows(T *tile, int rows, int d, int groups
                 for (int u = sub; u < units; u += lanes) x[u] = from_float<T>(to_float(x[u]) * inv);
             }
         }
+    }
+}
+
+// inv[r] = 1 / max(||row r||, 1e-12) over the first d columns of every row of a padded
+// kRows x kCols tile (rows past the valid ones hold zeros and get 1e12). Adjacent lanes
+// share a row and read interleaved chunks, so a warp's reads spread over the banks.
+template <typename T, int kRows, int kCols, int kThreads>
+__device__ __forceinline__ void row_inverse_norms(const T *tile, int d, float *inv, int tid) {
+    using L = PaddedTile<T, kRows, kCols>;
+    constexpr int kLanesPerRow = kThreads / kRows < 1 ? 1 : (kThreads / kRows > 32 ? 32 : kThreads / kRows);
+    constexpr int kRowsPerPass = kThreads / kLanesPerRow;
+    constexpr int kChunksPerLane = (L::kChunksPerRow + kLanesPerRow - 1) / kLanesPerRow;
+    static_assert((kLanesPerRow & (kLanesPerRow - 1)) == 0, "lanes per row must be a power of two");
+    const int sub = tid % kLanesPerRow;
+#pragma unroll
+    for (int row = tid / kLanesPerRow; row < kRows; row += kRowsPerPass) {
+        float sum_sq = 0.f;
+#pragma unroll
+        for (int i = 0; i < kChunksPerLane; ++i) {
+            const int chunk = sub + i * kLanesPerRow;
+            if (chunk < L::kChunksPerRow && chunk * L::kChunk < d) {
+                float f[L::kChunk];
+                chunk_to_float<T>(*reinterpret_cast<const uint4 *>(tile + row * L::kStride + chunk * L::kChunk), f);
+#pragma unroll
+                for (int e = 0; e < L::kChunk; ++e) sum_sq = fmaf(f[e], f[e], sum_sq);
+            }
+        }
+#pragma unroll
+        for (int offset = kLanesPerRow / 2; offset > 0; offset /= 2)
+            sum_sq += __shfl_xor_sync(0xffffffffu, sum_sq, offset);
+        if (sub == 0) inv[row] = fminf(rsqrt_approx(sum_sq), 1.f / kNormEpsilon);
     }
 }
 

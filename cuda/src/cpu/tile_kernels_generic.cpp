@@ -1,8 +1,6 @@
 // The portable tile kernels: the baseline instruction set of the target (SSE2 on
 // x86-64, NEON on aarch64). A smaller register block, since 8-float vectors take two
 // registers each here.
-// 8-float vectors passed between inlined helpers: no ABI crosses this file.
-#pragma GCC diagnostic ignored "-Wpsabi"
 #define FCSA_TILE_NAMESPACE generic_isa
 #define FCSA_TILE_ISA_NAME "generic"
 #define FCSA_TILE_ROWS 4

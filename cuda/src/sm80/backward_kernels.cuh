@@ -104,6 +104,31 @@ template <typename T, int D> struct Shapes<T, D, false> {
     using Dq = DqShape<T, D, D == 256 ? 2 : 4, D == 256 ? 16 : 32>;
 };
 
+// Global rows [0, rows) x cols [0, cols) -> a padded shared tile, zero elsewhere, as
+// common::load_tile, with a compile-time number of copies per thread (keeps the
+// address arithmetic small inside the main loops).
+template <typename T, int kRows, int kCols, int kThreads>
+__device__ __forceinline__ void load_rows(T *tile, const T *src, int64_t row_stride, int rows, int cols,
+                                          bool vectorized, int tid) {
+    using L = common::PaddedTile<T, kRows, kCols>;
+    constexpr int kTotal = kRows * L::kChunksPerRow;
+    constexpr int kIters = (kTotal + kThreads - 1) / kThreads;
+    if (!vectorized) {
+        common::load_tile<T, kRows, kCols, kThreads>(tile, src, row_stride, rows, cols, false, tid);
+        return;
+    }
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) {
+        const int i = tid + it * kThreads;
+        if (kTotal % kThreads == 0 || i < kTotal) {
+            const int r = i / L::kChunksPerRow, c = (i % L::kChunksPerRow) * L::kChunk;
+            const bool valid = r < rows && c < cols;
+            common::cp_async_16(common::smem_address(tile + r * L::kStride + c),
+                                src + (valid ? int64_t(r) * row_stride + c : 0), valid);
+        }
+    }
+}
+
 // ---------------------------------------------------------------- score helpers
 
 __device__ __forceinline__ bool key_unmasked(const Params &p, int64_t batch, int64_t key) {
@@ -120,6 +145,10 @@ __device__ __forceinline__ float bias_log2(const Params &p, int64_t bh_offset, i
     if (p.bias == nullptr) return 0.f;
     const int64_t index = bh_offset + i * p.bias_stride[2] + j * p.bias_stride[3];
     return load_as_float<T>(p.bias, index, p.bias_f32) * common::kLog2e;
+}
+
+__device__ __forceinline__ int clamp_to_int(int64_t x) {
+    return static_cast<int>(x < -(int64_t(1) << 30) ? -(int64_t(1) << 30) : (x > (int64_t(1) << 30) ? int64_t(1) << 30 : x));
 }
 
 // P = exp(s - lse) for a visible score (0 otherwise) and dS = P (dP - delta).
@@ -278,10 +307,10 @@ template <typename T, class S> struct MainKernel {
                                             int64_t qt, int stage, int tid) {
         const int64_t i0 = qt * BR;
         const int rows = static_cast<int>(p.nq - i0 < BR ? p.nq - i0 : BR);
-        common::load_tile<T, BR, S::D, S::kThreads>(s.q + stage * S::QTile::kElements,
+        load_rows<T, BR, S::D, S::kThreads>(s.q + stage * S::QTile::kElements,
                                                      p.q.row<T>(batch, head, i0), p.q.stride_row, rows, p.d,
                                                      p.q.aligned16, tid);
-        common::load_tile<T, BR, S::D, S::kThreads>(s.dout + stage * S::QTile::kElements,
+        load_rows<T, BR, S::D, S::kThreads>(s.dout + stage * S::QTile::kElements,
                                                      p.dout.row<T>(batch, head, i0), p.dout.stride_row, rows,
                                                      p.d, p.dout.aligned16, tid);
         const int64_t row_base = (batch * p.h + head) * p.nq + i0;
@@ -345,9 +374,9 @@ template <typename T, class S> struct MainKernel {
             return;
         }
 
-        common::load_tile<T, S::kKeys, S::D, S::kThreads>(s.k, p.k.row<T>(batch, kv, j0), p.k.stride_row, keys,
+        load_rows<T, S::kKeys, S::D, S::kThreads>(s.k, p.k.row<T>(batch, kv, j0), p.k.stride_row, keys,
                                                            p.d, p.k.aligned16, tid);
-        common::load_tile<T, S::kKeys, S::D, S::kThreads>(s.v, p.v.row<T>(batch, kv, j0), p.v.stride_row, keys,
+        load_rows<T, S::kKeys, S::D, S::kThreads>(s.v, p.v.row<T>(batch, kv, j0), p.v.stride_row, keys,
                                                            p.d, p.v.aligned16, tid);
 
         FragC dk[KT][NC8], dv[KT][NC8];
@@ -404,7 +433,11 @@ template <typename T, class S> struct MainKernel {
                 G::template rows_nk<KT, NQ8, S::D>(dp, s.v, S::KTile::kStride, warp_key0, do_s,
                                                    S::QTile::kStride, 0, lane);
 
-                // P^T and dS^T, element by element (accumulator rows = keys).
+                // P^T and dS^T, element by element (accumulator rows = keys), in tile-local
+                // 32-bit coordinates: key jl sees row r when r < rows and jl - r <= diagonal.
+                const int rows = static_cast<int>(p.nq - i0 < BR ? p.nq - i0 : BR);
+                const int diagonal = clamp_to_int(p.causal ? i0 + p.causal_offset - j0 : int64_t(1) << 30);
+                const bool has_bias = p.bias != nullptr;
 #pragma unroll
                 for (int kt = 0; kt < KT; ++kt)
 #pragma unroll
@@ -412,11 +445,11 @@ template <typename T, class S> struct MainKernel {
 #pragma unroll
                         for (int e = 0; e < 4; ++e) {
                             const int r = 8 * n + 2 * t + (e & 1);
-                            const int64_t i = i0 + r, j = j0 + warp_key0 + 16 * kt + g + 8 * (e >> 1);
-                            const bool visible = key_ok[kt][e >> 1] && i < p.nq &&
-                                                 (!p.causal || j <= i + p.causal_offset);
+                            const int jl = warp_key0 + 16 * kt + g + 8 * (e >> 1);
+                            const bool visible = key_ok[kt][e >> 1] && r < rows && jl - r <= diagonal;
                             const float cosine = sc[kt][n].x[e];
-                            const float bias2 = visible ? bias_log2<T>(p, bias_bh, i, j) : 0.f;
+                            const float bias2 =
+                                has_bias && visible ? bias_log2<T>(p, bias_bh, i0 + r, j0 + jl) : 0.f;
                             probability_and_grad(sc[kt][n].x[e], dp[kt][n].x[e], visible, scale_log2, bias2,
                                                  lse2_s[r], delta_s[r]);
                             dscale_sum = fmaf(dp[kt][n].x[e], cosine, dscale_sum);
@@ -609,9 +642,9 @@ template <typename T, class S> struct DqKernel {
                                           int stage, int tid) {
         const int64_t j0 = kt * BC;
         const int keys = static_cast<int>(p.nk - j0 < BC ? p.nk - j0 : BC);
-        common::load_tile<T, BC, D, S::kThreads>(s.k + stage * S::KTile::kElements, p.k.row<T>(batch, kv, j0),
+        load_rows<T, BC, D, S::kThreads>(s.k + stage * S::KTile::kElements, p.k.row<T>(batch, kv, j0),
                                                   p.k.stride_row, keys, p.d, p.k.aligned16, tid);
-        common::load_tile<T, BC, D, S::kThreads>(s.v + stage * S::KTile::kElements, p.v.row<T>(batch, kv, j0),
+        load_rows<T, BC, D, S::kThreads>(s.v + stage * S::KTile::kElements, p.v.row<T>(batch, kv, j0),
                                                   p.v.stride_row, keys, p.d, p.v.aligned16, tid);
         for (int c = tid; c < BC; c += S::kThreads) s.key_ok[stage * BC + c] = key_unmasked(p, batch, j0 + c);
     }
@@ -653,9 +686,9 @@ template <typename T, class S> struct DqKernel {
         const int64_t bias_bh = batch * p.bias_stride[0] + head * p.bias_stride[1];
 
         __syncthreads(); // the previous item is done with shared memory
-        common::load_tile<T, BR, D, S::kThreads>(s.q, p.q.row<T>(batch, head, i0), p.q.stride_row, rows, p.d,
+        load_rows<T, BR, D, S::kThreads>(s.q, p.q.row<T>(batch, head, i0), p.q.stride_row, rows, p.d,
                                                   p.q.aligned16, tid);
-        common::load_tile<T, BR, D, S::kThreads>(s.dout, p.dout.row<T>(batch, head, i0), p.dout.stride_row, rows,
+        load_rows<T, BR, D, S::kThreads>(s.dout, p.dout.row<T>(batch, head, i0), p.dout.stride_row, rows,
                                                   p.d, p.dout.aligned16, tid);
         const int64_t row_base = (batch * p.h + head) * p.nq + i0;
         for (int r = tid; r < BR; r += S::kThreads) {
@@ -670,11 +703,19 @@ template <typename T, class S> struct DqKernel {
         for (int n = 0; n < ND8; ++n) common::clear(dq[0][n]);
         float row_dbias[2] = {0.f, 0.f}; // sum over keys of dS, rows g and g + 8
         const int r0 = warp * 16 + g;
+        float lse2_row[2], delta_row[2];
 
         for (int64_t kt = 0; kt < key_tiles; ++kt) {
             const int stage = static_cast<int>(kt & 1);
             common::cp_async_wait<0>();
             __syncthreads();
+            if (kt == 0) {
+#pragma unroll
+                for (int half = 0; half < 2; ++half) {
+                    lse2_row[half] = s.lse2[r0 + 8 * half];
+                    delta_row[half] = s.delta[r0 + 8 * half];
+                }
+            }
             if (kt + 1 < key_tiles) issue_key_tile(p, s, batch, kv, kt + 1, stage ^ 1, tid);
             common::cp_async_commit();
             const T *k_s = s.k + stage * S::KTile::kElements;
@@ -691,16 +732,17 @@ template <typename T, class S> struct DqKernel {
             G::template rows_nk<1, NK8, D>(sc, s.q, S::QTile::kStride, warp * 16, k_s, S::KTile::kStride, 0, lane);
             G::template rows_nk<1, NK8, D>(dp, s.dout, S::QTile::kStride, warp * 16, v_s, S::KTile::kStride, 0,
                                            lane);
+            const int diagonal = clamp_to_int(p.causal ? i0 + p.causal_offset - j0 : int64_t(1) << 30);
+            const bool has_bias = p.bias != nullptr;
 #pragma unroll
             for (int n = 0; n < NK8; ++n)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int r = r0 + 8 * (e >> 1), c = 8 * n + 2 * t + (e & 1);
-                    const int64_t i = i0 + r, j = j0 + c;
-                    const bool visible = ok_s[c] != 0 && r < rows && (!p.causal || j <= i + p.causal_offset);
-                    const float bias2 = visible ? bias_log2<T>(p, bias_bh, i, j) : 0.f;
-                    probability_and_grad(sc[0][n].x[e], dp[0][n].x[e], visible, scale_log2, bias2, s.lse2[r],
-                                         s.delta[r]);
+                    const bool visible = ok_s[c] != 0 && r < rows && c - r <= diagonal;
+                    const float bias2 = has_bias && visible ? bias_log2<T>(p, bias_bh, i0 + r, j0 + c) : 0.f;
+                    probability_and_grad(sc[0][n].x[e], dp[0][n].x[e], visible, scale_log2, bias2,
+                                         lse2_row[e >> 1], delta_row[e >> 1]);
                     row_dbias[e >> 1] += dp[0][n].x[e];
                 }
             typename G::Operand op[1][BC / 16];

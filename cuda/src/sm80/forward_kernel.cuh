@@ -186,7 +186,7 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
         cp_async_commit();
         if (p.l2norm) {
             if (p.groups == 1) {
-                l2norm_rows<T, KS, kThreads>(sK, keys_here, d, 1, sKInv, false, tid);
+                row_inverse_norms<T, BN, D, kThreads>(sK, d, sKInv, tid);
             } else {
                 l2norm_rows<T, KS, kThreads>(sK, keys_here, d, p.groups, nullptr, true, tid);
                 __syncthreads();
@@ -247,94 +247,117 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
 
         // Logits in base 2: scale (and 1/||k_j|| per column when groups == 1), + bias.
         const bool per_column = p.l2norm && p.groups == 1;
+        const bool element_mask = keys_here < BN || tile_partly_masked(tile) ||
+                                  (p.causal && j0 + BN - 1 > m0 + warp_row0 + causal_offset);
+        if (!track_max && !has_bias && !element_mask) {
+            // The common case: bounded logits, every key visible. p = 2^(s * f - offset).
 #pragma unroll
-        for (int n = 0; n < kSBlocks; ++n) {
-            float2 f = make_float2(scale_log2, scale_log2);
-            if (per_column) {
-                f = *reinterpret_cast<const float2 *>(sKInv + 8 * n + 2 * t4);
-                f.x *= scale_log2;
-                f.y *= scale_log2;
+            for (int n = 0; n < kSBlocks; ++n) {
+                float2 f = make_float2(scale_log2, scale_log2);
+                if (per_column) {
+                    f = *reinterpret_cast<const float2 *>(sKInv + 8 * n + 2 * t4);
+                    f.x *= scale_log2;
+                    f.y *= scale_log2;
+                }
+#pragma unroll
+                for (int mb = 0; mb < kM; ++mb)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const float prob = exp2_approx(fmaf(s[mb][n].x[e], (e & 1) ? f.y : f.x, -fixed_offset));
+                        row_sum[2 * mb + e / 2] += prob;
+                        s[mb][n].x[e] = prob;
+                    }
             }
+        } else {
 #pragma unroll
-            for (int mb = 0; mb < kM; ++mb)
+            for (int n = 0; n < kSBlocks; ++n) {
+                float2 f = make_float2(scale_log2, scale_log2);
+                if (per_column) {
+                    f = *reinterpret_cast<const float2 *>(sKInv + 8 * n + 2 * t4);
+                    f.x *= scale_log2;
+                    f.y *= scale_log2;
+                }
 #pragma unroll
-                for (int e = 0; e < 4; ++e) s[mb][n].x[e] *= (e & 1) ? f.y : f.x;
-        }
-        if (has_bias) {
-            const T *bias_t = static_cast<const T *>(p.bias) + bi * p.bias_stride[0] + hq * p.bias_stride[1];
-            const float *bias_f = static_cast<const float *>(p.bias) + bi * p.bias_stride[0] + hq * p.bias_stride[1];
+                for (int mb = 0; mb < kM; ++mb)
 #pragma unroll
-            for (int h = 0; h < kRows; ++h) {
-                const int i = row_index[h];
-                if (i >= p.nq) continue;
-                const int64_t row_offset = int64_t(i) * p.bias_stride[2];
+                    for (int e = 0; e < 4; ++e) s[mb][n].x[e] *= (e & 1) ? f.y : f.x;
+            }
+            if (has_bias) {
+                const T *bias_t =
+                    static_cast<const T *>(p.bias) + bi * p.bias_stride[0] + hq * p.bias_stride[1];
+                const float *bias_f =
+                    static_cast<const float *>(p.bias) + bi * p.bias_stride[0] + hq * p.bias_stride[1];
+#pragma unroll
+                for (int h = 0; h < kRows; ++h) {
+                    const int i = row_index[h];
+                    if (i >= p.nq) continue;
+                    const int64_t row_offset = int64_t(i) * p.bias_stride[2];
+#pragma unroll
+                    for (int n = 0; n < kSBlocks; ++n)
+#pragma unroll
+                        for (int c = 0; c < 2; ++c) {
+                            const int j = j0 + 8 * n + 2 * t4 + c;
+                            if (j >= p.nk) continue;
+                            const int64_t offset = row_offset + int64_t(j) * p.bias_stride[3];
+                            const float b = p.bias_is_f32 ? bias_f[offset] : to_float(bias_t[offset]);
+                            s[h / 2][n].x[2 * (h % 2) + c] += b * kLog2e;
+                        }
+                }
+            }
+
+            // Hidden keys -> -inf.
+            if (element_mask) {
 #pragma unroll
                 for (int n = 0; n < kSBlocks; ++n)
 #pragma unroll
                     for (int c = 0; c < 2; ++c) {
                         const int j = j0 + 8 * n + 2 * t4 + c;
-                        if (j >= p.nk) continue;
-                        const int64_t offset = row_offset + int64_t(j) * p.bias_stride[3];
-                        const float b = p.bias_is_f32 ? bias_f[offset] : to_float(bias_t[offset]);
-                        s[h / 2][n].x[2 * (h % 2) + c] += b * kLog2e;
+                        bool key_ok = j < p.nk;
+                        if (key_ok && mask != nullptr) key_ok = mask[int64_t(j) * p.mask_stride[1]] != 0;
+#pragma unroll
+                        for (int h = 0; h < kRows; ++h) {
+                            const bool ok = key_ok && (!p.causal || j <= row_index[h] + causal_offset);
+                            if (!ok) s[h / 2][n].x[2 * (h % 2) + c] = -kInf;
+                        }
                     }
             }
-        }
 
-        // Hidden keys -> -inf, only where some may be hidden.
-        const bool element_mask = keys_here < BN || tile_partly_masked(tile) ||
-                                  (p.causal && j0 + BN - 1 > m0 + warp_row0 + causal_offset);
-        if (element_mask) {
+            // Softmax numerators; a running maximum only when the logits are not bounded.
+            float offset[kRows];
 #pragma unroll
-            for (int n = 0; n < kSBlocks; ++n)
+            for (int h = 0; h < kRows; ++h) offset[h] = row_max[h];
+            if (track_max) {
 #pragma unroll
-                for (int c = 0; c < 2; ++c) {
-                    const int j = j0 + 8 * n + 2 * t4 + c;
-                    bool key_ok = j < p.nk;
-                    if (key_ok && mask != nullptr) key_ok = mask[int64_t(j) * p.mask_stride[1]] != 0;
+                for (int h = 0; h < kRows; ++h) {
+                    const int mb = h / 2, e0 = 2 * (h % 2);
+                    float tile_max = -kInf;
 #pragma unroll
-                    for (int h = 0; h < kRows; ++h) {
-                        const bool ok = key_ok && (!p.causal || j <= row_index[h] + causal_offset);
-                        if (!ok) s[h / 2][n].x[2 * (h % 2) + c] = -kInf;
+                    for (int n = 0; n < kSBlocks; ++n)
+                        tile_max = fmaxf(tile_max, fmaxf(s[mb][n].x[e0], s[mb][n].x[e0 + 1]));
+                    const float new_max = fmaxf(row_max[h], quad_max(tile_max));
+                    offset[h] = new_max == -kInf ? 0.f : new_max; // no visible key yet: p = 0
+                    const float rescale = exp2_approx(row_max[h] - offset[h]);
+                    row_max[h] = new_max;
+                    row_sum[h] *= rescale;
+#pragma unroll
+                    for (int i = 0; i < kOBlocks; ++i) {
+                        o[mb][i].x[e0] *= rescale;
+                        o[mb][i].x[e0 + 1] *= rescale;
                     }
                 }
-        }
-
-        // Softmax numerators; a running maximum only when the logits are not bounded.
-        float offset[kRows];
+            }
 #pragma unroll
-        for (int h = 0; h < kRows; ++h) offset[h] = row_max[h];
-        if (track_max) {
-#pragma unroll
-            for (int h = 0; h < kRows; ++h) {
-                const int mb = h / 2, e0 = 2 * (h % 2);
-                float tile_max = -kInf;
+            for (int mb = 0; mb < kM; ++mb)
 #pragma unroll
                 for (int n = 0; n < kSBlocks; ++n)
-                    tile_max = fmaxf(tile_max, fmaxf(s[mb][n].x[e0], s[mb][n].x[e0 + 1]));
-                const float new_max = fmaxf(row_max[h], quad_max(tile_max));
-                offset[h] = new_max == -kInf ? 0.f : new_max; // no visible key yet: p = 0
-                const float rescale = exp2_approx(row_max[h] - offset[h]);
-                row_max[h] = new_max;
-                row_sum[h] *= rescale;
 #pragma unroll
-                for (int i = 0; i < kOBlocks; ++i) {
-                    o[mb][i].x[e0] *= rescale;
-                    o[mb][i].x[e0 + 1] *= rescale;
-                }
-            }
+                    for (int e = 0; e < 4; ++e) {
+                        const int h = 2 * mb + e / 2;
+                        const float prob = exp2_approx(s[mb][n].x[e] - offset[h]);
+                        row_sum[h] += prob;
+                        s[mb][n].x[e] = prob;
+                    }
         }
-#pragma unroll
-        for (int mb = 0; mb < kM; ++mb)
-#pragma unroll
-            for (int n = 0; n < kSBlocks; ++n)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int h = 2 * mb + e / 2;
-                    const float prob = exp2_approx(s[mb][n].x[e] - offset[h]);
-                    row_sum[h] += prob;
-                    s[mb][n].x[e] = prob;
-                }
 
         // O += P V, P straight from the accumulators.
         if constexpr (C::k16Bit) {

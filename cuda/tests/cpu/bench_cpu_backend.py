@@ -5,13 +5,12 @@
     python cuda/tests/cpu/bench_cpu_backend.py [--threads 2] [--lengths 512 1024 2048 4096]
 
 float32, b=2, h=8, d=64 by default; torch.set_num_threads and the library's num_threads
-are the same. Reports the median of several runs, in milliseconds, for the forward and
+are the same. Reports the fastest of several runs (the machine may be shared), in ms, for the forward and
 for forward + backward, and the ratio fcsa / torch (below 1: fcsa is faster).
 """
 import argparse
 import ctypes
 import os
-import statistics
 import sys
 import time
 
@@ -22,14 +21,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fcsa_ctypes as fc  # noqa: E402
 
 
-def median_ms(fn, repeats):
+def best_ms(fn, repeats):
     fn()  # warm-up
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return min(times)
 
 
 class FcsaCall:
@@ -85,7 +84,7 @@ def main():
     torch.set_num_threads(args.threads)
     lib = fc.load(args.library)
     print(lib.fcsa_build_info().decode(), f"| torch {torch.__version__}, {args.threads} threads", flush=True)
-    print(f"b={args.batch} h={args.heads} d={args.dim} float32 causal={args.causal}; median ms of {args.repeats}")
+    print(f"b={args.batch} h={args.heads} d={args.dim} float32 causal={args.causal}; best ms of {args.repeats}")
     print(f"{'n':>6} {'fwd fcsa':>9} {'fwd torch':>9} {'ratio':>6} {'f+b fcsa':>9} {'f+b torch':>9} {'ratio':>6}")
     for n in args.lengths:
         torch.manual_seed(0)
@@ -93,8 +92,8 @@ def main():
         q, k, v, dout = (torch.randn(shape) for _ in range(4))
         call = FcsaCall(lib, q, k, v, dout, args.threads, args.causal)
         repeats = args.repeats if n <= 4096 else 1
-        fwd = median_ms(call.forward, repeats)
-        fwd_bwd = median_ms(call.forward_backward, repeats)
+        fwd = best_ms(call.forward, repeats)
+        fwd_bwd = best_ms(call.forward_backward, repeats)
         if args.no_torch:
             print(f"{n:6d} {fwd:9.1f} {'-':>9} {'-':>6} {fwd_bwd:9.1f} {'-':>9} {'-':>6}", flush=True)
             continue
@@ -111,8 +110,8 @@ def main():
             out.backward(dout)
             qg.grad = kg.grad = vg.grad = None
 
-        tf = median_ms(torch_forward, repeats)
-        tfb = median_ms(torch_forward_backward, repeats)
+        tf = best_ms(torch_forward, repeats)
+        tfb = best_ms(torch_forward_backward, repeats)
         print(f"{n:6d} {fwd:9.1f} {tf:9.1f} {fwd / tf:6.2f} {fwd_bwd:9.1f} {tfb:9.1f} {fwd_bwd / tfb:6.2f}",
               flush=True)
 
