@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import math
-import os
 import sysconfig
 import time
 import zipfile

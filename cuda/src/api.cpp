@@ -447,7 +447,7 @@ class DeviceGuard {
             changed_ = error == cudaSuccess;
         }
         if (error != cudaSuccess) {
-            cudaGetLastError(); // clear the sticky-free error so later calls start clean
+            cudaGetLastError(); // reset the runtime's error state for the caller's next call
             return set_error(FCSA_STATUS_CUDA_ERROR, "cannot make cuda:%d the current device: %s", device,
                              cudaGetErrorString(error));
         }

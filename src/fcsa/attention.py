@@ -125,6 +125,9 @@ def plain_cosine_sim_attention(q, k, v, mask=None, attn_bias=None, scale=8, grou
         out = out.squeeze(1)
     if not return_lse:
         return out
-    lse = sim.to(torch.promote_types(sim.dtype, torch.float32))
-    lse = lse.masked_fill(~visible, float("-inf")).logsumexp(dim=-1)
+    # lse in float32 (float64 for float64 input); -inf for a row that sees no key, with
+    # a gradient of 0 there rather than NaN.
+    s32 = sim.to(torch.promote_types(sim.dtype, torch.float32))
+    lse = s32.masked_fill(~visible, torch.finfo(s32.dtype).min).logsumexp(dim=-1)
+    lse = lse.masked_fill(~visible.any(dim=-1), float("-inf"))
     return out, (lse.squeeze(1) if x.merged else lse)

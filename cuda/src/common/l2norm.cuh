@@ -79,11 +79,13 @@ __device__ __forceinline__ void l2norm_rows(T *tile, int rows, int d, int groups
     }
 }
 
-// inv[r] = 1 / max(||row r||, 1e-12) over the first d columns of every row of a padded
-// kRows x kCols tile (rows past the valid ones hold zeros and get 1e12). Adjacent lanes
-// share a row and read interleaved chunks, so a warp's reads spread over the banks.
+// inv[r] = multiplier / max(||row r||, 1e-12) over the first d columns of every row of a
+// padded kRows x kCols tile (rows past the valid ones hold zeros). Adjacent lanes share
+// a row and read interleaved chunks, so a warp's reads spread over the banks; each
+// element position keeps its own partial sum, so the FMAs form short independent chains.
 template <typename T, int kRows, int kCols, int kThreads>
-__device__ __forceinline__ void row_inverse_norms(const T *tile, int d, float *inv, int tid) {
+__device__ __forceinline__ void row_inverse_norms(const T *tile, int d, float *inv, float multiplier,
+                                                  int tid) {
     using L = PaddedTile<T, kRows, kCols>;
     constexpr int kLanesPerRow = kThreads / kRows < 1 ? 1 : (kThreads / kRows > 32 ? 32 : kThreads / kRows);
     constexpr int kRowsPerPass = kThreads / kLanesPerRow;
@@ -92,7 +94,9 @@ __device__ __forceinline__ void row_inverse_norms(const T *tile, int d, float *i
     const int sub = tid % kLanesPerRow;
 #pragma unroll
     for (int row = tid / kLanesPerRow; row < kRows; row += kRowsPerPass) {
-        float sum_sq = 0.f;
+        float partial[L::kChunk];
+#pragma unroll
+        for (int e = 0; e < L::kChunk; ++e) partial[e] = 0.f;
 #pragma unroll
         for (int i = 0; i < kChunksPerLane; ++i) {
             const int chunk = sub + i * kLanesPerRow;
@@ -100,13 +104,18 @@ __device__ __forceinline__ void row_inverse_norms(const T *tile, int d, float *i
                 float f[L::kChunk];
                 chunk_to_float<T>(*reinterpret_cast<const uint4 *>(tile + row * L::kStride + chunk * L::kChunk), f);
 #pragma unroll
-                for (int e = 0; e < L::kChunk; ++e) sum_sq = fmaf(f[e], f[e], sum_sq);
+                for (int e = 0; e < L::kChunk; ++e) partial[e] = fmaf(f[e], f[e], partial[e]);
             }
         }
 #pragma unroll
+        for (int width = L::kChunk / 2; width > 0; width /= 2)
+#pragma unroll
+            for (int e = 0; e < width; ++e) partial[e] += partial[e + width];
+        float sum_sq = partial[0];
+#pragma unroll
         for (int offset = kLanesPerRow / 2; offset > 0; offset /= 2)
             sum_sq += __shfl_xor_sync(0xffffffffu, sum_sq, offset);
-        if (sub == 0) inv[row] = fminf(rsqrt_approx(sum_sq), 1.f / kNormEpsilon);
+        if (sub == 0) inv[row] = multiplier * fminf(rsqrt_approx(sum_sq), 1.f / kNormEpsilon);
     }
 }
 

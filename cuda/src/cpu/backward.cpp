@@ -4,9 +4,12 @@
 //
 // A work item owns one kv head of one batch (and a range of its key tiles, when there
 // are few kv heads): it visits every query head that shares that kv head, so dk and
-// dv are summed inside the item, in a fixed order, with no atomics. dq of a range of
-// keys goes to a partial buffer that a last pass sums in a fixed order; likewise dbias
-// and dscale. Every sum has one order, whatever the thread count: bitwise reproducible.
+// dv are summed inside the item, in a fixed order, with no atomics. The item walks its
+// keys in chunks small enough that their dk and dv accumulators stay in the core's
+// cache, and for each chunk every query tile; dq^ is carried from chunk to chunk in a
+// float32 buffer, and the key ranges' dq^ are summed by a last pass in a fixed order;
+// likewise dbias and dscale. Every sum has one order, whatever the thread count:
+// bitwise reproducible.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -27,12 +30,17 @@ using namespace cpu;
 // partial dq buffers this costs are kept below a fixed budget.
 constexpr int64_t kTargetItems = 16;
 constexpr int64_t kPartialBudgetBytes = int64_t(256) << 20;
+// The dk and dv accumulators of one key chunk: about this many bytes, to stay in L2.
+constexpr int64_t kChunkBytes = int64_t(256) << 10;
 
 struct BackwardLayout {
     PackedKeysValues packed;
     int64_t key_splits = 1;      // key ranges per kv head
     int64_t tiles_per_split = 0; // key tiles per range
-    float *dq_partial = nullptr; // [split][b][h][nq][padded_d] when key_splits > 1
+    int64_t tiles_per_chunk = 1; // key tiles per chunk
+    // dq^ (without the scale) summed over the key chunks seen so far, per key range:
+    // [split][b][h][nq][padded_d]; absent when every query row sees all its keys at once.
+    float *dq_partial = nullptr;
     // dbias: float32 sums over the broadcast dims inside an item, one slot per item
     // that shares a dbias element (slots: over b, kv heads, key splits).
     float *dbias_sum = nullptr;
@@ -46,12 +54,12 @@ BackwardLayout backward_layout(const Problem &p, void *workspace) {
     BackwardLayout layout;
     WorkspaceCarver carver(workspace);
     PackedKeysValues &packed = layout.packed;
-    packed.key_tiles = ceil_div(p.nk, kKeyTile);
-    packed.padded_d = round_up(p.d, 8);
-    packed.keys_transposed = carver.take(p.b * p.hk * packed.key_tiles * p.d * kKeyTile);
-    packed.key_rows = carver.take(p.b * p.hk * p.nk * packed.padded_d);
+    packed = packing_for(p);
+    const int64_t tiles = p.b * p.hk * packed.key_tiles;
+    packed.keys_transposed = carver.take(tiles * packed.transposed_tile_size());
+    packed.key_rows = carver.take(tiles * packed.row_tile_size());
     packed.key_norms = carver.take(p.l2norm ? p.b * p.hk * p.nk * p.groups : 0);
-    packed.values_transposed = carver.take(p.b * p.hk * packed.key_tiles * p.d * kKeyTile);
+    packed.values_transposed = carver.take(tiles * packed.transposed_tile_size());
 
     const int64_t dq_floats = p.b * p.h * p.nq * packed.padded_d;
     int64_t splits = 1;
@@ -60,7 +68,9 @@ BackwardLayout backward_layout(const Problem &p, void *workspace) {
     if (dq_floats > 0) splits = std::min(splits, std::max<int64_t>(1, kPartialBudgetBytes / (dq_floats * 4)));
     layout.tiles_per_split = ceil_div(packed.key_tiles, splits);
     layout.key_splits = packed.key_tiles > 0 ? ceil_div(packed.key_tiles, layout.tiles_per_split) : 1;
-    if (layout.key_splits > 1) layout.dq_partial = carver.take(layout.key_splits * dq_floats);
+    layout.tiles_per_chunk = std::max<int64_t>(1, kChunkBytes / (2 * kKeyTile * packed.padded_d * 4));
+    if (layout.tiles_per_split > layout.tiles_per_chunk || layout.key_splits > 1)
+        layout.dq_partial = carver.take(layout.key_splits * dq_floats);
 
     if (p.dbias.present()) {
         const View &bias = p.bias;
@@ -78,25 +88,18 @@ BackwardLayout backward_layout(const Problem &p, void *workspace) {
 }
 
 struct BackwardScratch {
-    BackwardScratch(int64_t padded_d, int64_t split_keys, int32_t groups)
+    BackwardScratch(int64_t padded_d, int64_t chunk_keys, int32_t groups)
         : queries(size_t(kQueryTile * padded_d)), scaled_queries(size_t(kQueryTile * padded_d)),
           dout(size_t(kQueryTile * padded_d)), dq(size_t(kQueryTile * padded_d)),
           cos(size_t(kQueryTile * kKeyTile)), probs(size_t(kQueryTile * kKeyTile)),
-          dprobs(size_t(kQueryTile * kKeyTile)), dk(size_t(split_keys * padded_d)),
-          dv(size_t(split_keys * padded_d)), row(size_t(padded_d)), query_norms(size_t(kQueryTile * groups)),
-          lse(kQueryTile), delta(kQueryTile), ds_dot_cos(kQueryTile), key_bias(kKeyTile + 8),
-          bias_row(kKeyTile), limit(kQueryTile) {}
-    FloatBuffer queries, scaled_queries, dout, dq, cos, probs, dprobs, dk, dv, row, query_norms;
+          dprobs(size_t(kQueryTile * kKeyTile)), dk(size_t(chunk_keys * padded_d)),
+          dv(size_t(chunk_keys * padded_d)), row(size_t(padded_d)), key_hat(size_t(padded_d)),
+          query_norms(size_t(kQueryTile * groups)), lse(kQueryTile), delta(kQueryTile), ds_dot_cos(kQueryTile),
+          key_bias(kKeyTile), bias_row(kKeyTile), limit(kQueryTile) {}
+    FloatBuffer queries, scaled_queries, dout, dq, cos, probs, dprobs, dk, dv, row, key_hat, query_norms;
     std::vector<float> lse, delta, ds_dot_cos, key_bias, bias_row;
     std::vector<int> limit;
 };
-
-void fill_key_bias(const Problem &p, int64_t batch, int64_t first_key, int keys, float *key_bias) {
-    const uint8_t *mask = static_cast<const uint8_t *>(p.mask.data);
-    const float hidden = -std::numeric_limits<float>::infinity();
-    for (int j = 0; j < keys; ++j) key_bias[j] = mask[p.mask.offset(batch, 0, 0, first_key + j)] ? 0.f : hidden;
-    for (int j = keys; j < kKeyTile + 8; ++j) key_bias[j] = hidden;
-}
 
 // Index of dbias element (batch, head, row, key) inside one slot of dbias_sum.
 int64_t dbias_index(const View &bias, int64_t batch, int64_t head, int64_t row, int64_t key) {
@@ -105,23 +108,48 @@ int64_t dbias_index(const View &bias, int64_t batch, int64_t head, int64_t row, 
     return ((i0 * bias.shape[1] + i1) * bias.shape[2] + i2) * bias.shape[3] + i3;
 }
 
+// Key tiles [first_tile, end_tile) and their keys [first_key, end_key).
 struct KeyRange {
     int64_t first_tile, end_tile, first_key, end_key;
 };
 
-KeyRange split_range(const Problem &p, const BackwardLayout &layout, int64_t split) {
-    KeyRange range;
-    range.first_tile = std::min(split * layout.tiles_per_split, layout.packed.key_tiles);
-    range.end_tile = std::min(range.first_tile + layout.tiles_per_split, layout.packed.key_tiles);
-    range.first_key = std::min(range.first_tile * kKeyTile, p.nk);
-    range.end_key = std::min(range.end_tile * kKeyTile, p.nk);
-    return range;
+KeyRange tile_range(const Problem &p, int64_t first_tile, int64_t end_tile) {
+    return {first_tile, end_tile, std::min(first_tile * kKeyTile, p.nk), std::min(end_tile * kKeyTile, p.nk)};
 }
 
-// One query tile of one head against the item's key range.
+KeyRange split_range(const Problem &p, const BackwardLayout &layout, int64_t split) {
+    const int64_t first = std::min(split * layout.tiles_per_split, layout.packed.key_tiles);
+    return tile_range(p, first, std::min(first + layout.tiles_per_split, layout.packed.key_tiles));
+}
+
+float *dq_partial_row(const Problem &p, const BackwardLayout &layout, int64_t split, int64_t batch, int64_t head,
+                      int64_t row) {
+    return layout.dq_partial + (((split * p.b + batch) * p.h + head) * p.nq + row) * layout.packed.padded_d;
+}
+
+// Writes dq of one row from dq^ (without the scale) and q^.
+void store_dq_row(const Problem &p, int64_t batch, int64_t head, int64_t row, float scale, float *dq_hat,
+                  const float *q_hat, const float *q_norms, float *scratch) {
+    for (int64_t t = 0; t < p.d; ++t) dq_hat[t] *= scale;
+    const float *result = dq_hat;
+    if (p.l2norm) {
+        l2norm_backward_row(q_hat, dq_hat, q_norms, p.d, p.groups, scratch);
+        result = scratch;
+    }
+    store_row(p.dq.data, p.dq.offset(batch, head, row, 0), p.dq.dtype, p.d, result);
+}
+
+// Where one query tile's visit to a key chunk stands among its visits.
+struct Visit {
+    int64_t split;
+    bool first_chunk; // the first chunk of the split: dq^ starts at zero
+    bool last_chunk;  // the last one: with a single split, dq is written
+};
+
+// One query tile of one head against one key chunk.
 void backward_query_tile(const Problem &p, const BackwardLayout &layout, const TileKernels &kernels, int64_t batch,
-                         int64_t head, int64_t split, const KeyRange &range, int64_t first_row,
-                         BackwardScratch &s, float *dscale_sum) {
+                         int64_t head, const KeyRange &chunk, Visit visit,
+                         int64_t first_row, BackwardScratch &s, float *dscale_sum) {
     const int64_t d = p.d, padded_d = layout.packed.padded_d;
     const int rows = int(std::min<int64_t>(kQueryTile, p.nq - first_row));
     const int64_t kv_head = head / p.heads_per_kv();
@@ -130,17 +158,21 @@ void backward_query_tile(const Problem &p, const BackwardLayout &layout, const T
     const float infinity = std::numeric_limits<float>::infinity();
 
     // Causal: skip key tiles no row of this tile sees.
-    int64_t end_tile = range.end_tile;
+    int64_t end_tile = chunk.end_tile;
     if (p.causal) {
         const int64_t key_end = std::max<int64_t>(0, first_row + rows + p.causal_offset());
         end_tile = std::min(end_tile, ceil_div(key_end, kKeyTile));
     }
-    if (end_tile <= range.first_tile && layout.key_splits > 1) {
-        // Nothing visible in this range: the partial dq of these rows is zero.
-        for (int r = 0; r < rows; ++r) {
-            float *partial = layout.dq_partial + (((split * p.b + batch) * p.h + head) * p.nq + first_row + r) * padded_d;
-            std::fill(partial, partial + padded_d, 0.f);
-        }
+    const bool compute = end_tile > chunk.first_tile;
+    const bool write_dq = visit.last_chunk && layout.key_splits == 1;
+    const bool carried = layout.dq_partial != nullptr;
+    float *dq = s.dq.data();
+    if (!compute && !write_dq) {
+        if (visit.first_chunk && carried)
+            for (int r = 0; r < rows; ++r) {
+                float *partial = dq_partial_row(p, layout, visit.split, batch, head, first_row + r);
+                std::fill(partial, partial + padded_d, 0.f);
+            }
         return;
     }
 
@@ -150,6 +182,12 @@ void backward_query_tile(const Problem &p, const BackwardLayout &layout, const T
         float *q_row = queries + r * padded_d;
         load_normalized_row(p, p.q, batch, head, row_index, p.l2norm, padded_d, q_row,
                             s.query_norms.data() + r * p.groups);
+        float *dq_row = dq + r * padded_d;
+        if (carried && !visit.first_chunk)
+            std::copy_n(dq_partial_row(p, layout, visit.split, batch, head, row_index), padded_d, dq_row);
+        else
+            std::fill(dq_row, dq_row + padded_d, 0.f);
+        if (!compute) continue;
         for (int64_t t = 0; t < padded_d; ++t) scaled_queries[r * padded_d + t] = q_row[t] * scale;
         float *do_row = dout + r * padded_d;
         load_normalized_row(p, p.dout, batch, head, row_index, false, padded_d, do_row, nullptr);
@@ -161,26 +199,21 @@ void backward_query_tile(const Problem &p, const BackwardLayout &layout, const T
         // A row that saw no key (lse = -inf) gets offset +inf: P = 0, no gradient.
         s.lse[size_t(r)] = lse == -infinity ? infinity : lse;
     }
-    float *dq = s.dq.data();
-    std::fill(dq, dq + rows * padded_d, 0.f);
     std::fill(s.ds_dot_cos.begin(), s.ds_dot_cos.end(), 0.f);
 
     float *cos = s.cos.data(), *probs = s.probs.data(), *dprobs = s.dprobs.data();
-    for (int64_t tile = range.first_tile; tile < end_tile; ++tile) {
+    const PackedKeysValues &packed = layout.packed;
+    for (int64_t tile = chunk.first_tile; tile < end_tile; ++tile) {
         const int64_t first_key = tile * kKeyTile;
         const int keys = int(std::min<int64_t>(kKeyTile, p.nk - first_key));
-        kernels.matmul(cos, kKeyTile, queries, padded_d, 1, layout.packed.key_tile(bh, tile, d), kKeyTile, rows,
-                       kKeyTile, int(d), false);
+        kernels.matmul(cos, kKeyTile, queries, padded_d, 1, packed.transposed_tile(packed.keys_transposed, bh, tile),
+                       packed.ldb, packed.transposed_panel(), rows, kKeyTile, int(d), false);
         const float *key_bias = nullptr;
         if (p.mask.present()) {
             fill_key_bias(p, batch, first_key, keys, s.key_bias.data());
             key_bias = s.key_bias.data();
         }
-        for (int r = 0; r < rows; ++r) {
-            int64_t visible = keys;
-            if (p.causal) visible = std::min<int64_t>(visible, first_row + r + p.causal_offset() - first_key + 1);
-            s.limit[size_t(r)] = int(std::max<int64_t>(visible, 0));
-        }
+        for (int r = 0; r < rows; ++r) s.limit[size_t(r)] = visible_keys(p, first_row + r, first_key, keys);
         if (p.bias.present()) {
             // Logits with the bias, then P from them.
             const View &bias = p.bias;
@@ -199,110 +232,104 @@ void backward_query_tile(const Problem &p, const BackwardLayout &layout, const T
             kernels.exp_rows(probs, probs, kKeyTile, rows, keys, 1.f, s.lse.data(), s.limit.data(), key_bias, nullptr);
         } else {
             kernels.exp_rows(probs, cos, kKeyTile, rows, keys, scale, s.lse.data(), s.limit.data(), key_bias,
-                              nullptr);
+                             nullptr);
         }
         // dP = dO V^T, then dS = P (dP - delta) in place.
-        kernels.matmul(dprobs, kKeyTile, dout, padded_d, 1, layout.packed.value_tile(bh, tile, d), kKeyTile, rows,
-                       kKeyTile, int(d), false);
+        kernels.matmul(dprobs, kKeyTile, dout, padded_d, 1, packed.transposed_tile(packed.values_transposed, bh, tile),
+                       packed.ldb, packed.transposed_panel(), rows, kKeyTile, int(d), false);
         kernels.softmax_grad_rows(dprobs, probs, cos, kKeyTile, rows, keys, s.delta.data(),
                                   dscale_sum ? s.ds_dot_cos.data() : nullptr);
         if (layout.dbias_sum) {
             const int64_t slot =
                 ((layout.slots_b > 1 ? batch : 0) * layout.slots_h + (layout.slots_h > 1 ? kv_head : 0)) *
                     layout.slots_split +
-                (layout.slots_split > 1 ? split : 0);
+                (layout.slots_split > 1 ? visit.split : 0);
             float *sum = layout.dbias_sum + slot * layout.dbias_numel;
             for (int r = 0; r < rows; ++r)
                 for (int j = 0; j < keys; ++j)
                     sum[dbias_index(p.bias, batch, head, first_row + r, first_key + j)] += dprobs[r * kKeyTile + j];
         }
-        const int64_t local_key = first_key - range.first_key;
+        const int64_t chunk_key = first_key - chunk.first_key;
         // dv += P^T dO ; dq^ += dS k^ ; dk^ += dS^T (scale q^)
-        kernels.matmul(s.dv.data() + local_key * padded_d, padded_d, probs, 1, kKeyTile, dout, padded_d, keys,
-                       int(padded_d), rows, true);
-        kernels.matmul(dq, padded_d, dprobs, kKeyTile, 1, layout.packed.key_rows + (bh * p.nk + first_key) * padded_d,
-                       padded_d, rows, int(padded_d), keys, true);
-        kernels.matmul(s.dk.data() + local_key * padded_d, padded_d, dprobs, 1, kKeyTile, scaled_queries, padded_d,
+        kernels.matmul(s.dv.data() + chunk_key * padded_d, padded_d, probs, 1, kKeyTile, dout, padded_d, kPanelWidth,
                        keys, int(padded_d), rows, true);
+        kernels.matmul(dq, padded_d, dprobs, kKeyTile, 1, packed.row_tile(packed.key_rows, bh, tile), packed.ldb,
+                       packed.row_panel, rows, int(padded_d), keys, true);
+        kernels.matmul(s.dk.data() + chunk_key * padded_d, padded_d, dprobs, 1, kKeyTile, scaled_queries, padded_d,
+                       kPanelWidth, keys, int(padded_d), rows, true);
     }
-    if (dscale_sum)
+    if (dscale_sum && compute)
         for (int r = 0; r < rows; ++r) *dscale_sum += s.ds_dot_cos[size_t(r)];
 
     for (int r = 0; r < rows; ++r) {
         float *dq_row = dq + r * padded_d;
-        for (int64_t t = 0; t < d; ++t) dq_row[t] *= scale;
-        if (layout.key_splits > 1) {
-            float *partial =
-                layout.dq_partial + (((split * p.b + batch) * p.h + head) * p.nq + first_row + r) * padded_d;
-            std::copy(dq_row, dq_row + padded_d, partial);
-            continue;
-        }
-        const float *result = dq_row;
-        if (p.l2norm) {
-            l2norm_backward_row(queries + r * padded_d, dq_row, s.query_norms.data() + r * p.groups, d, p.groups,
-                                s.row.data());
-            result = s.row.data();
-        }
-        store_row(p.dq.data, p.dq.offset(batch, head, first_row + r, 0), p.dq.dtype, d, result);
+        if (write_dq)
+            store_dq_row(p, batch, head, first_row + r, scale, dq_row, queries + r * padded_d,
+                         s.query_norms.data() + r * p.groups, s.row.data());
+        else
+            std::copy_n(dq_row, padded_d, dq_partial_row(p, layout, visit.split, batch, head, first_row + r));
     }
 }
 
-// One kv head of one batch, one key range: every query head sharing it, every query tile.
+// One kv head of one batch, one key range: chunk by chunk, every query head sharing it,
+// every query tile; then the chunk's dk and dv are complete and written.
 void backward_item(const Problem &p, const BackwardLayout &layout, const TileKernels &kernels, int64_t item,
                    BackwardScratch &s) {
     const int64_t split = item % layout.key_splits;
     const int64_t bh = item / layout.key_splits;
     const int64_t batch = bh / p.hk, kv_head = bh % p.hk;
     const KeyRange range = split_range(p, layout, split);
-    const int64_t keys = range.end_key - range.first_key, padded_d = layout.packed.padded_d;
-    std::fill(s.dk.data(), s.dk.data() + keys * padded_d, 0.f);
-    std::fill(s.dv.data(), s.dv.data() + keys * padded_d, 0.f);
-
+    const int64_t padded_d = layout.packed.padded_d;
     const int64_t heads_per_kv = p.heads_per_kv();
     const int64_t query_tiles = ceil_div(p.nq, kQueryTile);
-    for (int64_t g = 0; g < heads_per_kv; ++g) {
-        const int64_t head = kv_head * heads_per_kv + g;
-        float *dscale_sum = nullptr;
-        if (layout.dscale_partial) {
-            dscale_sum = layout.dscale_partial + (bh * layout.key_splits + split) * heads_per_kv + g;
-            *dscale_sum = 0.f;
-        }
-        for (int64_t tile = 0; tile < query_tiles; ++tile)
-            backward_query_tile(p, layout, kernels, batch, head, split, range, tile * kQueryTile, s, dscale_sum);
-    }
 
-    for (int64_t j = 0; j < keys; ++j) {
-        const int64_t key = range.first_key + j;
-        const float *dk_hat = s.dk.data() + j * padded_d;
-        const float *result = dk_hat;
-        if (p.l2norm) {
-            l2norm_backward_row(layout.packed.key_rows + (bh * p.nk + key) * padded_d, dk_hat,
-                                layout.packed.key_norms + (bh * p.nk + key) * p.groups, p.d, p.groups,
-                                s.row.data());
-            result = s.row.data();
+    float *dscale_sums = layout.dscale_partial ? layout.dscale_partial + (bh * layout.key_splits + split) * heads_per_kv
+                                               : nullptr;
+    if (dscale_sums) std::fill(dscale_sums, dscale_sums + heads_per_kv, 0.f);
+
+    // An empty range still visits once, so that dq is written (zero) and nothing is missed.
+    int64_t first_tile = range.first_tile;
+    do {
+        const KeyRange chunk = tile_range(p, first_tile, std::min(first_tile + layout.tiles_per_chunk, range.end_tile));
+        const Visit visit = {split, first_tile == range.first_tile, chunk.end_tile >= range.end_tile};
+        const int64_t keys = chunk.end_key - chunk.first_key;
+        std::fill(s.dk.data(), s.dk.data() + keys * padded_d, 0.f);
+        std::fill(s.dv.data(), s.dv.data() + keys * padded_d, 0.f);
+        for (int64_t g = 0; g < heads_per_kv; ++g) {
+            const int64_t head = kv_head * heads_per_kv + g;
+            for (int64_t tile = 0; tile < query_tiles; ++tile)
+                backward_query_tile(p, layout, kernels, batch, head, chunk, visit, tile * kQueryTile, s,
+                                    dscale_sums ? dscale_sums + g : nullptr);
         }
-        store_row(p.dk.data, p.dk.offset(batch, kv_head, key, 0), p.dk.dtype, p.d, result);
-        store_row(p.dv.data, p.dv.offset(batch, kv_head, key, 0), p.dv.dtype, p.d, s.dv.data() + j * padded_d);
-    }
+        for (int64_t j = 0; j < keys; ++j) {
+            const int64_t key = chunk.first_key + j;
+            const float *dk_hat = s.dk.data() + j * padded_d;
+            const float *result = dk_hat;
+            if (p.l2norm) {
+                layout.packed.read_key_row(bh, key, s.key_hat.data());
+                l2norm_backward_row(s.key_hat.data(), dk_hat, layout.packed.key_norms + (bh * p.nk + key) * p.groups,
+                                    p.d, p.groups, s.row.data());
+                result = s.row.data();
+            }
+            store_row(p.dk.data, p.dk.offset(batch, kv_head, key, 0), p.dk.dtype, p.d, result);
+            store_row(p.dv.data, p.dv.offset(batch, kv_head, key, 0), p.dv.dtype, p.d, s.dv.data() + j * padded_d);
+        }
+        first_tile = chunk.end_tile;
+    } while (first_tile < range.end_tile);
 }
 
-// dq when the keys were split: the partial sums in split order, then the l2norm backward.
-void finish_dq_rows(const Problem &p, const BackwardLayout &layout, int64_t item, std::vector<float> &sum,
-                    std::vector<float> &q_hat, std::vector<float> &norms, std::vector<float> &dq) {
-    const int64_t padded_d = layout.packed.padded_d, bh = item / p.nq, row = item % p.nq;
+// dq when the keys were split: the ranges' dq^ in split order, then scale and l2norm.
+void finish_dq_row(const Problem &p, const BackwardLayout &layout, int64_t item, std::vector<float> &sum,
+                   std::vector<float> &q_hat, std::vector<float> &norms, std::vector<float> &dq) {
+    const int64_t bh = item / p.nq, row = item % p.nq;
     const int64_t batch = bh / p.h, head = bh % p.h;
     std::fill(sum.begin(), sum.end(), 0.f);
     for (int64_t split = 0; split < layout.key_splits; ++split) {
-        const float *partial = layout.dq_partial + (((split * p.b + batch) * p.h + head) * p.nq + row) * padded_d;
+        const float *partial = dq_partial_row(p, layout, split, batch, head, row);
         for (int64_t t = 0; t < p.d; ++t) sum[size_t(t)] += partial[t];
     }
-    const float *result = sum.data();
-    if (p.l2norm) {
-        load_normalized_row(p, p.q, batch, head, row, true, padded_d, q_hat.data(), norms.data());
-        l2norm_backward_row(q_hat.data(), sum.data(), norms.data(), p.d, p.groups, dq.data());
-        result = dq.data();
-    }
-    store_row(p.dq.data, p.dq.offset(batch, head, row, 0), p.dq.dtype, p.d, result);
+    if (p.l2norm) load_normalized_row(p, p.q, batch, head, row, true, layout.packed.padded_d, q_hat.data(), norms.data());
+    store_dq_row(p, batch, head, row, head_scale(p, head), sum.data(), q_hat.data(), norms.data(), dq.data());
 }
 
 void finish_dbias(const Problem &p, const BackwardLayout &layout, int threads) {
@@ -354,11 +381,10 @@ fcsa_status cpu_backward(const Problem &p, void *workspace) {
     if (layout.dbias_sum)
         std::fill(layout.dbias_sum,
                   layout.dbias_sum + layout.slots_b * layout.slots_h * layout.slots_split * layout.dbias_numel, 0.f);
-    if (layout.dscale_partial) std::fill(layout.dscale_partial, layout.dscale_partial + items * p.heads_per_kv(), 0.f);
 
-    const int64_t split_keys = std::min<int64_t>(layout.tiles_per_split * kKeyTile, std::max<int64_t>(p.nk, 1));
+    const int64_t chunk_keys = std::min<int64_t>(layout.tiles_per_chunk * kKeyTile, std::max<int64_t>(p.nk, 1));
     std::vector<std::unique_ptr<BackwardScratch>> scratch(static_cast<size_t>(threads));
-    for (auto &s : scratch) s.reset(new BackwardScratch(padded_d, split_keys, p.groups));
+    for (auto &s : scratch) s.reset(new BackwardScratch(padded_d, chunk_keys, p.groups));
     parallel_for(items, threads, [&](int64_t item, int worker) {
         backward_item(p, layout, kernels, item, *scratch[size_t(worker)]);
     });
@@ -375,7 +401,7 @@ fcsa_status cpu_backward(const Problem &p, void *workspace) {
             dqs[size_t(w)].resize(size_t(padded_d));
         }
         parallel_for(rows, row_threads, [&](int64_t row, int worker) {
-            finish_dq_rows(p, layout, row, sums[size_t(worker)], q_hats[size_t(worker)], norms[size_t(worker)],
+            finish_dq_row(p, layout, row, sums[size_t(worker)], q_hats[size_t(worker)], norms[size_t(worker)],
                            dqs[size_t(worker)]);
         });
     }

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <new>
 #include <vector>
 
@@ -80,36 +81,70 @@ void l2norm_backward_row(const float *x_hat, const float *dx_hat, const float *n
     }
 }
 
+void fill_key_bias(const Problem &p, int64_t batch, int64_t first_key, int keys, float *key_bias) {
+    const uint8_t *mask = static_cast<const uint8_t *>(p.mask.data);
+    const float hidden = -std::numeric_limits<float>::infinity();
+    for (int j = 0; j < keys; ++j) key_bias[j] = mask[p.mask.offset(batch, 0, 0, first_key + j)] ? 0.f : hidden;
+    for (int j = keys; j < kKeyTile; ++j) key_bias[j] = hidden;
+}
+
+PackedKeysValues packing_for(const Problem &p) {
+    PackedKeysValues packed;
+    packed.d = p.d;
+    packed.key_tiles = ceil_div(p.nk, kKeyTile);
+    packed.padded_d = round_up(p.d, 8);
+    packed.panels = ceil_div(p.d, kPanelWidth);
+    return packed;
+}
+
+void PackedKeysValues::read_key_row(int64_t bh, int64_t key, float *dst) const {
+    const float *tile = row_tile(key_rows, bh, key / kKeyTile);
+    const int64_t j = key % kKeyTile;
+    for (int64_t t = 0; t < d; ++t) dst[t] = tile[(t / kPanelWidth) * row_panel + j * kPanelWidth + t % kPanelWidth];
+}
+
 void pack_keys_values(const Problem &p, const PackedKeysValues &packed, int threads) {
     const int64_t d = p.d, padded_d = packed.padded_d, key_tiles = packed.key_tiles;
     const int64_t tiles = p.b * p.hk * key_tiles;
+    const bool keys_wanted = packed.keys_transposed || packed.key_rows || packed.key_norms;
+    const bool values_wanted = packed.values_transposed || packed.value_rows;
     parallel_for(tiles, threads, [&](int64_t item, int) {
         const int64_t bh = item / key_tiles, tile = item % key_tiles;
         const int64_t batch = bh / p.hk, kv_head = bh % p.hk;
         const int64_t first = tile * kKeyTile, count = std::min<int64_t>(kKeyTile, p.nk - first);
         std::vector<float> row(static_cast<size_t>(padded_d));
         std::vector<float> norms(static_cast<size_t>(p.groups));
-        float *keys_t = packed.keys_transposed ? packed.keys_transposed + item * d * kKeyTile : nullptr;
-        float *values_t = packed.values_transposed ? packed.values_transposed + item * d * kKeyTile : nullptr;
+        // Scatters one row (zeros past nk) into a transposed and a row tile.
+        auto scatter = [&](int64_t j, float *transposed, float *rows) {
+            const bool real = j < count;
+            if (transposed) {
+                float *column = transposed + (j / kPanelWidth) * packed.transposed_panel() + j % kPanelWidth;
+                for (int64_t t = 0; t < d; ++t) column[t * kPanelWidth] = real ? row[size_t(t)] : 0.f;
+            }
+            if (rows) {
+                float *dst = rows + j * kPanelWidth;
+                for (int64_t t = 0; t < packed.panels * kPanelWidth; ++t)
+                    dst[(t / kPanelWidth) * packed.row_panel + t % kPanelWidth] = real && t < d ? row[size_t(t)] : 0.f;
+            }
+        };
+        auto offset = [](float *base, int64_t size, int64_t index) { return base ? base + index * size : nullptr; };
+        float *keys_t = offset(packed.keys_transposed, packed.transposed_tile_size(), item);
+        float *values_t = offset(packed.values_transposed, packed.transposed_tile_size(), item);
+        float *key_rows = offset(packed.key_rows, packed.row_tile_size(), item);
+        float *value_rows = offset(packed.value_rows, packed.row_tile_size(), item);
         for (int64_t j = 0; j < kKeyTile; ++j) {
             const int64_t key = first + j;
-            const bool real = j < count;
-            if (keys_t || packed.key_rows || packed.key_norms) {
-                if (real)
+            if (keys_wanted) {
+                if (j < count) {
                     load_normalized_row(p, p.k, batch, kv_head, key, p.l2norm, padded_d, row.data(), norms.data());
-                if (keys_t)
-                    for (int64_t t = 0; t < d; ++t) keys_t[t * kKeyTile + j] = real ? row[size_t(t)] : 0.f;
-                if (real && packed.key_rows)
-                    std::copy(row.begin(), row.end(), packed.key_rows + (bh * p.nk + key) * padded_d);
-                if (real && packed.key_norms && p.l2norm)
-                    std::copy(norms.begin(), norms.end(), packed.key_norms + (bh * p.nk + key) * p.groups);
+                    if (packed.key_norms && p.l2norm)
+                        std::copy(norms.begin(), norms.end(), packed.key_norms + (bh * p.nk + key) * p.groups);
+                }
+                scatter(j, keys_t, key_rows);
             }
-            if (values_t || packed.value_rows) {
-                if (real) load_normalized_row(p, p.v, batch, kv_head, key, false, padded_d, row.data(), nullptr);
-                if (values_t)
-                    for (int64_t t = 0; t < d; ++t) values_t[t * kKeyTile + j] = real ? row[size_t(t)] : 0.f;
-                if (real && packed.value_rows)
-                    std::copy(row.begin(), row.end(), packed.value_rows + (bh * p.nk + key) * padded_d);
+            if (values_wanted) {
+                if (j < count) load_normalized_row(p, p.v, batch, kv_head, key, false, padded_d, row.data(), nullptr);
+                scatter(j, values_t, value_rows);
             }
         }
     });

@@ -3,10 +3,12 @@
 // copies of K and V that every query tile reads.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
 
+#include "cpu/tile_kernels.h"
 #include "problem.h"
 
 namespace fcsa {
@@ -69,30 +71,56 @@ void load_normalized_row(const Problem &p, const View &view, int64_t batch, int6
 void l2norm_backward_row(const float *x_hat, const float *dx_hat, const float *norms, int64_t d, int32_t groups,
                          float *dx);
 
-// K (normalized) and V in float32, in the layouts the tile loops read, for all batches
-// and kv heads. Each buffer is optional (nullptr: not built).
+// key_bias[j] = 0 for a key the mask lets through, -inf for one it hides (and for the
+// columns past `keys`, up to kKeyTile).
+void fill_key_bias(const Problem &p, int64_t batch, int64_t first_key, int keys, float *key_bias);
+
+// The keys row `row` sees in the tile starting at first_key (of `keys` keys): causal
+// hides those after row + (nk - nq). 0 when it sees none.
+inline int visible_keys(const Problem &p, int64_t row, int64_t first_key, int keys) {
+    int64_t visible = keys;
+    if (p.causal) visible = std::min<int64_t>(visible, row + p.causal_offset() - first_key + 1);
+    return int(std::max<int64_t>(visible, 0));
+}
+
+// K (normalized) and V in float32 for all batches and kv heads, cut into tiles of
+// kKeyTile keys and laid out as the tile matmuls read them: in panels of kPanelWidth
+// columns (tile_kernels.h), each read front to back. Padding is zero.
 struct PackedKeysValues {
+    int64_t d = 0;
     int64_t key_tiles = 0; // ceil(nk / kKeyTile)
     int64_t padded_d = 0;  // d rounded up to a multiple of 8
-    // [b][hk][key tile][d][kKeyTile]: K^ transposed per tile, zero past nk.
+    int64_t panels = 0;    // panels of a row tile: ceil(d / kPanelWidth)
+    // Transposed tiles, [b][hk][key tile][key panel][d][kPanelWidth]: B of Q K^T (keys)
+    // and of dO V^T (values).
     float *keys_transposed = nullptr;
-    // [b][hk][nk][padded_d]: K^ rows.
+    float *values_transposed = nullptr;
+    // Row tiles, [b][hk][key tile][d panel][kKeyTile][kPanelWidth]: B of P V (values)
+    // and of dS K (keys).
     float *key_rows = nullptr;
+    float *value_rows = nullptr;
     // [b][hk][nk][groups]: the key norms, for the l2norm backward.
     float *key_norms = nullptr;
-    // [b][hk][key tile][d][kKeyTile]: V transposed per tile.
-    float *values_transposed = nullptr;
-    // [b][hk][nk][padded_d]: V rows.
-    float *value_rows = nullptr;
 
-    int64_t head_index(int64_t batch, int64_t kv_head, int64_t hk) const { return batch * hk + kv_head; }
-    const float *key_tile(int64_t bh, int64_t tile, int64_t d) const {
-        return keys_transposed + (bh * key_tiles + tile) * d * kKeyTile;
+    static constexpr int64_t ldb = kPanelWidth;
+    int64_t transposed_panel() const { return d * kPanelWidth; }
+    static constexpr int64_t row_panel = int64_t(kKeyTile) * kPanelWidth;
+    int64_t transposed_tile_size() const { return d * kKeyTile; }
+    int64_t row_tile_size() const { return panels * row_panel; }
+
+    // bh = batch * hk + kv head
+    const float *transposed_tile(const float *base, int64_t bh, int64_t tile) const {
+        return base + (bh * key_tiles + tile) * transposed_tile_size();
     }
-    const float *value_tile(int64_t bh, int64_t tile, int64_t d) const {
-        return values_transposed + (bh * key_tiles + tile) * d * kKeyTile;
+    const float *row_tile(const float *base, int64_t bh, int64_t tile) const {
+        return base + (bh * key_tiles + tile) * row_tile_size();
     }
+    // Copies key `key` of key_rows (d values) to dst.
+    void read_key_row(int64_t bh, int64_t key, float *dst) const;
 };
+
+// The sizes of the packed layouts for this problem (no buffers yet).
+PackedKeysValues packing_for(const Problem &p);
 
 // Fills the requested buffers of `packed` from p.k and p.v, on `threads` threads.
 void pack_keys_values(const Problem &p, const PackedKeysValues &packed, int threads);

@@ -27,10 +27,10 @@ ForwardLayout forward_layout(const Problem &p, void *workspace) {
     ForwardLayout layout;
     WorkspaceCarver carver(workspace);
     PackedKeysValues &packed = layout.packed;
-    packed.key_tiles = ceil_div(p.nk, kKeyTile);
-    packed.padded_d = round_up(p.d, 8);
-    packed.keys_transposed = carver.take(p.b * p.hk * packed.key_tiles * p.d * kKeyTile);
-    packed.value_rows = carver.take(p.b * p.hk * p.nk * packed.padded_d);
+    packed = packing_for(p);
+    const int64_t tiles = p.b * p.hk * packed.key_tiles;
+    packed.keys_transposed = carver.take(tiles * packed.transposed_tile_size());
+    packed.value_rows = carver.take(tiles * packed.row_tile_size());
     layout.bytes = carver.bytes_needed();
     return layout;
 }
@@ -40,7 +40,7 @@ struct ForwardScratch {
     explicit ForwardScratch(int64_t padded_d)
         : queries(size_t(kQueryTile * padded_d)), logits(size_t(kQueryTile * kKeyTile)),
           output(size_t(kQueryTile * padded_d)), row_sum(kQueryTile), row_max(kQueryTile),
-          tile_max(kQueryTile), offset(kQueryTile), rescale(kQueryTile), key_bias(kKeyTile + 8),
+          tile_max(kQueryTile), offset(kQueryTile), rescale(kQueryTile), key_bias(kKeyTile),
           bias_row(kKeyTile), limit(kQueryTile) {}
     FloatBuffer queries, logits, output;
     std::vector<float> row_sum, row_max, tile_max, offset, rescale, key_bias, bias_row;
@@ -62,14 +62,6 @@ void add_bias_tile(const Problem &p, int64_t batch, int64_t head, int64_t first_
             for (int j = 0; j < keys; ++j) row[j] += bias_row[j];
         }
     }
-}
-
-// 0 for a key the mask lets through, -inf for one it hides.
-void fill_key_bias(const Problem &p, int64_t batch, int64_t first_key, int keys, float *key_bias) {
-    const uint8_t *mask = static_cast<const uint8_t *>(p.mask.data);
-    const float hidden = -std::numeric_limits<float>::infinity();
-    for (int j = 0; j < keys; ++j) key_bias[j] = mask[p.mask.offset(batch, 0, 0, first_key + j)] ? 0.f : hidden;
-    for (int j = keys; j < kKeyTile + 8; ++j) key_bias[j] = hidden;
 }
 
 void forward_tile(const Problem &p, const ForwardLayout &layout, const TileKernels &kernels, int64_t batch,
@@ -106,8 +98,9 @@ void forward_tile(const Problem &p, const ForwardLayout &layout, const TileKerne
     for (int64_t tile = 0; tile < tiles; ++tile) {
         const int64_t first_key = tile * kKeyTile;
         const int keys = int(std::min<int64_t>(kKeyTile, p.nk - first_key));
-        kernels.matmul(logits, kKeyTile, queries, padded_d, 1, layout.packed.key_tile(bh, tile, d), kKeyTile, rows,
-                       kKeyTile, int(d), false);
+        const PackedKeysValues &packed = layout.packed;
+        kernels.matmul(logits, kKeyTile, queries, padded_d, 1, packed.transposed_tile(packed.keys_transposed, bh, tile),
+                       packed.ldb, packed.transposed_panel(), rows, kKeyTile, int(d), false);
         if (p.bias.present())
             add_bias_tile(p, batch, head, first_row, rows, first_key, keys, logits, scratch.bias_row.data());
         const float *key_bias = nullptr;
@@ -115,11 +108,8 @@ void forward_tile(const Problem &p, const ForwardLayout &layout, const TileKerne
             fill_key_bias(p, batch, first_key, keys, scratch.key_bias.data());
             key_bias = scratch.key_bias.data();
         }
-        for (int r = 0; r < rows; ++r) {
-            int64_t visible = keys;
-            if (p.causal) visible = std::min<int64_t>(visible, first_row + r + p.causal_offset() - first_key + 1);
-            scratch.limit[size_t(r)] = int(std::max<int64_t>(visible, 0));
-        }
+        for (int r = 0; r < rows; ++r)
+            scratch.limit[size_t(r)] = visible_keys(p, first_row + r, first_key, keys);
 
         if (running_max) {
             kernels.max_rows(logits, kKeyTile, rows, keys, scratch.limit.data(), key_bias, scratch.tile_max.data());
@@ -140,9 +130,8 @@ void forward_tile(const Problem &p, const ForwardLayout &layout, const TileKerne
         }
         kernels.exp_rows(logits, logits, kKeyTile, rows, keys, 1.f, scratch.offset.data(), scratch.limit.data(),
                           key_bias, scratch.row_sum.data());
-        kernels.matmul(output, padded_d, logits, kKeyTile, 1,
-                       layout.packed.value_rows + (bh * p.nk + first_key) * padded_d, padded_d, rows, int(padded_d),
-                       keys, true);
+        kernels.matmul(output, padded_d, logits, kKeyTile, 1, packed.row_tile(packed.value_rows, bh, tile), packed.ldb,
+                       packed.row_panel, rows, int(padded_d), keys, true);
     }
 
     // out = acc / sum; lse = log(sum) + offset. A row that saw no key: out 0, lse -inf.

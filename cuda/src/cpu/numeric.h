@@ -65,16 +65,6 @@ inline uint16_t float_to_bfloat16(float value) {
     return uint16_t((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
 }
 
-// Size in bytes of one element of a floating dtype (or bool).
-inline int64_t dtype_bytes(int32_t dtype) {
-    switch (dtype) {
-    case FCSA_DTYPE_FLOAT32: return 4;
-    case FCSA_DTYPE_FLOAT16:
-    case FCSA_DTYPE_BFLOAT16: return 2;
-    default: return 1;
-    }
-}
-
 inline float load_element(const void *base, int64_t index, int32_t dtype) {
     switch (dtype) {
     case FCSA_DTYPE_FLOAT16: return half_to_float(static_cast<const uint16_t *>(base)[index]);

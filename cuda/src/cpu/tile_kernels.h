@@ -1,9 +1,10 @@
 // tile_kernels.h: the inner loops of the CPU backend, on float32 tiles in per-thread
 // scratch memory. One source (tile_kernels_impl.inc) is compiled once per instruction
-// set (portable, AVX2+FMA) and the best one the running CPU supports is picked once.
+// set (portable, AVX2+FMA, AVX-512) and the best one the running CPU supports is picked
+// once.
 //
 // Conventions: tiles are row-major with a leading dimension `ld` (elements) that is a
-// multiple of 8, and rows are readable up to the next multiple of 8 past `cols`.
+// multiple of 8, and rows are readable up to the next multiple of 16 past `cols`.
 // Logits are in natural units; the row offset is subtracted before anything else so
 // that large logits (a large bias, no l2norm) lose no precision to it.
 #pragma once
@@ -13,13 +14,19 @@
 namespace fcsa {
 namespace cpu {
 
-struct TileKernels {
-    const char *isa; // "avx2", "generic"
+constexpr int kPanelWidth = 16; // columns of one panel of a packed matmul operand
 
-    // c[m][n] = (accumulate ? c[m][n] : 0) + sum_k a[m * a_row + k * a_col] * b[k * ldb + n]
+struct TileKernels {
+    const char *isa; // "avx512", "avx2", "generic"
+
+    // c[m][n] = (accumulate ? c[m][n] : 0) + sum_k a[m * a_row + k * a_col] * B[k][n]
     // for m < rows, n < cols, k < depth; cols % 8 == 0. `a` may be read transposed.
+    // B is stored in panels of kPanelWidth columns: B[k][n] = b[(n / kPanelWidth) *
+    // b_panel + k * ldb + n % kPanelWidth]. A row-major B is ldb = its row length and
+    // b_panel = kPanelWidth; packed panels (ldb = kPanelWidth) are read sequentially.
     void (*matmul)(float *c, int64_t ldc, const float *a, int64_t a_row, int64_t a_col,
-                   const float *b, int64_t ldb, int rows, int cols, int depth, bool accumulate);
+                   const float *b, int64_t ldb, int64_t b_panel, int rows, int cols, int depth,
+                   bool accumulate);
 
     // p[r][j] = exp(s[r][j] * s_scale + col_bias[j] - offset[r]) for j < cols; col_bias
     // (optional) is 0 or -inf per column; entries with j >= limit[r] (limit optional)

@@ -7,6 +7,7 @@
 // 6 x 16 floats: 12 accumulators, 2 vectors of b and a broadcast fill the 16 registers.
 #define FCSA_TILE_NAMESPACE avx2_isa
 #define FCSA_TILE_ISA_NAME "avx2"
+#define FCSA_TILE_WIDTH 8
 #define FCSA_TILE_ROWS 6
 #define FCSA_TILE_VECTORS 2
 #define FCSA_TILE_TABLE avx2_tile_kernels

@@ -4,7 +4,7 @@
 // sm80_backward enqueues, on the caller's stream and with no allocation or
 // synchronization (CUDA-graph capture works):
 //   memsets   the float32 accumulators that start at zero (dQ^ with atomics, dbias);
-//   prepass   delta = <dO, O>, lse * log2(e) (+inf for rows that see no key), and the
+//   prepass   delta = <dO, O>, lse (+inf for rows that see no key), and the
 //             l2-normalized copies q^, k^ in q's dtype;
 //   main      dK, dV (finished in its epilogue, l2norm backward included), dQ^ by
 //             atomics, dbias, dscale partials;
@@ -78,7 +78,7 @@ struct Plan {
     LaunchShape shape;
     int64_t main_key_tiles = 0;
     int32_t dbias_mode = kDbiasNone;
-    size_t lse2 = 0, delta = 0, q_hat = 0, k_hat = 0, dq_acc = 0, dk_acc = 0, dscale = 0, dbias_acc = 0;
+    size_t lse = 0, delta = 0, q_hat = 0, k_hat = 0, dq_acc = 0, dk_acc = 0, dscale = 0, dbias_acc = 0;
     size_t dq_acc_bytes = 0, dbias_acc_bytes = 0;
     bool dk_acc_used = false; // split head dim with l2norm: dk is finished by a row pass
     size_t total = 0;
@@ -108,7 +108,7 @@ Plan plan_workspace(const Problem &p) {
     };
     const size_t query_rows = size_t(p.b * p.h * p.nq), key_rows = size_t(p.b * p.hk * p.nk);
     const size_t elem = element_size(p.dtype);
-    plan.lse2 = take(query_rows * 4);
+    plan.lse = take(query_rows * 4);
     plan.delta = take(query_rows * 4);
     if (p.l2norm) {
         plan.q_hat = take(query_rows * size_t(p.d) * elem);
@@ -174,11 +174,11 @@ struct PrepassArgs {
     Rows q, k, out, dout;
     const float *lse;
     int64_t lse_stride[3];
-    float *lse2, *delta;
+    float *lse_out, *delta;
     void *q_hat, *k_hat; // contiguous, nullptr without l2norm
 };
 
-// One warp per row: query rows get delta, lse2 and q^; key rows get k^.
+// One warp per row: query rows get delta, lse and q^; key rows get k^.
 template <typename T> __global__ void __launch_bounds__(kPassThreads) prepass_kernel(const PrepassArgs a) {
     constexpr int kPer = WarpRow<kMaxHeadDim>::kPerLane;
     const int lane = threadIdx.x & 31;
@@ -199,7 +199,7 @@ template <typename T> __global__ void __launch_bounds__(kPassThreads) prepass_ke
             if (lane == 0) {
                 const float lse = a.lse[batch * a.lse_stride[0] + head * a.lse_stride[1] + i * a.lse_stride[2]];
                 // A row that sees no key has lse = -inf and P = exp(s - lse) must be 0.
-                a.lse2[row] = lse == -INFINITY ? INFINITY : lse * common::kLog2e;
+                a.lse_out[row] = lse == -INFINITY ? INFINITY : lse;
                 a.delta[row] = dot;
             }
         }
@@ -386,7 +386,7 @@ template <typename T> fcsa_status backward(const Problem &pr, const Plan &plan, 
     pre.dout = rows_of(pr.dout, elem);
     pre.lse = static_cast<const float *>(pr.lse.data);
     for (int i = 0; i < 3; ++i) pre.lse_stride[i] = pr.lse.stride[i];
-    pre.lse2 = reinterpret_cast<float *>(ws + plan.lse2);
+    pre.lse_out = reinterpret_cast<float *>(ws + plan.lse);
     pre.delta = reinterpret_cast<float *>(ws + plan.delta);
     pre.q_hat = pr.l2norm ? ws + plan.q_hat : nullptr;
     pre.k_hat = pr.l2norm ? ws + plan.k_hat : nullptr;
@@ -414,7 +414,7 @@ template <typename T> fcsa_status backward(const Problem &pr, const Plan &plan, 
     p.dout = rows_of(pr.dout, elem);
     p.q_raw = rows_of(pr.q, elem);
     p.k_raw = rows_of(pr.k, elem);
-    p.lse_log2 = pre.lse2;
+    p.lse = pre.lse_out;
     p.delta = pre.delta;
     if (pr.mask.present()) {
         p.mask = static_cast<const uint8_t *>(pr.mask.data);

@@ -5,8 +5,8 @@
 // main_kernel: one CTA per (key tile, kv head, batch) [, column half of the head dim].
 //   Each warp owns 16 * KT keys and keeps their dK^, dV rows in float registers for
 //   the whole CTA. For every query head sharing the kv head and every query tile
-//   (double-buffered with cp.async) it computes, in the transposed orientation,
-//       S^T = K^ Q^T,  P^T = exp2(scale log2e S^T + bias - lse2),  dP^T = V dO^T,
+//   (kStages-deep cp.async pipeline) it computes, in the transposed orientation,
+//       S^T = K^ Q^T,  P^T = exp(scale S^T + bias - lse),  dP^T = V dO^T,
 //       dS^T = P^T (dP^T - delta),  dV += P^T dO,  dK^ += scale dS^T Q^,
 //   so that P^T and dS^T are accumulators in registers and serve directly as the A
 //   operands of the next products. dQ^ += scale dS K^ goes through shared memory and
@@ -15,6 +15,13 @@
 //   streams the key tiles and keeps dQ^ in registers: no atomics, a fixed order.
 //
 // Both are checked by cuda/tests/check_backward.cu against a float64 reference.
+//
+// Measured (H100 SXM, 2026-11-23, bf16, batch = 16384 / n, heads = 2048 / d, the
+// version with a 2-stage pipeline and lse / delta read synchronously): d = 128 at
+// n = 2k / 4k / 8k / 16k 104 / 125 / 139 / 147 TFLOP/s, d = 64 84 / 104 / 117 / 126.
+// The limits seen: shared-memory reads (every warp reads the whole Q and dO tiles twice,
+// ~0.6 ldmatrix.x4 per mma), one CTA of 8 warps per SM, and dQ's float atomics. The
+// 3-stage pipeline and asynchronous lse / delta loads were added after that measurement.
 #pragma once
 
 #include <cstdint>
@@ -32,7 +39,8 @@ namespace sm80_bwd {
 
 // ---------------------------------------------------------------- tile shapes
 
-template <typename T, int kHeadDim, int kWarps, int kKeyBlocksPerWarp, int kQueryRows, int kSplits>
+template <typename T, int kHeadDim, int kWarps, int kKeyBlocksPerWarp, int kQueryRows, int kSplits,
+          int kStages_>
 struct MainShape {
     static constexpr int D = kHeadDim;
     static constexpr int kThreads = kWarps * 32;
@@ -40,6 +48,7 @@ struct MainShape {
     static constexpr int kKeys = kWarps * KT * 16;        // keys per CTA
     static constexpr int BR = kQueryRows;                 // query rows per tile
     static constexpr int kSplitCount = kSplits;
+    static constexpr int kStages = kStages_;              // query tiles in flight (cp.async)
     static constexpr int DC = kHeadDim / kSplits;         // dK / dV / dQ columns per CTA
     using KTile = common::PaddedTile<T, kKeys, D>;
     using QTile = common::PaddedTile<T, BR, D>;
@@ -52,12 +61,12 @@ struct MainShape {
     // Shared memory, in bytes.
     static constexpr int kOffK = 0;
     static constexpr int kOffV = kOffK + KTile::kBytes;
-    static constexpr int kOffQ = kOffV + KTile::kBytes;   // 2 stages
-    static constexpr int kOffDo = kOffQ + 2 * QTile::kBytes;
-    static constexpr int kOffS = kOffDo + 2 * QTile::kBytes;
-    static constexpr int kOffLse = kOffS + STile::kBytes; // [2][BR] float
-    static constexpr int kOffDelta = kOffLse + 2 * BR * 4;
-    static constexpr int kOffReduce = kOffDelta + 2 * BR * 4;
+    static constexpr int kOffQ = kOffV + KTile::kBytes;   // kStages buffers
+    static constexpr int kOffDo = kOffQ + kStages * QTile::kBytes;
+    static constexpr int kOffS = kOffDo + kStages * QTile::kBytes;
+    static constexpr int kOffLse = kOffS + STile::kBytes; // [kStages][BR] float
+    static constexpr int kOffDelta = kOffLse + kStages * BR * 4;
+    static constexpr int kOffReduce = kOffDelta + kStages * BR * 4;
     static constexpr int kSmemBytes = kOffReduce + kWarps * 4;
     // The epilogue stages dK^ rows (float) over the K, V, Q and dO tiles.
     static constexpr int kStageStride = DC + 4;
@@ -93,14 +102,16 @@ template <typename T, int D, bool kIs16 = common::ElementTraits<T>::kIs16Bit> st
 
 template <typename T, int D> struct Shapes<T, D, true> {
     static_assert(D == 32 || D == 64 || D == 96 || D == 128 || D == 256, "16-bit head-dim buckets");
-    using Main = MainShape<T, D, (D == 32 || D == 256) ? 4 : 8, D == 32 ? 2 : 1, D == 256 ? 32 : 64,
-                           D == 256 ? 2 : 1>;
+    // 128 keys per CTA; 64 query rows per tile where dK^, dV and S, dP fit in registers
+    // without spilling inside the loop (checked with -Xptxas -v and the SASS), 32 at
+    // D = 128; D = 256 splits dK / dV / dQ columns over two CTAs of 64 keys.
+    using Main = MainShape<T, D, D == 256 ? 4 : 8, 1, D >= 128 ? 32 : 64, D == 256 ? 2 : 1, D == 256 ? 2 : 3>;
     using Dq = DqShape<T, D, 4, D == 256 ? 32 : 64>;
 };
 
 template <typename T, int D> struct Shapes<T, D, false> {
     static_assert(D == 32 || D == 64 || D == 128 || D == 256, "float32 head-dim buckets");
-    using Main = MainShape<T, D, D == 256 ? 2 : 4, 1, D == 256 ? 16 : 32, D == 256 ? 2 : 1>;
+    using Main = MainShape<T, D, D == 256 ? 2 : 4, 1, D == 256 ? 16 : 32, D == 256 ? 2 : 1, 2>;
     using Dq = DqShape<T, D, D == 256 ? 2 : 4, D == 256 ? 16 : 32>;
 };
 
@@ -139,23 +150,24 @@ __device__ __forceinline__ float head_scale(const Params &p, int64_t head) {
     return p.scale_t != nullptr ? p.scale_t[head * p.scale_stride] : p.scale;
 }
 
-// bias[b, h, i, j] * log2(e), 0 without a bias.
+// bias[b, h, i, j], 0 without a bias.
 template <typename T>
-__device__ __forceinline__ float bias_log2(const Params &p, int64_t bh_offset, int64_t i, int64_t j) {
+__device__ __forceinline__ float bias_at(const Params &p, int64_t bh_offset, int64_t i, int64_t j) {
     if (p.bias == nullptr) return 0.f;
-    const int64_t index = bh_offset + i * p.bias_stride[2] + j * p.bias_stride[3];
-    return load_as_float<T>(p.bias, index, p.bias_f32) * common::kLog2e;
+    return load_as_float<T>(p.bias, bh_offset + i * p.bias_stride[2] + j * p.bias_stride[3], p.bias_f32);
 }
 
 __device__ __forceinline__ int clamp_to_int(int64_t x) {
     return static_cast<int>(x < -(int64_t(1) << 30) ? -(int64_t(1) << 30) : (x > (int64_t(1) << 30) ? int64_t(1) << 30 : x));
 }
 
-// P = exp(s - lse) for a visible score (0 otherwise) and dS = P (dP - delta).
+// P = exp(s - lse) for a visible score (0 otherwise) and dS = P (dP - delta). The
+// exponent is formed in natural units with one rounding (fma), then scaled to base 2:
+// large logits lose no float32 accuracy to rounded products with log2(e).
 __device__ __forceinline__ void probability_and_grad(float &score_to_p, float &dp_to_ds, bool visible,
-                                                     float scale_log2, float bias2, float lse2,
-                                                     float delta) {
-    const float prob = visible ? common::exp2_approx(fmaf(score_to_p, scale_log2, bias2 - lse2)) : 0.f;
+                                                     float scale, float bias, float lse, float delta) {
+    const float prob =
+        visible ? common::exp2_approx(fmaf(score_to_p, scale, bias - lse) * common::kLog2e) : 0.f;
     dp_to_ds = prob * (dp_to_ds - delta);
     score_to_p = prob;
 }
@@ -286,7 +298,7 @@ template <typename T, class S> struct MainKernel {
 
     struct Smem {
         T *k, *v, *q, *dout, *ds;
-        float *lse2, *delta, *reduce;
+        float *lse, *delta, *reduce;
     };
 
     __device__ __forceinline__ static Smem carve(unsigned char *base) {
@@ -296,7 +308,7 @@ template <typename T, class S> struct MainKernel {
         s.q = reinterpret_cast<T *>(base + S::kOffQ);
         s.dout = reinterpret_cast<T *>(base + S::kOffDo);
         s.ds = reinterpret_cast<T *>(base + S::kOffS);
-        s.lse2 = reinterpret_cast<float *>(base + S::kOffLse);
+        s.lse = reinterpret_cast<float *>(base + S::kOffLse);
         s.delta = reinterpret_cast<float *>(base + S::kOffDelta);
         s.reduce = reinterpret_cast<float *>(base + S::kOffReduce);
         return s;
@@ -313,11 +325,15 @@ template <typename T, class S> struct MainKernel {
         load_rows<T, BR, S::D, S::kThreads>(s.dout + stage * S::QTile::kElements,
                                                      p.dout.row<T>(batch, head, i0), p.dout.stride_row, rows,
                                                      p.d, p.dout.aligned16, tid);
+        // lse and delta of the tile's rows, asynchronously too (rows past nq: zeros,
+        // their scores are masked as invisible).
         const int64_t row_base = (batch * p.h + head) * p.nq + i0;
-        for (int r = tid; r < BR; r += S::kThreads) {
-            const bool real = r < rows;
-            s.lse2[stage * BR + r] = real ? p.lse_log2[row_base + r] : __int_as_float(0x7f800000);
-            s.delta[stage * BR + r] = real ? p.delta[row_base + r] : 0.f;
+        for (int r = tid; r < 2 * BR; r += S::kThreads) {
+            const int row = r % BR;
+            const float *src = (r < BR ? p.lse : p.delta) + row_base + (row < rows ? row : 0);
+            float *dst = (r < BR ? s.lse : s.delta) + stage * BR + row;
+            asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(common::smem_address(dst)),
+                         "l"(src), "r"(row < rows ? 4 : 0));
         }
     }
 
@@ -390,7 +406,6 @@ template <typename T, class S> struct MainKernel {
 
         for (int64_t head = head0; head < head0 + p.heads_per_kv; ++head) {
             const float scale = head_scale(p, head);
-            const float scale_log2 = scale * common::kLog2e;
             // Causal: rows below j0 - offset see none of these keys.
             int64_t first_row = p.causal ? j0 - p.causal_offset : 0;
             if (first_row < 0) first_row = 0;
@@ -402,20 +417,26 @@ template <typename T, class S> struct MainKernel {
             const int64_t bias_bh = batch * p.bias_stride[0] + head * p.bias_stride[1];
             float dscale_sum = 0.f;
 
-            __syncthreads(); // the previous head's last tile is no longer read
-            if (qt_begin < query_tiles) issue_query_tile(p, s, batch, head, qt_begin, 0, tid);
-            common::cp_async_commit();
+            __syncthreads(); // the previous head's last tiles are no longer read
+            // kStages - 1 tiles in flight ahead of the one in use; one commit group per tile.
+#pragma unroll
+            for (int ahead = 0; ahead < S::kStages - 1; ++ahead) {
+                if (qt_begin + ahead < query_tiles) issue_query_tile(p, s, batch, head, qt_begin + ahead, ahead, tid);
+                common::cp_async_commit();
+            }
 
             for (int64_t qt = qt_begin; qt < query_tiles; ++qt) {
-                const int stage = static_cast<int>((qt - qt_begin) & 1);
-                common::cp_async_wait<0>();
-                __syncthreads();
-                if (qt + 1 < query_tiles) issue_query_tile(p, s, batch, head, qt + 1, stage ^ 1, tid);
+                const int stage = static_cast<int>((qt - qt_begin) % S::kStages);
+                common::cp_async_wait<S::kStages - 2>();
+                __syncthreads(); // tile qt landed for every thread; tile qt - 1 is no longer read
+                const int64_t next = qt + S::kStages - 1;
+                if (next < query_tiles)
+                    issue_query_tile(p, s, batch, head, next, static_cast<int>((next - qt_begin) % S::kStages), tid);
                 common::cp_async_commit();
 
                 const T *q_s = s.q + stage * S::QTile::kElements;
                 const T *do_s = s.dout + stage * S::QTile::kElements;
-                const float *lse2_s = s.lse2 + stage * BR;
+                const float *lse_s = s.lse + stage * BR;
                 const float *delta_s = s.delta + stage * BR;
                 const int64_t i0 = qt * BR;
 
@@ -448,10 +469,10 @@ template <typename T, class S> struct MainKernel {
                             const int jl = warp_key0 + 16 * kt + g + 8 * (e >> 1);
                             const bool visible = key_ok[kt][e >> 1] && r < rows && jl - r <= diagonal;
                             const float cosine = sc[kt][n].x[e];
-                            const float bias2 =
-                                has_bias && visible ? bias_log2<T>(p, bias_bh, i0 + r, j0 + jl) : 0.f;
-                            probability_and_grad(sc[kt][n].x[e], dp[kt][n].x[e], visible, scale_log2, bias2,
-                                                 lse2_s[r], delta_s[r]);
+                            const float bias =
+                                has_bias && visible ? bias_at<T>(p, bias_bh, i0 + r, j0 + jl) : 0.f;
+                            probability_and_grad(sc[kt][n].x[e], dp[kt][n].x[e], visible, scale, bias,
+                                                 lse_s[r], delta_s[r]);
                             dscale_sum = fmaf(dp[kt][n].x[e], cosine, dscale_sum);
                         }
                 if (lead && p.dbias_mode != kDbiasNone && p.dbias_mode != kDbiasOwnedQueries)
@@ -621,7 +642,7 @@ template <typename T, class S> struct DqKernel {
 
     struct Smem {
         T *q, *dout, *k, *v;
-        float *lse2, *delta, *reduce;
+        float *lse, *delta, *reduce;
         uint8_t *key_ok;
     };
 
@@ -631,7 +652,7 @@ template <typename T, class S> struct DqKernel {
         s.dout = reinterpret_cast<T *>(base + S::kOffDo);
         s.k = reinterpret_cast<T *>(base + S::kOffK);
         s.v = reinterpret_cast<T *>(base + S::kOffV);
-        s.lse2 = reinterpret_cast<float *>(base + S::kOffLse);
+        s.lse = reinterpret_cast<float *>(base + S::kOffLse);
         s.delta = reinterpret_cast<float *>(base + S::kOffDelta);
         s.key_ok = reinterpret_cast<uint8_t *>(base + S::kOffKeyOk);
         s.reduce = reinterpret_cast<float *>(base + S::kOffReduce);
@@ -682,7 +703,6 @@ template <typename T, class S> struct DqKernel {
             key_tiles = last_key < 0 ? 0 : (last_key / BC + 1 < key_tiles_all ? last_key / BC + 1 : key_tiles_all);
         }
         const float scale = head_scale(p, head);
-        const float scale_log2 = scale * common::kLog2e;
         const int64_t bias_bh = batch * p.bias_stride[0] + head * p.bias_stride[1];
 
         __syncthreads(); // the previous item is done with shared memory
@@ -692,7 +712,7 @@ template <typename T, class S> struct DqKernel {
                                                   p.d, p.dout.aligned16, tid);
         const int64_t row_base = (batch * p.h + head) * p.nq + i0;
         for (int r = tid; r < BR; r += S::kThreads) {
-            s.lse2[r] = r < rows ? p.lse_log2[row_base + r] : __int_as_float(0x7f800000);
+            s.lse[r] = r < rows ? p.lse[row_base + r] : __int_as_float(0x7f800000);
             s.delta[r] = r < rows ? p.delta[row_base + r] : 0.f;
         }
         if (key_tiles > 0) issue_key_tile(p, s, batch, kv, 0, 0, tid);
@@ -703,7 +723,7 @@ template <typename T, class S> struct DqKernel {
         for (int n = 0; n < ND8; ++n) common::clear(dq[0][n]);
         float row_dbias[2] = {0.f, 0.f}; // sum over keys of dS, rows g and g + 8
         const int r0 = warp * 16 + g;
-        float lse2_row[2], delta_row[2];
+        float lse_row[2], delta_row[2];
 
         for (int64_t kt = 0; kt < key_tiles; ++kt) {
             const int stage = static_cast<int>(kt & 1);
@@ -712,7 +732,7 @@ template <typename T, class S> struct DqKernel {
             if (kt == 0) {
 #pragma unroll
                 for (int half = 0; half < 2; ++half) {
-                    lse2_row[half] = s.lse2[r0 + 8 * half];
+                    lse_row[half] = s.lse[r0 + 8 * half];
                     delta_row[half] = s.delta[r0 + 8 * half];
                 }
             }
@@ -740,9 +760,9 @@ template <typename T, class S> struct DqKernel {
                 for (int e = 0; e < 4; ++e) {
                     const int r = r0 + 8 * (e >> 1), c = 8 * n + 2 * t + (e & 1);
                     const bool visible = ok_s[c] != 0 && r < rows && c - r <= diagonal;
-                    const float bias2 = has_bias && visible ? bias_log2<T>(p, bias_bh, i0 + r, j0 + c) : 0.f;
-                    probability_and_grad(sc[0][n].x[e], dp[0][n].x[e], visible, scale_log2, bias2,
-                                         lse2_row[e >> 1], delta_row[e >> 1]);
+                    const float bias = has_bias && visible ? bias_at<T>(p, bias_bh, i0 + r, j0 + c) : 0.f;
+                    probability_and_grad(sc[0][n].x[e], dp[0][n].x[e], visible, scale, bias,
+                                         lse_row[e >> 1], delta_row[e >> 1]);
                     row_dbias[e >> 1] += dp[0][n].x[e];
                 }
             typename G::Operand op[1][BC / 16];

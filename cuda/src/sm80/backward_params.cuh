@@ -2,7 +2,7 @@
 // its kernels (backward_kernels.cuh, instantiated in backward_d*.cu).
 //
 // The backward runs as a few launches on the caller's stream:
-//   1. prepass      delta_i = <dO_i, O_i>, lse in base 2 (+inf for rows that see no
+//   1. prepass      delta_i = <dO_i, O_i>, lse contiguous (+inf for rows that see no
 //                   key, so their P is 0), and the l2-normalized copies q^, k^;
 //   2. main         one CTA per (key tile, kv head, batch): dK, dV in registers, dQ^
 //                   by float atomics (or by 3. when deterministic), dscale partials,
@@ -67,7 +67,7 @@ struct Params {
     // Inputs as the kernels read them: q and k are the normalized copies when l2norm.
     Rows q, k, v, dout;
     Rows q_raw, k_raw; // the caller's q and k, for the l2norm backward
-    const float *lse_log2 = nullptr; // [b][h][nq]: lse * log2(e), +inf for empty rows
+    const float *lse = nullptr;      // [b][h][nq]: the forward's lse, +inf for empty rows
     const float *delta = nullptr;    // [b][h][nq]
     const uint8_t *mask = nullptr;   // nullptr: every key visible
     int64_t mask_stride_b = 0, mask_stride_key = 1;

@@ -1,28 +1,28 @@
 // forward_kernel.cuh: the portable CUDA forward kernel, FlashAttention-2 style.
 //
-// One CTA per (query tile, head, batch), flattened into grid.x (query tiles fastest,
-// in reverse so that causal's long tiles start first; neighbouring CTAs share K/V in
-// L2). Each warp owns 16 or 32 query rows (ForwardConfig). Per CTA:
+// One CTA (4 warps) per (query tile, head, batch), flattened into grid.x: query tiles
+// fastest, in reverse so that causal's long tiles start first, and neighbouring CTAs
+// share K/V in L2. Each warp owns 16 or 32 query rows (ForwardConfig). Per CTA:
 //   prologue  Q tile -> shared (cp.async), l2-normalized in place per group (float32
-//             norms); with 16-bit inputs each warp then keeps its Q rows
-//             in registers when D <= 64. Under a key mask, one pass over the mask marks which key
-//             tiles have any / only visible keys.
+//             norms); with 16-bit inputs and D <= 64 each warp then keeps its Q rows in
+//             registers. Under a key mask, one pass over the mask marks which key tiles
+//             have any / only visible keys.
 //   loop      over the visible key tiles (causal stops at the diagonal; masked-out
 //             tiles are skipped): K and V stream through one shared buffer each, the
 //             next K tile loading while P·V runs and V loading while S = Q K^T runs.
 //             K rows are normalized as the tile arrives: for groups == 1 a factor
-//             1/||k_j|| per column of S (folded with scale * log2(e)), else in place.
-//             Per-element masking (causal diagonal, key mask, sequence end) runs only
-//             on tiles that need it.
+//             scale * log2(e) / ||k_j|| per column of S, else in place per group.
 //   softmax   base 2. With l2norm and no bias every logit is bounded by |scale|*groups,
 //             so p = 2^(x - bound) needs no running maximum, no reductions and no
-//             rescaling of O; otherwise (or when the bound is too wide for the
-//             probabilities' format) an online softmax tracks the row maximum.
-//             P stays in registers as the A operand of P·V.
+//             rescaling of O: on tiles without masking that is one FMA and one ex2 per
+//             score. Otherwise (bias, no l2norm, masked tiles, or a bound too wide for
+//             the probabilities' format) a general path adds bias and -inf masks and,
+//             when the logits are not bounded, tracks the row maximum (online softmax).
+//             P stays in registers, packed as the A operand of P·V as soon as it exists.
 //   epilogue  O / rowsum -> shared -> global (16-byte stores), lse = ln(sum) + max.
 // Products: mma.m16n8k16 for f16/bf16 (ldmatrix, .trans for V); float32 through
 // 3xTF32 (mma.m16n8k8 on split operands), which keeps float32 accuracy.
-// Checked against a float64 reference by cuda/tests/check_forward.cu.
+// Checked against a float64 reference, and timed, by cuda/tests/check_forward.cu.
 #pragma once
 
 #include <cmath>
@@ -66,7 +66,7 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
     const int m_tile = p.num_m_tiles - 1 - int(cta % uint32_t(p.num_m_tiles));
     const uint32_t batch_head = cta / uint32_t(p.num_m_tiles);
     const int hq = int(batch_head % uint32_t(p.heads));
-    const int64_t bi = batch_head / uint32_t(p.heads);
+    const int bi = int(batch_head / uint32_t(p.heads));
     const int kvh = hq / p.heads_per_kv;
     const int m0 = m_tile * BM;
     const int rows_here = min(BM, p.nq - m0);
@@ -74,10 +74,11 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
 
     const T *q = static_cast<const T *>(p.q) + bi * p.q_stride[0] + hq * p.q_stride[1] +
                  int64_t(m0) * p.q_stride[2];
-    const T *k = static_cast<const T *>(p.k) + bi * p.k_stride[0] + kvh * p.k_stride[1];
-    const T *v = static_cast<const T *>(p.v) + bi * p.v_stride[0] + kvh * p.v_stride[1];
-    T *out = static_cast<T *>(p.out) + bi * p.out_stride[0] + hq * p.out_stride[1] +
-             int64_t(m0) * p.out_stride[2];
+    // K/V rows from key j on, recomputed where needed: registers are this kernel's
+    // scarcest resource, a few integer operations per tile are not.
+    auto key_rows = [&](const void *base, const int64_t *stride, int j) {
+        return static_cast<const T *>(base) + bi * stride[0] + kvh * stride[1] + int64_t(j) * stride[2];
+    };
 
     // ---- logit scale (base 2) and the softmax mode
     const float scale = p.scale_t != nullptr ? p.scale_t[hq * p.scale_stride] : p.scale;
@@ -98,8 +99,9 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
     load_tile<T, BM, D, kThreads>(sQ, q, p.q_stride[2], rows_here, d, p.vec_q, tid);
     cp_async_commit();
 
-    const uint8_t *mask = p.mask != nullptr ? p.mask + bi * p.mask_stride[0] : nullptr;
-    if (mask != nullptr) {
+    const bool has_mask = p.mask != nullptr;
+    auto key_visible = [&](int j) { return p.mask[bi * p.mask_stride[0] + int64_t(j) * p.mask_stride[1]] != 0; };
+    if (has_mask) {
         for (int i = tid; i < 2 * C::kBitmapWords; i += kThreads) sAnyVisible[i] = 0;
         __syncthreads();
         const int tile_limit = min(tile_end, C::kBitmapTiles);
@@ -107,7 +109,7 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
         for (int base = warp * 32; base < scan_keys; base += kThreads) {
             const int j = base + lane;
             const bool inside = j < p.nk;
-            const bool visible = inside && mask[j * p.mask_stride[1]] != 0;
+            const bool visible = inside && key_visible(j);
             const uint32_t any = __ballot_sync(0xffffffffu, visible);
             const uint32_t fine = __ballot_sync(0xffffffffu, visible || !inside);
             if (lane == 0) {
@@ -125,10 +127,10 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
         __syncthreads();
     }
     auto tile_visible = [&](int tile) {
-        return mask == nullptr || tile >= C::kBitmapTiles || ((sAnyVisible[tile >> 5] >> (tile & 31)) & 1u);
+        return !has_mask || tile >= C::kBitmapTiles || ((sAnyVisible[tile >> 5] >> (tile & 31)) & 1u);
     };
     auto tile_partly_masked = [&](int tile) {
-        return mask != nullptr &&
+        return has_mask &&
                (tile >= C::kBitmapTiles || ((sPartlyVisible[tile >> 5] >> (tile & 31)) & 1u));
     };
     auto next_tile = [&](int tile) {
@@ -138,7 +140,7 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
 
     int tile = next_tile(0);
     if (tile < tile_end)
-        load_tile<T, BN, D, kThreads>(sK, k + int64_t(tile) * BN * p.k_stride[2], p.k_stride[2],
+        load_tile<T, BN, D, kThreads>(sK, key_rows(p.k, p.k_stride, tile * BN), p.k_stride[2],
                                       min(BN, p.nk - tile * BN), d, p.vec_k, tid);
     cp_async_commit();
     cp_async_wait<1>(); // Q has landed (K may still be in flight)
@@ -166,13 +168,13 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
 #pragma unroll
         for (int i = 0; i < kOBlocks; ++i) clear(o[mb][i]);
     float row_max[kRows], row_sum[kRows];
-    int row_index[kRows];
 #pragma unroll
     for (int h = 0; h < kRows; ++h) {
         row_max[h] = track_max ? -kInf : fixed_offset;
         row_sum[h] = 0.f;
-        row_index[h] = m0 + warp_row0 + 16 * (h / 2) + g + 8 * (h % 2);
     }
+    auto row_index = [&](int h) { return m0 + warp_row0 + 16 * (h / 2) + g + 8 * (h % 2); };
+    const bool per_column = p.l2norm && p.groups == 1; // 1/||k_j|| as a factor on S
     const bool has_bias = p.bias != nullptr;
 
     while (tile < tile_end) {
@@ -181,12 +183,12 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
 
         cp_async_wait<0>();
         __syncthreads(); // K tile ready; every warp is done with the previous V tile
-        load_tile<T, BN, D, kThreads>(sV, v + int64_t(j0) * p.v_stride[2], p.v_stride[2], keys_here, d,
+        load_tile<T, BN, D, kThreads>(sV, key_rows(p.v, p.v_stride, j0), p.v_stride[2], keys_here, d,
                                       p.vec_v, tid);
         cp_async_commit();
         if (p.l2norm) {
             if (p.groups == 1) {
-                row_inverse_norms<T, BN, D, kThreads>(sK, d, sKInv, tid);
+                row_inverse_norms<T, BN, D, kThreads>(sK, d, sKInv, scale_log2, tid);
             } else {
                 l2norm_rows<T, KS, kThreads>(sK, keys_here, d, p.groups, nullptr, true, tid);
                 __syncthreads();
@@ -241,42 +243,47 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
         __syncthreads(); // V tile ready; K buffer free; the 1/||k|| factors visible
         const int next = next_tile(tile + 1);
         if (next < tile_end)
-            load_tile<T, BN, D, kThreads>(sK, k + int64_t(next) * BN * p.k_stride[2], p.k_stride[2],
+            load_tile<T, BN, D, kThreads>(sK, key_rows(p.k, p.k_stride, next * BN), p.k_stride[2],
                                           min(BN, p.nk - next * BN), d, p.vec_k, tid);
         cp_async_commit();
 
-        // Logits in base 2: scale (and 1/||k_j|| per column when groups == 1), + bias.
-        const bool per_column = p.l2norm && p.groups == 1;
+        // Logits in base 2: s * f with f = scale * log2(e) (/ ||k_j|| per column when
+        // groups == 1, folded into sKInv), + bias * log2(e). With 16-bit inputs the
+        // probabilities are packed into P's mma fragments as soon as they exist, which
+        // frees the float scores early (register pressure decides this kernel's speed).
+        FragA16 p_frag[C::k16Bit ? kM : 1][C::k16Bit ? BN / 16 : 1];
+        auto pack_probabilities = [&](int kk) {
+            if constexpr (C::k16Bit) {
+#pragma unroll
+                for (int mb = 0; mb < kM; ++mb) accumulators_to_a16<T>(p_frag[mb][kk], s[mb][2 * kk], s[mb][2 * kk + 1]);
+            }
+        };
+        auto column_factors = [&](int n) {
+            return per_column ? *reinterpret_cast<const float2 *>(sKInv + 8 * n + 2 * t4)
+                              : make_float2(scale_log2, scale_log2);
+        };
         const bool element_mask = keys_here < BN || tile_partly_masked(tile) ||
                                   (p.causal && j0 + BN - 1 > m0 + warp_row0 + causal_offset);
         if (!track_max && !has_bias && !element_mask) {
             // The common case: bounded logits, every key visible. p = 2^(s * f - offset).
 #pragma unroll
             for (int n = 0; n < kSBlocks; ++n) {
-                float2 f = make_float2(scale_log2, scale_log2);
-                if (per_column) {
-                    f = *reinterpret_cast<const float2 *>(sKInv + 8 * n + 2 * t4);
-                    f.x *= scale_log2;
-                    f.y *= scale_log2;
-                }
+                const float2 f = column_factors(n);
 #pragma unroll
                 for (int mb = 0; mb < kM; ++mb)
 #pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const float prob = exp2_approx(fmaf(s[mb][n].x[e], (e & 1) ? f.y : f.x, -fixed_offset));
-                        row_sum[2 * mb + e / 2] += prob;
-                        s[mb][n].x[e] = prob;
+                    for (int r = 0; r < 2; ++r) {
+                        float *x = s[mb][n].x + 2 * r;
+                        x[0] = exp2_approx(fmaf(x[0], f.x, -fixed_offset));
+                        x[1] = exp2_approx(fmaf(x[1], f.y, -fixed_offset));
+                        row_sum[2 * mb + r] += x[0] + x[1];
                     }
+                if (n % 2 == 1) pack_probabilities(n / 2);
             }
         } else {
 #pragma unroll
             for (int n = 0; n < kSBlocks; ++n) {
-                float2 f = make_float2(scale_log2, scale_log2);
-                if (per_column) {
-                    f = *reinterpret_cast<const float2 *>(sKInv + 8 * n + 2 * t4);
-                    f.x *= scale_log2;
-                    f.y *= scale_log2;
-                }
+                const float2 f = column_factors(n);
 #pragma unroll
                 for (int mb = 0; mb < kM; ++mb)
 #pragma unroll
@@ -289,7 +296,7 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
                     static_cast<const float *>(p.bias) + bi * p.bias_stride[0] + hq * p.bias_stride[1];
 #pragma unroll
                 for (int h = 0; h < kRows; ++h) {
-                    const int i = row_index[h];
+                    const int i = row_index(h);
                     if (i >= p.nq) continue;
                     const int64_t row_offset = int64_t(i) * p.bias_stride[2];
 #pragma unroll
@@ -313,10 +320,10 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
                     for (int c = 0; c < 2; ++c) {
                         const int j = j0 + 8 * n + 2 * t4 + c;
                         bool key_ok = j < p.nk;
-                        if (key_ok && mask != nullptr) key_ok = mask[int64_t(j) * p.mask_stride[1]] != 0;
+                        if (key_ok && has_mask) key_ok = key_visible(j);
 #pragma unroll
                         for (int h = 0; h < kRows; ++h) {
-                            const bool ok = key_ok && (!p.causal || j <= row_index[h] + causal_offset);
+                            const bool ok = key_ok && (!p.causal || j <= row_index(h) + causal_offset);
                             if (!ok) s[h / 2][n].x[2 * (h % 2) + c] = -kInf;
                         }
                     }
@@ -347,33 +354,32 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
                 }
             }
 #pragma unroll
-            for (int mb = 0; mb < kM; ++mb)
+            for (int n = 0; n < kSBlocks; ++n) {
 #pragma unroll
-                for (int n = 0; n < kSBlocks; ++n)
+                for (int mb = 0; mb < kM; ++mb)
 #pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const int h = 2 * mb + e / 2;
-                        const float prob = exp2_approx(s[mb][n].x[e] - offset[h]);
-                        row_sum[h] += prob;
-                        s[mb][n].x[e] = prob;
+                    for (int r = 0; r < 2; ++r) {
+                        float *x = s[mb][n].x + 2 * r;
+                        x[0] = exp2_approx(x[0] - offset[2 * mb + r]);
+                        x[1] = exp2_approx(x[1] - offset[2 * mb + r]);
+                        row_sum[2 * mb + r] += x[0] + x[1];
                     }
+                if (n % 2 == 1) pack_probabilities(n / 2);
+            }
         }
 
         // O += P V, P straight from the accumulators.
         if constexpr (C::k16Bit) {
 #pragma unroll
             for (int kk = 0; kk < BN / 16; ++kk) {
-                FragA16 a[kM];
-#pragma unroll
-                for (int mb = 0; mb < kM; ++mb) accumulators_to_a16<T>(a[mb], s[mb][2 * kk], s[mb][2 * kk + 1]);
 #pragma unroll
                 for (int i = 0; i < kOBlocks; i += 2) {
                     FragB16 b[2];
                     load_b16_kn(b, sV, KS, kk * 16, i * 8, lane);
 #pragma unroll
                     for (int mb = 0; mb < kM; ++mb) {
-                        mma_m16n8k16<T>(o[mb][i], a[mb], b[0]);
-                        mma_m16n8k16<T>(o[mb][i + 1], a[mb], b[1]);
+                        mma_m16n8k16<T>(o[mb][i], p_frag[mb][kk], b[0]);
+                        mma_m16n8k16<T>(o[mb][i + 1], p_frag[mb][kk], b[1]);
                     }
                 }
             }
@@ -402,11 +408,13 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
     for (int h = 0; h < kRows; ++h) {
         const float sum = quad_sum(row_sum[h]);
         inv_sum[h] = sum > 0.f ? reciprocal_approx(sum) : 0.f; // no visible key: out = 0
-        const int i = row_index[h];
+        const int i = row_index(h);
         if (p.lse != nullptr && t4 == 0 && i < p.nq)
             p.lse[bi * p.lse_stride[0] + hq * p.lse_stride[1] + int64_t(i) * p.lse_stride[2]] =
                 sum > 0.f ? (row_max[h] + log2_approx(sum)) * kLn2 : -kInf;
     }
+    T *out = static_cast<T *>(p.out) + bi * p.out_stride[0] + hq * p.out_stride[1] +
+             int64_t(m0 + warp_row0) * p.out_stride[2];
     T *staging = sQ + warp_row0 * QS; // only this warp ever read these rows of sQ
 #pragma unroll
     for (int h = 0; h < kRows; ++h)
@@ -419,7 +427,7 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
             else *reinterpret_cast<float2 *>(dst) = make_float2(lo, hi);
         }
     __syncwarp();
-    store_tile<T, C::kRowsPerWarp, D, 32>(out + int64_t(warp_row0) * p.out_stride[2], p.out_stride[2], staging,
+    store_tile<T, C::kRowsPerWarp, D, 32>(out, p.out_stride[2], staging,
                                           rows_here - warp_row0, d, p.vec_out, lane);
 }
 

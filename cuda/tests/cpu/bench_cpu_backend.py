@@ -5,12 +5,14 @@
     python cuda/tests/cpu/bench_cpu_backend.py [--threads 2] [--lengths 512 1024 2048 4096]
 
 float32, b=2, h=8, d=64 by default; torch.set_num_threads and the library's num_threads
-are the same. Reports the fastest of several runs (the machine may be shared), in ms, for the forward and
-for forward + backward, and the ratio fcsa / torch (below 1: fcsa is faster).
+are the same. Reports, in ms, the fastest of several runs of the forward and of forward +
+backward, fcsa and torch taking turns (the machine may be shared), and the ratio
+fcsa / torch (below 1: fcsa is faster), then the process's peak resident memory.
 """
 import argparse
 import ctypes
 import os
+import resource
 import sys
 import time
 
@@ -21,14 +23,18 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fcsa_ctypes as fc  # noqa: E402
 
 
-def best_ms(fn, repeats):
-    fn()  # warm-up
-    times = []
+def best_ms(functions, repeats):
+    """The fastest of `repeats` runs of each function, taking turns between them, so that
+    a busy spell on a shared machine hits every contender alike."""
+    for fn in functions:
+        fn()  # warm-up
+    best = [float("inf")] * len(functions)
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return min(times)
+        for i, fn in enumerate(functions):
+            start = time.perf_counter()
+            fn()
+            best[i] = min(best[i], (time.perf_counter() - start) * 1e3)
+    return best
 
 
 class FcsaCall:
@@ -92,9 +98,8 @@ def main():
         q, k, v, dout = (torch.randn(shape) for _ in range(4))
         call = FcsaCall(lib, q, k, v, dout, args.threads, args.causal)
         repeats = args.repeats if n <= 4096 else 1
-        fwd = best_ms(call.forward, repeats)
-        fwd_bwd = best_ms(call.forward_backward, repeats)
         if args.no_torch:
+            fwd, fwd_bwd = best_ms([call.forward, call.forward_backward], repeats)
             print(f"{n:6d} {fwd:9.1f} {'-':>9} {'-':>6} {fwd_bwd:9.1f} {'-':>9} {'-':>6}", flush=True)
             continue
         qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
@@ -110,10 +115,12 @@ def main():
             out.backward(dout)
             qg.grad = kg.grad = vg.grad = None
 
-        tf = best_ms(torch_forward, repeats)
-        tfb = best_ms(torch_forward_backward, repeats)
+        fwd, tf = best_ms([call.forward, torch_forward], repeats)
+        fwd_bwd, tfb = best_ms([call.forward_backward, torch_forward_backward], repeats)
         print(f"{n:6d} {fwd:9.1f} {tf:9.1f} {fwd / tf:6.2f} {fwd_bwd:9.1f} {tfb:9.1f} {fwd_bwd / tfb:6.2f}",
               flush=True)
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak resident memory of this process: {peak_mib:.0f} MiB")
 
 
 if __name__ == "__main__":

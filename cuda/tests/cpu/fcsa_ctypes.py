@@ -3,6 +3,8 @@
 It maps torch tensors onto fcsa_tensor descriptors and calls fcsa_forward /
 fcsa_backward with a workspace of the size the library asks for. Outputs are
 poisoned with NaN first, so an element the library forgets to write shows up.
+The library is --library in the scripts, else $FCSA_LIBRARY, else build/cuda/libfcsa.so
+(a CPU-only build: cmake -S . -B build -G Ninja -DFCSA_CUDA=OFF && cmake --build build).
 """
 import ctypes
 import os
@@ -42,7 +44,7 @@ class BackwardTensors(ctypes.Structure):
 
 
 def load(path=None):
-    path = path or os.environ.get("FCSA_LIBRARY", "/tmp/build-core/cuda/libfcsa.so")
+    path = path or os.environ.get("FCSA_LIBRARY", "build/cuda/libfcsa.so")
     lib = ctypes.CDLL(path)
     for name in ("fcsa_version", "fcsa_build_info", "fcsa_last_error_message", "fcsa_backend_name",
                  "fcsa_status_string"):

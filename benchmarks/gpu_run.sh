@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# The GPU validation run: build for the local GPU, the whole test suite on CUDA,
+# compute-sanitizer on a subset, the long-sequence check, the benchmark and the training
+# example. Everything it prints also lands in $RESULTS (default ./gpu-results).
+#
+#   bash benchmarks/gpu_run.sh build test sanitize long   # correctness
+#   bash benchmarks/gpu_run.sh bench train                 # speed, memory, training
+#
+# Needs python3 with torch, cmake, ninja, cython and scikit-build-core already installed
+# (it builds with --no-build-isolation, so it works on a machine without a network).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+RESULTS=${RESULTS:-gpu-results}
+ARCH=${FCSA_CUDA_ARCHITECTURES:-90a-real}
+PY=${PYTHON:-python3}
+mkdir -p "$RESULTS"
+export PYTHONUNBUFFERED=1
+
+stage_build() {
+    "$PY" -m pip install -q --no-build-isolation --no-deps -Cbuild-dir=build/gpu \
+        -Ccmake.define.FCSA_CUDA=ON -Ccmake.define.FCSA_CUDA_ARCHITECTURES="$ARCH" . \
+        >"$RESULTS/build.log" 2>&1 || { tail -40 "$RESULTS/build.log"; return 1; }
+    "$PY" -c "import fcsa; print(fcsa.build_info())"
+}
+
+stage_test() {
+    # The whole suite; the tests marked cuda run because a GPU is present.
+    "$PY" -m pytest -q -n 4 -p no:cacheprovider tests 2>&1 | tail -25
+}
+
+stage_sanitize() {
+    # One case of each feature under memcheck and racecheck (slow tools: a small subset).
+    local subset=(tests/test_cuda.py::test_matches_cpu_backend -k "64-bfloat16 or 32-float32")
+    for tool in memcheck racecheck; do
+        compute-sanitizer --tool "$tool" --error-exitcode 3 --print-limit 20 \
+            "$PY" -m pytest -q -x -p no:cacheprovider "${subset[@]}" 2>&1 | tail -6
+        echo "compute-sanitizer $tool exit ${PIPESTATUS[0]}"
+    done
+}
+
+stage_long() {
+    # 128k tokens, b=1, h=8, d=64, bf16, causal: forward and backward, peak memory.
+    "$PY" - <<'EOF'
+import torch, fcsa
+torch.manual_seed(0)
+n = 131072
+q, k, v = (torch.randn(1, 8, n, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+           for _ in range(3))
+torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+base = torch.cuda.memory_allocated()
+start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+start.record()
+out = fcsa.flash_cosine_sim_attention(q, k, v, causal=True)
+out.backward(torch.randn_like(out))
+end.record(); torch.cuda.synchronize()
+peak = torch.cuda.max_memory_allocated() - base
+finite = all(torch.isfinite(t).all().item() for t in (out, q.grad, k.grad, v.grad))
+print(f"128k causal bf16 d=64: forward+backward {start.elapsed_time(end):.0f} ms, "
+      f"peak memory beyond inputs {peak / 2**20:.0f} MiB, all finite: {finite}, "
+      f"backend {fcsa.last_backend()}")
+print(f"an n x n score matrix alone would take {8 * n * n * 2 / 2**30:.0f} GiB in bf16")
+EOF
+}
+
+stage_bench() {
+    local common=(--shape fa --dtype ${BENCH_DTYPES:-bfloat16 float16} --seq-lens 512 1024 2048 4096 8192 16384
+                  --baselines sdpa-cos sdpa-flash-cos --modes fwd bwd)
+    for dim in 64 128; do
+        for causal in "" "--causal"; do
+            local tag="fa-d${dim}${causal:+-causal}"
+            "$PY" -m fcsa.benchmark "${common[@]}" --dim "$dim" $causal \
+                --json "$RESULTS/$tag.json" --plot "$RESULTS/$tag.png" 2>&1 | grep -v "^  note"
+        done
+    done
+    # The original's shape (batch 4, heads 8, d 64) with the memory plot and every baseline.
+    "$PY" -m fcsa.benchmark --shape seed --dtype bfloat16 float32 --memory \
+        --seq-lens 512 1024 2048 4096 8192 \
+        --json "$RESULTS/seed.json" --plot "$RESULTS/seed.png" 2>&1 | grep -v "^  note"
+}
+
+stage_train() {
+    local args=(--steps 500 --validate-every 250 --generate-every 500 --no-progress)
+    "$PY" examples/train.py --seq-len 1024 --use-cuda-kernel "${args[@]}" \
+        --checkpoint "$RESULTS/ckpt-fcsa.pt" 2>&1 | tail -12
+    "$PY" examples/train.py --seq-len 1024 "${args[@]}" \
+        --checkpoint "$RESULTS/ckpt-plain.pt" 2>&1 | tail -12
+    "$PY" examples/train.py --seq-len 8192 --use-cuda-kernel --steps 30 --validate-every 30 \
+        --generate-every 1000 --no-progress --checkpoint "$RESULTS/ckpt-8k.pt" 2>&1 | tail -8
+    "$PY" examples/train.py --seq-len 8192 --steps 5 --validate-every 5 \
+        --generate-every 1000 --no-progress --checkpoint "$RESULTS/ckpt-8k-plain.pt" 2>&1 | tail -8
+    rm -f "$RESULTS"/ckpt-*.pt
+}
+
+status=0
+for stage in "${@:-build test sanitize long bench train}"; do
+    for s in $stage; do
+        echo "==== $s  $(date -u +%H:%M:%S)"
+        "stage_$s" 2>&1 | tee -a "$RESULTS/$s.out"
+        [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+    done
+done
+exit $status
