@@ -56,8 +56,15 @@ void load_normalized_row(const Problem &p, const View &view, int64_t batch, int6
     const int64_t group_size = d / p.groups;
     for (int32_t g = 0; g < p.groups; ++g) {
         float *chunk = dst + g * group_size;
-        float squares = 0.f;
-        for (int64_t t = 0; t < group_size; ++t) squares += chunk[t] * chunk[t];
+        // Eight interleaved partial sums: a single running sum is one long chain of
+        // dependent adds, which made normalizing K and Q a visible share of short calls.
+        float partial[8] = {};
+        int64_t t = 0;
+        for (; t + 8 <= group_size; t += 8)
+            for (int lane = 0; lane < 8; ++lane) partial[lane] += chunk[t + lane] * chunk[t + lane];
+        for (; t < group_size; ++t) partial[t % 8] += chunk[t] * chunk[t];
+        const float squares = ((partial[0] + partial[4]) + (partial[1] + partial[5])) +
+                              ((partial[2] + partial[6]) + (partial[3] + partial[7]));
         const float norm = std::sqrt(squares);
         const float denominator = std::max(norm, kNormEpsilon);
         for (int64_t t = 0; t < group_size; ++t) chunk[t] /= denominator;
@@ -112,19 +119,20 @@ void pack_keys_values(const Problem &p, const PackedKeysValues &packed, int thre
         const int64_t bh = item / key_tiles, tile = item % key_tiles;
         const int64_t batch = bh / p.hk, kv_head = bh % p.hk;
         const int64_t first = tile * kKeyTile, count = std::min<int64_t>(kKeyTile, p.nk - first);
-        std::vector<float> row(static_cast<size_t>(padded_d));
+        // One row of K or V, zero-padded to whole panels; rows past nk stay all zero.
+        std::vector<float> row(static_cast<size_t>(packed.panels * kPanelWidth));
         std::vector<float> norms(static_cast<size_t>(p.groups));
-        // Scatters one row (zeros past nk) into a transposed and a row tile.
+        // Scatters `row` into a transposed and a row tile. Plain copies without per-element
+        // tests: the packing runs on every call and counted at short sequences.
         auto scatter = [&](int64_t j, float *transposed, float *rows) {
-            const bool real = j < count;
             if (transposed) {
                 float *column = transposed + (j / kPanelWidth) * packed.transposed_panel() + j % kPanelWidth;
-                for (int64_t t = 0; t < d; ++t) column[t * kPanelWidth] = real ? row[size_t(t)] : 0.f;
+                for (int64_t t = 0; t < d; ++t) column[t * kPanelWidth] = row[size_t(t)];
             }
             if (rows) {
-                float *dst = rows + j * kPanelWidth;
-                for (int64_t t = 0; t < packed.panels * kPanelWidth; ++t)
-                    dst[(t / kPanelWidth) * packed.row_panel + t % kPanelWidth] = real && t < d ? row[size_t(t)] : 0.f;
+                for (int64_t panel = 0; panel < packed.panels; ++panel)
+                    std::memcpy(rows + panel * packed.row_panel + j * kPanelWidth, row.data() + panel * kPanelWidth,
+                                kPanelWidth * sizeof(float));
             }
         };
         auto offset = [](float *base, int64_t size, int64_t index) { return base ? base + index * size : nullptr; };
@@ -135,6 +143,7 @@ void pack_keys_values(const Problem &p, const PackedKeysValues &packed, int thre
         for (int64_t j = 0; j < kKeyTile; ++j) {
             const int64_t key = first + j;
             if (keys_wanted) {
+                if (j == count) std::fill(row.begin(), row.end(), 0.f);
                 if (j < count) {
                     load_normalized_row(p, p.k, batch, kv_head, key, p.l2norm, padded_d, row.data(), norms.data());
                     if (packed.key_norms && p.l2norm)
@@ -143,6 +152,7 @@ void pack_keys_values(const Problem &p, const PackedKeysValues &packed, int thre
                 scatter(j, keys_t, key_rows);
             }
             if (values_wanted) {
+                if (j == count) std::fill(row.begin(), row.end(), 0.f);
                 if (j < count) load_normalized_row(p, p.v, batch, kv_head, key, false, padded_d, row.data(), nullptr);
                 scatter(j, values_t, value_rows);
             }

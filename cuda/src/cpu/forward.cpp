@@ -1,7 +1,8 @@
 // forward.cpp: the CPU forward. Fused and tiled: one work item is a tile of query rows
 // of one head; it streams over the key tiles, keeping only a (rows x keys) logit tile
 // and a (rows x d) output accumulator. K (normalized) and V are converted to float32
-// once per call into the workspace, in the layouts the tile kernels read.
+// once per call into the workspace, in the layouts the tile kernels read (V only when
+// it is not float32 already: packing is a fixed cost that shows at short sequences).
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -18,8 +19,22 @@ namespace {
 
 using namespace cpu;
 
+// Query rows per forward tile, at most: large tiles read each packed K tile fewer times.
+// The tiles of a call are made equal (query_tile_rows), so none is a thin remainder.
+constexpr int kForwardQueryTile = 192;
+
+// Equal tiles of at most kForwardQueryTile rows, rounded up to a multiple of 6 (the
+// AVX2 matmul's register block) so no band of a tile runs a partly empty block.
+int64_t query_tile_rows(int64_t nq) {
+    const int64_t tiles = ceil_div(nq, kForwardQueryTile);
+    return std::min<int64_t>(kForwardQueryTile, round_up(ceil_div(nq, tiles), 6));
+}
+
 struct ForwardLayout {
     PackedKeysValues packed;
+    // V is read in place (no packed copy) when it already is what P V reads: float32
+    // rows of whole vectors (d % 8 == 0, so no column past d is touched).
+    bool values_in_place = false;
     size_t bytes = 0;
 };
 
@@ -30,7 +45,8 @@ ForwardLayout forward_layout(const Problem &p, void *workspace) {
     packed = packing_for(p);
     const int64_t tiles = p.b * p.hk * packed.key_tiles;
     packed.keys_transposed = carver.take(tiles * packed.transposed_tile_size());
-    packed.value_rows = carver.take(tiles * packed.row_tile_size());
+    layout.values_in_place = p.v.dtype == FCSA_DTYPE_FLOAT32 && p.d % 8 == 0;
+    if (!layout.values_in_place) packed.value_rows = carver.take(tiles * packed.row_tile_size());
     layout.bytes = carver.bytes_needed();
     return layout;
 }
@@ -38,10 +54,10 @@ ForwardLayout forward_layout(const Problem &p, void *workspace) {
 // Scratch of one worker thread, reused across its work items.
 struct ForwardScratch {
     explicit ForwardScratch(int64_t padded_d)
-        : queries(size_t(kQueryTile * padded_d)), logits(size_t(kQueryTile * kKeyTile)),
-          output(size_t(kQueryTile * padded_d)), row_sum(kQueryTile), row_max(kQueryTile),
-          tile_max(kQueryTile), offset(kQueryTile), rescale(kQueryTile), key_bias(kKeyTile),
-          bias_row(kKeyTile), limit(kQueryTile) {}
+        : queries(size_t(kForwardQueryTile * padded_d)), logits(size_t(kForwardQueryTile * kKeyTile)),
+          output(size_t(kForwardQueryTile * padded_d)), row_sum(kForwardQueryTile), row_max(kForwardQueryTile),
+          tile_max(kForwardQueryTile), offset(kForwardQueryTile), rescale(kForwardQueryTile), key_bias(kKeyTile),
+          bias_row(kKeyTile), limit(kForwardQueryTile) {}
     FloatBuffer queries, logits, output;
     std::vector<float> row_sum, row_max, tile_max, offset, rescale, key_bias, bias_row;
     std::vector<int> limit;
@@ -65,9 +81,9 @@ void add_bias_tile(const Problem &p, int64_t batch, int64_t head, int64_t first_
 }
 
 void forward_tile(const Problem &p, const ForwardLayout &layout, const TileKernels &kernels, int64_t batch,
-                  int64_t head, int64_t first_row, ForwardScratch &scratch) {
+                  int64_t head, int64_t first_row, int64_t tile_rows, ForwardScratch &scratch) {
     const int64_t d = p.d, padded_d = layout.packed.padded_d;
-    const int rows = int(std::min<int64_t>(kQueryTile, p.nq - first_row));
+    const int rows = int(std::min<int64_t>(tile_rows, p.nq - first_row));
     const int64_t kv_head = head / p.heads_per_kv();
     const int64_t bh = batch * p.hk + kv_head;
     const float scale = head_scale(p, head);
@@ -130,8 +146,14 @@ void forward_tile(const Problem &p, const ForwardLayout &layout, const TileKerne
         }
         kernels.exp_rows(logits, logits, kKeyTile, rows, keys, 1.f, scratch.offset.data(), scratch.limit.data(),
                           key_bias, scratch.row_sum.data());
-        kernels.matmul(output, padded_d, logits, kKeyTile, 1, packed.row_tile(packed.value_rows, bh, tile), packed.ldb,
-                       packed.row_panel, rows, int(padded_d), keys, true);
+        if (layout.values_in_place) {
+            const float *values = static_cast<const float *>(p.v.data) + p.v.offset(batch, kv_head, first_key, 0);
+            kernels.matmul(output, padded_d, logits, kKeyTile, 1, values, p.v.stride[2], kPanelWidth, rows,
+                           int(padded_d), keys, true);
+        } else {
+            kernels.matmul(output, padded_d, logits, kKeyTile, 1, packed.row_tile(packed.value_rows, bh, tile),
+                           packed.ldb, packed.row_panel, rows, int(padded_d), keys, true);
+        }
     }
 
     // out = acc / sum; lse = log(sum) + offset. A row that saw no key: out 0, lse -inf.
@@ -155,7 +177,8 @@ size_t cpu_forward_workspace(const Problem &p) { return forward_layout(p, nullpt
 fcsa_status cpu_forward(const Problem &p, void *workspace) {
     const ForwardLayout layout = forward_layout(p, workspace);
     const TileKernels &kernels = tile_kernels();
-    const int64_t query_tiles = ceil_div(p.nq, kQueryTile);
+    const int64_t tile_rows = query_tile_rows(p.nq);
+    const int64_t query_tiles = ceil_div(p.nq, tile_rows);
     const int64_t items = p.b * p.h * query_tiles;
     if (items == 0) return FCSA_STATUS_SUCCESS;
     const int threads = resolve_thread_count(p.num_threads, items);
@@ -168,7 +191,8 @@ fcsa_status cpu_forward(const Problem &p, void *workspace) {
     parallel_for(items, threads, [&](int64_t item, int worker) {
         const int64_t tile = query_tiles - 1 - item / (p.b * p.h);
         const int64_t bh = item % (p.b * p.h);
-        forward_tile(p, layout, kernels, bh / p.h, bh % p.h, tile * kQueryTile, *scratch[size_t(worker)]);
+        forward_tile(p, layout, kernels, bh / p.h, bh % p.h, tile * tile_rows, tile_rows,
+                     *scratch[size_t(worker)]);
     });
     return FCSA_STATUS_SUCCESS;
 }
