@@ -77,7 +77,9 @@ def test_torch_compile_fullgraph_forward_and_backward(backend, device):
     loss.backward()
     compiled_loss = torch.compile(attention_loss, fullgraph=True, backend=backend)(*compiled)
     compiled_loss.backward()
-    torch.testing.assert_close(compiled_loss, loss)
+    # Inductor fuses the weighting and the sum of ~6k float32 terms and reduces them in
+    # its own order: the loss may differ by float32 rounding of that sum.
+    torch.testing.assert_close(compiled_loss, loss, rtol=1e-5, atol=1e-4)
     for e, c in zip(eager, compiled):
         torch.testing.assert_close(c.grad, e.grad)
 
