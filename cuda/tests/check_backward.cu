@@ -38,38 +38,12 @@
 #ifndef FCSA_WITH_CUDA
 #define FCSA_WITH_CUDA // the sm80 entry points of backends.h
 #endif
-#include "backends.h"
-
-// The library's api.cpp defines this; the check links the backend sources alone.
-namespace fcsa {
-static char g_error_message[1024];
-fcsa_status set_error(fcsa_status status, const char *format, ...) {
-    va_list args;
-    va_start(args, format);
-    vsnprintf(g_error_message, sizeof g_error_message, format, args);
-    va_end(args);
-    return status;
-}
-} // namespace fcsa
+#include "check_common.h"
 
 using fcsa::Problem;
 using fcsa::View;
 
-#define CUDA_CHECK(x)                                                                                    \
-    do {                                                                                                 \
-        cudaError_t err_ = (x);                                                                          \
-        if (err_ != cudaSuccess) {                                                                       \
-            fprintf(stderr, "CUDA error %s at %s:%d: %s\n", #x, __FILE__, __LINE__, cudaGetErrorString(err_)); \
-            exit(2);                                                                                     \
-        }                                                                                                \
-    } while (0)
-
 // ---------------------------------------------------------------- host dtype helpers
-
-static size_t dtype_size(int dtype) { return dtype == FCSA_DTYPE_FLOAT32 ? 4 : (dtype == FCSA_DTYPE_BOOL ? 1 : 2); }
-static const char *dtype_name(int dtype) {
-    return dtype == FCSA_DTYPE_FLOAT32 ? "f32" : dtype == FCSA_DTYPE_FLOAT16 ? "f16" : "bf16";
-}
 
 static void store_value(void *base, int64_t index, int dtype, double x) {
     switch (dtype) {

@@ -34,40 +34,13 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include "backends.h"
+#include "check_common.h"
 #include "problem.h"
-
-// The library's set_error lives in api.cpp; this program links only the kernels.
-namespace fcsa {
-static char g_error[1024];
-fcsa_status set_error(fcsa_status status, const char *format, ...) {
-    va_list args;
-    va_start(args, format);
-    vsnprintf(g_error, sizeof g_error, format, args);
-    va_end(args);
-    return status;
-}
-} // namespace fcsa
 
 using fcsa::Problem;
 using fcsa::View;
 
-#define CUDA_CHECK(call)                                                                                \
-    do {                                                                                                \
-        cudaError_t err_ = (call);                                                                      \
-        if (err_ != cudaSuccess) {                                                                      \
-            fprintf(stderr, "CUDA error %s at %s:%d: %s\n", cudaGetErrorName(err_), __FILE__, __LINE__, \
-                    cudaGetErrorString(err_));                                                          \
-            exit(2);                                                                                    \
-        }                                                                                               \
-    } while (0)
-
 static std::mt19937_64 rng;
-
-static int element_bytes(int dtype) { return dtype == FCSA_DTYPE_FLOAT32 ? 4 : dtype == FCSA_DTYPE_BOOL ? 1 : 2; }
-static const char *dtype_name(int dtype) {
-    return dtype == FCSA_DTYPE_FLOAT32 ? "f32" : dtype == FCSA_DTYPE_FLOAT16 ? "f16" : "bf16";
-}
 
 // ---------------------------------------------------------------- host tensors
 // A strided 4-D tensor: host bytes mirror the device buffer exactly.
@@ -135,7 +108,7 @@ static Tensor make_tensor(int dtype, int64_t b, int64_t h, int64_t n, int64_t d,
     }
     t.elements = size_t((b - 1) * t.stride[0] + (h - 1) * t.stride[1] + (n - 1) * t.stride[2] + d);
     if (b == 0 || h == 0 || n == 0) t.elements = 1;
-    t.host.assign(t.elements * element_bytes(dtype), 0);
+    t.host.assign(t.elements * dtype_size(dtype), 0);
     CUDA_CHECK(cudaMalloc(&t.device, t.host.size()));
     return t;
 }
@@ -216,7 +189,7 @@ static Result run_case(const Case &c) {
             s *= bias.shape[i];
         }
         bias.elements = size_t(std::max<int64_t>(1, s));
-        bias.host.assign(bias.elements * element_bytes(bias.dtype), 0);
+        bias.host.assign(bias.elements * dtype_size(bias.dtype), 0);
         CUDA_CHECK(cudaMalloc(&bias.device, bias.host.size()));
         fill_uniform(bias, -c.bias_magnitude, c.bias_magnitude);
         bias.upload();
@@ -256,7 +229,7 @@ static Result run_case(const Case &c) {
     if (st == FCSA_STATUS_SUCCESS) st = fcsa::sm80_forward(p, nullptr, nullptr);
     if (st != FCSA_STATUS_SUCCESS) {
         res.pass = false;
-        res.why = std::string("status ") + std::to_string(st) + ": " + fcsa::g_error;
+        res.why = std::string("status ") + std::to_string(st) + ": " + fcsa::g_error_message;
         q.release(), k.release(), v.release(), out.release(), lse.release(), mask.release(), bias.release(),
             scale_t.release();
         return res;
@@ -494,7 +467,7 @@ struct TimingBuffers {
     float *lse = nullptr;
     static constexpr int64_t kElements = int64_t(16384) * 2048;
     explicit TimingBuffers(int dtype) {
-        const size_t bytes = size_t(kElements) * element_bytes(dtype);
+        const size_t bytes = size_t(kElements) * dtype_size(dtype);
         void **tensors[3] = {&q, &k, &v};
         for (int i = 0; i < 3; ++i) {
             CUDA_CHECK(cudaMalloc(tensors[i], bytes));
@@ -538,7 +511,7 @@ static double time_forward(const TimingBuffers &buf, int dtype, int n, int d, bo
     for (int r = 0; r < reps + 3; ++r) {
         CUDA_CHECK(cudaEventRecord(e0));
         if (fcsa::sm80_forward(p, nullptr, nullptr) != FCSA_STATUS_SUCCESS) {
-            fprintf(stderr, "timing launch failed: %s\n", fcsa::g_error);
+            fprintf(stderr, "timing launch failed: %s\n", fcsa::g_error_message);
             exit(1);
         }
         CUDA_CHECK(cudaEventRecord(e1));
