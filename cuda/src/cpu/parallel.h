@@ -1,7 +1,9 @@
-// parallel.h: the CPU backend's threading. Each call starts its own short-lived
-// threads (no pool that outlives the call, nothing to clean up at unload or fork) and
-// hands out work items through one atomic counter. Which thread runs an item never
-// changes what the item computes, so results do not depend on the thread count.
+// parallel.h: the CPU backend's threading. Work items go out through one atomic
+// counter to the threads of the host's OpenMP runtime when the process has one loaded
+// (PyTorch does: its idle workers would otherwise spin beside ours), else to short-lived
+// std::threads of the call's own (no pool that outlives the call, nothing to clean up at
+// unload or fork). Which thread runs an item never changes what the item computes, so
+// results do not depend on the thread count or on which threads ran.
 #pragma once
 
 #include <cstdint>
