@@ -8,6 +8,9 @@
 #
 # Needs python3 with torch, cmake, ninja, cython and scikit-build-core already installed
 # (it builds with --no-build-isolation, so it works on a machine without a network).
+# Instead of `build`, `install` takes a wheel built elsewhere from $PREBUILT (default
+# .wheel/), and `checks` runs the device check programs found there (check_forward,
+# check_backward: cuda/tests/, linked against the same build's objects).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=${RESULTS:-gpu-results}
@@ -23,6 +26,28 @@ stage_build() {
     "$PY" -c "import fcsa; print(fcsa.build_info())"
 }
 
+stage_install() {
+    "$PY" -m pip install -q --no-deps --no-index --force-reinstall "${PREBUILT:-.wheel}"/fcsa-*.whl \
+        >"$RESULTS/install.log" 2>&1 || { tail -20 "$RESULTS/install.log"; return 1; }
+    "$PY" -c "import fcsa; print(fcsa.build_info())"
+}
+
+stage_checks() {
+    # float64-referenced sweeps of the kernels alone; the backward again with the
+    # compact shapes of 99 KB GPUs; each under memcheck and racecheck in its quick form.
+    local dir=${PREBUILT:-.wheel}
+    "$dir/check_forward" --no-time 2>&1 | tail -4
+    "$dir/check_backward" --no-timing 2>&1 | tail -4
+    FCSA_MAX_SHARED_MEMORY=101376 "$dir/check_backward" --no-timing 2>&1 | tail -4
+    for tool in memcheck racecheck; do
+        for program in check_forward check_backward; do
+            compute-sanitizer --tool "$tool" --error-exitcode 3 --print-limit 20 "$dir/$program" --quick \
+                >"$RESULTS/sanitizer-$tool-$program.txt" 2>&1
+            echo "compute-sanitizer $tool $program: exit $? ($(tail -n 1 "$RESULTS/sanitizer-$tool-$program.txt"))"
+        done
+    done
+}
+
 stage_test() {
     # The whole suite; the tests marked cuda run because a GPU is present.
     "$PY" -m pytest -q -n 4 -p no:cacheprovider tests 2>&1 | tail -25
@@ -30,7 +55,8 @@ stage_test() {
 
 stage_sanitize() {
     # One case of each feature under memcheck and racecheck (slow tools: a small subset).
-    local subset=(tests/test_cuda.py::test_matches_cpu_backend -k "64-bfloat16 or 32-float32")
+    local subset=(tests/test_cuda.py -k "test_matches_cpu_backend and (64-bfloat16 or 32-float32)
+                  or test_small_shared_memory_gpus and 128-bfloat16")
     for tool in memcheck racecheck; do
         compute-sanitizer --tool "$tool" --error-exitcode 3 --print-limit 20 \
             "$PY" -m pytest -q -x -p no:cacheprovider "${subset[@]}" 2>&1 | tail -6

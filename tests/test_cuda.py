@@ -25,9 +25,9 @@ def test_backend_name():
     assert fcsa.cuda_compiled() and fcsa.compiled_sm_targets()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=dtype_id)
-@pytest.mark.parametrize("d", [32, 64, 128])
-def test_matches_cpu_backend(d, dtype):
+def check_against_cpu_backend(d, dtype, deterministic=False):
+    """Every feature at once (grouped kv, key mask with causal, bias, per-head scale) on
+    CUDA and on the CPU backend: outputs, lse and every gradient agree."""
     b, h, hk, nq, nk = 2, 4, 2, 100, 177
     q, k, v = (t.requires_grad_() for t in inputs(b, h, hk, nq, nk, d, dtype))
     mask = torch.rand(b, nk, device="cuda") < 0.8
@@ -38,8 +38,9 @@ def test_matches_cpu_backend(d, dtype):
     cpu_leaves = [t.detach().cpu().requires_grad_() for t in leaves]
 
     def run(q, k, v, bias, scale, mask):
-        out, lse = fcsa.flash_cosine_sim_attention(q, k, v, mask=mask, attn_bias=bias,
-                                                   scale=scale, causal=True, return_lse=True)
+        out, lse = fcsa.flash_cosine_sim_attention(q, k, v, mask=mask, attn_bias=bias, scale=scale,
+                                                   causal=True, return_lse=True,
+                                                   deterministic=deterministic)
         return out, lse
 
     out, lse = run(*leaves, mask)
@@ -57,6 +58,37 @@ def test_matches_cpu_backend(d, dtype):
         scale_ = max(1.0, c.abs().max().item())
         torch.testing.assert_close(g.cpu().float(), c.float(), atol=tol * scale_, rtol=tol,
                                    msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("d", [32, 64, 128])
+def test_matches_cpu_backend(d, dtype):
+    check_against_cpu_backend(d, dtype)
+
+
+# The shared memory a block gets on sm_86, sm_89 and sm_120: the backward's compact shapes.
+SMALL_GPU_SHARED_MEMORY = 99 * 1024
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("d", [64, 96, 128, 256])
+def test_small_shared_memory_gpus(d, dtype, deterministic, monkeypatch):
+    monkeypatch.setenv("FCSA_MAX_SHARED_MEMORY", str(SMALL_GPU_SHARED_MEMORY))
+    check_against_cpu_backend(d, dtype, deterministic)
+
+
+def test_shared_memory_limit_is_honoured(monkeypatch):
+    # 50 KB: enough for the d = 64 forward, not for any d = 64 backward shape.
+    monkeypatch.setenv("FCSA_MAX_SHARED_MEMORY", "50000")
+    q, k, v = (t.requires_grad_() for t in inputs(1, 2, 2, 64, 64, 64, torch.bfloat16))
+    out = fcsa.flash_cosine_sim_attention(q, k, v)
+    with pytest.raises(NotImplementedError, match="shared memory"):
+        out.sum().backward()
+    monkeypatch.delenv("FCSA_MAX_SHARED_MEMORY")
+    out = fcsa.flash_cosine_sim_attention(q, k, v)
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all()
 
 
 def test_runs_on_the_tensors_device_and_current_stream():

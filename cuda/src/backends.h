@@ -28,6 +28,11 @@ fcsa_status cpu_backward(const Problem &p, void *workspace);
 // p.device_index; `stream` is a cudaStream_t. The caller has made p.device_index the
 // current device. sm80_supports returns SUCCESS or NOT_SUPPORTED with a message set.
 fcsa_status sm80_supports(const Problem &p, bool backward);
+// The shared memory one block may use on `device` (its opt-in maximum), lowered to the
+// environment variable FCSA_MAX_SHARED_MEMORY (bytes) when that is set: a way to run
+// the configurations of GPUs with less shared memory on a larger one. -1 when the
+// device cannot be queried.
+int sm80_shared_memory_limit(int device);
 size_t sm80_forward_workspace(const Problem &p);
 size_t sm80_backward_workspace(const Problem &p);
 fcsa_status sm80_forward(const Problem &p, void *workspace, void *stream);

@@ -15,9 +15,9 @@
 //
 // Build (from the repository root; -gencode per GPU, add more for more targets):
 //   nvcc -std=c++17 -O3 --expt-relaxed-constexpr -DFCSA_WITH_CUDA -gencode=arch=compute_90a,code=sm_90a \
-//        -Icuda/include -Icuda/src cuda/tests/check_backward.cu cuda/src/sm80/backward*.cu \
+//        -Icuda/include -Icuda/src cuda/tests/check_backward.cu cuda/src/sm80/backward*.cu cuda/src/sm80/shared_memory.cu \
 //        -o check_backward
-// Run: ./check_backward [--quick] [--no-timing] [--seed N]
+// Run: ./check_backward [--quick] [--no-timing] [--timing-only] [--seed N]
 //   (--quick: a few small cases, for compute-sanitizer memcheck / racecheck).
 #include <algorithm>
 #include <chrono>
@@ -829,11 +829,12 @@ static void time_shape(int dtype, int64_t n, int64_t d, bool causal, bool determ
 }
 
 int main(int argc, char **argv) {
-    bool quick = false, timing = true;
+    bool quick = false, timing = true, sweep_cases = true;
     g_seed = uint64_t(std::chrono::high_resolution_clock::now().time_since_epoch().count());
     for (int i = 1; i < argc; ++i) {
         if (!strcmp(argv[i], "--quick")) quick = true;
         if (!strcmp(argv[i], "--no-timing")) timing = false;
+        if (!strcmp(argv[i], "--timing-only")) sweep_cases = false;
         if (!strcmp(argv[i], "--seed") && i + 1 < argc) g_seed = strtoull(argv[++i], nullptr, 10);
     }
     cudaDeviceProp prop;
@@ -841,7 +842,7 @@ int main(int argc, char **argv) {
     printf("device %s (sm_%d%d, %d SMs), seed %llu\n", prop.name, prop.major, prop.minor, prop.multiProcessorCount,
            (unsigned long long)g_seed);
     int failures = 0, count = 0;
-    const std::vector<Case> cases = sweep(quick);
+    const std::vector<Case> cases = sweep_cases ? sweep(quick) : std::vector<Case>();
     for (size_t i = 0; i < cases.size(); ++i) {
         failures += !run_case(cases[i], g_seed + 1000 * i);
         ++count;

@@ -5,7 +5,7 @@
 //
 //   nvcc -O3 -std=c++17 --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a \
 //        -DFCSA_WITH_CUDA -Icuda/include -Icuda/src cuda/tests/check_forward.cu \
-//        cuda/src/sm80/forward*.cu cuda/src/sm80/dispatch.cu -o check_forward
+//        cuda/src/sm80/forward*.cu cuda/src/sm80/dispatch.cu cuda/src/sm80/shared_memory.cu -o check_forward
 //
 //   ./check_forward            correctness sweep, then timings
 //   ./check_forward --quick    a few small cases (for compute-sanitizer memcheck/racecheck)

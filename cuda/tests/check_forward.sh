@@ -10,7 +10,7 @@ build=/tmp/check_forward_build
 mkdir -p "$build" "$logs"
 flags="-O3 -std=c++17 --expt-relaxed-constexpr -lineinfo -DFCSA_WITH_CUDA -Icuda/include -Icuda/src
        -gencode=arch=compute_$target,code=sm_$target"
-sources="cuda/tests/check_forward.cu cuda/src/sm80/dispatch.cu $(ls cuda/src/sm80/forward*.cu)"
+sources="cuda/tests/check_forward.cu cuda/src/sm80/dispatch.cu cuda/src/sm80/shared_memory.cu $(ls cuda/src/sm80/forward*.cu)"
 
 start=$(date +%s)
 jobs=$(nproc)

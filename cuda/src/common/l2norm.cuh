@@ -6,8 +6,9 @@
 // few adjacent lanes share one (row, group) and combine their sums with shuffles, so
 // the whole block works on the tile at once; groups whose size is a multiple of the
 // 16-byte chunk are read a chunk at a time, others element by element.
-// row_inverse_norms is the fast case of the same (one group per row, only the factors):
-// fixed thread-to-chunk assignment, no runtime loops, for the per-tile K norms.
+// row_inverse_norms and normalize_rows are the fast case of the same (one group per
+// row): a fixed thread-to-chunk assignment (RowNorms), no runtime loops, for the tiles
+// normalized inside the kernels' main loops.
 // Called by all kThreads threads of the block (a barrier before and after is the
 // caller's business).
 #pragma once
@@ -21,6 +22,16 @@ namespace fcsa {
 namespace common {
 
 constexpr float kNormEpsilon = 1e-12f;
+
+// 1 / max(sqrt(sum_sq), eps). float32 inputs get the correctly rounded square root and
+// division: the logits scale any relative error of the norms by up to scale * groups,
+// and the approximate reciprocal square root alone (2^-22.9) would then cost float32
+// its 1e-5 accuracy. 16-bit inputs round far more coarsely: the fast rsqrt. rsqrt(0) =
+// inf, which the min turns into 1 / eps.
+template <typename T> __device__ __forceinline__ float inverse_norm(float sum_sq) {
+    if constexpr (ElementTraits<T>::kIs16Bit) return fminf(rsqrt_approx(sum_sq), 1.f / kNormEpsilon);
+    else return 1.f / fmaxf(sqrtf(sum_sq), kNormEpsilon);
+}
 
 template <typename T, int kStride, int kThreads>
 __device__ __forceinline__ void l2norm_rows(T *tile, int rows, int d, int groups, float *inv_norms,
@@ -43,12 +54,20 @@ __device__ __forceinline__ void l2norm_rows(T *tile, int rows, int d, int groups
         float sum_sq = 0.f;
         if (active) {
             if (chunked) {
+                // One partial sum per chunk position: chains kChunk times shorter, which
+                // float32 needs when one lane sums a whole group (few lanes per row).
+                float partial[kChunk] = {};
                 for (int u = sub; u < units; u += lanes) {
                     float f[kChunk];
                     chunk_to_float<T>(*reinterpret_cast<const uint4 *>(x + u * kChunk), f);
 #pragma unroll
-                    for (int e = 0; e < kChunk; ++e) sum_sq = fmaf(f[e], f[e], sum_sq);
+                    for (int e = 0; e < kChunk; ++e) partial[e] = fmaf(f[e], f[e], partial[e]);
                 }
+#pragma unroll
+                for (int width = kChunk / 2; width > 0; width /= 2)
+#pragma unroll
+                    for (int e = 0; e < width; ++e) partial[e] += partial[e + width];
+                sum_sq = partial[0];
             } else {
                 for (int u = sub; u < units; u += lanes) {
                     const float v = to_float(x[u]);
@@ -58,8 +77,7 @@ __device__ __forceinline__ void l2norm_rows(T *tile, int rows, int d, int groups
         }
         for (int offset = lanes / 2; offset > 0; offset /= 2)
             sum_sq += __shfl_xor_sync(0xffffffffu, sum_sq, offset);
-        // 1 / max(||x||, eps); rsqrt(0) = inf, which the min turns into 1 / eps.
-        const float inv = fminf(rsqrt_approx(sum_sq), 1.f / kNormEpsilon);
+        const float inv = inverse_norm<T>(sum_sq);
         if (!active) continue;
         if (inv_norms != nullptr && sub == 0) inv_norms[pair] = inv;
         if (scale_in_place) {
@@ -79,44 +97,84 @@ __device__ __forceinline__ void l2norm_rows(T *tile, int rows, int d, int groups
     }
 }
 
-// inv[r] = multiplier / max(||row r||, 1e-12) over the first d columns of every row of a
-// padded kRows x kCols tile (rows past the valid ones hold zeros). Adjacent lanes share
-// a row and read interleaved chunks, so a warp's reads spread over the banks; each
-// element position keeps its own partial sum, so the FMAs form short independent chains.
-template <typename T, int kRows, int kCols, int kThreads>
-__device__ __forceinline__ void row_inverse_norms(const T *tile, int d, float *inv, float multiplier,
-                                                  int tid) {
+// The fixed-shape row norms of a padded kRows x kCols tile (rows past the valid ones hold
+// zeros): for every row, finish(row, sub, inv) with inv = 1 / max(||row||, 1e-12) over
+// the first d columns, called by each of the kLanesPerRow adjacent lanes that share the
+// row (sub = 0 .. kLanesPerRow - 1). Those lanes read interleaved chunks, so a warp's
+// reads spread over the banks, and each element position keeps its own partial sum, so
+// the FMAs form short independent chains. No runtime loops or divisions: the compiler
+// can schedule it among the matrix products around it.
+template <typename T, int kRows, int kCols, int kThreads> struct RowNorms {
     using L = PaddedTile<T, kRows, kCols>;
-    constexpr int kLanesPerRow = kThreads / kRows < 1 ? 1 : (kThreads / kRows > 32 ? 32 : kThreads / kRows);
-    constexpr int kRowsPerPass = kThreads / kLanesPerRow;
-    constexpr int kChunksPerLane = (L::kChunksPerRow + kLanesPerRow - 1) / kLanesPerRow;
+    static constexpr int kLanesPerRow = kThreads / kRows < 1 ? 1 : (kThreads / kRows > 32 ? 32 : kThreads / kRows);
+    static constexpr int kRowsPerPass = kThreads / kLanesPerRow;
+    static constexpr int kChunksPerLane = (L::kChunksPerRow + kLanesPerRow - 1) / kLanesPerRow;
     static_assert((kLanesPerRow & (kLanesPerRow - 1)) == 0, "lanes per row must be a power of two");
-    const int sub = tid % kLanesPerRow;
+
+    // Whether chunk i of lane `sub` holds columns below d.
+    __device__ __forceinline__ static bool chunk_used(int sub, int i, int d) {
+        const int chunk = sub + i * kLanesPerRow;
+        return chunk < L::kChunksPerRow && chunk * L::kChunk < d;
+    }
+    __device__ __forceinline__ static int chunk_offset(int row, int sub, int i) {
+        return row * L::kStride + (sub + i * kLanesPerRow) * L::kChunk;
+    }
+
+    template <class Finish> __device__ __forceinline__ static void run(const T *tile, int d, int tid, Finish finish) {
+        const int sub = tid % kLanesPerRow;
 #pragma unroll
-    for (int row = tid / kLanesPerRow; row < kRows; row += kRowsPerPass) {
-        float partial[L::kChunk];
+        for (int row = tid / kLanesPerRow; row < kRows; row += kRowsPerPass) {
+            float partial[L::kChunk];
 #pragma unroll
-        for (int e = 0; e < L::kChunk; ++e) partial[e] = 0.f;
+            for (int e = 0; e < L::kChunk; ++e) partial[e] = 0.f;
 #pragma unroll
-        for (int i = 0; i < kChunksPerLane; ++i) {
-            const int chunk = sub + i * kLanesPerRow;
-            if (chunk < L::kChunksPerRow && chunk * L::kChunk < d) {
-                float f[L::kChunk];
-                chunk_to_float<T>(*reinterpret_cast<const uint4 *>(tile + row * L::kStride + chunk * L::kChunk), f);
+            for (int i = 0; i < kChunksPerLane; ++i) {
+                if (chunk_used(sub, i, d)) {
+                    float f[L::kChunk];
+                    chunk_to_float<T>(*reinterpret_cast<const uint4 *>(tile + chunk_offset(row, sub, i)), f);
 #pragma unroll
-                for (int e = 0; e < L::kChunk; ++e) partial[e] = fmaf(f[e], f[e], partial[e]);
+                    for (int e = 0; e < L::kChunk; ++e) partial[e] = fmaf(f[e], f[e], partial[e]);
+                }
+            }
+#pragma unroll
+            for (int width = L::kChunk / 2; width > 0; width /= 2)
+#pragma unroll
+                for (int e = 0; e < width; ++e) partial[e] += partial[e + width];
+            float sum_sq = partial[0];
+#pragma unroll
+            for (int offset = kLanesPerRow / 2; offset > 0; offset /= 2)
+                sum_sq += __shfl_xor_sync(0xffffffffu, sum_sq, offset);
+            finish(row, sub, inverse_norm<T>(sum_sq));
+        }
+    }
+};
+
+// inv[r] = multiplier / max(||row r||, 1e-12) for every row r of the tile (RowNorms).
+template <typename T, int kRows, int kCols, int kThreads>
+__device__ __forceinline__ void row_inverse_norms(const T *tile, int d, float *inv, float multiplier, int tid) {
+    RowNorms<T, kRows, kCols, kThreads>::run(tile, d, tid, [&](int row, int sub, float row_inv) {
+        if (sub == 0) inv[row] = multiplier * row_inv;
+    });
+}
+
+// Every row of the tile divided by max(||row||, 1e-12) in place (one group per row):
+// the fixed-shape counterpart of l2norm_rows, for tiles normalized inside a main loop.
+template <typename T, int kRows, int kCols, int kThreads>
+__device__ __forceinline__ void normalize_rows(T *tile, int d, int tid) {
+    using N = RowNorms<T, kRows, kCols, kThreads>;
+    N::run(tile, d, tid, [&](int row, int sub, float row_inv) {
+#pragma unroll
+        for (int i = 0; i < N::kChunksPerLane; ++i) {
+            if (N::chunk_used(sub, i, d)) {
+                uint4 *chunk = reinterpret_cast<uint4 *>(tile + N::chunk_offset(row, sub, i));
+                float f[N::L::kChunk];
+                chunk_to_float<T>(*chunk, f);
+#pragma unroll
+                for (int e = 0; e < N::L::kChunk; ++e) f[e] *= row_inv;
+                *chunk = float_to_chunk<T>(f);
             }
         }
-#pragma unroll
-        for (int width = L::kChunk / 2; width > 0; width /= 2)
-#pragma unroll
-            for (int e = 0; e < width; ++e) partial[e] += partial[e + width];
-        float sum_sq = partial[0];
-#pragma unroll
-        for (int offset = kLanesPerRow / 2; offset > 0; offset /= 2)
-            sum_sq += __shfl_xor_sync(0xffffffffu, sum_sq, offset);
-        if (sub == 0) inv[row] = multiplier * fminf(rsqrt_approx(sum_sq), 1.f / kNormEpsilon);
-    }
+    });
 }
 
 } // namespace common

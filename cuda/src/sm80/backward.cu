@@ -4,10 +4,10 @@
 // sm80_backward enqueues, on the caller's stream and with no allocation or
 // synchronization (CUDA-graph capture works):
 //   memsets   the float32 accumulators that start at zero (dQ^ with atomics, dbias);
-//   prepass   delta = <dO, O>, lse (+inf for rows that see no key), and the
-//             l2-normalized copies q^, k^ in q's dtype;
+//   prepass   delta = <dO, O> and lse (+inf for rows that see no key);
 //   main      dK, dV (finished in its epilogue, l2norm backward included), dQ^ by
-//             atomics, dbias, dscale partials;
+//             atomics, dbias, dscale partials; q and k are l2-normalized in shared
+//             memory as their tiles arrive (no normalized copy in memory);
 //   dq        deterministic only: dQ^ without atomics;
 //   finish    dq = l2norm backward of dQ^ (and dk where the head dim was split);
 //             dbias from its float32 accumulator; dscale summed in a fixed order.
@@ -49,46 +49,54 @@ int head_dim_bucket(int32_t dtype, int64_t d) {
     return 256;
 }
 
-template <typename T> LaunchShape shape_for(int bucket) {
+template <typename T, bool kCompact> LaunchShape shape_for(int bucket) {
     switch (bucket) {
-    case 32: return launch_shape<T, 32>();
-    case 64: return launch_shape<T, 64>();
+    case 32: return launch_shape<T, 32, kCompact>();
+    case 64: return launch_shape<T, 64, kCompact>();
     case 96:
-        if constexpr (common::ElementTraits<T>::kIs16Bit) return launch_shape<T, 96>();
+        if constexpr (common::ElementTraits<T>::kIs16Bit) return launch_shape<T, 96, kCompact>();
         break;
-    case 128: return launch_shape<T, 128>();
-    case 256: return launch_shape<T, 256>();
+    case 128: return launch_shape<T, 128, kCompact>();
+    case 256: return launch_shape<T, 256, kCompact>();
     }
     return LaunchShape{};
 }
 
-LaunchShape shape_for(int32_t dtype, int bucket) {
+LaunchShape shape_for(int32_t dtype, int bucket, bool compact) {
     switch (dtype) {
-    case FCSA_DTYPE_FLOAT16: return shape_for<__half>(bucket);
-    case FCSA_DTYPE_BFLOAT16: return shape_for<__nv_bfloat16>(bucket);
-    default: return shape_for<float>(bucket);
+    case FCSA_DTYPE_FLOAT16: return compact ? shape_for<__half, true>(bucket) : shape_for<__half, false>(bucket);
+    case FCSA_DTYPE_BFLOAT16:
+        return compact ? shape_for<__nv_bfloat16, true>(bucket) : shape_for<__nv_bfloat16, false>(bucket);
+    default: return compact ? shape_for<float, true>(bucket) : shape_for<float, false>(bucket);
     }
 }
 
-size_t element_size(int32_t dtype) { return dtype == FCSA_DTYPE_FLOAT32 ? 4 : 2; }
+int smem_needed(const LaunchShape &shape) { return shape.main_smem > shape.dq_smem ? shape.main_smem : shape.dq_smem; }
 
 // Where each intermediate lives in the workspace (byte offsets, 256-byte aligned).
 struct Plan {
     int bucket = 0;
+    bool compact = false; // the 99 KB shapes
     LaunchShape shape;
     int64_t main_key_tiles = 0;
     int32_t dbias_mode = kDbiasNone;
-    size_t lse = 0, delta = 0, q_hat = 0, k_hat = 0, dq_acc = 0, dk_acc = 0, dscale = 0, dbias_acc = 0;
+    size_t lse = 0, delta = 0, dq_acc = 0, dk_acc = 0, dscale = 0, dbias_acc = 0;
     size_t dq_acc_bytes = 0, dbias_acc_bytes = 0;
     bool dk_acc_used = false; // split head dim with l2norm: dk is finished by a row pass
     size_t total = 0;
 };
 
-Plan plan_workspace(const Problem &p) {
+// smem_limit: the device's shared memory per block; the full shapes when they fit,
+// else the compact ones (the caller checks that those fit).
+Plan plan_workspace(const Problem &p, int smem_limit) {
     Plan plan;
     plan.bucket = head_dim_bucket(p.dtype, p.d);
     if (plan.bucket == 0) return plan;
-    plan.shape = shape_for(p.dtype, plan.bucket);
+    plan.shape = shape_for(p.dtype, plan.bucket, false);
+    if (smem_needed(plan.shape) > smem_limit) {
+        plan.compact = true;
+        plan.shape = shape_for(p.dtype, plan.bucket, true);
+    }
     plan.main_key_tiles = ceil_div(p.nk, plan.shape.main_keys);
     if (p.dbias.present()) {
         if (is_full_shape(p.bias, p))
@@ -107,13 +115,8 @@ Plan plan_workspace(const Problem &p) {
         return at;
     };
     const size_t query_rows = size_t(p.b * p.h * p.nq), key_rows = size_t(p.b * p.hk * p.nk);
-    const size_t elem = element_size(p.dtype);
     plan.lse = take(query_rows * 4);
     plan.delta = take(query_rows * 4);
-    if (p.l2norm) {
-        plan.q_hat = take(query_rows * size_t(p.d) * elem);
-        plan.k_hat = take(key_rows * size_t(p.d) * elem);
-    }
     plan.dq_acc_bytes = query_rows * size_t(p.d) * 4;
     plan.dq_acc = take(plan.dq_acc_bytes);
     plan.dk_acc_used = p.l2norm && plan.shape.column_splits > 1;
@@ -154,70 +157,33 @@ OutRows out_rows_of(const View &v) {
     return r;
 }
 
-// A contiguous (b, heads, rows, d) array in the workspace.
-Rows contiguous_rows(const void *data, int64_t heads, int64_t rows, int64_t d) {
-    Rows r;
-    r.data = data;
-    r.stride_row = d;
-    r.stride_h = rows * d;
-    r.stride_b = heads * rows * d;
-    r.aligned16 = true; // workspace offsets are 256-byte aligned, d * elem a multiple of 16
-    return r;
-}
-
 // ---------------------------------------------------------------- passes
 
 struct PrepassArgs {
-    int64_t b, h, hk, nq, nk;
-    int32_t d, groups;
-    bool l2norm;
-    Rows q, k, out, dout;
+    int64_t b, h, nq;
+    int32_t d;
+    Rows out, dout;
     const float *lse;
     int64_t lse_stride[3];
     float *lse_out, *delta;
-    void *q_hat, *k_hat; // contiguous, nullptr without l2norm
 };
 
-// One warp per row: query rows get delta, lse and q^; key rows get k^.
+// One warp per query row: delta = <dO, O> and lse, contiguous.
 template <typename T> __global__ void __launch_bounds__(kPassThreads) prepass_kernel(const PrepassArgs a) {
-    constexpr int kPer = WarpRow<kMaxHeadDim>::kPerLane;
     const int lane = threadIdx.x & 31;
     const int64_t query_rows = a.b * a.h * a.nq;
-    const int64_t key_rows = a.l2norm ? a.b * a.hk * a.nk : 0;
     const int64_t warps = int64_t(gridDim.x) * (blockDim.x / 32);
-    for (int64_t row = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32; row < query_rows + key_rows;
-         row += warps) {
-        const bool is_query = row < query_rows;
-        const int64_t local = is_query ? row : row - query_rows;
-        const int64_t n = is_query ? a.nq : a.nk, heads = is_query ? a.h : a.hk;
-        const int64_t i = local % n, head = (local / n) % heads, batch = local / (n * heads);
-        if (is_query) {
-            const T *o = a.out.row<T>(batch, head, i), *dout = a.dout.row<T>(batch, head, i);
-            float dot = 0.f;
-            for (int c = lane; c < a.d; c += 32) dot = fmaf(common::to_float(o[c]), common::to_float(dout[c]), dot);
-            dot = warp_sum(dot);
-            if (lane == 0) {
-                const float lse = a.lse[batch * a.lse_stride[0] + head * a.lse_stride[1] + i * a.lse_stride[2]];
-                // A row that sees no key has lse = -inf and P = exp(s - lse) must be 0.
-                a.lse_out[row] = lse == -INFINITY ? INFINITY : lse;
-                a.delta[row] = dot;
-            }
-        }
-        if (!a.l2norm) continue;
-        const T *x = is_query ? a.q.row<T>(batch, head, i) : a.k.row<T>(batch, head, i);
-        T *y = static_cast<T *>(is_query ? a.q_hat : a.k_hat) + local * a.d;
-        float v[kPer], inv[kPer];
-        bool clamped[kPer];
-#pragma unroll
-        for (int m = 0; m < kPer; ++m) {
-            const int c = lane + 32 * m;
-            v[m] = c < a.d ? common::to_float(x[c]) : 0.f;
-        }
-        group_inverse_norms<kMaxHeadDim>(v, a.d, a.groups, lane, inv, clamped);
-#pragma unroll
-        for (int m = 0; m < kPer; ++m) {
-            const int c = lane + 32 * m;
-            if (c < a.d) y[c] = common::from_float<T>(v[m] * inv[m]);
+    for (int64_t row = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32; row < query_rows; row += warps) {
+        const int64_t i = row % a.nq, head = (row / a.nq) % a.h, batch = row / (a.nq * a.h);
+        const T *o = a.out.row<T>(batch, head, i), *dout = a.dout.row<T>(batch, head, i);
+        float dot = 0.f;
+        for (int c = lane; c < a.d; c += 32) dot = fmaf(common::to_float(o[c]), common::to_float(dout[c]), dot);
+        dot = warp_sum(dot);
+        if (lane == 0) {
+            const float lse = a.lse[batch * a.lse_stride[0] + head * a.lse_stride[1] + i * a.lse_stride[2]];
+            // A row that sees no key has lse = -inf and P = exp(s - lse) must be 0.
+            a.lse_out[row] = lse == -INFINITY ? INFINITY : lse;
+            a.delta[row] = dot;
         }
     }
 }
@@ -332,30 +298,24 @@ fcsa_status zero_fill(const View &v, cudaStream_t stream) {
     return check_launch(cudaGetLastError(), "zero fill");
 }
 
-template <typename T> int run_main(int bucket, const Params &p, void *stream) {
+// The main (dq = false) or dq kernel of one (T, bucket, size class).
+template <typename T, bool kCompact> int run_kernel(bool dq, int bucket, const Params &p, void *stream) {
     switch (bucket) {
-    case 32: return launch_main<T, 32>(p, stream);
-    case 64: return launch_main<T, 64>(p, stream);
+    case 32: return dq ? launch_dq<T, 32, kCompact>(p, stream) : launch_main<T, 32, kCompact>(p, stream);
+    case 64: return dq ? launch_dq<T, 64, kCompact>(p, stream) : launch_main<T, 64, kCompact>(p, stream);
     case 96:
-        if constexpr (common::ElementTraits<T>::kIs16Bit) return launch_main<T, 96>(p, stream);
+        if constexpr (common::ElementTraits<T>::kIs16Bit)
+            return dq ? launch_dq<T, 96, kCompact>(p, stream) : launch_main<T, 96, kCompact>(p, stream);
         break;
-    case 128: return launch_main<T, 128>(p, stream);
-    case 256: return launch_main<T, 256>(p, stream);
+    case 128: return dq ? launch_dq<T, 128, kCompact>(p, stream) : launch_main<T, 128, kCompact>(p, stream);
+    case 256: return dq ? launch_dq<T, 256, kCompact>(p, stream) : launch_main<T, 256, kCompact>(p, stream);
     }
     return cudaErrorInvalidValue;
 }
 
-template <typename T> int run_dq(int bucket, const Params &p, void *stream) {
-    switch (bucket) {
-    case 32: return launch_dq<T, 32>(p, stream);
-    case 64: return launch_dq<T, 64>(p, stream);
-    case 96:
-        if constexpr (common::ElementTraits<T>::kIs16Bit) return launch_dq<T, 96>(p, stream);
-        break;
-    case 128: return launch_dq<T, 128>(p, stream);
-    case 256: return launch_dq<T, 256>(p, stream);
-    }
-    return cudaErrorInvalidValue;
+template <typename T> int run_kernel(bool dq, const Plan &plan, const Params &p, void *stream) {
+    return plan.compact ? run_kernel<T, true>(dq, plan.bucket, p, stream)
+                        : run_kernel<T, false>(dq, plan.bucket, p, stream);
 }
 
 template <typename T> fcsa_status backward(const Problem &pr, const Plan &plan, char *ws, cudaStream_t stream) {
@@ -374,24 +334,15 @@ template <typename T> fcsa_status backward(const Problem &pr, const Plan &plan, 
     PrepassArgs pre{};
     pre.b = pr.b;
     pre.h = pr.h;
-    pre.hk = pr.hk;
     pre.nq = pr.nq;
-    pre.nk = pr.nk;
     pre.d = int32_t(pr.d);
-    pre.groups = pr.groups;
-    pre.l2norm = pr.l2norm;
-    pre.q = rows_of(pr.q, elem);
-    pre.k = rows_of(pr.k, elem);
     pre.out = rows_of(pr.out, elem);
     pre.dout = rows_of(pr.dout, elem);
     pre.lse = static_cast<const float *>(pr.lse.data);
     for (int i = 0; i < 3; ++i) pre.lse_stride[i] = pr.lse.stride[i];
     pre.lse_out = reinterpret_cast<float *>(ws + plan.lse);
     pre.delta = reinterpret_cast<float *>(ws + plan.delta);
-    pre.q_hat = pr.l2norm ? ws + plan.q_hat : nullptr;
-    pre.k_hat = pr.l2norm ? ws + plan.k_hat : nullptr;
-    const int64_t prepass_rows = pr.b * pr.h * pr.nq + (pr.l2norm ? pr.b * pr.hk * pr.nk : 0);
-    prepass_kernel<T><<<pass_blocks(prepass_rows, kPassThreads / 32), kPassThreads, 0, stream>>>(pre);
+    prepass_kernel<T><<<pass_blocks(pr.b * pr.h * pr.nq, kPassThreads / 32), kPassThreads, 0, stream>>>(pre);
     if (fcsa_status s = check_launch(cudaGetLastError(), "prepass kernel")) return s;
 
     // ---- main and dq kernels
@@ -408,12 +359,10 @@ template <typename T> fcsa_status backward(const Problem &pr, const Plan &plan, 
     p.l2norm = pr.l2norm;
     p.deterministic = pr.deterministic;
     p.causal_offset = pr.causal_offset();
-    p.q = pr.l2norm ? contiguous_rows(ws + plan.q_hat, pr.h, pr.nq, pr.d) : rows_of(pr.q, elem);
-    p.k = pr.l2norm ? contiguous_rows(ws + plan.k_hat, pr.hk, pr.nk, pr.d) : rows_of(pr.k, elem);
+    p.q = rows_of(pr.q, elem);
+    p.k = rows_of(pr.k, elem);
     p.v = rows_of(pr.v, elem);
     p.dout = rows_of(pr.dout, elem);
-    p.q_raw = rows_of(pr.q, elem);
-    p.k_raw = rows_of(pr.k, elem);
     p.lse = pre.lse_out;
     p.delta = pre.delta;
     if (pr.mask.present()) {
@@ -465,9 +414,9 @@ template <typename T> fcsa_status backward(const Problem &pr, const Plan &plan, 
         }
     }
 
-    if (fcsa_status s = check_launch(cudaError_t(run_main<T>(plan.bucket, p, stream)), "main kernel")) return s;
+    if (fcsa_status s = check_launch(cudaError_t(run_kernel<T>(false, plan, p, stream)), "main kernel")) return s;
     if (pr.deterministic) {
-        if (fcsa_status s = check_launch(cudaError_t(run_dq<T>(plan.bucket, p, stream)), "dq kernel")) return s;
+        if (fcsa_status s = check_launch(cudaError_t(run_kernel<T>(true, plan, p, stream)), "dq kernel")) return s;
     }
 
     // ---- finishing passes
@@ -478,7 +427,7 @@ template <typename T> fcsa_status backward(const Problem &pr, const Plan &plan, 
     fq.d = int32_t(pr.d);
     fq.groups = pr.groups;
     fq.l2norm = pr.l2norm;
-    fq.x = p.q_raw;
+    fq.x = p.q;
     fq.dx_hat = p.dq_acc;
     fq.out = out_rows_of(pr.dq);
     finish_rows_kernel<T><<<pass_blocks(pr.b * pr.h * pr.nq, kPassThreads / 32), kPassThreads, 0, stream>>>(fq);
@@ -487,7 +436,7 @@ template <typename T> fcsa_status backward(const Problem &pr, const Plan &plan, 
         FinishRowsArgs fk = fq;
         fk.heads = pr.hk;
         fk.rows = pr.nk;
-        fk.x = p.k_raw;
+        fk.x = p.k;
         fk.dx_hat = p.dk_acc;
         fk.out = out_rows_of(pr.dk);
         finish_rows_kernel<T><<<pass_blocks(pr.b * pr.hk * pr.nk, kPassThreads / 32), kPassThreads, 0, stream>>>(fk);
@@ -515,7 +464,7 @@ template <typename T> fcsa_status backward(const Problem &pr, const Plan &plan, 
 
 size_t sm80_backward_workspace(const Problem &p) {
     if (p.b == 0 || p.h == 0 || p.nq == 0 || p.nk == 0) return 0;
-    return sm80_bwd::plan_workspace(p).total;
+    return sm80_bwd::plan_workspace(p, sm80_shared_memory_limit(p.device_index)).total;
 }
 
 fcsa_status sm80_backward(const Problem &p, void *workspace, void *stream_ptr) {
@@ -535,17 +484,14 @@ fcsa_status sm80_backward(const Problem &p, void *workspace, void *stream_ptr) {
         return FCSA_STATUS_SUCCESS;
     }
 
-    const Plan plan = plan_workspace(p);
-    int device = 0, smem_limit = 0;
-    if (cudaError_t e = cudaGetDevice(&device)) return check_launch(e, "cudaGetDevice");
-    if (cudaError_t e = cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device))
-        return check_launch(e, "cudaDeviceGetAttribute");
-    const int smem_needed = plan.shape.main_smem > plan.shape.dq_smem ? plan.shape.main_smem : plan.shape.dq_smem;
-    if (smem_needed > smem_limit)
+    const int smem_limit = sm80_shared_memory_limit(p.device_index);
+    if (smem_limit < 0) return check_launch(cudaErrorInvalidDevice, "querying the shared memory per block");
+    const Plan plan = plan_workspace(p, smem_limit);
+    if (smem_needed(plan.shape) > smem_limit)
         return set_error(FCSA_STATUS_NOT_SUPPORTED,
-                         "sm80 backward: head dim %lld needs %d bytes of shared memory per block, this GPU "
+                         "sm80 backward: head dim %lld needs %d bytes of shared memory per block, CUDA device %d "
                          "allows %d",
-                         (long long)p.d, smem_needed, smem_limit);
+                         (long long)p.d, smem_needed(plan.shape), int(p.device_index), smem_limit);
 
     char *ws = static_cast<char *>(workspace);
     switch (p.dtype) {

@@ -1,6 +1,6 @@
 // backward_device.cuh: small device functions shared by the backward's kernels and its
 // pre/post-passes: warp sums, dtype-agnostic element access, and the per-row l2norm
-// (forward in the prepass, backward in the dq/dk epilogues).
+// backward (in the dq/dk epilogues and the finishing pass).
 #pragma once
 
 #include <cstdint>

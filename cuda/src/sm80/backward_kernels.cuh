@@ -25,9 +25,12 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
+
 #include <cuda_runtime.h>
 
 #include "../common/copy.cuh"
+#include "../common/l2norm.cuh"
 #include "../common/mma.cuh"
 #include "../common/numeric.cuh"
 #include "backward_device.cuh"
@@ -67,7 +70,7 @@ struct MainShape {
     static constexpr int kOffLse = kOffS + STile::kBytes; // [kStages][BR] float
     static constexpr int kOffDelta = kOffLse + kStages * BR * 4;
     static constexpr int kOffReduce = kOffDelta + kStages * BR * 4;
-    static constexpr int kSmemBytes = kOffReduce + kWarps * 4;
+    static constexpr int kSmemBytes = kOffReduce + (kWarps > 1 ? kWarps * 4 : 0); // see block_sum
     // The epilogue stages dK^ rows (float) over the K, V, Q and dO tiles.
     static constexpr int kStageStride = DC + 4;
 
@@ -92,27 +95,39 @@ template <typename T, int kHeadDim, int kWarps, int kKeys> struct DqShape {
     static constexpr int kOffDelta = kOffLse + BR * 4;
     static constexpr int kOffKeyOk = kOffDelta + BR * 4; // [2][BC] bytes
     static constexpr int kOffReduce = kOffKeyOk + 2 * BC;
-    static constexpr int kSmemBytes = kOffReduce + kWarps * 4;
+    static constexpr int kSmemBytes = kOffReduce + (kWarps > 1 ? kWarps * 4 : 0); // see block_sum
     static_assert(BC % 16 == 0, "tile shapes");
 };
 
-// Per (dtype, head-dim bucket): the shapes used. Shared memory stays under the 163 KB
-// an sm_80 block may use; registers hold dK^ and dV of 16 * KT keys x DC columns.
-template <typename T, int D, bool kIs16 = common::ElementTraits<T>::kIs16Bit> struct Shapes;
+// Per (dtype, head-dim bucket, size class): the shapes used. The full shapes stay under
+// the 163 KB an sm_80 / sm_90 block may use; the compact ones under the 99 KB of sm_86,
+// sm_89 and sm_120 (where the full shape already fits, they are the same types, so
+// nothing is compiled twice). Registers hold dK^ and dV of 16 * KT keys x DC columns.
+template <typename T, int D, bool kCompact, bool kIs16 = common::ElementTraits<T>::kIs16Bit> struct Shapes;
 
-template <typename T, int D> struct Shapes<T, D, true> {
+template <typename T, int D, bool kCompact> struct Shapes<T, D, kCompact, true> {
     static_assert(D == 32 || D == 64 || D == 96 || D == 128 || D == 256, "16-bit head-dim buckets");
-    // 128 keys per CTA; 64 query rows per tile where dK^, dV and S, dP fit in registers
-    // without spilling inside the loop (checked with -Xptxas -v and the SASS), 32 at
-    // D = 128; D = 256 splits dK / dV / dQ columns over two CTAs of 64 keys.
-    using Main = MainShape<T, D, D == 256 ? 4 : 8, 1, D >= 128 ? 32 : 64, D == 256 ? 2 : 1, D == 256 ? 2 : 3>;
-    using Dq = DqShape<T, D, 4, D == 256 ? 32 : 64>;
+    // Full: 128 keys per CTA; 64 query rows per tile where dK^, dV and S, dP fit in
+    // registers without spilling inside the loop (checked with -Xptxas -v and the SASS),
+    // 32 at D = 128; D = 256 splits dK / dV / dQ columns over two CTAs of 64 keys.
+    using FullMain = MainShape<T, D, D == 256 ? 4 : 8, 1, D >= 128 ? 32 : 64, D == 256 ? 2 : 1, D == 256 ? 2 : 3>;
+    using FullDq = DqShape<T, D, 4, D == 256 ? 32 : 64>;
+    // Compact: 64 keys per CTA (32 at D = 256) and a 2-stage pipeline.
+    using CompactMain = MainShape<T, D, D == 256 ? 2 : 4, 1, D == 256 ? 16 : (D == 128 ? 32 : 64), D == 256 ? 2 : 1, 2>;
+    using CompactDq = DqShape<T, D, D == 256 ? 2 : 4, D == 256 ? 16 : 32>;
+    using Main = std::conditional_t<kCompact && D >= 64, CompactMain, FullMain>;
+    using Dq = std::conditional_t<kCompact && D >= 128, CompactDq, FullDq>;
 };
 
-template <typename T, int D> struct Shapes<T, D, false> {
+template <typename T, int D, bool kCompact> struct Shapes<T, D, kCompact, false> {
     static_assert(D == 32 || D == 64 || D == 128 || D == 256, "float32 head-dim buckets");
-    using Main = MainShape<T, D, D == 256 ? 2 : 4, 1, D == 256 ? 16 : 32, D == 256 ? 2 : 1, 2>;
-    using Dq = DqShape<T, D, D == 256 ? 2 : 4, D == 256 ? 16 : 32>;
+    using FullMain = MainShape<T, D, D == 256 ? 2 : 4, 1, D == 256 ? 16 : 32, D == 256 ? 2 : 1, 2>;
+    using FullDq = DqShape<T, D, D == 256 ? 2 : 4, D == 256 ? 16 : 32>;
+    // Compact (D >= 128): 32 keys and 16 query rows per CTA at D = 128, 16 and 16 at D = 256.
+    using CompactMain = MainShape<T, D, D == 256 ? 1 : 2, 1, 16, D == 256 ? 2 : 1, 2>;
+    using CompactDq = DqShape<T, D, D == 256 ? 1 : 2, 16>;
+    using Main = std::conditional_t<kCompact && D >= 128, CompactMain, FullMain>;
+    using Dq = std::conditional_t<kCompact && D >= 128, CompactDq, FullDq>;
 };
 
 // Global rows [0, rows) x cols [0, cols) -> a padded shared tile, zero elsewhere, as
@@ -277,10 +292,12 @@ __device__ __forceinline__ void zero_dbias_block(const Params &p, int64_t batch,
     }
 }
 
-// A block-wide sum in a fixed order (warp trees, then warp 0's partials in order).
+// A block-wide sum in a fixed order (warp trees, then warp 0's partials in order). A
+// one-warp block needs no shared memory (its shapes reserve none).
 template <int kWarps>
 __device__ __forceinline__ float block_sum(float v, float *reduce, int tid) {
     v = warp_sum(v);
+    if constexpr (kWarps == 1) return v;
     if ((tid & 31) == 0) reduce[tid >> 5] = v;
     __syncthreads();
     float total = 0.f;
@@ -334,6 +351,19 @@ template <typename T, class S> struct MainKernel {
             float *dst = (r < BR ? s.lse : s.delta) + stage * BR + row;
             asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(common::smem_address(dst)),
                          "l"(src), "r"(row < rows ? 4 : 0));
+        }
+    }
+
+    // l2-normalizes the rows of query tile `qt` in `stage` in place (its copies landed
+    // for every thread; the caller's next barrier publishes the result).
+    __device__ __forceinline__ static void normalize_query_tile(const Params &p, const Smem &s, int64_t qt, int stage,
+                                                                int tid) {
+        T *tile = s.q + stage * S::QTile::kElements;
+        if (p.groups == 1) {
+            common::normalize_rows<T, BR, S::D, S::kThreads>(tile, p.d, tid);
+        } else {
+            const int rows = static_cast<int>(p.nq - qt * BR < BR ? p.nq - qt * BR : BR);
+            common::l2norm_rows<T, S::QTile::kStride, S::kThreads>(tile, rows, p.d, p.groups, nullptr, true, tid);
         }
     }
 
@@ -404,6 +434,7 @@ template <typename T, class S> struct MainKernel {
                 common::clear(dv[kt][n]);
             }
 
+        bool k_normalized = !p.l2norm; // K^ is formed in place once, with the first query tile
         for (int64_t head = head0; head < head0 + p.heads_per_kv; ++head) {
             const float scale = head_scale(p, head);
             // Causal: rows below j0 - offset see none of these keys.
@@ -424,11 +455,26 @@ template <typename T, class S> struct MainKernel {
                 if (qt_begin + ahead < query_tiles) issue_query_tile(p, s, batch, head, qt_begin + ahead, ahead, tid);
                 common::cp_async_commit();
             }
+            // l2norm: q and k are normalized in shared memory as their tiles land, each
+            // query tile one iteration ahead of its use (the loop's barrier publishes it).
+            if (p.l2norm && qt_begin < query_tiles) {
+                common::cp_async_wait<S::kStages - 2>(); // K, V (first head) and the first query tile
+                __syncthreads();
+                if (!k_normalized && p.groups == 1)
+                    common::normalize_rows<T, S::kKeys, S::D, S::kThreads>(s.k, p.d, tid);
+                else if (!k_normalized)
+                    common::l2norm_rows<T, S::KTile::kStride, S::kThreads>(s.k, keys, p.d, p.groups, nullptr, true,
+                                                                           tid);
+                k_normalized = true;
+                normalize_query_tile(p, s, qt_begin, 0, tid);
+            }
 
             for (int64_t qt = qt_begin; qt < query_tiles; ++qt) {
                 const int stage = static_cast<int>((qt - qt_begin) % S::kStages);
-                common::cp_async_wait<S::kStages - 2>();
-                __syncthreads(); // tile qt landed for every thread; tile qt - 1 is no longer read
+                // Tile qt landed (and, with three or more stages, tile qt + 1: it is
+                // normalized during this iteration).
+                common::cp_async_wait<(S::kStages >= 3 ? S::kStages - 3 : 0)>();
+                __syncthreads(); // ... for every thread; tile qt - 1 is no longer read
                 const int64_t next = qt + S::kStages - 1;
                 if (next < query_tiles)
                     issue_query_tile(p, s, batch, head, next, static_cast<int>((next - qt_begin) % S::kStages), tid);
@@ -453,6 +499,9 @@ template <typename T, class S> struct MainKernel {
                                                    0, lane);
                 G::template rows_nk<KT, NQ8, S::D>(dp, s.v, S::KTile::kStride, warp_key0, do_s,
                                                    S::QTile::kStride, 0, lane);
+                // Tile qt + 1 is normalized here, while the products above drain.
+                if (S::kStages >= 3 && p.l2norm && qt + 1 < query_tiles)
+                    normalize_query_tile(p, s, qt + 1, static_cast<int>((qt + 1 - qt_begin) % S::kStages), tid);
 
                 // P^T and dS^T, element by element (accumulator rows = keys), in tile-local
                 // 32-bit coordinates: key jl sees row r when r < rows and jl - r <= diagonal.
@@ -516,6 +565,12 @@ template <typename T, class S> struct MainKernel {
                                             dq[n].x[2 * half + 1]);
                         }
                     }
+                }
+                if (S::kStages == 2 && p.l2norm && qt + 1 < query_tiles) {
+                    // Two stages: tile qt + 1 was issued this iteration; normalize it now.
+                    common::cp_async_wait<0>();
+                    __syncthreads();
+                    normalize_query_tile(p, s, qt + 1, static_cast<int>((qt + 1 - qt_begin) % 2), tid);
                 }
             }
 
@@ -599,7 +654,7 @@ template <typename T, class S> struct MainKernel {
                     }
             __syncthreads();
             for (int r = warp; r < keys; r += S::kThreads / 32)
-                l2norm_backward_row<T, S::D>(p.k_raw.row<T>(batch, kv, j0 + r), stage + r * S::kStageStride,
+                l2norm_backward_row<T, S::D>(p.k.row<T>(batch, kv, j0 + r), stage + r * S::kStageStride,
                                              p.dk.row<T>(batch, kv, j0 + r), p.d, p.groups, true, lane);
             return;
         }
@@ -738,6 +793,22 @@ template <typename T, class S> struct DqKernel {
             }
             if (kt + 1 < key_tiles) issue_key_tile(p, s, batch, kv, kt + 1, stage ^ 1, tid);
             common::cp_async_commit();
+            if (p.l2norm) {
+                // Q (once) and this key tile normalized in place.
+                T *k_tile = s.k + stage * S::KTile::kElements;
+                if (p.groups == 1) {
+                    if (kt == 0) common::normalize_rows<T, BR, D, S::kThreads>(s.q, p.d, tid);
+                    common::normalize_rows<T, BC, D, S::kThreads>(k_tile, p.d, tid);
+                } else {
+                    if (kt == 0)
+                        common::l2norm_rows<T, S::QTile::kStride, S::kThreads>(s.q, rows, p.d, p.groups, nullptr,
+                                                                               true, tid);
+                    const int keys = static_cast<int>(p.nk - kt * BC < BC ? p.nk - kt * BC : BC);
+                    common::l2norm_rows<T, S::KTile::kStride, S::kThreads>(k_tile, keys, p.d, p.groups, nullptr,
+                                                                           true, tid);
+                }
+                __syncthreads();
+            }
             const T *k_s = s.k + stage * S::KTile::kElements;
             const T *v_s = s.v + stage * S::KTile::kElements;
             const uint8_t *ok_s = s.key_ok + stage * BC;
@@ -808,9 +879,9 @@ __global__ void __launch_bounds__(S::kThreads, 1) dq_kernel(const Params p) {
 
 // ---------------------------------------------------------------- launchers
 
-template <typename T, int kHeadDim> LaunchShape launch_shape() {
-    using Main = typename Shapes<T, kHeadDim>::Main;
-    using Dq = typename Shapes<T, kHeadDim>::Dq;
+template <typename T, int kHeadDim, bool kCompact> LaunchShape launch_shape() {
+    using Main = typename Shapes<T, kHeadDim, kCompact>::Main;
+    using Dq = typename Shapes<T, kHeadDim, kCompact>::Dq;
     LaunchShape shape;
     shape.main_keys = Main::kKeys;
     shape.dq_queries = Dq::BR;
@@ -847,17 +918,20 @@ template <typename T, class S> int launch_dq_shape(const Params &p, void *stream
     return cudaGetLastError();
 }
 
-template <typename T, int kHeadDim> int launch_main(const Params &p, void *stream) {
-    return launch_main_shape<T, typename Shapes<T, kHeadDim>::Main>(p, stream);
+template <typename T, int kHeadDim, bool kCompact> int launch_main(const Params &p, void *stream) {
+    return launch_main_shape<T, typename Shapes<T, kHeadDim, kCompact>::Main>(p, stream);
 }
-template <typename T, int kHeadDim> int launch_dq(const Params &p, void *stream) {
-    return launch_dq_shape<T, typename Shapes<T, kHeadDim>::Dq>(p, stream);
+template <typename T, int kHeadDim, bool kCompact> int launch_dq(const Params &p, void *stream) {
+    return launch_dq_shape<T, typename Shapes<T, kHeadDim, kCompact>::Dq>(p, stream);
 }
 
+#define FCSA_BWD_INSTANTIATE_SIZE(T, D, COMPACT)                                                    \
+    template LaunchShape launch_shape<T, D, COMPACT>();                                             \
+    template int launch_main<T, D, COMPACT>(const Params &, void *);                                \
+    template int launch_dq<T, D, COMPACT>(const Params &, void *);
 #define FCSA_BWD_INSTANTIATE(T, D)                                                                  \
-    template LaunchShape launch_shape<T, D>();                                                      \
-    template int launch_main<T, D>(const Params &, void *);                                         \
-    template int launch_dq<T, D>(const Params &, void *);
+    FCSA_BWD_INSTANTIATE_SIZE(T, D, false)                                                          \
+    FCSA_BWD_INSTANTIATE_SIZE(T, D, true)
 
 } // namespace sm80_bwd
 } // namespace fcsa

@@ -3,7 +3,7 @@
 //
 // The backward runs as a few launches on the caller's stream:
 //   1. prepass      delta_i = <dO_i, O_i>, lse contiguous (+inf for rows that see no
-//                   key, so their P is 0), and the l2-normalized copies q^, k^;
+//                   key, so their P is 0);
 //   2. main         one CTA per (key tile, kv head, batch): dK, dV in registers, dQ^
 //                   by float atomics (or by 3. when deterministic), dscale partials,
 //                   dbias;
@@ -64,9 +64,9 @@ struct Params {
     bool deterministic = false;
     int64_t causal_offset = 0; // row i sees keys j <= i + causal_offset
 
-    // Inputs as the kernels read them: q and k are the normalized copies when l2norm.
+    // The caller's inputs; with l2norm the kernels normalize q and k tiles in shared
+    // memory, and the l2norm backward reads the raw rows again.
     Rows q, k, v, dout;
-    Rows q_raw, k_raw; // the caller's q and k, for the l2norm backward
     const float *lse = nullptr;      // [b][h][nq]: the forward's lse, +inf for empty rows
     const float *delta = nullptr;    // [b][h][nq]
     const uint8_t *mask = nullptr;   // nullptr: every key visible
@@ -109,10 +109,11 @@ struct LaunchShape {
     int32_t main_smem = 0, dq_smem = 0; // dynamic shared memory, bytes
 };
 
-template <typename T, int kHeadDim> LaunchShape launch_shape();
+// kCompact: the shapes sized for GPUs with 99 KB of shared memory per block.
+template <typename T, int kHeadDim, bool kCompact> LaunchShape launch_shape();
 // Each returns a cudaError_t (as int) of its launch.
-template <typename T, int kHeadDim> int launch_main(const Params &p, void *stream);
-template <typename T, int kHeadDim> int launch_dq(const Params &p, void *stream);
+template <typename T, int kHeadDim, bool kCompact> int launch_main(const Params &p, void *stream);
+template <typename T, int kHeadDim, bool kCompact> int launch_dq(const Params &p, void *stream);
 
 } // namespace sm80_bwd
 } // namespace fcsa

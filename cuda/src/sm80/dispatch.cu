@@ -4,8 +4,9 @@
 // (mma.sync on bf16, cp.async), a kernel image in this build that the device can load,
 // a head dim that is a multiple of 8 up to 256, float32/float16/bfloat16, lengths that
 // fit 32-bit tile indices. The forward also needs its tile's shared memory within the
-// device's per-block limit; every sm80 configuration is sized to fit the 99 KB that the
-// smallest of these devices offer, and a kernel that needs more checks it itself.
+// device's per-block limit; every forward configuration is sized to fit the 99 KB that
+// the smallest of these devices offer. The backward picks its full or its compact
+// (99 KB) shapes by the same limit and checks it itself.
 #include <cstdint>
 
 #include <cuda_runtime.h>
@@ -26,12 +27,12 @@ constexpr int64_t kMaxSequence = (int64_t(1) << 31) - 1024;
 
 fcsa_status sm80_supports(const Problem &p, bool backward) {
     const char *direction = backward ? "backward" : "forward";
-    int major = 0, minor = 0, smem_optin = 0;
+    int major = 0, minor = 0;
     cudaError_t err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, p.device_index);
     if (err == cudaSuccess)
         err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, p.device_index);
-    if (err == cudaSuccess)
-        err = cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, p.device_index);
+    const int smem_optin = sm80_shared_memory_limit(p.device_index);
+    if (err == cudaSuccess && smem_optin < 0) err = cudaErrorInvalidDevice;
     if (err != cudaSuccess) {
         cudaGetLastError();
         return set_error(FCSA_STATUS_CUDA_ERROR, "cuda-sm80: cannot query CUDA device %d: %s", int(p.device_index),
