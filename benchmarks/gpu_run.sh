@@ -53,10 +53,15 @@ stage_test() {
     "$PY" -m pytest -q -n 4 -p no:cacheprovider tests 2>&1 | tail -25
 }
 
+stage_cudatest() {
+    # Only the tests marked cuda (the GPU's share of the suite, a third of its time).
+    "$PY" -m pytest -q -n 4 -p no:cacheprovider -m cuda tests 2>&1 | tail -6
+}
+
 stage_sanitize() {
     # One case of each feature under memcheck and racecheck (slow tools: a small subset).
-    local subset=(tests/test_cuda.py -k "test_matches_cpu_backend and (64-bfloat16 or 32-float32)
-                  or test_small_shared_memory_gpus and 128-bfloat16")
+    local pick="test_matches_cpu_backend and (64-bfloat16 or 32-float32) or test_small_shared_memory_gpus and 128-bfloat16"
+    local subset=(tests/test_cuda.py -k "$pick")
     for tool in memcheck racecheck; do
         compute-sanitizer --tool "$tool" --error-exitcode 3 --print-limit 20 \
             "$PY" -m pytest -q -x -p no:cacheprovider "${subset[@]}" 2>&1 | tail -6

@@ -6,8 +6,9 @@
 //   memsets   the float32 accumulators that start at zero (dQ^ with atomics, dbias);
 //   prepass   delta = <dO, O> and lse (+inf for rows that see no key);
 //   main      dK, dV (finished in its epilogue, l2norm backward included), dQ^ by
-//             atomics, dbias, dscale partials; q and k are l2-normalized in shared
-//             memory as their tiles arrive (no normalized copy in memory);
+//             atomics, dbias, dscale partials. k is l2-normalized in shared memory
+//             once per CTA, each query tile as it arrives (one iteration ahead of its
+//             use); no normalized copy of q or k is ever written to memory;
 //   dq        deterministic only: dQ^ without atomics;
 //   finish    dq = l2norm backward of dQ^ (and dk where the head dim was split);
 //             dbias from its float32 accumulator; dscale summed in a fixed order.

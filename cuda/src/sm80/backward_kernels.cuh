@@ -10,18 +10,22 @@
 //       dS^T = P^T (dP^T - delta),  dV += P^T dO,  dK^ += scale dS^T Q^,
 //   so that P^T and dS^T are accumulators in registers and serve directly as the A
 //   operands of the next products. dQ^ += scale dS K^ goes through shared memory and
-//   float atomics (skipped when deterministic: dq_kernel owns dQ^ then).
+//   float atomics (skipped when deterministic: dq_kernel owns dQ^ then). With l2norm,
+//   K^ is formed in shared memory once and each query tile as it lands, one
+//   iteration ahead of its use.
 // dq_kernel: one CTA per (query tile, head, batch); each warp owns 16 query rows,
-//   streams the key tiles and keeps dQ^ in registers: no atomics, a fixed order.
+//   streams the key tiles (normalized in place as they land) and keeps dQ^ in
+//   registers: no atomics, a fixed order.
 //
 // Both are checked by cuda/tests/check_backward.cu against a float64 reference.
 //
-// Measured (H100 SXM, 2026-11-23, bf16, batch = 16384 / n, heads = 2048 / d, the
-// version with a 2-stage pipeline and lse / delta read synchronously): d = 128 at
-// n = 2k / 4k / 8k / 16k 104 / 125 / 139 / 147 TFLOP/s, d = 64 84 / 104 / 117 / 126.
-// The limits seen: shared-memory reads (every warp reads the whole Q and dO tiles twice,
-// ~0.6 ldmatrix.x4 per mma), one CTA of 8 warps per SM, and dQ's float atomics. The
-// 3-stage pipeline and asynchronous lse / delta loads were added after that measurement.
+// Measured (H100 SXM, 2026-11-23, bf16, batch = 16384 / n, heads = 2048 / d, kernel
+// alone): d = 128 at n = 2k / 4k / 8k / 16k 100 / 114 / 123 / 129 TFLOP/s, d = 64
+// 89 / 106 / 115 / 121. The limits seen: 255 registers with spills (dK^, dV take 128 of
+// them; anything else live across the loop body costs: normalizing the query tiles here
+// instead of in a pre-pass cost 12%, benchmarks/NOTES.md), shared-memory reads (every
+// warp reads the whole Q and dO tiles twice, ~0.6 ldmatrix.x4 per mma), one CTA of 8
+// warps per SM, and dQ's float atomics.
 #pragma once
 
 #include <cstdint>
