@@ -20,8 +20,8 @@
 // Both are checked by cuda/tests/check_backward.cu against a float64 reference.
 //
 // Measured (H100 SXM, 2026-11-23, bf16, batch = 16384 / n, heads = 2048 / d, kernel
-// alone): d = 128 at n = 2k / 4k / 8k / 16k 100 / 114 / 123 / 129 TFLOP/s, d = 64
-// 89 / 106 / 115 / 121. The limits seen: 255 registers with spills (dK^, dV take 128 of
+// alone): d = 128 at n = 2k / 4k / 8k / 16k 102 / 117 / 126 / 132 TFLOP/s, d = 64
+// 91 / 106 / 115 / 121. The limits seen: 255 registers with spills (dK^, dV take 128 of
 // them; anything else live across the loop body costs: normalizing the query tiles here
 // instead of in a pre-pass cost 12%, benchmarks/NOTES.md), shared-memory reads (every
 // warp reads the whole Q and dO tiles twice, ~0.6 ldmatrix.x4 per mma), one CTA of 8
@@ -112,9 +112,10 @@ template <typename T, int D, bool kCompact, bool kIs16 = common::ElementTraits<T
 template <typename T, int D, bool kCompact> struct Shapes<T, D, kCompact, true> {
     static_assert(D == 32 || D == 64 || D == 96 || D == 128 || D == 256, "16-bit head-dim buckets");
     // Full: 128 keys per CTA; 64 query rows per tile where dK^, dV and S, dP fit in
-    // registers without spilling inside the loop (checked with -Xptxas -v and the SASS),
-    // 32 at D = 128; D = 256 splits dK / dV / dQ columns over two CTAs of 64 keys.
-    using FullMain = MainShape<T, D, D == 256 ? 4 : 8, 1, D >= 128 ? 32 : 64, D == 256 ? 2 : 1, D == 256 ? 2 : 3>;
+    // registers, 32 at D = 128; D = 256 splits dK / dV / dQ columns over two CTAs of 64
+    // keys. Three pipeline stages below D = 128, two from there on (measured on the H100,
+    // benchmarks/NOTES.md: at D = 128 two stages are 4% faster, at D = 64 3% slower).
+    using FullMain = MainShape<T, D, D == 256 ? 4 : 8, 1, D >= 128 ? 32 : 64, D == 256 ? 2 : 1, D >= 128 ? 2 : 3>;
     using FullDq = DqShape<T, D, 4, D == 256 ? 32 : 64>;
     // Compact: 64 keys per CTA (32 at D = 256) and a 2-stage pipeline.
     using CompactMain = MainShape<T, D, D == 256 ? 2 : 4, 1, D == 256 ? 16 : (D == 128 ? 32 : 64), D == 256 ? 2 : 1, 2>;
