@@ -759,18 +759,6 @@ static void fill_random(void *p, size_t count, int dtype, uint64_t seed, double 
     CUDA_CHECK(cudaGetLastError());
 }
 
-static View contiguous_view(void *data, int dtype, int64_t a, int64_t b, int64_t c, int64_t d) {
-    View v;
-    v.data = data;
-    v.dtype = dtype;
-    const int64_t shape[4] = {a, b, c, d}, stride[4] = {b * c * d, c * d, d, 1};
-    for (int i = 0; i < 4; ++i) {
-        v.shape[i] = shape[i];
-        v.stride[i] = shape[i] == 1 ? 0 : stride[i];
-    }
-    return v;
-}
-
 static void time_shape(int dtype, int64_t n, int64_t d, bool causal, bool deterministic) {
     const int64_t b = 16384 / n, h = 2048 / d;
     const size_t elems = size_t(b * h * n * d), esz = dtype_size(dtype);
@@ -797,25 +785,8 @@ static void time_shape(int dtype, int64_t n, int64_t d, bool causal, bool determ
     const size_t ws_bytes = fcsa::sm80_backward_workspace(p);
     void *ws;
     CUDA_CHECK(cudaMalloc(&ws, ws_bytes));
-    cudaEvent_t start, stop;
-    CUDA_CHECK(cudaEventCreate(&start));
-    CUDA_CHECK(cudaEventCreate(&stop));
-    std::vector<float> ms;
-    for (int it = 0; it < 13; ++it) {
-        CUDA_CHECK(cudaEventRecord(start));
-        if (fcsa::sm80_backward(p, ws, nullptr) != FCSA_STATUS_SUCCESS) {
-            printf("timing: %s\n", fcsa::g_error_message);
-            exit(4);
-        }
-        CUDA_CHECK(cudaEventRecord(stop));
-        CUDA_CHECK(cudaEventSynchronize(stop));
-        float t;
-        CUDA_CHECK(cudaEventElapsedTime(&t, start, stop));
-        if (it >= 3) ms.push_back(t);
-    }
+    const double t = median_launch_ms([&] { return fcsa::sm80_backward(p, ws, nullptr); }, 10) * 1e-3;
     CUDA_CHECK(cudaGetLastError());
-    std::sort(ms.begin(), ms.end());
-    const double t = ms[ms.size() / 2] * 1e-3;
     const double flops = 2.5 * 4.0 * double(b) * double(h) * double(n) * double(n) * double(d) * (causal ? 0.5 : 1.0);
     printf("TIME %-4s d=%-3lld n=%-5lld b=%-2lld h=%-2lld %-6s %-5s %8.3f ms %6.1f TFLOP/s\n", dtype_name(dtype),
            (long long)d, (long long)n, (long long)b, (long long)h, causal ? "causal" : "", deterministic ? "det" : "",
@@ -824,8 +795,6 @@ static void time_shape(int dtype, int64_t n, int64_t d, bool causal, bool determ
     cudaFree(ws);
     cudaFree(lse);
     for (auto &x : buf) cudaFree(x);
-    cudaEventDestroy(start);
-    cudaEventDestroy(stop);
 }
 
 int main(int argc, char **argv) {

@@ -483,15 +483,6 @@ struct TimingBuffers {
     }
 };
 
-static View contiguous_view(void *data, int dtype, int64_t b, int64_t h, int64_t n, int64_t d) {
-    View v;
-    v.data = data;
-    v.dtype = dtype;
-    const int64_t shape[4] = {b, h, n, d}, stride[4] = {h * n * d, n * d, d, 1};
-    for (int i = 0; i < 4; ++i) v.shape[i] = shape[i], v.stride[i] = shape[i] == 1 ? 0 : stride[i];
-    return v;
-}
-
 static double time_forward(const TimingBuffers &buf, int dtype, int n, int d, bool causal, int reps) {
     const int64_t b = 16384 / n, h = 2048 / d;
     Problem p;
@@ -504,28 +495,9 @@ static double time_forward(const TimingBuffers &buf, int dtype, int n, int d, bo
     p.v = contiguous_view(buf.v, dtype, b, h, n, d);
     p.out = contiguous_view(buf.out, dtype, b, h, n, d);
     p.lse = contiguous_view(buf.lse, FCSA_DTYPE_FLOAT32, b, h, n, 1);
-    cudaEvent_t e0, e1;
-    CUDA_CHECK(cudaEventCreate(&e0));
-    CUDA_CHECK(cudaEventCreate(&e1));
-    std::vector<float> ms;
-    for (int r = 0; r < reps + 3; ++r) {
-        CUDA_CHECK(cudaEventRecord(e0));
-        if (fcsa::sm80_forward(p, nullptr, nullptr) != FCSA_STATUS_SUCCESS) {
-            fprintf(stderr, "timing launch failed: %s\n", fcsa::g_error_message);
-            exit(1);
-        }
-        CUDA_CHECK(cudaEventRecord(e1));
-        CUDA_CHECK(cudaEventSynchronize(e1));
-        float t;
-        CUDA_CHECK(cudaEventElapsedTime(&t, e0, e1));
-        if (r >= 3) ms.push_back(t);
-    }
-    std::sort(ms.begin(), ms.end());
-    const double median = ms[ms.size() / 2];
+    const double median = median_launch_ms([&] { return fcsa::sm80_forward(p, nullptr, nullptr); }, reps);
     double flops = 4.0 * b * h * double(n) * n * d;
     if (causal) flops /= 2;
-    CUDA_CHECK(cudaEventDestroy(e0));
-    CUDA_CHECK(cudaEventDestroy(e1));
     return flops / (median * 1e-3) / 1e12;
 }
 

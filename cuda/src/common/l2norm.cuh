@@ -177,5 +177,15 @@ __device__ __forceinline__ void normalize_rows(T *tile, int d, int tid) {
     });
 }
 
+// The first `rows` rows of a padded kRows x kCols tile l2-normalized in place per group
+// of columns: normalize_rows for one group, l2norm_rows for several.
+template <typename T, int kRows, int kCols, int kThreads>
+__device__ __forceinline__ void normalize_tile(T *tile, int rows, int d, int groups, int tid) {
+    if (groups == 1)
+        normalize_rows<T, kRows, kCols, kThreads>(tile, d, tid);
+    else
+        l2norm_rows<T, PaddedTile<T, kRows, kCols>::kStride, kThreads>(tile, rows, d, groups, nullptr, true, tid);
+}
+
 } // namespace common
 } // namespace fcsa

@@ -5,12 +5,13 @@
 
 #include <cstdint>
 
+#include "../common/l2norm.cuh"
 #include "../common/numeric.cuh"
 
 namespace fcsa {
 namespace sm80_bwd {
 
-constexpr float kNormEpsilon = 1e-12f;
+using common::kNormEpsilon;
 
 __device__ __forceinline__ float warp_sum(float x) {
 #pragma unroll

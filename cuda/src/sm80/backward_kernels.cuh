@@ -363,13 +363,9 @@ template <typename T, class S> struct MainKernel {
     // for every thread; the caller's next barrier publishes the result).
     __device__ __forceinline__ static void normalize_query_tile(const Params &p, const Smem &s, int64_t qt, int stage,
                                                                 int tid) {
-        T *tile = s.q + stage * S::QTile::kElements;
-        if (p.groups == 1) {
-            common::normalize_rows<T, BR, S::D, S::kThreads>(tile, p.d, tid);
-        } else {
-            const int rows = static_cast<int>(p.nq - qt * BR < BR ? p.nq - qt * BR : BR);
-            common::l2norm_rows<T, S::QTile::kStride, S::kThreads>(tile, rows, p.d, p.groups, nullptr, true, tid);
-        }
+        const int rows = static_cast<int>(p.nq - qt * BR < BR ? p.nq - qt * BR : BR);
+        common::normalize_tile<T, BR, S::D, S::kThreads>(s.q + stage * S::QTile::kElements, rows, p.d, p.groups,
+                                                         tid);
     }
 
     __device__ __forceinline__ static void run(const Params &p, unsigned char *smem_base) {
@@ -465,11 +461,8 @@ template <typename T, class S> struct MainKernel {
             if (p.l2norm && qt_begin < query_tiles) {
                 common::cp_async_wait<S::kStages - 2>(); // K, V (first head) and the first query tile
                 __syncthreads();
-                if (!k_normalized && p.groups == 1)
-                    common::normalize_rows<T, S::kKeys, S::D, S::kThreads>(s.k, p.d, tid);
-                else if (!k_normalized)
-                    common::l2norm_rows<T, S::KTile::kStride, S::kThreads>(s.k, keys, p.d, p.groups, nullptr, true,
-                                                                           tid);
+                if (!k_normalized)
+                    common::normalize_tile<T, S::kKeys, S::D, S::kThreads>(s.k, keys, p.d, p.groups, tid);
                 k_normalized = true;
                 normalize_query_tile(p, s, qt_begin, 0, tid);
             }
@@ -800,18 +793,10 @@ template <typename T, class S> struct DqKernel {
             common::cp_async_commit();
             if (p.l2norm) {
                 // Q (once) and this key tile normalized in place.
-                T *k_tile = s.k + stage * S::KTile::kElements;
-                if (p.groups == 1) {
-                    if (kt == 0) common::normalize_rows<T, BR, D, S::kThreads>(s.q, p.d, tid);
-                    common::normalize_rows<T, BC, D, S::kThreads>(k_tile, p.d, tid);
-                } else {
-                    if (kt == 0)
-                        common::l2norm_rows<T, S::QTile::kStride, S::kThreads>(s.q, rows, p.d, p.groups, nullptr,
-                                                                               true, tid);
-                    const int keys = static_cast<int>(p.nk - kt * BC < BC ? p.nk - kt * BC : BC);
-                    common::l2norm_rows<T, S::KTile::kStride, S::kThreads>(k_tile, keys, p.d, p.groups, nullptr,
-                                                                           true, tid);
-                }
+                if (kt == 0) common::normalize_tile<T, BR, D, S::kThreads>(s.q, rows, p.d, p.groups, tid);
+                const int keys = static_cast<int>(p.nk - kt * BC < BC ? p.nk - kt * BC : BC);
+                common::normalize_tile<T, BC, D, S::kThreads>(s.k + stage * S::KTile::kElements, keys, p.d, p.groups,
+                                                              tid);
                 __syncthreads();
             }
             const T *k_s = s.k + stage * S::KTile::kElements;
