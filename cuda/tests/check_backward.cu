@@ -805,6 +805,10 @@ int main(int argc, char **argv) {
         if (!strcmp(argv[i], "--no-timing")) timing = false;
         if (!strcmp(argv[i], "--timing-only")) sweep_cases = false;
         if (!strcmp(argv[i], "--seed") && i + 1 < argc) g_seed = strtoull(argv[++i], nullptr, 10);
+        if (!strcmp(argv[i], "--profile") && i + 4 < argc) { // dtype d n causal: one timed shape, for ncu
+            time_shape(atoi(argv[i + 1]), atoll(argv[i + 3]), atoll(argv[i + 2]), atoi(argv[i + 4]) != 0, false);
+            return 0;
+        }
     }
     cudaDeviceProp prop;
     CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));

@@ -339,8 +339,12 @@ static Result run_case(const Case &c) {
         res.pass = false;
     }
     // 16-bit inputs: q is normalized into its own dtype (as F.normalize would), which
-    // moves the logits by about |scale| * 2^-9 (bf16) or 2^-12 (f16).
-    const double lse_tol = c.dtype == FCSA_DTYPE_FLOAT32 ? 2e-6 : c.dtype == FCSA_DTYPE_FLOAT16 ? 2e-3 : 1.5e-2;
+    // moves the logits by about |scale| * 2^-9 (bf16) or 2^-12 (f16). float32: lse is
+    // formed as (offset + log2(sum)) * ln 2 with the fixed offset of bounded logits, so
+    // log2(sum) reaches 2 * |scale| * log2(e) (23.1 at the cases' scale 8), where
+    // lg2.approx's relative error 2^-22.6 alone is 2.5e-6 (a row that sees one key at
+    // the far end of the range); 2e-6 was below that.
+    const double lse_tol = c.dtype == FCSA_DTYPE_FLOAT32 ? 4e-6 : c.dtype == FCSA_DTYPE_FLOAT16 ? 2e-3 : 1.5e-2;
     if (!(res.lse_err <= lse_tol)) {
         if (res.pass) res.why = "lse error above " + std::to_string(lse_tol);
         res.pass = false;

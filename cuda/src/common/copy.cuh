@@ -92,14 +92,36 @@ template <typename T, int kRows, int kCols, int kThreads>
 __device__ __forceinline__ void load_tile(T *tile, const T *src, int64_t row_stride, int rows,
                                           int cols, bool vectorized, int tid) {
     using L = PaddedTile<T, kRows, kCols>;
-    if (vectorized) {
+    constexpr int kChunks = kRows * L::kChunksPerRow;
+    constexpr int kIters = (kChunks + kThreads - 1) / kThreads; // copies per thread, at compile time
+    if (vectorized && kThreads % L::kChunksPerRow == 0) {
+        // Each thread keeps one column chunk and steps down the rows: one pointer add per
+        // copy (these loads sit inside the kernels' main loops).
+        constexpr int kRowStep = kThreads / L::kChunksPerRow;
+        const int r0 = tid / L::kChunksPerRow, c = (tid % L::kChunksPerRow) * L::kChunk;
+        const bool column_ok = c < cols;
+        const T *from = src + r0 * row_stride + c;
+        const int64_t step = kRowStep * row_stride;
 #pragma unroll
-        for (int i = tid; i < kRows * L::kChunksPerRow; i += kThreads) {
-            const int r = i / L::kChunksPerRow;
-            const int c = (i % L::kChunksPerRow) * L::kChunk;
-            const bool valid = r < rows && c < cols;
-            cp_async_16(smem_address(tile + r * L::kStride + c), valid ? src + r * row_stride + c : src,
-                        valid);
+        for (int it = 0; it < kIters; ++it) {
+            const int r = r0 + it * kRowStep;
+            if (kChunks % kThreads == 0 || r < kRows) {
+                const bool valid = column_ok && r < rows;
+                cp_async_16(smem_address(tile + r * L::kStride + c), valid ? from : src, valid);
+            }
+            from += step;
+        }
+    } else if (vectorized) {
+#pragma unroll
+        for (int it = 0; it < kIters; ++it) {
+            const int i = tid + it * kThreads;
+            if (kChunks % kThreads == 0 || i < kChunks) {
+                const int r = i / L::kChunksPerRow;
+                const int c = (i % L::kChunksPerRow) * L::kChunk;
+                const bool valid = r < rows && c < cols;
+                cp_async_16(smem_address(tile + r * L::kStride + c), valid ? src + r * row_stride + c : src,
+                            valid);
+            }
         }
     } else {
         for (int i = tid; i < kRows * kCols; i += kThreads) {

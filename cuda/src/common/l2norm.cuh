@@ -157,6 +157,52 @@ __device__ __forceinline__ void row_inverse_norms(const T *tile, int d, float *i
     });
 }
 
+// row_inverse_norms for a 16-bit tile on the tensor cores: each warp takes 16-row blocks
+// and forms the block's Gram matrix X X^T, whose diagonal holds the rows' sums of
+// squares (the products of 16-bit values are exact, the sums are float32). A few
+// ldmatrix + mma per block replace a pass over the tile on the FMA pipe, which the
+// forward pays once per key tile and CTA.
+// The A operand of rows r0..r0+15 holds both B operands of X^T: registers 0 and 2 for
+// rows r0..r0+7, 1 and 3 for r0+8..r0+15.
+template <typename T, int kRows, int kCols, int kWarps>
+__device__ __forceinline__ void row_inverse_norms_mma(const T *tile, float *inv, float multiplier, int warp,
+                                                      int lane) {
+    static_assert(ElementTraits<T>::kIs16Bit && kRows % 16 == 0 && kCols % 16 == 0, "16-bit 16 x 16 blocks");
+    using L = PaddedTile<T, kRows, kCols>;
+    constexpr int kBlocks = kRows / 16;
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int i = 0; i < (kBlocks + kWarps - 1) / kWarps; ++i) {
+        const int block = warp + i * kWarps;
+        if (kBlocks % kWarps != 0 && block >= kBlocks) break;
+        // X X^T, columns = rows 0..7 (low) resp. 8..15 (high) of the block; even and odd
+        // k steps in separate accumulators, so the dependent mma chains are half as long.
+        FragC low[2], high[2];
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            clear(low[i]);
+            clear(high[i]);
+        }
+#pragma unroll
+        for (int kk = 0; kk < kCols / 16; ++kk) {
+            FragA16 a;
+            load_a16(a, tile, L::kStride, 16 * block, 16 * kk, lane);
+            const FragB16 b_low = {{a.x[0], a.x[2]}}, b_high = {{a.x[1], a.x[3]}};
+            mma_m16n8k16<T>(low[kk % 2], a, b_low);
+            mma_m16n8k16<T>(high[kk % 2], a, b_high);
+        }
+        // Diagonal entries: row g of `low` at column g, row 8 + g of `high` at column g;
+        // column 2t + e of an accumulator is element e (row g) or 2 + e (row g + 8).
+        if (t == (g >> 1)) {
+            const bool odd = g & 1;
+            const float low_sum = odd ? low[0].x[1] + low[1].x[1] : low[0].x[0] + low[1].x[0];
+            const float high_sum = odd ? high[0].x[3] + high[1].x[3] : high[0].x[2] + high[1].x[2];
+            inv[16 * block + g] = multiplier * inverse_norm<T>(low_sum);
+            inv[16 * block + 8 + g] = multiplier * inverse_norm<T>(high_sum);
+        }
+    }
+}
+
 // Every row of the tile divided by max(||row||, 1e-12) in place (one group per row):
 // the fixed-shape counterpart of l2norm_rows, for tiles normalized inside a main loop.
 template <typename T, int kRows, int kCols, int kThreads>

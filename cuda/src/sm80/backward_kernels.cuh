@@ -19,13 +19,13 @@
 //
 // Both are checked by cuda/tests/check_backward.cu against a float64 reference.
 //
-// Measured (H100 SXM, 2026-11-23, bf16, batch = 16384 / n, heads = 2048 / d, kernel
-// alone): d = 128 at n = 2k / 4k / 8k / 16k 102 / 117 / 126 / 132 TFLOP/s, d = 64
-// 91 / 106 / 115 / 121. The limits seen: 255 registers with spills (dK^, dV take 128 of
-// them; anything else live across the loop body costs: normalizing the query tiles here
-// instead of in a pre-pass cost 12%, benchmarks/NOTES.md), shared-memory reads (every
-// warp reads the whole Q and dO tiles twice, ~0.6 ldmatrix.x4 per mma), one CTA of 8
-// warps per SM, and dQ's float atomics.
+// Measured (H100 SXM, 2026-11-24, bf16, batch = 16384 / n, heads = 2048 / d, kernel
+// alone): d = 128 at n = 2k / 4k / 8k / 16k 136 / 159 / 173 / 181 TFLOP/s, d = 64
+// 125 / 150 / 168 / 177. The limits seen: 255 registers with spills (dK^, dV take 128 of
+// them; anything live across the loop body costs, benchmarks/NOTES.md), instructions
+// outside the products (~1,050 per warp and query tile for 160 mma: the tiles' loads,
+// dQ's atomics and their addresses), shared-memory reads (every warp reads the whole Q
+// and dO tiles twice, ~0.6 ldmatrix.x4 per mma) and one CTA of 8 warps per SM.
 #pragma once
 
 #include <cstdint>
@@ -134,31 +134,6 @@ template <typename T, int D, bool kCompact> struct Shapes<T, D, kCompact, false>
     using Main = std::conditional_t<kCompact && D >= 128, CompactMain, FullMain>;
     using Dq = std::conditional_t<kCompact && D >= 128, CompactDq, FullDq>;
 };
-
-// Global rows [0, rows) x cols [0, cols) -> a padded shared tile, zero elsewhere, as
-// common::load_tile, with a compile-time number of copies per thread (keeps the
-// address arithmetic small inside the main loops).
-template <typename T, int kRows, int kCols, int kThreads>
-__device__ __forceinline__ void load_rows(T *tile, const T *src, int64_t row_stride, int rows, int cols,
-                                          bool vectorized, int tid) {
-    using L = common::PaddedTile<T, kRows, kCols>;
-    constexpr int kTotal = kRows * L::kChunksPerRow;
-    constexpr int kIters = (kTotal + kThreads - 1) / kThreads;
-    if (!vectorized) {
-        common::load_tile<T, kRows, kCols, kThreads>(tile, src, row_stride, rows, cols, false, tid);
-        return;
-    }
-#pragma unroll
-    for (int it = 0; it < kIters; ++it) {
-        const int i = tid + it * kThreads;
-        if (kTotal % kThreads == 0 || i < kTotal) {
-            const int r = i / L::kChunksPerRow, c = (i % L::kChunksPerRow) * L::kChunk;
-            const bool valid = r < rows && c < cols;
-            common::cp_async_16(common::smem_address(tile + r * L::kStride + c),
-                                src + (valid ? int64_t(r) * row_stride + c : 0), valid);
-        }
-    }
-}
 
 // ---------------------------------------------------------------- score helpers
 
@@ -314,7 +289,9 @@ __device__ __forceinline__ float block_sum(float v, float *reduce, int tid) {
 
 // ---------------------------------------------------------------- main kernel
 
-template <typename T, class S> struct MainKernel {
+// kGeneral = false: the main kernel without key masks, bias, dbias and dscale (chosen by
+// launch_main_shape), so that the registers of those paths go to the loop.
+template <typename T, class S, bool kGeneral> struct MainKernel {
     using G = WarpGemm<T>;
     static constexpr int KT = S::KT, BR = S::BR, DC = S::DC, NQ8 = S::BR / 8, NC8 = S::DC / 8;
 
@@ -341,12 +318,12 @@ template <typename T, class S> struct MainKernel {
                                             int64_t qt, int stage, int tid) {
         const int64_t i0 = qt * BR;
         const int rows = static_cast<int>(p.nq - i0 < BR ? p.nq - i0 : BR);
-        load_rows<T, BR, S::D, S::kThreads>(s.q + stage * S::QTile::kElements,
-                                                     p.q.row<T>(batch, head, i0), p.q.stride_row, rows, p.d,
-                                                     p.q.aligned16, tid);
-        load_rows<T, BR, S::D, S::kThreads>(s.dout + stage * S::QTile::kElements,
-                                                     p.dout.row<T>(batch, head, i0), p.dout.stride_row, rows,
-                                                     p.d, p.dout.aligned16, tid);
+        common::load_tile<T, BR, S::D, S::kThreads>(s.q + stage * S::QTile::kElements,
+                                                    p.q.row<T>(batch, head, i0), p.q.stride_row, rows, p.d,
+                                                    p.q.aligned16, tid);
+        common::load_tile<T, BR, S::D, S::kThreads>(s.dout + stage * S::QTile::kElements,
+                                                    p.dout.row<T>(batch, head, i0), p.dout.stride_row, rows,
+                                                    p.d, p.dout.aligned16, tid);
         // lse and delta of the tile's rows, asynchronously too (rows past nq: zeros,
         // their scores are masked as invisible).
         const int64_t row_base = (batch * p.h + head) * p.nq + i0;
@@ -401,30 +378,33 @@ template <typename T, class S> struct MainKernel {
         __syncthreads(); // the previous item's epilogue is done with shared memory
 
         bool key_ok[KT][2];
-        bool any_key = false;
+        bool any_key = false, any_hidden_key = false;
 #pragma unroll
         for (int kt = 0; kt < KT; ++kt)
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
-                key_ok[kt][half] = key_unmasked(p, batch, j0 + warp_key0 + 16 * kt + g + 8 * half);
+                const int64_t key = j0 + warp_key0 + 16 * kt + g + 8 * half;
+                key_ok[kt][half] = kGeneral ? key_unmasked(p, batch, key) : key < p.nk;
                 any_key |= key_ok[kt][half];
+                any_hidden_key |= !key_ok[kt][half];
             }
+        const bool warp_keys_ok = __all_sync(0xffffffffu, !any_hidden_key); // every key of this warp visible
         if (!__syncthreads_or(any_key)) {
             // Every key of the tile is hidden: no gradient flows through them.
             write_zero_grads(p, batch, kv, j0, keys, col0, tid);
             for (int64_t head = head0; head < head0 + p.heads_per_kv; ++head) {
-                if (lead && p.dscale_partial != nullptr && tid == 0)
+                if (kGeneral && lead && p.dscale_partial != nullptr && tid == 0)
                     p.dscale_partial[(batch * p.h + head) * key_tiles + key_tile] = 0.f;
-                if (lead && p.dbias_mode == kDbiasDirect)
+                if (kGeneral && lead && p.dbias_mode == kDbiasDirect)
                     zero_dbias_block<T>(p, batch, head, 0, p.nq, j0, keys, tid, S::kThreads);
             }
             return;
         }
 
-        load_rows<T, S::kKeys, S::D, S::kThreads>(s.k, p.k.row<T>(batch, kv, j0), p.k.stride_row, keys,
-                                                           p.d, p.k.aligned16, tid);
-        load_rows<T, S::kKeys, S::D, S::kThreads>(s.v, p.v.row<T>(batch, kv, j0), p.v.stride_row, keys,
-                                                           p.d, p.v.aligned16, tid);
+        common::load_tile<T, S::kKeys, S::D, S::kThreads>(s.k, p.k.row<T>(batch, kv, j0), p.k.stride_row, keys,
+                                                          p.d, p.k.aligned16, tid);
+        common::load_tile<T, S::kKeys, S::D, S::kThreads>(s.v, p.v.row<T>(batch, kv, j0), p.v.stride_row, keys,
+                                                          p.d, p.v.aligned16, tid);
 
         FragC dk[KT][NC8], dv[KT][NC8];
 #pragma unroll
@@ -442,7 +422,7 @@ template <typename T, class S> struct MainKernel {
             int64_t first_row = p.causal ? j0 - p.causal_offset : 0;
             if (first_row < 0) first_row = 0;
             const int64_t qt_begin = first_row < p.nq ? first_row / BR : query_tiles;
-            if (lead && p.dbias_mode == kDbiasDirect) {
+            if (kGeneral && lead && p.dbias_mode == kDbiasDirect) {
                 const int64_t skipped = qt_begin * BR < p.nq ? qt_begin * BR : p.nq;
                 zero_dbias_block<T>(p, batch, head, 0, skipped, j0, keys, tid, S::kThreads);
             }
@@ -505,24 +485,41 @@ template <typename T, class S> struct MainKernel {
                 // 32-bit coordinates: key jl sees row r when r < rows and jl - r <= diagonal.
                 const int rows = static_cast<int>(p.nq - i0 < BR ? p.nq - i0 : BR);
                 const int diagonal = clamp_to_int(p.causal ? i0 + p.causal_offset - j0 : int64_t(1) << 30);
-                const bool has_bias = p.bias != nullptr;
+                const bool has_bias = kGeneral && p.bias != nullptr;
+                // The common tile: every score visible, no bias, no dscale. Same arithmetic
+                // as the general loop below, without its per-element tests.
+                const bool plain_tile = !has_bias && !(kGeneral && p.dscale_partial != nullptr) && warp_keys_ok && rows == BR &&
+                                        warp_key0 + 16 * KT - 1 <= diagonal;
+                if (plain_tile) {
 #pragma unroll
-                for (int kt = 0; kt < KT; ++kt)
+                    for (int kt = 0; kt < KT; ++kt)
 #pragma unroll
-                    for (int n = 0; n < NQ8; ++n)
+                        for (int n = 0; n < NQ8; ++n)
 #pragma unroll
-                        for (int e = 0; e < 4; ++e) {
-                            const int r = 8 * n + 2 * t + (e & 1);
-                            const int jl = warp_key0 + 16 * kt + g + 8 * (e >> 1);
-                            const bool visible = key_ok[kt][e >> 1] && r < rows && jl - r <= diagonal;
-                            const float cosine = sc[kt][n].x[e];
-                            const float bias =
-                                has_bias && visible ? bias_at<T>(p, bias_bh, i0 + r, j0 + jl) : 0.f;
-                            probability_and_grad(sc[kt][n].x[e], dp[kt][n].x[e], visible, scale, bias,
-                                                 lse_s[r], delta_s[r]);
-                            dscale_sum = fmaf(dp[kt][n].x[e], cosine, dscale_sum);
-                        }
-                if (lead && p.dbias_mode != kDbiasNone && p.dbias_mode != kDbiasOwnedQueries)
+                            for (int e = 0; e < 4; ++e) {
+                                const int r = 8 * n + 2 * t + (e & 1);
+                                probability_and_grad(sc[kt][n].x[e], dp[kt][n].x[e], true, scale, 0.f, lse_s[r],
+                                                     delta_s[r]);
+                            }
+                } else {
+#pragma unroll
+                    for (int kt = 0; kt < KT; ++kt)
+#pragma unroll
+                        for (int n = 0; n < NQ8; ++n)
+#pragma unroll
+                            for (int e = 0; e < 4; ++e) {
+                                const int r = 8 * n + 2 * t + (e & 1);
+                                const int jl = warp_key0 + 16 * kt + g + 8 * (e >> 1);
+                                const bool visible = key_ok[kt][e >> 1] && r < rows && jl - r <= diagonal;
+                                const float cosine = sc[kt][n].x[e];
+                                const float bias =
+                                    has_bias && visible ? bias_at<T>(p, bias_bh, i0 + r, j0 + jl) : 0.f;
+                                probability_and_grad(sc[kt][n].x[e], dp[kt][n].x[e], visible, scale, bias,
+                                                     lse_s[r], delta_s[r]);
+                                dscale_sum = fmaf(dp[kt][n].x[e], cosine, dscale_sum);
+                            }
+                }
+                if (kGeneral && lead && p.dbias_mode != kDbiasNone && p.dbias_mode != kDbiasOwnedQueries)
                     main_tile_dbias<T, S>(p, dp, batch, head, i0, j0 + warp_key0, lane);
 
                 // dV += P^T dO and dK^ += scale dS^T Q^, A operands straight from registers.
@@ -540,10 +537,16 @@ template <typename T, class S> struct MainKernel {
                         G::to_operand(op[kt][kq], dp[kt][2 * kq], dp[kt][2 * kq + 1], scale);
                 G::template acc_kn<KT, BR / 16, NC8>(dk, op, q_s, S::QTile::kStride, col0, lane);
 
+                // Two stages: tile qt + 1 was issued this iteration; it is normalized once it
+                // has landed for every thread, after dS's barrier (or a barrier of its own).
+                const bool normalize_next = S::kStages == 2 && p.l2norm && qt + 1 < query_tiles;
+                const int next_stage = static_cast<int>((qt + 1 - qt_begin) % S::kStages);
                 if (!p.deterministic) {
                     // dQ^ += scale dS K^: dS^T to shared memory, then each warp one block.
                     store_scaled_scores(s.ds, dp, warp_key0, scale, lane);
+                    if (normalize_next) common::cp_async_wait<0>();
                     __syncthreads();
+                    if (normalize_next) normalize_query_tile(p, s, qt + 1, next_stage, tid);
                     const int wr = warp % S::kRowBlocks, wc = warp / S::kRowBlocks;
                     const int dq_col0 = col0 + wc * S::kColsPerWarp;
                     FragC dq[S::kDqBlocks];
@@ -564,15 +567,14 @@ template <typename T, class S> struct MainKernel {
                         }
                     }
                 }
-                if (S::kStages == 2 && p.l2norm && qt + 1 < query_tiles) {
-                    // Two stages: tile qt + 1 was issued this iteration; normalize it now.
+                if (p.deterministic && normalize_next) {
                     common::cp_async_wait<0>();
                     __syncthreads();
-                    normalize_query_tile(p, s, qt + 1, static_cast<int>((qt + 1 - qt_begin) % 2), tid);
+                    normalize_query_tile(p, s, qt + 1, next_stage, tid);
                 }
             }
 
-            if (lead && p.dscale_partial != nullptr) {
+            if (kGeneral && lead && p.dscale_partial != nullptr) {
                 const float total = block_sum<S::kThreads / 32>(dscale_sum, s.reduce, tid);
                 if (tid == 0) p.dscale_partial[(batch * p.h + head) * key_tiles + key_tile] = total;
             }
@@ -681,10 +683,10 @@ template <typename T, class S> struct MainKernel {
     }
 };
 
-template <typename T, class S>
+template <typename T, class S, bool kGeneral>
 __global__ void __launch_bounds__(S::kThreads, 1) main_kernel(const Params p) {
     extern __shared__ __align__(16) unsigned char smem[];
-    MainKernel<T, S>::run(p, smem);
+    MainKernel<T, S, kGeneral>::run(p, smem);
 }
 
 // ---------------------------------------------------------------- dq kernel
@@ -716,10 +718,10 @@ template <typename T, class S> struct DqKernel {
                                           int stage, int tid) {
         const int64_t j0 = kt * BC;
         const int keys = static_cast<int>(p.nk - j0 < BC ? p.nk - j0 : BC);
-        load_rows<T, BC, D, S::kThreads>(s.k + stage * S::KTile::kElements, p.k.row<T>(batch, kv, j0),
-                                                  p.k.stride_row, keys, p.d, p.k.aligned16, tid);
-        load_rows<T, BC, D, S::kThreads>(s.v + stage * S::KTile::kElements, p.v.row<T>(batch, kv, j0),
-                                                  p.v.stride_row, keys, p.d, p.v.aligned16, tid);
+        common::load_tile<T, BC, D, S::kThreads>(s.k + stage * S::KTile::kElements, p.k.row<T>(batch, kv, j0),
+                                                 p.k.stride_row, keys, p.d, p.k.aligned16, tid);
+        common::load_tile<T, BC, D, S::kThreads>(s.v + stage * S::KTile::kElements, p.v.row<T>(batch, kv, j0),
+                                                 p.v.stride_row, keys, p.d, p.v.aligned16, tid);
         for (int c = tid; c < BC; c += S::kThreads) s.key_ok[stage * BC + c] = key_unmasked(p, batch, j0 + c);
     }
 
@@ -759,10 +761,10 @@ template <typename T, class S> struct DqKernel {
         const int64_t bias_bh = batch * p.bias_stride[0] + head * p.bias_stride[1];
 
         __syncthreads(); // the previous item is done with shared memory
-        load_rows<T, BR, D, S::kThreads>(s.q, p.q.row<T>(batch, head, i0), p.q.stride_row, rows, p.d,
-                                                  p.q.aligned16, tid);
-        load_rows<T, BR, D, S::kThreads>(s.dout, p.dout.row<T>(batch, head, i0), p.dout.stride_row, rows,
-                                                  p.d, p.dout.aligned16, tid);
+        common::load_tile<T, BR, D, S::kThreads>(s.q, p.q.row<T>(batch, head, i0), p.q.stride_row, rows, p.d,
+                                                 p.q.aligned16, tid);
+        common::load_tile<T, BR, D, S::kThreads>(s.dout, p.dout.row<T>(batch, head, i0), p.dout.stride_row, rows,
+                                                 p.d, p.dout.aligned16, tid);
         const int64_t row_base = (batch * p.h + head) * p.nq + i0;
         for (int r = tid; r < BR; r += S::kThreads) {
             s.lse[r] = r < rows ? p.lse[row_base + r] : __int_as_float(0x7f800000);
@@ -887,11 +889,13 @@ template <typename T, class S> int launch_main_shape(const Params &p, void *stre
     const int64_t key_tiles = (p.nk + S::kKeys - 1) / S::kKeys;
     const int64_t items = (p.b + p.main_batches_per_cta - 1) / p.main_batches_per_cta *
                           (p.hk / p.main_kv_heads_per_cta);
-    cudaError_t err = cudaFuncSetAttribute(main_kernel<T, S>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           S::kSmemBytes);
+    const bool general = p.mask != nullptr || p.bias != nullptr || p.dbias_mode != kDbiasNone ||
+                         p.dscale_partial != nullptr || p.main_batches_per_cta != 1 || p.main_kv_heads_per_cta != 1;
+    const auto kernel = general ? main_kernel<T, S, true> : main_kernel<T, S, false>;
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSmemBytes);
     if (err != cudaSuccess) return err;
     const dim3 grid(static_cast<unsigned>(key_tiles * S::kSplitCount), grid_items(items));
-    main_kernel<T, S><<<grid, S::kThreads, S::kSmemBytes, static_cast<cudaStream_t>(stream)>>>(p);
+    kernel<<<grid, S::kThreads, S::kSmemBytes, static_cast<cudaStream_t>(stream)>>>(p);
     return cudaGetLastError();
 }
 

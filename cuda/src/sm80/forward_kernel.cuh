@@ -11,7 +11,8 @@
 //             tiles are skipped): K and V stream through one shared buffer each, the
 //             next K tile loading while P·V runs and V loading while S = Q K^T runs.
 //             K rows are normalized as the tile arrives: for groups == 1 a factor
-//             scale * log2(e) / ||k_j|| per column of S, else in place per group.
+//             scale * log2(e) / ||k_j|| per column of S (16-bit: the norms from the
+//             diagonal of K K^T on the tensor cores), else in place per group.
 //   softmax   base 2. With l2norm and no bias every logit is bounded by |scale|*groups,
 //             so p = 2^(x - bound) needs no running maximum, no reductions and no
 //             rescaling of O: on tiles without masking that is one FMA and one ex2 per
@@ -37,7 +38,10 @@
 namespace fcsa {
 namespace sm80 {
 
-template <typename T, int D>
+// kGeneral = false compiles the common case alone (bounded logits, no bias, no key mask:
+// see plain_forward below); its registers then go to the products, not to the state of
+// paths it never takes.
+template <typename T, int D, bool kGeneral>
 __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
     forward_kernel(const __grid_constant__ ForwardParams p) {
     using namespace common;
@@ -84,7 +88,7 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
     const float scale = p.scale_t != nullptr ? p.scale_t[hq * p.scale_stride] : p.scale;
     const float scale_log2 = scale * kLog2e;
     const float bound_log2 = fabsf(scale) * float(p.groups) * kLog2e;
-    const bool track_max = !(p.logits_bounded && 2.f * bound_log2 <= C::kBoundedRange);
+    const bool track_max = kGeneral && !(p.logits_bounded && 2.f * bound_log2 <= C::kBoundedRange);
     const float fixed_offset = bound_log2 - C::kExpShift;
 
     // ---- key tiles: [0, tile_end), causal stops after the last row's diagonal
@@ -99,7 +103,7 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
     load_tile<T, BM, D, kThreads>(sQ, q, p.q_stride[2], rows_here, d, p.vec_q, tid);
     cp_async_commit();
 
-    const bool has_mask = p.mask != nullptr;
+    const bool has_mask = kGeneral && p.mask != nullptr;
     auto key_visible = [&](int j) { return p.mask[bi * p.mask_stride[0] + int64_t(j) * p.mask_stride[1]] != 0; };
     if (has_mask) {
         for (int i = tid; i < 2 * C::kBitmapWords; i += kThreads) sAnyVisible[i] = 0;
@@ -175,7 +179,7 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
     }
     auto row_index = [&](int h) { return m0 + warp_row0 + 16 * (h / 2) + g + 8 * (h % 2); };
     const bool per_column = p.l2norm && p.groups == 1; // 1/||k_j|| as a factor on S
-    const bool has_bias = p.bias != nullptr;
+    const bool has_bias = kGeneral && p.bias != nullptr;
 
     while (tile < tile_end) {
         const int j0 = tile * BN;
@@ -188,7 +192,10 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
         cp_async_commit();
         if (p.l2norm) {
             if (p.groups == 1) {
-                row_inverse_norms<T, BN, D, kThreads>(sK, d, sKInv, scale_log2, tid);
+                if constexpr (C::k16Bit)
+                    row_inverse_norms_mma<T, BN, D, C::kWarps>(sK, sKInv, scale_log2, warp, lane);
+                else
+                    row_inverse_norms<T, BN, D, kThreads>(sK, d, sKInv, scale_log2, tid);
             } else {
                 l2norm_rows<T, KS, kThreads>(sK, keys_here, d, p.groups, nullptr, true, tid);
                 __syncthreads();
@@ -431,6 +438,15 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
                                           rows_here - warp_row0, d, p.vec_out, lane);
 }
 
+// Whether the kernel without the general paths covers these parameters: no bias, no key
+// mask, and logits bounded tightly enough for the fixed offset with the host's scale.
+template <typename T, int D> bool plain_forward(const ForwardParams &p) {
+    using C = ForwardConfig<T, D>;
+    const float bound_log2 = fabsf(p.scale) * float(p.groups) * common::kLog2e;
+    return p.bias == nullptr && p.mask == nullptr && p.scale_t == nullptr && p.logits_bounded &&
+           2.f * bound_log2 <= C::kBoundedRange;
+}
+
 template <typename T, int D> fcsa_status launch_forward(const ForwardParams &params, cudaStream_t stream) {
     using C = ForwardConfig<T, D>;
     const int64_t ctas = int64_t(params.num_m_tiles) * params.heads * params.batch;
@@ -439,7 +455,7 @@ template <typename T, int D> fcsa_status launch_forward(const ForwardParams &par
         return set_error(FCSA_STATUS_NOT_SUPPORTED,
                          "cuda-sm80 forward: batch * heads * ceil(nq / %d) = %lld exceeds the grid limit",
                          C::kBlockM, static_cast<long long>(ctas));
-    auto kernel = forward_kernel<T, D>;
+    auto kernel = plain_forward<T, D>(params) ? forward_kernel<T, D, false> : forward_kernel<T, D, true>;
     if (C::kSmemBytes > 48 * 1024) {
         const cudaError_t err =
             cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes);
