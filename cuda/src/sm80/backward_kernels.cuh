@@ -486,38 +486,35 @@ template <typename T, class S, bool kGeneral> struct MainKernel {
                 const int rows = static_cast<int>(p.nq - i0 < BR ? p.nq - i0 : BR);
                 const int diagonal = clamp_to_int(p.causal ? i0 + p.causal_offset - j0 : int64_t(1) << 30);
                 const bool has_bias = kGeneral && p.bias != nullptr;
+                const bool has_dscale = kGeneral && p.dscale_partial != nullptr;
+                // f(score, its dP, tile row r, tile key jl, which of the key's halves) for
+                // every score of this warp.
+                auto for_each_score = [&](auto f) {
+#pragma unroll
+                    for (int kt = 0; kt < KT; ++kt)
+#pragma unroll
+                        for (int n = 0; n < NQ8; ++n)
+#pragma unroll
+                            for (int e = 0; e < 4; ++e)
+                                f(sc[kt][n].x[e], dp[kt][n].x[e], 8 * n + 2 * t + (e & 1),
+                                  warp_key0 + 16 * kt + g + 8 * (e >> 1), key_ok[kt][e >> 1]);
+                };
                 // The common tile: every score visible, no bias, no dscale. Same arithmetic
                 // as the general loop below, without its per-element tests.
-                const bool plain_tile = !has_bias && !(kGeneral && p.dscale_partial != nullptr) && warp_keys_ok && rows == BR &&
+                const bool plain_tile = !has_bias && !has_dscale && warp_keys_ok && rows == BR &&
                                         warp_key0 + 16 * KT - 1 <= diagonal;
                 if (plain_tile) {
-#pragma unroll
-                    for (int kt = 0; kt < KT; ++kt)
-#pragma unroll
-                        for (int n = 0; n < NQ8; ++n)
-#pragma unroll
-                            for (int e = 0; e < 4; ++e) {
-                                const int r = 8 * n + 2 * t + (e & 1);
-                                probability_and_grad(sc[kt][n].x[e], dp[kt][n].x[e], true, scale, 0.f, lse_s[r],
-                                                     delta_s[r]);
-                            }
+                    for_each_score([&](float &score, float &grad, int r, int, bool) {
+                        probability_and_grad(score, grad, true, scale, 0.f, lse_s[r], delta_s[r]);
+                    });
                 } else {
-#pragma unroll
-                    for (int kt = 0; kt < KT; ++kt)
-#pragma unroll
-                        for (int n = 0; n < NQ8; ++n)
-#pragma unroll
-                            for (int e = 0; e < 4; ++e) {
-                                const int r = 8 * n + 2 * t + (e & 1);
-                                const int jl = warp_key0 + 16 * kt + g + 8 * (e >> 1);
-                                const bool visible = key_ok[kt][e >> 1] && r < rows && jl - r <= diagonal;
-                                const float cosine = sc[kt][n].x[e];
-                                const float bias =
-                                    has_bias && visible ? bias_at<T>(p, bias_bh, i0 + r, j0 + jl) : 0.f;
-                                probability_and_grad(sc[kt][n].x[e], dp[kt][n].x[e], visible, scale, bias,
-                                                     lse_s[r], delta_s[r]);
-                                dscale_sum = fmaf(dp[kt][n].x[e], cosine, dscale_sum);
-                            }
+                    for_each_score([&](float &score, float &grad, int r, int jl, bool key_visible) {
+                        const bool visible = key_visible && r < rows && jl - r <= diagonal;
+                        const float cosine = score;
+                        const float bias = has_bias && visible ? bias_at<T>(p, bias_bh, i0 + r, j0 + jl) : 0.f;
+                        probability_and_grad(score, grad, visible, scale, bias, lse_s[r], delta_s[r]);
+                        dscale_sum = fmaf(grad, cosine, dscale_sum);
+                    });
                 }
                 if (kGeneral && lead && p.dbias_mode != kDbiasNone && p.dbias_mode != kDbiasOwnedQueries)
                     main_tile_dbias<T, S>(p, dp, batch, head, i0, j0 + warp_key0, lane);
