@@ -21,7 +21,7 @@
 //
 // Measured (H100 SXM, 2026-11-24, bf16, batch = 16384 / n, heads = 2048 / d, kernel
 // alone): d = 128 at n = 2k / 4k / 8k / 16k 141 / 166 / 182 / 192 TFLOP/s, d = 64
-// 125 / 150 / 168 / 177. The limits seen: 255 registers with spills (dK^, dV take 128 of
+// 127 / 153 / 172 / 182. The limits seen: 255 registers with spills (dK^, dV take 128 of
 // them; anything live across the loop body costs, benchmarks/NOTES.md), instructions
 // outside the products (with 32-row tiles at d = 128, ~1,050 per warp and tile for 160
 // mma: the tiles' loads, dQ's atomics and their addresses), shared-memory reads (every
@@ -113,11 +113,12 @@ template <typename T, int D, bool kCompact, bool kIs16 = common::ElementTraits<T
 template <typename T, int D, bool kCompact> struct Shapes<T, D, kCompact, true> {
     static_assert(D == 32 || D == 64 || D == 96 || D == 128 || D == 256, "16-bit head-dim buckets");
     // Full: 128 keys per CTA and 64 query rows per tile (32 at D = 256, which splits
-    // dK / dV / dQ columns over two CTAs of 64 keys). Three pipeline stages below D = 128,
-    // two from there on. Measured on the H100 (benchmarks/NOTES.md): at D = 128 two stages
-    // are 4-7% faster than three, at D = 64 3% slower; 64 rows at D = 128 3-7% faster than
-    // 32 (once the kernel without the general paths had the registers for them).
-    using FullMain = MainShape<T, D, D == 256 ? 4 : 8, 1, (D > 128) ? 32 : 64, D == 256 ? 2 : 1, D >= 128 ? 2 : 3>;
+    // dK / dV / dQ columns over two CTAs of 64 keys). Two pipeline stages, three at D = 32
+    // and 96. Measured on the H100 (benchmarks/NOTES.md): two stages are 4-7% faster than
+    // three at D = 128 and 2-3% at D = 64 (since the kernel without the general paths);
+    // 64 rows at D = 128 3-7% faster than 32.
+    using FullMain = MainShape<T, D, D == 256 ? 4 : 8, 1, (D > 128) ? 32 : 64, D == 256 ? 2 : 1,
+                               (D == 32 || D == 96) ? 3 : 2>;
     using FullDq = DqShape<T, D, 4, D == 256 ? 32 : 64>;
     // Compact: 64 keys per CTA (32 at D = 256) and a 2-stage pipeline.
     using CompactMain = MainShape<T, D, D == 256 ? 2 : 4, 1, D == 256 ? 16 : (D == 128 ? 32 : 64), D == 256 ? 2 : 1, 2>;
