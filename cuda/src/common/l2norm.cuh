@@ -179,9 +179,9 @@ __device__ __forceinline__ void row_inverse_norms_mma(const T *tile, float *inv,
         // k steps in separate accumulators, so the dependent mma chains are half as long.
         FragC low[2], high[2];
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
-            clear(low[i]);
-            clear(high[i]);
+        for (int parity = 0; parity < 2; ++parity) {
+            clear(low[parity]);
+            clear(high[parity]);
         }
 #pragma unroll
         for (int kk = 0; kk < kCols / 16; ++kk) {

@@ -36,30 +36,38 @@ template <int kMaxD> struct WarpRow {
     static constexpr int kPerLane = (kMaxD + 31) / 32;
 };
 
+// The group of each element of a row held as in WarpRow (-1 past d): computed once per
+// row, the loops below compare instead of dividing.
+template <int kMaxD>
+__device__ __forceinline__ void element_groups(int d, int groups, int lane, int (&group)[WarpRow<kMaxD>::kPerLane]) {
+    const int group_size = d / groups;
+#pragma unroll
+    for (int m = 0; m < WarpRow<kMaxD>::kPerLane; ++m) {
+        const int c = lane + 32 * m;
+        group[m] = c >= d ? -1 : groups == 1 ? 0 : c / group_size;
+    }
+}
+
 // The inverse norm of each element's group, 1 / max(||x_group||, eps), for a row held
 // as in WarpRow. Every lane of the warp must call it.
 template <int kMaxD>
-__device__ __forceinline__ void group_inverse_norms(const float (&x)[WarpRow<kMaxD>::kPerLane], int d, int groups,
-                                                    int lane, float (&inv)[WarpRow<kMaxD>::kPerLane],
+__device__ __forceinline__ void group_inverse_norms(const float (&x)[WarpRow<kMaxD>::kPerLane],
+                                                    const int (&group)[WarpRow<kMaxD>::kPerLane], int groups,
+                                                    float (&inv)[WarpRow<kMaxD>::kPerLane],
                                                     bool (&clamped)[WarpRow<kMaxD>::kPerLane]) {
     constexpr int kPer = WarpRow<kMaxD>::kPerLane;
-    const int group_size = d / groups;
-    for (int group = 0; group < groups; ++group) {
+    for (int g = 0; g < groups; ++g) {
         float sum_sq = 0.f;
 #pragma unroll
-        for (int m = 0; m < kPer; ++m) {
-            const int c = lane + 32 * m;
-            if (c < d && c / group_size == group) sum_sq = fmaf(x[m], x[m], sum_sq);
-        }
+        for (int m = 0; m < kPer; ++m)
+            if (group[m] == g) sum_sq = fmaf(x[m], x[m], sum_sq);
         const float norm = sqrtf(warp_sum(sum_sq));
 #pragma unroll
-        for (int m = 0; m < kPer; ++m) {
-            const int c = lane + 32 * m;
-            if (c < d && c / group_size == group) {
+        for (int m = 0; m < kPer; ++m)
+            if (group[m] == g) {
                 inv[m] = 1.f / fmaxf(norm, kNormEpsilon);
                 clamped[m] = !(norm >= kNormEpsilon);
             }
-        }
     }
 }
 
@@ -79,32 +87,29 @@ __device__ __forceinline__ void l2norm_backward_row(const T *x_row, const float 
         dy[m] = c < d ? dx_hat[c] : 0.f;
     }
     if (l2norm) {
+        int group[kPer];
+        element_groups<kMaxD>(d, groups, lane, group);
         float inv[kPer], xhat_dot[kPer];
         bool clamped[kPer];
-        group_inverse_norms<kMaxD>(x, d, groups, lane, inv, clamped);
+        group_inverse_norms<kMaxD>(x, group, groups, inv, clamped);
         // <x^, dx^> per group = inv * <x, dx^>.
-        const int group_size = d / groups;
-        for (int group = 0; group < groups; ++group) {
+        for (int g = 0; g < groups; ++g) {
             float dot = 0.f;
 #pragma unroll
-            for (int m = 0; m < kPer; ++m) {
-                const int c = lane + 32 * m;
-                if (c < d && c / group_size == group) dot = fmaf(x[m] * inv[m], dy[m], dot);
-            }
+            for (int m = 0; m < kPer; ++m)
+                if (group[m] == g) dot = fmaf(x[m] * inv[m], dy[m], dot);
             dot = warp_sum(dot);
 #pragma unroll
-            for (int m = 0; m < kPer; ++m) {
-                const int c = lane + 32 * m;
-                if (c < d && c / group_size == group) xhat_dot[m] = dot;
-            }
+            for (int m = 0; m < kPer; ++m)
+                if (group[m] == g) xhat_dot[m] = dot;
         }
 #pragma unroll
         for (int m = 0; m < kPer; ++m) {
             const int c = lane + 32 * m;
             if (c < d) {
                 const float xhat = x[m] * inv[m];
-                const float g = clamped[m] ? dy[m] * inv[m] : (dy[m] - xhat * xhat_dot[m]) * inv[m];
-                out[c] = common::from_float<T>(g);
+                const float dx = clamped[m] ? dy[m] * inv[m] : (dy[m] - xhat * xhat_dot[m]) * inv[m];
+                out[c] = common::from_float<T>(dx);
             }
         }
     } else {

@@ -889,8 +889,8 @@ template <typename T, class S> int launch_main_shape(const Params &p, void *stre
     const int64_t key_tiles = (p.nk + S::kKeys - 1) / S::kKeys;
     const int64_t items = (p.b + p.main_batches_per_cta - 1) / p.main_batches_per_cta *
                           (p.hk / p.main_kv_heads_per_cta);
-    const bool general = p.mask != nullptr || p.bias != nullptr || p.dbias_mode != kDbiasNone ||
-                         p.dscale_partial != nullptr || p.main_batches_per_cta != 1 || p.main_kv_heads_per_cta != 1;
+    const bool general =
+        p.mask != nullptr || p.bias != nullptr || p.dbias_mode != kDbiasNone || p.dscale_partial != nullptr;
     const auto kernel = general ? main_kernel<T, S, true> : main_kernel<T, S, false>;
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSmemBytes);
     if (err != cudaSuccess) return err;
