@@ -20,8 +20,8 @@
 // Both are checked by cuda/tests/check_backward.cu against a float64 reference.
 //
 // Measured (H100 SXM, 2026-11-24, bf16, batch = 16384 / n, heads = 2048 / d, kernel
-// alone): d = 128 at n = 2k / 4k / 8k / 16k 141 / 166 / 182 / 192 TFLOP/s, d = 64
-// 127 / 153 / 172 / 182. The limits seen: 255 registers with spills (dK^, dV take 128 of
+// alone): d = 128 at n = 2k / 4k / 8k / 16k 159 / 179 / 190 / 197 TFLOP/s, d = 64
+// 141 / 162 / 177 / 184. The limits seen: 255 registers with spills (dK^, dV take 128 of
 // them; anything live across the loop body costs, benchmarks/NOTES.md), instructions
 // outside the products (with 32-row tiles at d = 128, ~1,050 per warp and tile for 160
 // mma: the tiles' loads, dQ's atomics and their addresses), shared-memory reads (every
