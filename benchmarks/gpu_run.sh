@@ -33,12 +33,14 @@ stage_install() {
 }
 
 stage_checks() {
-    # float64-referenced sweeps of the kernels alone; the backward again with the
-    # compact shapes of 99 KB GPUs; each under memcheck and racecheck in its quick form.
+    # float64-referenced sweeps of the kernels alone; the backward again with A100's
+    # shared memory (no 171 KB kernel) and with the compact shapes of 99 KB GPUs; each
+    # under memcheck and racecheck in its quick form.
     local dir=${PREBUILT:-.wheel}
     "$dir/check_forward" --no-time 2>&1 | grep -E "^FAIL|^correctness"
-    "$dir/check_backward" --no-timing 2>&1 | grep -E "^FAIL|cases passed"
-    FCSA_MAX_SHARED_MEMORY=101376 "$dir/check_backward" --no-timing 2>&1 | grep -E "^FAIL|cases passed"
+    for limit in "" 166912 101376; do
+        FCSA_MAX_SHARED_MEMORY=$limit "$dir/check_backward" --no-timing 2>&1 | grep -E "^FAIL|cases passed"
+    done
     for tool in memcheck racecheck; do
         for program in check_forward check_backward; do
             compute-sanitizer --tool "$tool" --error-exitcode 3 --print-limit 20 "$dir/$program" --quick \
@@ -61,6 +63,7 @@ stage_cudatest() {
 stage_sanitize() {
     # One case of each feature under memcheck and racecheck (slow tools: a small subset).
     local pick="test_matches_cpu_backend and (64-bfloat16 or 32-float32) or test_small_shared_memory_gpus and 128-bfloat16"
+    pick+=" or test_plain_paths_match_cpu_backend and 128-bfloat16"
     local subset=(tests/test_cuda.py -k "$pick")
     for tool in memcheck racecheck; do
         compute-sanitizer --tool "$tool" --error-exitcode 3 --print-limit 20 \

@@ -25,26 +25,31 @@ def test_backend_name():
     assert fcsa.cuda_compiled() and fcsa.compiled_sm_targets()
 
 
-def check_against_cpu_backend(d, dtype, deterministic=False):
-    """Every feature at once (grouped kv, key mask with causal, bias, per-head scale) on
-    CUDA and on the CPU backend: outputs, lse and every gradient agree."""
+def check_against_cpu_backend(d, dtype, deterministic=False, every_feature=True):
+    """Grouped kv and causal, with every_feature also a key mask, a bias and a per-head
+    scale (the kernels' general paths; without them their plain ones), on CUDA and on
+    the CPU backend: outputs, lse and every gradient agree."""
     b, h, hk, nq, nk = 2, 4, 2, 100, 177
     q, k, v = (t.requires_grad_() for t in inputs(b, h, hk, nq, nk, d, dtype))
-    mask = torch.rand(b, nk, device="cuda") < 0.8
-    mask[:, 0] = True
-    bias = torch.randn(1, h, nq, nk, device="cuda", dtype=dtype, requires_grad=True)
-    scale = torch.full((h,), 9.0, device="cuda", requires_grad=True)
-    leaves = (q, k, v, bias, scale)
-    cpu_leaves = [t.detach().cpu().requires_grad_() for t in leaves]
+    features = {}
+    if every_feature:
+        mask = torch.rand(b, nk, device="cuda") < 0.8
+        mask[:, 0] = True
+        features = dict(mask=mask,
+                        attn_bias=torch.randn(1, h, nq, nk, device="cuda", dtype=dtype, requires_grad=True),
+                        scale=torch.full((h,), 9.0, device="cuda", requires_grad=True))
+    leaves = [q, k, v] + [t for t in features.values() if t.requires_grad]
+    names = ["q", "k", "v"] + [name for name, t in features.items() if t.requires_grad]
+    cpu_features = {name: t.detach().cpu().requires_grad_(t.requires_grad) for name, t in features.items()}
+    cpu_leaves = [t.detach().cpu().requires_grad_() for t in (q, k, v)]
+    cpu_leaves += [cpu_features[name] for name in names[3:]]
 
-    def run(q, k, v, bias, scale, mask):
-        out, lse = fcsa.flash_cosine_sim_attention(q, k, v, mask=mask, attn_bias=bias, scale=scale,
-                                                   causal=True, return_lse=True,
-                                                   deterministic=deterministic)
-        return out, lse
+    def run(q, k, v, features):
+        return fcsa.flash_cosine_sim_attention(q, k, v, causal=True, return_lse=True,
+                                               deterministic=deterministic, **features)
 
-    out, lse = run(*leaves, mask)
-    cpu_out, cpu_lse = run(*cpu_leaves, mask.cpu())
+    out, lse = run(q, k, v, features)
+    cpu_out, cpu_lse = run(*cpu_leaves[:3], cpu_features)
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, leaves, dout)
     cpu_grads = torch.autograd.grad(cpu_out, cpu_leaves, dout.cpu())
@@ -54,7 +59,7 @@ def check_against_cpu_backend(d, dtype, deterministic=False):
     # The GPU rounds the normalized q and k to the dtype for its tensor cores; the CPU
     # keeps them in float32: the logits, and so lse, differ by the dtype's rounding.
     torch.testing.assert_close(lse.cpu(), cpu_lse, atol=tol, rtol=tol)
-    for name, g, c in zip(("q", "k", "v", "bias", "scale"), grads, cpu_grads):
+    for name, g, c in zip(names, grads, cpu_grads):
         scale_ = max(1.0, c.abs().max().item())
         torch.testing.assert_close(g.cpu().float(), c.float(), atol=tol * scale_, rtol=tol,
                                    msg=name)
@@ -66,12 +71,22 @@ def test_matches_cpu_backend(d, dtype):
     check_against_cpu_backend(d, dtype)
 
 
+# 16-bit d = 128 without mask or bias: the backward's shared-scores kernel on H100-class
+# GPUs, its main kernel elsewhere.
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
-def test_extreme_query_norms(dtype):
+@pytest.mark.parametrize("d", [64, 128])
+def test_plain_paths_match_cpu_backend(d, dtype, deterministic):
+    check_against_cpu_backend(d, dtype, deterministic, every_feature=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("d", [64, 128])
+def test_extreme_query_norms(d, dtype):
     """Rows of q with large and small norms: normalizing them inside the kernels loses
     nothing to the dtype's range. (Rows of zeros are covered elsewhere: their gradient,
     dq^ / eps, is beyond float16 by definition.)"""
-    b, h, n, d = 1, 2, 96, 64
+    b, h, n = 1, 2, 96
     q, k, v = inputs(b, h, h, n, n, d, dtype)
     row_scale = torch.ones(b, h, n, 1, device="cuda")
     row_scale[..., 0::4, :] = 400.0   # |q| ~ 3e3: large for float16
@@ -106,6 +121,18 @@ SMALL_GPU_SHARED_MEMORY = 99 * 1024
 def test_small_shared_memory_gpus(d, dtype, deterministic, monkeypatch):
     monkeypatch.setenv("FCSA_MAX_SHARED_MEMORY", str(SMALL_GPU_SHARED_MEMORY))
     check_against_cpu_backend(d, dtype, deterministic)
+
+
+# A100's limit (163 KB): the full shapes, but not the d = 128 kernel that keeps P and dS
+# in shared memory (171 KB), so the main kernel's 16-bit d = 128 path runs instead.
+A100_SHARED_MEMORY = 163 * 1024
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+def test_a100_shared_memory(dtype, deterministic, monkeypatch):
+    monkeypatch.setenv("FCSA_MAX_SHARED_MEMORY", str(A100_SHARED_MEMORY))
+    check_against_cpu_backend(128, dtype, deterministic, every_feature=False)
 
 
 def test_shared_memory_limit_is_honoured(monkeypatch):

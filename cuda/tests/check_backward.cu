@@ -17,7 +17,7 @@
 //   nvcc -std=c++17 -O3 --expt-relaxed-constexpr -DFCSA_WITH_CUDA -gencode=arch=compute_90a,code=sm_90a \
 //        -Icuda/include -Icuda/src cuda/tests/check_backward.cu cuda/src/sm80/backward*.cu cuda/src/sm80/shared_memory.cu \
 //        -o check_backward
-// Run: ./check_backward [--quick] [--no-timing] [--timing-only] [--seed N]
+// Run: ./check_backward [--quick] [--no-timing] [--timing-only] [--timing-l2norm-off] [--seed N]
 //   (--quick: a few small cases, for compute-sanitizer memcheck / racecheck).
 #include <algorithm>
 #include <chrono>
@@ -618,6 +618,15 @@ static std::vector<Case> sweep(bool quick) {
         c.bias_shape[0] = 1; c.bias_shape[1] = 2; c.bias_shape[2] = 40; c.bias_shape[3] = 1; c.bias_f32 = true;
         add(c);
         c = Case{};
+        c.name = "quick bf16 d128 causal gqa (shared-scores kernel)";
+        c.b = 1; c.h = 2; c.hk = 1; c.nq = 90; c.nk = 200; c.d = 128; c.causal = true;
+        add(c);
+        c = Case{};
+        c.name = "quick f16 d64 groups 2 deterministic (shared-scores kernel)";
+        c.dtype = FCSA_DTYPE_FLOAT16; c.b = 1; c.h = 2; c.hk = 2; c.nq = 130; c.nk = 70; c.d = 64; c.groups = 2;
+        c.deterministic = true;
+        add(c);
+        c = Case{};
         c.name = "quick bf16 d256 groups 2 deterministic";
         c.b = 1; c.h = 2; c.hk = 2; c.nq = 40; c.nk = 70; c.d = 256; c.groups = 2; c.deterministic = true;
         add(c);
@@ -669,6 +678,9 @@ static std::vector<Case> sweep(bool quick) {
         c.bias_shape[0] = 2; c.bias_shape[1] = 4; c.bias_shape[2] = 100; c.bias_shape[3] = 150;
         c.name = named("%s l2norm off, bias, large logits", dtype_name(dt));
         add(c);
+        c.bias_shape[0] = 0; c.d = 128; c.causal = true; c.input_scale = 1.0;
+        c.name = named("%s l2norm off, causal", dtype_name(dt));
+        add(c);
         c = Case{};
         c.dtype = dt; c.scale_kind = kScalePerHead; c.d = 96 - (dt == FCSA_DTYPE_FLOAT32 ? 32 : 0);
         c.name = named("%s scale per head (dscale)", dtype_name(dt));
@@ -711,6 +723,9 @@ static std::vector<Case> sweep(bool quick) {
         add(c);
         c.d = 256; c.causal = false; c.mask = 0; c.hk = 2; c.groups = 4;
         c.name = named("%s det d256 groups 4", dtype_name(dt));
+        add(c);
+        c.d = 64; c.causal = true; c.hk = 1; c.groups = 1; c.nq = 300; c.nk = 150;
+        c.name = named("%s det gqa causal nq>nk", dtype_name(dt));
         add(c);
     }
     // Edge sizes.
@@ -759,6 +774,8 @@ static void fill_random(void *p, size_t count, int dtype, uint64_t seed, double 
     CUDA_CHECK(cudaGetLastError());
 }
 
+static bool g_time_l2norm = true; // --timing-l2norm-off: time without the fused l2norm
+
 static void time_shape(int dtype, int64_t n, int64_t d, bool causal, bool deterministic) {
     const int64_t b = 16384 / n, h = 2048 / d;
     const size_t elems = size_t(b * h * n * d), esz = dtype_size(dtype);
@@ -771,8 +788,10 @@ static void time_shape(int dtype, int64_t n, int64_t d, bool causal, bool determ
     fill_random(lse, size_t(b * h * n), FCSA_DTYPE_FLOAT32, g_seed + 9, std::log(double(n)) + 10.0, 0.1);
     Problem p;
     p.b = b; p.h = h; p.hk = h; p.nq = n; p.nk = n; p.d = d;
-    p.dtype = dtype; p.device_type = FCSA_DEVICE_CUDA; p.scale = 10.f; p.causal = causal;
+    p.dtype = dtype; p.device_type = FCSA_DEVICE_CUDA; p.causal = causal;
+    p.scale = g_time_l2norm ? 10.f : float(1.0 / std::sqrt(double(d))); // bounded logits either way
     p.deterministic = deterministic;
+    p.l2norm = g_time_l2norm;
     p.q = contiguous_view(buf[0], dtype, b, h, n, d);
     p.k = contiguous_view(buf[1], dtype, b, h, n, d);
     p.v = contiguous_view(buf[2], dtype, b, h, n, d);
@@ -804,6 +823,7 @@ int main(int argc, char **argv) {
         if (!strcmp(argv[i], "--quick")) quick = true;
         if (!strcmp(argv[i], "--no-timing")) timing = false;
         if (!strcmp(argv[i], "--timing-only")) sweep_cases = false;
+        if (!strcmp(argv[i], "--timing-l2norm-off")) g_time_l2norm = false;
         if (!strcmp(argv[i], "--seed") && i + 1 < argc) g_seed = strtoull(argv[++i], nullptr, 10);
         if (!strcmp(argv[i], "--profile") && i + 4 < argc) { // dtype d n causal: one timed shape, for ncu
             time_shape(atoi(argv[i + 1]), atoll(argv[i + 3]), atoll(argv[i + 2]), atoi(argv[i + 4]) != 0, false);

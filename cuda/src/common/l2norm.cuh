@@ -205,9 +205,45 @@ __device__ __forceinline__ void row_inverse_norms_mma(const T *tile, float *inv,
 
 // Every row of the tile divided by max(||row||, 1e-12) in place (one group per row):
 // the fixed-shape counterpart of l2norm_rows, for tiles normalized inside a main loop.
+// For 16-bit tiles with d == kCols (the common case) each lane keeps its chunks as
+// floats between the sum and the scaling, with no tests: the same arithmetic as the
+// general path below (+6% for the d = 128 backward on the H100; float32 tiles, twice
+// the registers per chunk, lost 3% with it and keep the general path).
 template <typename T, int kRows, int kCols, int kThreads>
 __device__ __forceinline__ void normalize_rows(T *tile, int d, int tid) {
     using N = RowNorms<T, kRows, kCols, kThreads>;
+    if (ElementTraits<T>::kIs16Bit && d == kCols && N::L::kChunksPerRow % N::kLanesPerRow == 0) {
+        constexpr int kChunk = N::L::kChunk;
+        const int sub = tid % N::kLanesPerRow;
+#pragma unroll
+        for (int row = tid / N::kLanesPerRow; row < kRows; row += N::kRowsPerPass) {
+            float f[N::kChunksPerLane][kChunk], partial[kChunk];
+#pragma unroll
+            for (int e = 0; e < kChunk; ++e) partial[e] = 0.f;
+#pragma unroll
+            for (int i = 0; i < N::kChunksPerLane; ++i) {
+                chunk_to_float<T>(*reinterpret_cast<const uint4 *>(tile + N::chunk_offset(row, sub, i)), f[i]);
+#pragma unroll
+                for (int e = 0; e < kChunk; ++e) partial[e] = fmaf(f[i][e], f[i][e], partial[e]);
+            }
+#pragma unroll
+            for (int width = kChunk / 2; width > 0; width /= 2)
+#pragma unroll
+                for (int e = 0; e < width; ++e) partial[e] += partial[e + width];
+            float sum_sq = partial[0];
+#pragma unroll
+            for (int offset = N::kLanesPerRow / 2; offset > 0; offset /= 2)
+                sum_sq += __shfl_xor_sync(0xffffffffu, sum_sq, offset);
+            const float row_inv = inverse_norm<T>(sum_sq);
+#pragma unroll
+            for (int i = 0; i < N::kChunksPerLane; ++i) {
+#pragma unroll
+                for (int e = 0; e < kChunk; ++e) f[i][e] *= row_inv;
+                *reinterpret_cast<uint4 *>(tile + N::chunk_offset(row, sub, i)) = float_to_chunk<T>(f[i]);
+            }
+        }
+        return;
+    }
     N::run(tile, d, tid, [&](int row, int sub, float row_inv) {
 #pragma unroll
         for (int i = 0; i < N::kChunksPerLane; ++i) {

@@ -1,5 +1,5 @@
 // backward.cu: the portable CUDA backward (sm_80 and newer), host side and the small
-// passes around the two tile kernels of backward_kernels.cuh.
+// passes around the tile kernels (backward_launch.cuh).
 //
 // sm80_backward enqueues, on the caller's stream and with no allocation or
 // synchronization (CUDA-graph capture works):
@@ -77,6 +77,7 @@ int smem_needed(const LaunchShape &shape) { return shape.main_smem > shape.dq_sm
 // Where each intermediate lives in the workspace (byte offsets, 256-byte aligned).
 struct Plan {
     int bucket = 0;
+    int smem_limit = 0;   // the device's shared memory per block
     bool compact = false; // the 99 KB shapes
     LaunchShape shape;
     int64_t main_key_tiles = 0;
@@ -91,6 +92,7 @@ struct Plan {
 // else the compact ones (the caller checks that those fit).
 Plan plan_workspace(const Problem &p, int smem_limit) {
     Plan plan;
+    plan.smem_limit = smem_limit;
     plan.bucket = head_dim_bucket(p.dtype, p.d);
     if (plan.bucket == 0) return plan;
     plan.shape = shape_for(p.dtype, plan.bucket, false);
@@ -360,6 +362,7 @@ template <typename T> fcsa_status backward(const Problem &pr, const Plan &plan, 
     p.l2norm = pr.l2norm;
     p.deterministic = pr.deterministic;
     p.causal_offset = pr.causal_offset();
+    p.smem_limit = plan.smem_limit;
     p.q = rows_of(pr.q, elem);
     p.k = rows_of(pr.k, elem);
     p.v = rows_of(pr.v, elem);

@@ -1,6 +1,6 @@
 // backward_d96.cu: the backward tile kernels for head dims in the 96 bucket (one file per
-// bucket so that builds compile them in parallel). See backward_kernels.cuh.
-#include "backward_kernels.cuh"
+// bucket so that builds compile them in parallel). See backward_launch.cuh.
+#include "backward_launch.cuh"
 
 namespace fcsa {
 namespace sm80_bwd {

@@ -9,7 +9,9 @@
 //             turned into A operands by to_operand) and B stored [k][n] (dV += P^T dO,
 //             dK += dS^T Q, dQ += dS K);
 //   tileT_kn  acc[n] += A^T . B with A stored [k][m] in shared memory (dQ = dS K when
-//             the CTA holds dS^T).
+//             the CTA holds dS^T);
+//   rows_kn, cols_kn (16-bit only): acc[m][n] += A . B and A^T . B with A in shared
+//             memory, for the kernel that keeps P and dS there.
 //
 // Shared tiles are common::PaddedTile layouts: 16-bit rows padded to an odd number of
 // 16-byte units (ldmatrix without bank conflicts), float rows to 4 mod 32 words (the
@@ -72,16 +74,10 @@ template <typename T> struct WarpGemm<T, true> {
         static_assert(N % 2 == 0, "acc_kn: N even");
 #pragma unroll
         for (int kq = 0; kq < KQ; ++kq) {
+            common::FragA16 fa[M];
 #pragma unroll
-            for (int n = 0; n < N; n += 2) {
-                common::FragB16 fb[2];
-                common::load_b16_kn(fb, b, b_stride, 16 * kq, col0 + 8 * n, lane);
-#pragma unroll
-                for (int m = 0; m < M; ++m) {
-                    common::mma_m16n8k16<T>(acc[m][n], x[m][kq].a, fb[0]);
-                    common::mma_m16n8k16<T>(acc[m][n + 1], x[m][kq].a, fb[1]);
-                }
-            }
+            for (int m = 0; m < M; ++m) fa[m] = x[m][kq].a;
+            mma_kn<M, N>(acc, fa, b, b_stride, 16 * kq, col0, lane);
         }
     }
 
@@ -104,6 +100,57 @@ template <typename T> struct WarpGemm<T, true> {
                 common::load_b16_kn(fb, b, b_stride, k, col0 + 8 * n, lane);
                 common::mma_m16n8k16<T>(acc[n], fa, fb[0]);
                 common::mma_m16n8k16<T>(acc[n + 1], fa, fb[1]);
+            }
+        }
+    }
+
+    // acc[m][n] += A . B with A stored [m][k] (rows a_row0 + 16m, k over [0, K)) and B
+    // stored [k][n] (columns col0 + 8n): dQ = dS K when dS sits in shared memory.
+    template <int M, int N, int K>
+    __device__ __forceinline__ static void rows_kn(FragC (&acc)[M][N], const T *a, int a_stride, int a_row0,
+                                                   const T *b, int b_stride, int col0, int lane) {
+        static_assert(N % 2 == 0 && K % 16 == 0, "rows_kn: N even, K a multiple of 16");
+#pragma unroll
+        for (int k = 0; k < K; k += 16) {
+            common::FragA16 fa[M];
+#pragma unroll
+            for (int m = 0; m < M; ++m) common::load_a16(fa[m], a, a_stride, a_row0 + 16 * m, k, lane);
+            mma_kn<M, N>(acc, fa, b, b_stride, k, col0, lane);
+        }
+    }
+
+    // acc[m][n] += A^T . B with A stored [k][m] (columns m0 + 16m, k rows over [0, K)) and
+    // B stored [k][n]: dV += P^T dO and dK += dS^T Q when P and dS sit in shared memory.
+    template <int M, int N, int K>
+    __device__ __forceinline__ static void cols_kn(FragC (&acc)[M][N], const T *a, int a_stride, int m0,
+                                                   const T *b, int b_stride, int col0, int lane) {
+        static_assert(N % 2 == 0 && K % 16 == 0, "cols_kn: N even, K a multiple of 16");
+#pragma unroll
+        for (int k = 0; k < K; k += 16) {
+            // As in tileT_kn: ldmatrix.trans of the four 8 x 8 blocks gives the A operand.
+            const int row = k + (lane & 7) + (lane >> 4) * 8;
+            const int col = m0 + ((lane >> 3) & 1) * 8;
+            common::FragA16 fa[M];
+#pragma unroll
+            for (int m = 0; m < M; ++m)
+                common::ldmatrix_x4_trans(fa[m].x, common::smem_address(a + row * a_stride + col + 16 * m));
+            mma_kn<M, N>(acc, fa, b, b_stride, k, col0, lane);
+        }
+    }
+
+  private:
+    // acc[m][n] += fa[m] . B[k rows k0..k0+15][columns col0 + 8n], B stored [k][n].
+    template <int M, int N>
+    __device__ __forceinline__ static void mma_kn(FragC (&acc)[M][N], const common::FragA16 (&fa)[M], const T *b,
+                                                  int b_stride, int k0, int col0, int lane) {
+#pragma unroll
+        for (int n = 0; n < N; n += 2) {
+            common::FragB16 fb[2];
+            common::load_b16_kn(fb, b, b_stride, k0, col0 + 8 * n, lane);
+#pragma unroll
+            for (int m = 0; m < M; ++m) {
+                common::mma_m16n8k16<T>(acc[m][n], fa[m], fb[0]);
+                common::mma_m16n8k16<T>(acc[m][n + 1], fa[m], fb[1]);
             }
         }
     }

@@ -19,14 +19,17 @@
 //
 // Both are checked by cuda/tests/check_backward.cu against a float64 reference.
 //
+// At d = 128 with 16-bit operands and no general path, H100-class GPUs run the
+// shared-scores kernel (backward_shared_scores.cuh) in main_kernel's place.
+//
 // Measured (H100 SXM, 2026-11-24, bf16, batch = 16384 / n, heads = 2048 / d, kernel
-// alone): d = 128 at n = 2k / 4k / 8k / 16k 159 / 179 / 190 / 197 TFLOP/s, d = 64
-// 141 / 162 / 177 / 184. The limits seen: 255 registers with spills (dK^, dV take 128 of
-// them; anything live across the loop body costs, benchmarks/NOTES.md), instructions
-// outside the products (with 32-row tiles at d = 128, ~1,050 per warp and tile for 160
-// mma: the tiles' loads, dQ's atomics and their addresses), shared-memory reads (every
-// warp reads the whole Q and dO tiles twice, ~0.6 ldmatrix.x4 per mma) and one CTA of
-// 8 warps per SM.
+// alone): d = 64 at n = 2k / 4k / 8k / 16k 142 / 164 / 176 / 184 TFLOP/s (d = 128 with
+// this kernel 157 / 176 / 188 / 195; the shared-scores kernel 199 / 225 / 241 / 250).
+// The limits seen: 255 registers with spills (dK^, dV take 128 of them at d = 128;
+// anything live across the loop body costs, benchmarks/NOTES.md), instructions outside
+// the products (with 32-row tiles at d = 128, ~1,050 per warp and tile for 160 mma: the
+// tiles' loads, dQ's atomics and their addresses), shared-memory reads (every warp reads
+// the whole Q and dO tiles twice, ~0.6 ldmatrix.x4 per mma) and one CTA of 8 warps per SM.
 #pragma once
 
 #include <cstdint>
@@ -290,6 +293,120 @@ __device__ __forceinline__ float block_sum(float v, float *reduce, int tid) {
     return total; // valid in thread 0
 }
 
+// ---------------------------------------------------------------- query tiles
+
+// Starts the copies of query tile `qt` of (batch, head) into one pipeline stage: the q
+// and dO rows (padded BR x D tiles) and their lse and delta, all with cp.async (rows past
+// nq: zeros, which the kernels mask as invisible).
+template <typename T, int BR, int D, int kThreads>
+__device__ __forceinline__ void issue_query_rows(const Params &p, T *q, T *dout, float *lse, float *delta,
+                                                 int64_t batch, int64_t head, int64_t qt, int tid) {
+    const int64_t i0 = qt * BR;
+    const int rows = static_cast<int>(p.nq - i0 < BR ? p.nq - i0 : BR);
+    common::load_tile<T, BR, D, kThreads>(q, p.q.row<T>(batch, head, i0), p.q.stride_row, rows, p.d, p.q.aligned16,
+                                          tid);
+    common::load_tile<T, BR, D, kThreads>(dout, p.dout.row<T>(batch, head, i0), p.dout.stride_row, rows, p.d,
+                                          p.dout.aligned16, tid);
+    const int64_t row_base = (batch * p.h + head) * p.nq + i0;
+    for (int r = tid; r < 2 * BR; r += kThreads) {
+        const int row = r % BR;
+        const float *src = (r < BR ? p.lse : p.delta) + row_base + (row < rows ? row : 0);
+        float *dst = (r < BR ? lse : delta) + row;
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(common::smem_address(dst)), "l"(src),
+                     "r"(row < rows ? 4 : 0));
+    }
+}
+
+// l2-normalizes the rows of query tile `qt` in place (its copies landed for every
+// thread; the caller's next barrier publishes the result).
+template <typename T, int BR, int D, int kThreads>
+__device__ __forceinline__ void normalize_query_rows(const Params &p, T *q, int64_t qt, int tid) {
+    const int rows = static_cast<int>(p.nq - qt * BR < BR ? p.nq - qt * BR : BR);
+    common::normalize_tile<T, BR, D, kThreads>(q, rows, p.d, p.groups, tid);
+}
+
+// The first query tile with a row that sees key j0 (causal: rows below j0 - offset see
+// none of the CTA's keys); query_tiles when there is none.
+template <int BR>
+__device__ __forceinline__ int64_t first_query_tile(const Params &p, int64_t j0, int64_t query_tiles) {
+    int64_t first_row = p.causal ? j0 - p.causal_offset : 0;
+    if (first_row < 0) first_row = 0;
+    return first_row < p.nq ? first_row / BR : query_tiles;
+}
+
+// Starts the copies of a CTA's K and V tiles (the caller commits them).
+template <typename T, int kKeys, int D, int kThreads>
+__device__ __forceinline__ void issue_key_tiles(const Params &p, T *k, T *v, int64_t batch, int64_t kv, int64_t j0,
+                                                int keys, int tid) {
+    common::load_tile<T, kKeys, D, kThreads>(k, p.k.row<T>(batch, kv, j0), p.k.stride_row, keys, p.d,
+                                             p.k.aligned16, tid);
+    common::load_tile<T, kKeys, D, kThreads>(v, p.v.row<T>(batch, kv, j0), p.v.stride_row, keys, p.d,
+                                             p.v.aligned16, tid);
+}
+
+// The shared memory both main kernels have: the K and V tiles, the query-tile stages
+// (q, dO, their lse and delta), at the offsets of shape S.
+template <typename T> struct KeyQuerySmem {
+    T *k, *v, *q, *dout;
+    float *lse, *delta;
+};
+template <typename T, class S>
+__device__ __forceinline__ void carve_key_query(KeyQuerySmem<T> &s, unsigned char *base) {
+    s.k = reinterpret_cast<T *>(base + S::kOffK);
+    s.v = reinterpret_cast<T *>(base + S::kOffV);
+    s.q = reinterpret_cast<T *>(base + S::kOffQ);
+    s.dout = reinterpret_cast<T *>(base + S::kOffDo);
+    s.lse = reinterpret_cast<float *>(base + S::kOffLse);
+    s.delta = reinterpret_cast<float *>(base + S::kOffDelta);
+}
+
+// Query tile qt's copies into pipeline stage `stage`, and its normalization once landed,
+// for a kernel with shape S and shared-memory pointers s (q, dout, lse, delta: stage
+// buffers one after the other).
+template <typename T, class S, class Smem>
+__device__ __forceinline__ void issue_query_stage(const Params &p, const Smem &s, int64_t batch, int64_t head,
+                                                  int64_t qt, int stage, int tid) {
+    issue_query_rows<T, S::BR, S::D, S::kThreads>(p, s.q + stage * S::QTile::kElements,
+                                                  s.dout + stage * S::QTile::kElements, s.lse + stage * S::BR,
+                                                  s.delta + stage * S::BR, batch, head, qt, tid);
+}
+template <typename T, class S, class Smem>
+__device__ __forceinline__ void normalize_query_stage(const Params &p, const Smem &s, int64_t qt, int stage, int tid) {
+    normalize_query_rows<T, S::BR, S::D, S::kThreads>(p, s.q + stage * S::QTile::kElements, qt, tid);
+}
+
+// Per head, before a kernel's query-tile loop: kStages - 1 query tiles in flight (one
+// commit group per tile) and, with l2norm, K^ formed in place once and the first query
+// tile normalized (the loop's first barrier publishes both).
+template <typename T, class S, class Smem>
+__device__ __forceinline__ void start_query_tiles(const Params &p, const Smem &s, int keys, bool &k_normalized,
+                                                  int64_t batch, int64_t head, int64_t qt_begin, int64_t query_tiles,
+                                                  int tid) {
+    __syncthreads(); // the previous head's last tiles are no longer read
+#pragma unroll
+    for (int ahead = 0; ahead < S::kStages - 1; ++ahead) {
+        if (qt_begin + ahead < query_tiles) issue_query_stage<T, S>(p, s, batch, head, qt_begin + ahead, ahead, tid);
+        common::cp_async_commit();
+    }
+    if (p.l2norm && qt_begin < query_tiles) {
+        common::cp_async_wait<S::kStages - 2>(); // K, V (first head) and the first query tile
+        __syncthreads();
+        if (!k_normalized) common::normalize_tile<T, S::kKeys, S::D, S::kThreads>(s.k, keys, p.d, p.groups, tid);
+        k_normalized = true;
+        normalize_query_stage<T, S>(p, s, qt_begin, 0, tid);
+    }
+}
+
+template <int M, int N> __device__ __forceinline__ void clear_all(FragC (&a)[M][N], FragC (&b)[M][N]) {
+#pragma unroll
+    for (int m = 0; m < M; ++m)
+#pragma unroll
+        for (int n = 0; n < N; ++n) {
+            common::clear(a[m][n]);
+            common::clear(b[m][n]);
+        }
+}
+
 // ---------------------------------------------------------------- main kernel
 
 // kGeneral = false: the main kernel without key masks, bias, dbias and dscale (chosen by
@@ -298,54 +415,17 @@ template <typename T, class S, bool kGeneral> struct MainKernel {
     using G = WarpGemm<T>;
     static constexpr int KT = S::KT, BR = S::BR, DC = S::DC, NQ8 = S::BR / 8, NC8 = S::DC / 8;
 
-    struct Smem {
-        T *k, *v, *q, *dout, *ds;
-        float *lse, *delta, *reduce;
+    struct Smem : KeyQuerySmem<T> {
+        T *ds;
+        float *reduce;
     };
 
     __device__ __forceinline__ static Smem carve(unsigned char *base) {
         Smem s;
-        s.k = reinterpret_cast<T *>(base + S::kOffK);
-        s.v = reinterpret_cast<T *>(base + S::kOffV);
-        s.q = reinterpret_cast<T *>(base + S::kOffQ);
-        s.dout = reinterpret_cast<T *>(base + S::kOffDo);
+        carve_key_query<T, S>(s, base);
         s.ds = reinterpret_cast<T *>(base + S::kOffS);
-        s.lse = reinterpret_cast<float *>(base + S::kOffLse);
-        s.delta = reinterpret_cast<float *>(base + S::kOffDelta);
         s.reduce = reinterpret_cast<float *>(base + S::kOffReduce);
         return s;
-    }
-
-    // Starts the copies of query tile `qt` of (batch, head) into `stage`.
-    __device__ __forceinline__ static void issue_query_tile(const Params &p, const Smem &s, int64_t batch, int64_t head,
-                                            int64_t qt, int stage, int tid) {
-        const int64_t i0 = qt * BR;
-        const int rows = static_cast<int>(p.nq - i0 < BR ? p.nq - i0 : BR);
-        common::load_tile<T, BR, S::D, S::kThreads>(s.q + stage * S::QTile::kElements,
-                                                    p.q.row<T>(batch, head, i0), p.q.stride_row, rows, p.d,
-                                                    p.q.aligned16, tid);
-        common::load_tile<T, BR, S::D, S::kThreads>(s.dout + stage * S::QTile::kElements,
-                                                    p.dout.row<T>(batch, head, i0), p.dout.stride_row, rows,
-                                                    p.d, p.dout.aligned16, tid);
-        // lse and delta of the tile's rows, asynchronously too (rows past nq: zeros,
-        // their scores are masked as invisible).
-        const int64_t row_base = (batch * p.h + head) * p.nq + i0;
-        for (int r = tid; r < 2 * BR; r += S::kThreads) {
-            const int row = r % BR;
-            const float *src = (r < BR ? p.lse : p.delta) + row_base + (row < rows ? row : 0);
-            float *dst = (r < BR ? s.lse : s.delta) + stage * BR + row;
-            asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(common::smem_address(dst)),
-                         "l"(src), "r"(row < rows ? 4 : 0));
-        }
-    }
-
-    // l2-normalizes the rows of query tile `qt` in `stage` in place (its copies landed
-    // for every thread; the caller's next barrier publishes the result).
-    __device__ __forceinline__ static void normalize_query_tile(const Params &p, const Smem &s, int64_t qt, int stage,
-                                                                int tid) {
-        const int rows = static_cast<int>(p.nq - qt * BR < BR ? p.nq - qt * BR : BR);
-        common::normalize_tile<T, BR, S::D, S::kThreads>(s.q + stage * S::QTile::kElements, rows, p.d, p.groups,
-                                                         tid);
     }
 
     __device__ __forceinline__ static void run(const Params &p, unsigned char *smem_base) {
@@ -404,27 +484,14 @@ template <typename T, class S, bool kGeneral> struct MainKernel {
             return;
         }
 
-        common::load_tile<T, S::kKeys, S::D, S::kThreads>(s.k, p.k.row<T>(batch, kv, j0), p.k.stride_row, keys,
-                                                          p.d, p.k.aligned16, tid);
-        common::load_tile<T, S::kKeys, S::D, S::kThreads>(s.v, p.v.row<T>(batch, kv, j0), p.v.stride_row, keys,
-                                                          p.d, p.v.aligned16, tid);
-
+        issue_key_tiles<T, S::kKeys, S::D, S::kThreads>(p, s.k, s.v, batch, kv, j0, keys, tid);
         FragC dk[KT][NC8], dv[KT][NC8];
-#pragma unroll
-        for (int kt = 0; kt < KT; ++kt)
-#pragma unroll
-            for (int n = 0; n < NC8; ++n) {
-                common::clear(dk[kt][n]);
-                common::clear(dv[kt][n]);
-            }
+        clear_all(dk, dv);
 
         bool k_normalized = !p.l2norm; // K^ is formed in place once, with the first query tile
         for (int64_t head = head0; head < head0 + p.heads_per_kv; ++head) {
             const float scale = head_scale(p, head);
-            // Causal: rows below j0 - offset see none of these keys.
-            int64_t first_row = p.causal ? j0 - p.causal_offset : 0;
-            if (first_row < 0) first_row = 0;
-            const int64_t qt_begin = first_row < p.nq ? first_row / BR : query_tiles;
+            const int64_t qt_begin = first_query_tile<BR>(p, j0, query_tiles);
             if (kGeneral && lead && p.dbias_mode == kDbiasDirect) {
                 const int64_t skipped = qt_begin * BR < p.nq ? qt_begin * BR : p.nq;
                 zero_dbias_block<T>(p, batch, head, 0, skipped, j0, keys, tid, S::kThreads);
@@ -432,23 +499,9 @@ template <typename T, class S, bool kGeneral> struct MainKernel {
             const int64_t bias_bh = batch * p.bias_stride[0] + head * p.bias_stride[1];
             float dscale_sum = 0.f;
 
-            __syncthreads(); // the previous head's last tiles are no longer read
-            // kStages - 1 tiles in flight ahead of the one in use; one commit group per tile.
-#pragma unroll
-            for (int ahead = 0; ahead < S::kStages - 1; ++ahead) {
-                if (qt_begin + ahead < query_tiles) issue_query_tile(p, s, batch, head, qt_begin + ahead, ahead, tid);
-                common::cp_async_commit();
-            }
             // l2norm: q and k are normalized in shared memory as their tiles land, each
             // query tile one iteration ahead of its use (the loop's barrier publishes it).
-            if (p.l2norm && qt_begin < query_tiles) {
-                common::cp_async_wait<S::kStages - 2>(); // K, V (first head) and the first query tile
-                __syncthreads();
-                if (!k_normalized)
-                    common::normalize_tile<T, S::kKeys, S::D, S::kThreads>(s.k, keys, p.d, p.groups, tid);
-                k_normalized = true;
-                normalize_query_tile(p, s, qt_begin, 0, tid);
-            }
+            start_query_tiles<T, S>(p, s, keys, k_normalized, batch, head, qt_begin, query_tiles, tid);
 
             for (int64_t qt = qt_begin; qt < query_tiles; ++qt) {
                 const int stage = static_cast<int>((qt - qt_begin) % S::kStages);
@@ -458,7 +511,8 @@ template <typename T, class S, bool kGeneral> struct MainKernel {
                 __syncthreads(); // ... for every thread; tile qt - 1 is no longer read
                 const int64_t next = qt + S::kStages - 1;
                 if (next < query_tiles)
-                    issue_query_tile(p, s, batch, head, next, static_cast<int>((next - qt_begin) % S::kStages), tid);
+                    issue_query_stage<T, S>(p, s, batch, head, next,
+                                            static_cast<int>((next - qt_begin) % S::kStages), tid);
                 common::cp_async_commit();
 
                 const T *q_s = s.q + stage * S::QTile::kElements;
@@ -469,20 +523,14 @@ template <typename T, class S, bool kGeneral> struct MainKernel {
 
                 // S^T = K^ Q^T and dP^T = V dO^T for this warp's keys.
                 FragC sc[KT][NQ8], dp[KT][NQ8];
-#pragma unroll
-                for (int kt = 0; kt < KT; ++kt)
-#pragma unroll
-                    for (int n = 0; n < NQ8; ++n) {
-                        common::clear(sc[kt][n]);
-                        common::clear(dp[kt][n]);
-                    }
+                clear_all(sc, dp);
                 G::template rows_nk<KT, NQ8, S::D>(sc, s.k, S::KTile::kStride, warp_key0, q_s, S::QTile::kStride,
                                                    0, lane);
                 G::template rows_nk<KT, NQ8, S::D>(dp, s.v, S::KTile::kStride, warp_key0, do_s,
                                                    S::QTile::kStride, 0, lane);
                 // Tile qt + 1 is normalized here, while the products above drain.
                 if (S::kStages >= 3 && p.l2norm && qt + 1 < query_tiles)
-                    normalize_query_tile(p, s, qt + 1, static_cast<int>((qt + 1 - qt_begin) % S::kStages), tid);
+                    normalize_query_stage<T, S>(p, s, qt + 1, static_cast<int>((qt + 1 - qt_begin) % S::kStages), tid);
 
                 // P^T and dS^T, element by element (accumulator rows = keys), in tile-local
                 // 32-bit coordinates: key jl sees row r when r < rows and jl - r <= diagonal.
@@ -546,7 +594,7 @@ template <typename T, class S, bool kGeneral> struct MainKernel {
                     store_scaled_scores(s.ds, dp, warp_key0, scale, lane);
                     if (normalize_next) common::cp_async_wait<0>();
                     __syncthreads();
-                    if (normalize_next) normalize_query_tile(p, s, qt + 1, next_stage, tid);
+                    if (normalize_next) normalize_query_stage<T, S>(p, s, qt + 1, next_stage, tid);
                     const int wr = warp % S::kRowBlocks, wc = warp / S::kRowBlocks;
                     const int dq_col0 = col0 + wc * S::kColsPerWarp;
                     FragC dq[S::kDqBlocks];
@@ -570,7 +618,7 @@ template <typename T, class S, bool kGeneral> struct MainKernel {
                 if (p.deterministic && normalize_next) {
                     common::cp_async_wait<0>();
                     __syncthreads();
-                    normalize_query_tile(p, s, qt + 1, next_stage, tid);
+                    normalize_query_stage<T, S>(p, s, qt + 1, next_stage, tid);
                 }
             }
 
@@ -868,64 +916,6 @@ __global__ void __launch_bounds__(S::kThreads, 1) dq_kernel(const Params p) {
     extern __shared__ __align__(16) unsigned char smem[];
     DqKernel<T, S>::run(p, smem);
 }
-
-// ---------------------------------------------------------------- launchers
-
-template <typename T, int kHeadDim, bool kCompact> LaunchShape launch_shape() {
-    using Main = typename Shapes<T, kHeadDim, kCompact>::Main;
-    using Dq = typename Shapes<T, kHeadDim, kCompact>::Dq;
-    LaunchShape shape;
-    shape.main_keys = Main::kKeys;
-    shape.dq_queries = Dq::BR;
-    shape.column_splits = Main::kSplitCount;
-    shape.main_smem = Main::kSmemBytes;
-    shape.dq_smem = Dq::kSmemBytes;
-    return shape;
-}
-
-inline unsigned grid_items(int64_t items) { return static_cast<unsigned>(items < 65535 ? items : 65535); }
-
-template <typename T, class S> int launch_main_shape(const Params &p, void *stream) {
-    const int64_t key_tiles = (p.nk + S::kKeys - 1) / S::kKeys;
-    const int64_t items = (p.b + p.main_batches_per_cta - 1) / p.main_batches_per_cta *
-                          (p.hk / p.main_kv_heads_per_cta);
-    const bool general =
-        p.mask != nullptr || p.bias != nullptr || p.dbias_mode != kDbiasNone || p.dscale_partial != nullptr;
-    const auto kernel = general ? main_kernel<T, S, true> : main_kernel<T, S, false>;
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSmemBytes);
-    if (err != cudaSuccess) return err;
-    const dim3 grid(static_cast<unsigned>(key_tiles * S::kSplitCount), grid_items(items));
-    kernel<<<grid, S::kThreads, S::kSmemBytes, static_cast<cudaStream_t>(stream)>>>(p);
-    return cudaGetLastError();
-}
-
-template <typename T, class S> int launch_dq_shape(const Params &p, void *stream) {
-    const int64_t query_tiles = (p.nq + S::BR - 1) / S::BR;
-    const int64_t tile_groups = (query_tiles + p.dq_tiles_per_cta - 1) / p.dq_tiles_per_cta;
-    const int64_t items = (p.b + p.dq_batches_per_cta - 1) / p.dq_batches_per_cta *
-                          ((p.h + p.dq_heads_per_cta - 1) / p.dq_heads_per_cta);
-    cudaError_t err =
-        cudaFuncSetAttribute(dq_kernel<T, S>, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSmemBytes);
-    if (err != cudaSuccess) return err;
-    const dim3 grid(static_cast<unsigned>(tile_groups), grid_items(items));
-    dq_kernel<T, S><<<grid, S::kThreads, S::kSmemBytes, static_cast<cudaStream_t>(stream)>>>(p);
-    return cudaGetLastError();
-}
-
-template <typename T, int kHeadDim, bool kCompact> int launch_main(const Params &p, void *stream) {
-    return launch_main_shape<T, typename Shapes<T, kHeadDim, kCompact>::Main>(p, stream);
-}
-template <typename T, int kHeadDim, bool kCompact> int launch_dq(const Params &p, void *stream) {
-    return launch_dq_shape<T, typename Shapes<T, kHeadDim, kCompact>::Dq>(p, stream);
-}
-
-#define FCSA_BWD_INSTANTIATE_SIZE(T, D, COMPACT)                                                    \
-    template LaunchShape launch_shape<T, D, COMPACT>();                                             \
-    template int launch_main<T, D, COMPACT>(const Params &, void *);                                \
-    template int launch_dq<T, D, COMPACT>(const Params &, void *);
-#define FCSA_BWD_INSTANTIATE(T, D)                                                                  \
-    FCSA_BWD_INSTANTIATE_SIZE(T, D, false)                                                          \
-    FCSA_BWD_INSTANTIATE_SIZE(T, D, true)
 
 } // namespace sm80_bwd
 } // namespace fcsa

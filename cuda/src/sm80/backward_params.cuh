@@ -1,12 +1,14 @@
 // backward_params.cuh: what the host part of the sm80 backward (backward.cu) hands to
-// its kernels (backward_kernels.cuh, instantiated in backward_d*.cu).
+// its kernels (backward_kernels.cuh and backward_shared_scores.cuh, launched from
+// backward_launch.cuh and instantiated in backward_d*.cu).
 //
 // The backward runs as a few launches on the caller's stream:
 //   1. prepass      delta_i = <dO_i, O_i>, lse contiguous (+inf for rows that see no
 //                   key, so their P is 0);
 //   2. main         one CTA per (key tile, kv head, batch): dK, dV in registers, dQ^
 //                   by float atomics (or by 3. when deterministic), dscale partials,
-//                   dbias;
+//                   dbias (the shared-scores kernel instead where it applies, see
+//                   backward_launch.cuh);
 //   3. dq           deterministic only: one CTA per (query tile, head, batch) recomputes
 //                   S, P, dP over all keys and owns its rows of dQ^ (no atomics);
 //   4. post-passes  dq (and dk when the head dim was split) through the l2norm
@@ -98,6 +100,8 @@ struct Params {
     // query heads / query tiles one CTA loops over (1 otherwise).
     int32_t main_batches_per_cta = 1, main_kv_heads_per_cta = 1;
     int32_t dq_batches_per_cta = 1, dq_heads_per_cta = 1, dq_tiles_per_cta = 1;
+
+    int32_t smem_limit = 0; // the device's shared memory per block: picks the main kernel
 };
 
 // Tile shapes of one (dtype, head-dim bucket); the host sizes grids and workspaces from

@@ -1,0 +1,100 @@
+// backward_launch.cuh: the launchers of the sm80 backward's tile kernels (main,
+// shared-scores, dq), instantiated per head-dim bucket by backward_d*.cu; backward.cu
+// calls them through backward_params.cuh's declarations.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "backward_kernels.cuh"
+#include "backward_shared_scores.cuh"
+
+namespace fcsa {
+namespace sm80_bwd {
+
+// ---------------------------------------------------------------- launchers
+
+template <typename T, int kHeadDim, bool kCompact> LaunchShape launch_shape() {
+    using Main = typename Shapes<T, kHeadDim, kCompact>::Main;
+    using Dq = typename Shapes<T, kHeadDim, kCompact>::Dq;
+    LaunchShape shape;
+    shape.main_keys = Main::kKeys;
+    shape.dq_queries = Dq::BR;
+    shape.column_splits = Main::kSplitCount;
+    shape.main_smem = Main::kSmemBytes;
+    shape.dq_smem = Dq::kSmemBytes;
+    return shape;
+}
+
+inline unsigned grid_items(int64_t items) { return static_cast<unsigned>(items < 65535 ? items : 65535); }
+
+// Whether the backward needs the main kernel's general paths (else its plain variant or
+// the shared-scores kernel runs).
+inline bool needs_general_paths(const Params &p) {
+    return p.mask != nullptr || p.bias != nullptr || p.dbias_mode != kDbiasNone || p.dscale_partial != nullptr;
+}
+
+template <typename T, class S> int launch_main_shape(const Params &p, void *stream) {
+    const int64_t key_tiles = (p.nk + S::kKeys - 1) / S::kKeys;
+    const int64_t items = (p.b + p.main_batches_per_cta - 1) / p.main_batches_per_cta *
+                          (p.hk / p.main_kv_heads_per_cta);
+    const auto kernel = needs_general_paths(p) ? main_kernel<T, S, true> : main_kernel<T, S, false>;
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSmemBytes);
+    if (err != cudaSuccess) return err;
+    const dim3 grid(static_cast<unsigned>(key_tiles * S::kSplitCount), grid_items(items));
+    kernel<<<grid, S::kThreads, S::kSmemBytes, static_cast<cudaStream_t>(stream)>>>(p);
+    return cudaGetLastError();
+}
+
+template <typename T, class S> int launch_dq_shape(const Params &p, void *stream) {
+    const int64_t query_tiles = (p.nq + S::BR - 1) / S::BR;
+    const int64_t tile_groups = (query_tiles + p.dq_tiles_per_cta - 1) / p.dq_tiles_per_cta;
+    const int64_t items = (p.b + p.dq_batches_per_cta - 1) / p.dq_batches_per_cta *
+                          ((p.h + p.dq_heads_per_cta - 1) / p.dq_heads_per_cta);
+    cudaError_t err =
+        cudaFuncSetAttribute(dq_kernel<T, S>, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSmemBytes);
+    if (err != cudaSuccess) return err;
+    const dim3 grid(static_cast<unsigned>(tile_groups), grid_items(items));
+    dq_kernel<T, S><<<grid, S::kThreads, S::kSmemBytes, static_cast<cudaStream_t>(stream)>>>(p);
+    return cudaGetLastError();
+}
+
+template <typename T, class S> int launch_shared_scores(const Params &p, void *stream) {
+    const int64_t key_tiles = (p.nk + S::kKeys - 1) / S::kKeys;
+    const auto kernel = shared_scores_kernel<T, S>;
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSmemBytes);
+    if (err != cudaSuccess) return err;
+    const dim3 grid(static_cast<unsigned>(key_tiles), grid_items(p.b * p.hk));
+    kernel<<<grid, S::kThreads, S::kSmemBytes, static_cast<cudaStream_t>(stream)>>>(p);
+    return cudaGetLastError();
+}
+
+// The shared-scores kernel where it applies (16-bit, head dim 128, no general path, its
+// 171 KB of shared memory available: H100-class GPUs), else the main kernel. Measured on
+// the H100 (benchmarks/NOTES.md): 1.25-1.31x the main kernel at d = 128, but 7-9% slower
+// at d = 64, where the main kernel's dK and dV of 16 keys x 64 columns leave it
+// registers to spare and P and dS cost as much as at d = 128 for half the products.
+template <typename T, int kHeadDim, bool kCompact> int launch_main(const Params &p, void *stream) {
+    using Main = typename Shapes<T, kHeadDim, kCompact>::Main;
+    if constexpr (common::ElementTraits<T>::kIs16Bit && kHeadDim == 128 && !kCompact) {
+        using Scores = SharedScoresShape<T, kHeadDim, 64, 2>;
+        static_assert(Scores::kKeys == Main::kKeys, "both kernels share the host's key tiles");
+        if (!needs_general_paths(p) && p.smem_limit >= Scores::kSmemBytes)
+            return launch_shared_scores<T, Scores>(p, stream);
+    }
+    return launch_main_shape<T, Main>(p, stream);
+}
+
+template <typename T, int kHeadDim, bool kCompact> int launch_dq(const Params &p, void *stream) {
+    return launch_dq_shape<T, typename Shapes<T, kHeadDim, kCompact>::Dq>(p, stream);
+}
+
+#define FCSA_BWD_INSTANTIATE_SIZE(T, D, COMPACT)                                                    \
+    template LaunchShape launch_shape<T, D, COMPACT>();                                             \
+    template int launch_main<T, D, COMPACT>(const Params &, void *);                                \
+    template int launch_dq<T, D, COMPACT>(const Params &, void *);
+#define FCSA_BWD_INSTANTIATE(T, D)                                                                  \
+    FCSA_BWD_INSTANTIATE_SIZE(T, D, false)                                                          \
+    FCSA_BWD_INSTANTIATE_SIZE(T, D, true)
+
+} // namespace sm80_bwd
+} // namespace fcsa
