@@ -68,14 +68,14 @@ template <typename T, class S> int launch_shared_scores(const Params &p, void *s
     return cudaGetLastError();
 }
 
-// The shared-scores kernel where it applies (16-bit, head dim 128, no general path, its
-// 171 KB of shared memory available: H100-class GPUs), else the main kernel. Measured on
-// the H100 (benchmarks/NOTES.md): 1.25-1.31x the main kernel at d = 128, but 7-9% slower
-// at d = 64, where the main kernel's dK and dV of 16 keys x 64 columns leave it
-// registers to spare and P and dS cost as much as at d = 128 for half the products.
+// The shared-scores kernel where it applies (16-bit, head dims 64 and 128, no general
+// path, its shared memory available: 109 KB at d = 64, A100 and H100 class; 171 KB at
+// d = 128, H100 class), else the main kernel. Measured on the H100 (benchmarks/NOTES.md):
+// 1.25-1.31x the main kernel at d = 128 and 1.10-1.11x at d = 64 (128 query rows per
+// tile were up to 2% faster there at long sequences, but need 178 KB: not on A100).
 template <typename T, int kHeadDim, bool kCompact> int launch_main(const Params &p, void *stream) {
     using Main = typename Shapes<T, kHeadDim, kCompact>::Main;
-    if constexpr (common::ElementTraits<T>::kIs16Bit && kHeadDim == 128 && !kCompact) {
+    if constexpr (common::ElementTraits<T>::kIs16Bit && (kHeadDim == 64 || kHeadDim == 128) && !kCompact) {
         using Scores = SharedScoresShape<T, kHeadDim, 64, 2>;
         static_assert(Scores::kKeys == Main::kKeys, "both kernels share the host's key tiles");
         if (!needs_general_paths(p) && p.smem_limit >= Scores::kSmemBytes)

@@ -1,6 +1,6 @@
 // backward_shared_scores.cuh: the sm80 backward's main kernel for its common case
-// (16-bit, head dim 128, no key mask, bias, dbias or dscale) on GPUs with the shared
-// memory for it (the H100 class; backward_launch.cuh chooses). It computes what MainKernel<T, S, false>
+// (16-bit, head dims 64 and 128, no key mask, bias, dbias or dscale) on GPUs with the
+// shared memory for it (backward_launch.cuh chooses). It computes what MainKernel<T, S, false>
 // computes, for the same 128-key tiles, with a different division of the work:
 //
 //   MainKernel          every warp owns 16 keys through all five products: S^T and
@@ -17,9 +17,10 @@
 // are those of MainKernel: P and scale * dS rounded to T once, float32 accumulators.
 // Checked against float64 by cuda/tests/check_backward.cu.
 //
-// Measured (H100 SXM, 2026-11-24, bf16, batch = 16384 / n, heads = 16, kernel alone):
-// 199 / 225 / 241 / 250 TFLOP/s at n = 2k / 4k / 8k / 16k, against main_kernel's
-// 157 / 176 / 188 / 195 in the same run. Of a warp's instructions per query tile (ncu,
+// Measured (H100 SXM, 2026-11-24, bf16, batch = 16384 / n, heads = 2048 / d, kernel
+// alone): d = 128 199 / 225 / 241 / 250 TFLOP/s at n = 2k / 4k / 8k / 16k, against
+// main_kernel's 157 / 176 / 188 / 195 in the same run; d = 64 157 / 183 / 201 / 210
+// against 143 / 166 / 183 / 189. Of a warp's instructions per query tile (ncu,
 // n = 4k, before step 3 of benchmarks/NOTES.md's v4) ~39% were the products and their
 // fragment loads, 21% P and dS, 17% normalizing the next query tile, 13% issuing its
 // copies (64-bit addresses), 4% dQ's atomics; 255 registers, little spilled.
