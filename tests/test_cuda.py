@@ -72,7 +72,8 @@ def test_matches_cpu_backend(d, dtype):
 
 
 # 16-bit d = 64 and 128 without mask or bias: the backward's shared-scores kernel where
-# the shared memory allows it (d = 128: H100 class), its main kernel elsewhere.
+# the shared memory allows it (d = 128: H100 class), its main kernel's plain variant
+# elsewhere.
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
 @pytest.mark.parametrize("d", [64, 128])

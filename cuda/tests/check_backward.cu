@@ -17,7 +17,8 @@
 //   nvcc -std=c++17 -O3 --expt-relaxed-constexpr -DFCSA_WITH_CUDA -gencode=arch=compute_90a,code=sm_90a \
 //        -Icuda/include -Icuda/src cuda/tests/check_backward.cu cuda/src/sm80/backward*.cu cuda/src/sm80/shared_memory.cu \
 //        -o check_backward
-// Run: ./check_backward [--quick] [--no-timing] [--timing-only] [--timing-l2norm-off] [--seed N]
+// Run: ./check_backward [--quick] [--no-timing] [--timing-only] [--timing-l2norm-off]
+//      [--timing-mask] [--seed N]
 //   (--quick: a few small cases, for compute-sanitizer memcheck / racecheck).
 #include <algorithm>
 #include <chrono>
@@ -775,6 +776,7 @@ static void fill_random(void *p, size_t count, int dtype, uint64_t seed, double 
 }
 
 static bool g_time_l2norm = true; // --timing-l2norm-off: time without the fused l2norm
+static bool g_time_mask = false;  // --timing-mask: with a key mask (every tenth key hidden)
 
 static void time_shape(int dtype, int64_t n, int64_t d, bool causal, bool deterministic) {
     const int64_t b = 16384 / n, h = 2048 / d;
@@ -801,18 +803,28 @@ static void time_shape(int dtype, int64_t n, int64_t d, bool causal, bool determ
     p.dk = contiguous_view(buf[6], dtype, b, h, n, d);
     p.dv = contiguous_view(buf[7], dtype, b, h, n, d);
     p.lse = contiguous_view(lse, FCSA_DTYPE_FLOAT32, b, h, n, 1);
+    uint8_t *mask = nullptr;
+    if (g_time_mask) {
+        std::vector<uint8_t> host(size_t(b * n));
+        for (size_t j = 0; j < host.size(); ++j) host[j] = j % 10 != 9;
+        CUDA_CHECK(cudaMalloc(&mask, host.size()));
+        CUDA_CHECK(cudaMemcpy(mask, host.data(), host.size(), cudaMemcpyHostToDevice));
+        p.mask = contiguous_view(mask, FCSA_DTYPE_BOOL, b, 1, 1, n);
+        p.mask.stride[1] = p.mask.stride[2] = 0;
+    }
     const size_t ws_bytes = fcsa::sm80_backward_workspace(p);
     void *ws;
     CUDA_CHECK(cudaMalloc(&ws, ws_bytes));
     const double t = median_launch_ms([&] { return fcsa::sm80_backward(p, ws, nullptr); }, 10) * 1e-3;
     CUDA_CHECK(cudaGetLastError());
     const double flops = 2.5 * 4.0 * double(b) * double(h) * double(n) * double(n) * double(d) * (causal ? 0.5 : 1.0);
-    printf("TIME %-4s d=%-3lld n=%-5lld b=%-2lld h=%-2lld %-6s %-5s %8.3f ms %6.1f TFLOP/s\n", dtype_name(dtype),
+    printf("TIME %-4s d=%-3lld n=%-5lld b=%-2lld h=%-2lld %-6s %-5s%s %8.3f ms %6.1f TFLOP/s\n", dtype_name(dtype),
            (long long)d, (long long)n, (long long)b, (long long)h, causal ? "causal" : "", deterministic ? "det" : "",
-           t * 1e3, flops / t * 1e-12);
+           g_time_mask ? " mask" : "", t * 1e3, flops / t * 1e-12);
     fflush(stdout);
     cudaFree(ws);
     cudaFree(lse);
+    cudaFree(mask);
     for (auto &x : buf) cudaFree(x);
 }
 
@@ -824,6 +836,7 @@ int main(int argc, char **argv) {
         if (!strcmp(argv[i], "--no-timing")) timing = false;
         if (!strcmp(argv[i], "--timing-only")) sweep_cases = false;
         if (!strcmp(argv[i], "--timing-l2norm-off")) g_time_l2norm = false;
+        if (!strcmp(argv[i], "--timing-mask")) g_time_mask = true;
         if (!strcmp(argv[i], "--seed") && i + 1 < argc) g_seed = strtoull(argv[++i], nullptr, 10);
         if (!strcmp(argv[i], "--profile") && i + 4 < argc) { // dtype d n causal: one timed shape, for ncu
             time_shape(atoi(argv[i + 1]), atoll(argv[i + 3]), atoll(argv[i + 2]), atoi(argv[i + 4]) != 0, false);

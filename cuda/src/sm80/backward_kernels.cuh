@@ -19,7 +19,7 @@
 //
 // Both are checked by cuda/tests/check_backward.cu against a float64 reference.
 //
-// At d = 64 and 128 with 16-bit operands and no general path, GPUs with the shared
+// At d = 64 and 128 with 16-bit operands and no bias or dscale, GPUs with the shared
 // memory for it run the shared-scores kernel (backward_shared_scores.cuh) in
 // main_kernel's place.
 //
@@ -399,6 +399,23 @@ __device__ __forceinline__ void start_query_tiles(const Params &p, const Smem &s
     }
 }
 
+// dK and dV of keys [j0, j0 + keys), columns [col0, col0 + DC), set to zero: a key tile
+// whose every key is hidden passes no gradient to them.
+template <typename T, int DC, int kThreads>
+__device__ __forceinline__ void write_zero_grads(const Params &p, int64_t batch, int64_t kv, int64_t j0, int keys,
+                                                 int col0, int tid) {
+    const int cols = p.d - col0 < DC ? p.d - col0 : DC;
+    if (cols <= 0) return;
+    for (int e = tid; e < keys * cols; e += kThreads) {
+        const int r = e / cols, c = col0 + e % cols;
+        p.dv.row<T>(batch, kv, j0 + r)[c] = common::from_float<T>(0.f);
+        if (p.dk_acc != nullptr)
+            p.dk_acc[((batch * p.hk + kv) * p.nk + j0 + r) * p.d + c] = 0.f;
+        else
+            p.dk.row<T>(batch, kv, j0 + r)[c] = common::from_float<T>(0.f);
+    }
+}
+
 template <int M, int N> __device__ __forceinline__ void clear_all(FragC (&a)[M][N], FragC (&b)[M][N]) {
 #pragma unroll
     for (int m = 0; m < M; ++m)
@@ -476,7 +493,7 @@ template <typename T, class S, bool kGeneral> struct MainKernel {
         const bool warp_keys_ok = __all_sync(0xffffffffu, !any_hidden_key); // every key of this warp visible
         if (!__syncthreads_or(any_key)) {
             // Every key of the tile is hidden: no gradient flows through them.
-            write_zero_grads(p, batch, kv, j0, keys, col0, tid);
+            write_zero_grads<T, DC, S::kThreads>(p, batch, kv, j0, keys, col0, tid);
             for (int64_t head = head0; head < head0 + p.heads_per_kv; ++head) {
                 if (kGeneral && lead && p.dscale_partial != nullptr && tid == 0)
                     p.dscale_partial[(batch * p.h + head) * key_tiles + key_tile] = 0.f;
@@ -650,20 +667,6 @@ template <typename T, class S, bool kGeneral> struct MainKernel {
                     else
                         *reinterpret_cast<float2 *>(dst) = make_float2(a, b);
                 }
-    }
-
-    __device__ __forceinline__ static void write_zero_grads(const Params &p, int64_t batch, int64_t kv, int64_t j0, int keys,
-                                            int col0, int tid) {
-        const int cols = p.d - col0 < DC ? p.d - col0 : DC;
-        if (cols <= 0) return;
-        for (int e = tid; e < keys * cols; e += S::kThreads) {
-            const int r = e / cols, c = col0 + e % cols;
-            p.dv.row<T>(batch, kv, j0 + r)[c] = common::from_float<T>(0.f);
-            if (p.dk_acc != nullptr)
-                p.dk_acc[((batch * p.hk + kv) * p.nk + j0 + r) * p.d + c] = 0.f;
-            else
-                p.dk.row<T>(batch, kv, j0 + r)[c] = common::from_float<T>(0.f);
-        }
     }
 
     __device__ __forceinline__ static void epilogue(const Params &p, const Smem &s, const FragC (&dk)[KT][NC8],

@@ -28,10 +28,12 @@ template <typename T, int kHeadDim, bool kCompact> LaunchShape launch_shape() {
 inline unsigned grid_items(int64_t items) { return static_cast<unsigned>(items < 65535 ? items : 65535); }
 
 // Whether the backward needs the main kernel's general paths (else its plain variant or
-// the shared-scores kernel runs).
-inline bool needs_general_paths(const Params &p) {
-    return p.mask != nullptr || p.bias != nullptr || p.dbias_mode != kDbiasNone || p.dscale_partial != nullptr;
+// the shared-scores kernel runs), and the shared-scores kernel's own condition (it takes
+// key masks).
+inline bool has_bias_or_dscale(const Params &p) {
+    return p.bias != nullptr || p.dbias_mode != kDbiasNone || p.dscale_partial != nullptr;
 }
+inline bool needs_general_paths(const Params &p) { return p.mask != nullptr || has_bias_or_dscale(p); }
 
 template <typename T, class S> int launch_main_shape(const Params &p, void *stream) {
     const int64_t key_tiles = (p.nk + S::kKeys - 1) / S::kKeys;
@@ -60,7 +62,7 @@ template <typename T, class S> int launch_dq_shape(const Params &p, void *stream
 
 template <typename T, class S> int launch_shared_scores(const Params &p, void *stream) {
     const int64_t key_tiles = (p.nk + S::kKeys - 1) / S::kKeys;
-    const auto kernel = shared_scores_kernel<T, S>;
+    const auto kernel = p.mask != nullptr ? shared_scores_kernel<T, S, true> : shared_scores_kernel<T, S, false>;
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSmemBytes);
     if (err != cudaSuccess) return err;
     const dim3 grid(static_cast<unsigned>(key_tiles), grid_items(p.b * p.hk));
@@ -68,8 +70,8 @@ template <typename T, class S> int launch_shared_scores(const Params &p, void *s
     return cudaGetLastError();
 }
 
-// The shared-scores kernel where it applies (16-bit, head dims 64 and 128, no general
-// path, its shared memory available: 109 KB at d = 64, A100 and H100 class; 171 KB at
+// The shared-scores kernel where it applies (16-bit, head dims 64 and 128, no bias or
+// dscale, its shared memory available: 109 KB at d = 64, A100 and H100 class; 171 KB at
 // d = 128, H100 class), else the main kernel. Measured on the H100 (benchmarks/NOTES.md):
 // 1.25-1.31x the main kernel at d = 128 and 1.10-1.11x at d = 64 (128 query rows per
 // tile were up to 2% faster there at long sequences, but need 178 KB: not on A100).
@@ -78,7 +80,7 @@ template <typename T, int kHeadDim, bool kCompact> int launch_main(const Params 
     if constexpr (common::ElementTraits<T>::kIs16Bit && (kHeadDim == 64 || kHeadDim == 128) && !kCompact) {
         using Scores = SharedScoresShape<T, kHeadDim, 64, 2>;
         static_assert(Scores::kKeys == Main::kKeys, "both kernels share the host's key tiles");
-        if (!needs_general_paths(p) && p.smem_limit >= Scores::kSmemBytes)
+        if (!has_bias_or_dscale(p) && p.smem_limit >= Scores::kSmemBytes)
             return launch_shared_scores<T, Scores>(p, stream);
     }
     return launch_main_shape<T, Main>(p, stream);

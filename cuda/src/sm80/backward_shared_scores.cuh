@@ -1,6 +1,6 @@
 // backward_shared_scores.cuh: the sm80 backward's main kernel for its common case
-// (16-bit, head dims 64 and 128, no key mask, bias, dbias or dscale) on GPUs with the
-// shared memory for it (backward_launch.cuh chooses). It computes what MainKernel<T, S, false>
+// (16-bit, head dims 64 and 128, no bias, dbias or dscale; key masks allowed) on GPUs
+// with the shared memory for it (backward_launch.cuh chooses). It computes what MainKernel<T, S, false>
 // computes, for the same 128-key tiles, with a different division of the work:
 //
 //   MainKernel          every warp owns 16 keys through all five products: S^T and
@@ -68,7 +68,9 @@ template <typename T, int kHeadDim, int kQueryRows, int kStages_> struct SharedS
     static_assert(kKeys * kStageStride * 4 <= kOffQ, "dK staging fits");
 };
 
-template <typename T, class S> struct SharedScoresKernel {
+// kMasked: with a key mask (a variant of its own: the unmasked kernel keeps the
+// registers the mask's bits would take).
+template <typename T, class S, bool kMasked> struct SharedScoresKernel {
     using G = WarpGemm<T>;
     static constexpr int BR = S::BR, D = S::D;
     // Fragments per warp: S and dP, dK and dV, dQ.
@@ -108,7 +110,25 @@ template <typename T, class S> struct SharedScoresKernel {
         const int grad_key0 = (warp % 4) * S::kGradKeys, grad_col0 = (warp / 4) * S::kGradCols;
         const int dq_row0 = (warp % 2) * S::kDqRows, dq_col0 = (warp / 2) * S::kDqCols;
 
-        __syncthreads(); // the previous item's epilogue is done with shared memory
+        // With a key mask: the visible keys (below nk, unmasked) of this thread's score
+        // columns, key 8n + 2t + c of its block as bit 2n + c.
+        uint32_t key_bits = 0;
+        bool warp_keys_visible = keys == S::kKeys;
+        if constexpr (kMasked) {
+#pragma unroll
+            for (int n = 0; n < SN; ++n)
+#pragma unroll
+                for (int c = 0; c < 2; ++c)
+                    if (key_unmasked(p, batch, j0 + score_key0 + 8 * n + 2 * t + c)) key_bits |= 1u << (2 * n + c);
+            warp_keys_visible = __all_sync(0xffffffffu, key_bits == (1u << (2 * SN)) - 1);
+            // (A barrier too: the previous item's epilogue is done with shared memory.)
+            if (!__syncthreads_or(key_bits != 0)) {
+                write_zero_grads<T, D, S::kThreads>(p, batch, kv, j0, keys, 0, tid); // every key hidden
+                return;
+            }
+        } else {
+            __syncthreads(); // the previous item's epilogue is done with shared memory
+        }
         issue_key_tiles<T, S::kKeys, D, S::kThreads>(p, s.k, s.v, batch, kv, j0, keys, tid);
         common::cp_async_commit();
         FragC dk[GM][GN], dv[GM][GN];
@@ -146,8 +166,9 @@ template <typename T, class S> struct SharedScoresKernel {
                                                score_key0, lane);
 
                 // P and scale * dS into shared memory, in tile-local 32-bit coordinates: key
-                // jl sees row r when r < rows, jl < keys and jl - r <= diagonal. The common
-                // tile, every score of the warp visible, runs without the test.
+                // jl sees row r when the key is visible (its bit), r < rows and jl - r <=
+                // diagonal. The common tile, every score of the warp visible, runs without
+                // the test.
                 const int rows = static_cast<int>(p.nq - i0 < BR ? p.nq - i0 : BR);
                 const int diagonal = clamp_to_int(p.causal ? i0 + p.causal_offset - j0 : int64_t(1) << 30);
                 // P = 2^(s scale log2(e) - lse log2(e)) and scale dS = P (dP scale - delta
@@ -168,7 +189,7 @@ template <typename T, class S> struct SharedScoresKernel {
 #pragma unroll
                                 for (int c = 0; c < 2; ++c) {
                                     const int e = 2 * half + c;
-                                    prob[c] = visible(r, jl + c)
+                                    prob[c] = visible(r, jl + c, 2 * n + c)
                                                   ? common::exp2_approx(fmaf(sc[m][n].x[e], scale_log2, -lse_log2))
                                                   : 0.f;
                                     grad[c] = prob[c] * fmaf(dp[m][n].x[e], scale, -delta_scaled);
@@ -179,10 +200,13 @@ template <typename T, class S> struct SharedScoresKernel {
                             }
                         }
                 };
-                if (rows == BR && keys == S::kKeys && score_key0 + S::kScoreKeys - 1 - score_row0 <= diagonal)
-                    scores_to_shared([](int, int) { return true; });
+                if (rows == BR && warp_keys_visible && score_key0 + S::kScoreKeys - 1 - score_row0 <= diagonal)
+                    scores_to_shared([](int, int, int) { return true; });
                 else
-                    scores_to_shared([&](int r, int j) { return r < rows && j < keys && j - r <= diagonal; });
+                    scores_to_shared([&](int r, int j, int bit) {
+                        const bool key_visible = kMasked ? ((key_bits >> bit) & 1u) != 0 : j < keys;
+                        return key_visible && r < rows && j - r <= diagonal;
+                    });
 
                 // Tile qt + 1 is normalized once it has landed for every thread, after the
                 // barrier that publishes P and dS.
@@ -275,10 +299,10 @@ template <typename T, class S> struct SharedScoresKernel {
     }
 };
 
-template <typename T, class S>
+template <typename T, class S, bool kMasked>
 __global__ void __launch_bounds__(S::kThreads, 1) shared_scores_kernel(const Params p) {
     extern __shared__ __align__(16) unsigned char smem[];
-    SharedScoresKernel<T, S>::run(p, smem);
+    SharedScoresKernel<T, S, kMasked>::run(p, smem);
 }
 
 } // namespace sm80_bwd
