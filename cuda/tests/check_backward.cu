@@ -809,8 +809,7 @@ static void time_shape(int dtype, int64_t n, int64_t d, bool causal, bool determ
         for (size_t j = 0; j < host.size(); ++j) host[j] = j % 10 != 9;
         CUDA_CHECK(cudaMalloc(&mask, host.size()));
         CUDA_CHECK(cudaMemcpy(mask, host.data(), host.size(), cudaMemcpyHostToDevice));
-        p.mask = contiguous_view(mask, FCSA_DTYPE_BOOL, b, 1, 1, n);
-        p.mask.stride[1] = p.mask.stride[2] = 0;
+        p.mask = contiguous_view(mask, FCSA_DTYPE_BOOL, b, 1, 1, n); // (b, 1, 1, nk)
     }
     const size_t ws_bytes = fcsa::sm80_backward_workspace(p);
     void *ws;

@@ -120,6 +120,20 @@ template <typename T, int kRows, int kCols, int kThreads> struct RowNorms {
         return row * L::kStride + (sub + i * kLanesPerRow) * L::kChunk;
     }
 
+    // 1 / max(||row||, eps) from a lane's per-position partial sums of squares: the
+    // positions summed as a tree, then the row's lanes combined by shuffles.
+    __device__ __forceinline__ static float row_inverse_norm(float (&partial)[L::kChunk]) {
+#pragma unroll
+        for (int width = L::kChunk / 2; width > 0; width /= 2)
+#pragma unroll
+            for (int e = 0; e < width; ++e) partial[e] += partial[e + width];
+        float sum_sq = partial[0];
+#pragma unroll
+        for (int offset = kLanesPerRow / 2; offset > 0; offset /= 2)
+            sum_sq += __shfl_xor_sync(0xffffffffu, sum_sq, offset);
+        return inverse_norm<T>(sum_sq);
+    }
+
     template <class Finish> __device__ __forceinline__ static void run(const T *tile, int d, int tid, Finish finish) {
         const int sub = tid % kLanesPerRow;
 #pragma unroll
@@ -136,15 +150,7 @@ template <typename T, int kRows, int kCols, int kThreads> struct RowNorms {
                     for (int e = 0; e < L::kChunk; ++e) partial[e] = fmaf(f[e], f[e], partial[e]);
                 }
             }
-#pragma unroll
-            for (int width = L::kChunk / 2; width > 0; width /= 2)
-#pragma unroll
-                for (int e = 0; e < width; ++e) partial[e] += partial[e + width];
-            float sum_sq = partial[0];
-#pragma unroll
-            for (int offset = kLanesPerRow / 2; offset > 0; offset /= 2)
-                sum_sq += __shfl_xor_sync(0xffffffffu, sum_sq, offset);
-            finish(row, sub, inverse_norm<T>(sum_sq));
+            finish(row, sub, row_inverse_norm(partial));
         }
     }
 };
@@ -226,15 +232,7 @@ __device__ __forceinline__ void normalize_rows(T *tile, int d, int tid) {
 #pragma unroll
                 for (int e = 0; e < kChunk; ++e) partial[e] = fmaf(f[i][e], f[i][e], partial[e]);
             }
-#pragma unroll
-            for (int width = kChunk / 2; width > 0; width /= 2)
-#pragma unroll
-                for (int e = 0; e < width; ++e) partial[e] += partial[e + width];
-            float sum_sq = partial[0];
-#pragma unroll
-            for (int offset = N::kLanesPerRow / 2; offset > 0; offset /= 2)
-                sum_sq += __shfl_xor_sync(0xffffffffu, sum_sq, offset);
-            const float row_inv = inverse_norm<T>(sum_sq);
+            const float row_inv = N::row_inverse_norm(partial);
 #pragma unroll
             for (int i = 0; i < N::kChunksPerLane; ++i) {
 #pragma unroll

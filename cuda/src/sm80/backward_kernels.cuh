@@ -297,36 +297,6 @@ __device__ __forceinline__ float block_sum(float v, float *reduce, int tid) {
 
 // ---------------------------------------------------------------- query tiles
 
-// Starts the copies of query tile `qt` of (batch, head) into one pipeline stage: the q
-// and dO rows (padded BR x D tiles) and their lse and delta, all with cp.async (rows past
-// nq: zeros, which the kernels mask as invisible).
-template <typename T, int BR, int D, int kThreads>
-__device__ __forceinline__ void issue_query_rows(const Params &p, T *q, T *dout, float *lse, float *delta,
-                                                 int64_t batch, int64_t head, int64_t qt, int tid) {
-    const int64_t i0 = qt * BR;
-    const int rows = static_cast<int>(p.nq - i0 < BR ? p.nq - i0 : BR);
-    common::load_tile<T, BR, D, kThreads>(q, p.q.row<T>(batch, head, i0), p.q.stride_row, rows, p.d, p.q.aligned16,
-                                          tid);
-    common::load_tile<T, BR, D, kThreads>(dout, p.dout.row<T>(batch, head, i0), p.dout.stride_row, rows, p.d,
-                                          p.dout.aligned16, tid);
-    const int64_t row_base = (batch * p.h + head) * p.nq + i0;
-    for (int r = tid; r < 2 * BR; r += kThreads) {
-        const int row = r % BR;
-        const float *src = (r < BR ? p.lse : p.delta) + row_base + (row < rows ? row : 0);
-        float *dst = (r < BR ? lse : delta) + row;
-        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(common::smem_address(dst)), "l"(src),
-                     "r"(row < rows ? 4 : 0));
-    }
-}
-
-// l2-normalizes the rows of query tile `qt` in place (its copies landed for every
-// thread; the caller's next barrier publishes the result).
-template <typename T, int BR, int D, int kThreads>
-__device__ __forceinline__ void normalize_query_rows(const Params &p, T *q, int64_t qt, int tid) {
-    const int rows = static_cast<int>(p.nq - qt * BR < BR ? p.nq - qt * BR : BR);
-    common::normalize_tile<T, BR, D, kThreads>(q, rows, p.d, p.groups, tid);
-}
-
 // The first query tile with a row that sees key j0 (causal: rows below j0 - offset see
 // none of the CTA's keys); query_tiles when there is none.
 template <int BR>
@@ -346,8 +316,9 @@ __device__ __forceinline__ void issue_key_tiles(const Params &p, T *k, T *v, int
                                              p.v.aligned16, tid);
 }
 
-// The shared memory both main kernels have: the K and V tiles, the query-tile stages
-// (q, dO, their lse and delta), at the offsets of shape S.
+// The shared memory every tile kernel has: K and V tiles, q and dO tiles, their lse
+// and delta (the main kernels' query tiles in pipeline stages, one after the other), at
+// the offsets of shape S.
 template <typename T> struct KeyQuerySmem {
     T *k, *v, *q, *dout;
     float *lse, *delta;
@@ -362,28 +333,47 @@ __device__ __forceinline__ void carve_key_query(KeyQuerySmem<T> &s, unsigned cha
     s.delta = reinterpret_cast<float *>(base + S::kOffDelta);
 }
 
-// Query tile qt's copies into pipeline stage `stage`, and its normalization once landed,
-// for a kernel with shape S and shared-memory pointers s (q, dout, lse, delta: stage
-// buffers one after the other).
-template <typename T, class S, class Smem>
-__device__ __forceinline__ void issue_query_stage(const Params &p, const Smem &s, int64_t batch, int64_t head,
-                                                  int64_t qt, int stage, int tid) {
-    issue_query_rows<T, S::BR, S::D, S::kThreads>(p, s.q + stage * S::QTile::kElements,
-                                                  s.dout + stage * S::QTile::kElements, s.lse + stage * S::BR,
-                                                  s.delta + stage * S::BR, batch, head, qt, tid);
+// Starts the copies of query tile `qt` of (batch, head) into pipeline stage `stage` of a
+// main kernel (shape S, shared memory s): the q and dO rows and their lse and delta, all
+// with cp.async (rows past nq: zeros, which the kernels mask as invisible).
+template <typename T, class S>
+__device__ __forceinline__ void issue_query_stage(const Params &p, const KeyQuerySmem<T> &s, int64_t batch,
+                                                  int64_t head, int64_t qt, int stage, int tid) {
+    constexpr int BR = S::BR;
+    const int64_t i0 = qt * BR;
+    const int rows = static_cast<int>(p.nq - i0 < BR ? p.nq - i0 : BR);
+    common::load_tile<T, BR, S::D, S::kThreads>(s.q + stage * S::QTile::kElements, p.q.row<T>(batch, head, i0),
+                                                p.q.stride_row, rows, p.d, p.q.aligned16, tid);
+    common::load_tile<T, BR, S::D, S::kThreads>(s.dout + stage * S::QTile::kElements,
+                                                p.dout.row<T>(batch, head, i0), p.dout.stride_row, rows, p.d,
+                                                p.dout.aligned16, tid);
+    const int64_t row_base = (batch * p.h + head) * p.nq + i0;
+    for (int r = tid; r < 2 * BR; r += S::kThreads) {
+        const int row = r % BR;
+        const float *src = (r < BR ? p.lse : p.delta) + row_base + (row < rows ? row : 0);
+        float *dst = (r < BR ? s.lse : s.delta) + stage * BR + row;
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(common::smem_address(dst)), "l"(src),
+                     "r"(row < rows ? 4 : 0));
+    }
 }
-template <typename T, class S, class Smem>
-__device__ __forceinline__ void normalize_query_stage(const Params &p, const Smem &s, int64_t qt, int stage, int tid) {
-    normalize_query_rows<T, S::BR, S::D, S::kThreads>(p, s.q + stage * S::QTile::kElements, qt, tid);
+
+// l2-normalizes query tile `qt` in stage `stage` in place (its copies landed for every
+// thread; the caller's next barrier publishes the result).
+template <typename T, class S>
+__device__ __forceinline__ void normalize_query_stage(const Params &p, const KeyQuerySmem<T> &s, int64_t qt,
+                                                      int stage, int tid) {
+    const int rows = static_cast<int>(p.nq - qt * S::BR < S::BR ? p.nq - qt * S::BR : S::BR);
+    common::normalize_tile<T, S::BR, S::D, S::kThreads>(s.q + stage * S::QTile::kElements, rows, p.d, p.groups,
+                                                        tid);
 }
 
 // Per head, before a kernel's query-tile loop: kStages - 1 query tiles in flight (one
 // commit group per tile) and, with l2norm, K^ formed in place once and the first query
 // tile normalized (the loop's first barrier publishes both).
-template <typename T, class S, class Smem>
-__device__ __forceinline__ void start_query_tiles(const Params &p, const Smem &s, int keys, bool &k_normalized,
-                                                  int64_t batch, int64_t head, int64_t qt_begin, int64_t query_tiles,
-                                                  int tid) {
+template <typename T, class S>
+__device__ __forceinline__ void start_query_tiles(const Params &p, const KeyQuerySmem<T> &s, int keys,
+                                                  bool &k_normalized, int64_t batch, int64_t head, int64_t qt_begin,
+                                                  int64_t query_tiles, int tid) {
     __syncthreads(); // the previous head's last tiles are no longer read
 #pragma unroll
     for (int ahead = 0; ahead < S::kStages - 1; ++ahead) {
@@ -416,14 +406,15 @@ __device__ __forceinline__ void write_zero_grads(const Params &p, int64_t batch,
     }
 }
 
-template <int M, int N> __device__ __forceinline__ void clear_all(FragC (&a)[M][N], FragC (&b)[M][N]) {
+template <int M, int N> __device__ __forceinline__ void clear_all(FragC (&a)[M][N]) {
 #pragma unroll
     for (int m = 0; m < M; ++m)
 #pragma unroll
-        for (int n = 0; n < N; ++n) {
-            common::clear(a[m][n]);
-            common::clear(b[m][n]);
-        }
+        for (int n = 0; n < N; ++n) common::clear(a[m][n]);
+}
+template <int M, int N> __device__ __forceinline__ void clear_all(FragC (&a)[M][N], FragC (&b)[M][N]) {
+    clear_all(a);
+    clear_all(b);
 }
 
 // ---------------------------------------------------------------- main kernel
@@ -507,10 +498,10 @@ template <typename T, class S, bool kGeneral> struct MainKernel {
         FragC dk[KT][NC8], dv[KT][NC8];
         clear_all(dk, dv);
 
+        const int64_t qt_begin = first_query_tile<BR>(p, j0, query_tiles);
         bool k_normalized = !p.l2norm; // K^ is formed in place once, with the first query tile
         for (int64_t head = head0; head < head0 + p.heads_per_kv; ++head) {
             const float scale = head_scale(p, head);
-            const int64_t qt_begin = first_query_tile<BR>(p, j0, query_tiles);
             if (kGeneral && lead && p.dbias_mode == kDbiasDirect) {
                 const int64_t skipped = qt_begin * BR < p.nq ? qt_begin * BR : p.nq;
                 zero_dbias_block<T>(p, batch, head, 0, skipped, j0, keys, tid, S::kThreads);
@@ -748,20 +739,14 @@ template <typename T, class S> struct DqKernel {
     using G = WarpGemm<T>;
     static constexpr int BR = S::BR, BC = S::BC, D = S::D, NK8 = S::BC / 8, ND8 = S::D / 8;
 
-    struct Smem {
-        T *q, *dout, *k, *v;
-        float *lse, *delta, *reduce;
+    struct Smem : KeyQuerySmem<T> {
+        float *reduce;
         uint8_t *key_ok;
     };
 
     __device__ __forceinline__ static Smem carve(unsigned char *base) {
         Smem s;
-        s.q = reinterpret_cast<T *>(base + S::kOffQ);
-        s.dout = reinterpret_cast<T *>(base + S::kOffDo);
-        s.k = reinterpret_cast<T *>(base + S::kOffK);
-        s.v = reinterpret_cast<T *>(base + S::kOffV);
-        s.lse = reinterpret_cast<float *>(base + S::kOffLse);
-        s.delta = reinterpret_cast<float *>(base + S::kOffDelta);
+        carve_key_query<T, S>(s, base);
         s.key_ok = reinterpret_cast<uint8_t *>(base + S::kOffKeyOk);
         s.reduce = reinterpret_cast<float *>(base + S::kOffReduce);
         return s;

@@ -78,7 +78,7 @@ template <typename T, class S> int launch_shared_scores(const Params &p, void *s
 template <typename T, int kHeadDim, bool kCompact> int launch_main(const Params &p, void *stream) {
     using Main = typename Shapes<T, kHeadDim, kCompact>::Main;
     if constexpr (common::ElementTraits<T>::kIs16Bit && (kHeadDim == 64 || kHeadDim == 128) && !kCompact) {
-        using Scores = SharedScoresShape<T, kHeadDim, 64, 2>;
+        using Scores = SharedScoresShape<T, kHeadDim, 64>;
         static_assert(Scores::kKeys == Main::kKeys, "both kernels share the host's key tiles");
         if (!has_bias_or_dscale(p) && p.smem_limit >= Scores::kSmemBytes)
             return launch_shared_scores<T, Scores>(p, stream);

@@ -35,14 +35,14 @@
 namespace fcsa {
 namespace sm80_bwd {
 
-template <typename T, int kHeadDim, int kQueryRows, int kStages_> struct SharedScoresShape {
+template <typename T, int kHeadDim, int kQueryRows> struct SharedScoresShape {
     static_assert(common::ElementTraits<T>::kIs16Bit, "16-bit operands only");
     static constexpr int D = kHeadDim;
     static constexpr int kWarps = 8;
     static constexpr int kThreads = kWarps * 32;
     static constexpr int kKeys = 128;      // keys per CTA
     static constexpr int BR = kQueryRows;  // query rows per tile
-    static constexpr int kStages = kStages_; // query tiles in flight (cp.async)
+    static constexpr int kStages = 2;      // query tiles in flight (cp.async; three gained nothing)
     using KTile = common::PaddedTile<T, kKeys, D>;
     using QTile = common::PaddedTile<T, BR, D>;
     using PTile = common::PaddedTile<T, BR, kKeys>; // P and scale * dS, [query][key]
@@ -134,21 +134,18 @@ template <typename T, class S, bool kMasked> struct SharedScoresKernel {
         FragC dk[GM][GN], dv[GM][GN];
         clear_all(dk, dv);
 
+        // Causal: the query tiles before qt_begin see none of these keys, for every head.
+        const int64_t qt_begin = first_query_tile<BR>(p, j0, query_tiles);
         bool k_normalized = !p.l2norm; // K^ is formed in place once, with the first query tile
-        for (int64_t head = head0; head < head0 + p.heads_per_kv; ++head) {
+        for (int64_t head = head0; qt_begin < query_tiles && head < head0 + p.heads_per_kv; ++head) {
             const float scale = head_scale(p, head);
-            const int64_t qt_begin = first_query_tile<BR>(p, j0, query_tiles);
-            if (qt_begin >= query_tiles) continue;
             start_query_tiles<T, S>(p, s, keys, k_normalized, batch, head, qt_begin, query_tiles, tid);
 
-            int stage = 0; // of tile qt
-            for (int64_t qt = qt_begin; qt < query_tiles; ++qt) {
-                const int next_stage = stage + 1 < S::kStages ? stage + 1 : 0;            // of tile qt + 1
-                const int free_stage = stage > 0 ? stage - 1 : S::kStages - 1;            // of tile qt - 1
-                common::cp_async_wait<S::kStages - 2>(); // tile qt landed (and was normalized) ...
-                __syncthreads(); // ... for every thread; P, dS and tile qt - 1 are no longer read
-                if (qt + S::kStages - 1 < query_tiles)
-                    issue_query_stage<T, S>(p, s, batch, head, qt + S::kStages - 1, free_stage, tid);
+            int stage = 0; // of tile qt; tile qt + 1 goes to the other one
+            for (int64_t qt = qt_begin; qt < query_tiles; ++qt, stage ^= 1) {
+                common::cp_async_wait<0>(); // tile qt landed (and was normalized) ...
+                __syncthreads();             // ... for every thread; P, dS and tile qt - 1 are no longer read
+                if (qt + 1 < query_tiles) issue_query_stage<T, S>(p, s, batch, head, qt + 1, stage ^ 1, tid);
                 common::cp_async_commit();
 
                 const T *q_s = s.q + stage * S::QTile::kElements;
@@ -211,9 +208,9 @@ template <typename T, class S, bool kMasked> struct SharedScoresKernel {
                 // Tile qt + 1 is normalized once it has landed for every thread, after the
                 // barrier that publishes P and dS.
                 const bool normalize_next = p.l2norm && qt + 1 < query_tiles;
-                if (normalize_next) common::cp_async_wait<S::kStages - 2>();
+                if (normalize_next) common::cp_async_wait<0>();
                 __syncthreads();
-                if (normalize_next) normalize_query_stage<T, S>(p, s, qt + 1, next_stage, tid);
+                if (normalize_next) normalize_query_stage<T, S>(p, s, qt + 1, stage ^ 1, tid);
 
                 // dV += P^T dO and dK^ += (scale dS)^T Q^.
                 G::template cols_kn<GM, GN, BR>(dv, s.p, S::PTile::kStride, grad_key0, do_s, S::QTile::kStride,
@@ -224,10 +221,7 @@ template <typename T, class S, bool kMasked> struct SharedScoresKernel {
                 if (!p.deterministic) {
                     // dQ^ += (scale dS) K^, into the float32 accumulator by atomics.
                     FragC dq[QM][QN];
-#pragma unroll
-                    for (int m = 0; m < QM; ++m)
-#pragma unroll
-                        for (int n = 0; n < QN; ++n) common::clear(dq[m][n]);
+                    clear_all(dq);
                     G::template rows_kn<QM, QN, S::kKeys>(dq, s.ds, S::PTile::kStride, dq_row0, s.k,
                                                           S::KTile::kStride, dq_col0, lane);
                     // One 64-bit address per tile, 32-bit offsets from it; no tests in a full tile.
@@ -251,7 +245,6 @@ template <typename T, class S, bool kMasked> struct SharedScoresKernel {
                     else
                         add_dq([&](int r, int c) { return r < rows && c < p.d; });
                 }
-                stage = next_stage;
             }
         }
         common::cp_async_wait<0>();
