@@ -369,6 +369,8 @@ static std::vector<Case> sweep(bool quick) {
             add(c, "quick causal+mask gqa d40");
             c.causal = false, c.mask = 0, c.bias = 3, c.groups = 2, c.d = 64, c.layout = kPaddedRows;
             add(c, "quick bias groups unaligned d64");
+            c.bias = 0, c.groups = 4, c.d = 128; // swizzled K/V tiles (16-bit), element copies
+            add(c, "quick groups unaligned d128");
         }
         return cases;
     }
@@ -408,6 +410,8 @@ static std::vector<Case> sweep(bool quick) {
         c = Case();
         c.dtype = dt, c.layout = kPaddedRows, c.d = 72;
         add(c, "unaligned rows d72");
+        c.d = 128;
+        add(c, "unaligned rows d128");
         c = Case();
         c.dtype = dt, c.groups = 4;
         add(c, "groups 4 d64");
@@ -417,6 +421,13 @@ static std::vector<Case> sweep(bool quick) {
         add(c, "groups 3 d48 (group size 16)");
         c.groups = 4, c.d = 40;
         add(c, "groups 4 d40 (group size 10)");
+        // From d = 128 on 16-bit K/V tiles are swizzled: groups permuted within the rows.
+        c.groups = 16, c.d = 128;
+        add(c, "groups 16 d128 (group size 8)");
+        c.groups = 5, c.d = 200;
+        add(c, "groups 5 d200 (group size 40)");
+        c.groups = 2, c.d = 136, c.layout = kPaddedRows;
+        add(c, "groups 2 unaligned rows d136");
         c = Case();
         c.dtype = dt, c.scale_tensor = 1;
         add(c, "per-head scale tensor (some negative)");

@@ -1,11 +1,5 @@
 // copy.cuh: moving tiles between global and shared memory.
 //
-// Shared tiles are row-major with each row padded by 16 bytes (PaddedTile). For 16-bit
-// elements a row is then an odd number of 16-byte units, so the 8 rows an ldmatrix
-// phase reads fall in 8 different bank groups; for float32 rows the stride is 4 mod 32
-// words, which keeps the tf32 fragment loads of mma.cuh conflict-free. Both need the
-// tile width to be a multiple of 32 floats / 16 halves, which every head-dim bucket is.
-//
 // load_tile copies the valid rows x cols of a strided global matrix with cp.async
 // (16 bytes per instruction, zero-filling what lies outside) when every row start is
 // 16-byte aligned, and with plain element loads otherwise; either way the rest of the
@@ -14,20 +8,12 @@
 
 #include <cstdint>
 
+#include "layout.cuh"
 #include "mma.cuh"
 #include "numeric.cuh"
 
 namespace fcsa {
 namespace common {
-
-template <typename T, int kRows, int kCols> struct PaddedTile {
-    static constexpr int kChunk = 16 / int(sizeof(T)); // elements per 16-byte copy
-    static constexpr int kStride = kCols + kChunk;     // elements per row
-    static constexpr int kChunksPerRow = kCols / kChunk;
-    static constexpr int kElements = kRows * kStride;
-    static constexpr int kBytes = kElements * int(sizeof(T));
-    static_assert(kCols % kChunk == 0, "tile width must be whole 16-byte chunks");
-};
 
 // ---------------------------------------------------------------- cp.async
 // 16 bytes global -> shared, bypassing L1; with valid == false nothing is read and the
@@ -84,30 +70,30 @@ __device__ __forceinline__ uint4 float_to_chunk(const float (&f)[Chunk<T>::N]) {
 }
 
 // ---------------------------------------------------------------- tiles
-// Global rows [0, rows) x cols [0, cols) of `src` (row stride in elements) -> the padded
-// tile; the rest of the tile becomes zero. `vectorized` requires src and row_stride to
+// Global rows [0, rows) x cols [0, cols) of `src` (row stride in elements) -> the tile
+// (layout L); the rest of the tile becomes zero. `vectorized` requires src and row_stride to
 // be 16-byte aligned; then the copies are asynchronous (commit and wait as usual),
 // otherwise they complete before the function returns. Called by kThreads threads.
-template <typename T, int kRows, int kCols, int kThreads>
+template <typename T, int kRows, int kCols, int kThreads, class L = PaddedTile<T, kRows, kCols>>
 __device__ __forceinline__ void load_tile(T *tile, const T *src, int64_t row_stride, int rows,
                                           int cols, bool vectorized, int tid) {
-    using L = PaddedTile<T, kRows, kCols>;
     constexpr int kChunks = kRows * L::kChunksPerRow;
     constexpr int kIters = (kChunks + kThreads - 1) / kThreads; // copies per thread, at compile time
-    if (vectorized && kThreads % L::kChunksPerRow == 0) {
-        // Each thread keeps one column chunk and steps down the rows: one pointer add per
-        // copy (these loads sit inside the kernels' main loops).
-        constexpr int kRowStep = kThreads / L::kChunksPerRow;
+    constexpr int kRowStep = kThreads / L::kChunksPerRow;
+    if (vectorized && kThreads % L::kChunksPerRow == 0 && kRowStep % L::kRowPeriod == 0) {
+        // Each thread keeps one column chunk and steps down the rows, where the layout
+        // repeats: one pointer add per copy (these loads sit inside the kernels' main loops).
         const int r0 = tid / L::kChunksPerRow, c = (tid % L::kChunksPerRow) * L::kChunk;
         const bool column_ok = c < cols;
         const T *from = src + r0 * row_stride + c;
         const int64_t step = kRowStep * row_stride;
+        const uint32_t to = smem_address(tile + L::chunk_offset(r0, c)); // 32 bits: one register
 #pragma unroll
         for (int it = 0; it < kIters; ++it) {
             const int r = r0 + it * kRowStep;
             if (kChunks % kThreads == 0 || r < kRows) {
                 const bool valid = column_ok && r < rows;
-                cp_async_16(smem_address(tile + r * L::kStride + c), valid ? from : src, valid);
+                cp_async_16(to + it * kRowStep * L::kStride * int(sizeof(T)), valid ? from : src, valid);
             }
             from += step;
         }
@@ -119,14 +105,13 @@ __device__ __forceinline__ void load_tile(T *tile, const T *src, int64_t row_str
                 const int r = i / L::kChunksPerRow;
                 const int c = (i % L::kChunksPerRow) * L::kChunk;
                 const bool valid = r < rows && c < cols;
-                cp_async_16(smem_address(tile + r * L::kStride + c), valid ? src + r * row_stride + c : src,
-                            valid);
+                cp_async_16(smem_address(tile + L::chunk_offset(r, c)), valid ? src + r * row_stride + c : src, valid);
             }
         }
     } else {
         for (int i = tid; i < kRows * kCols; i += kThreads) {
             const int r = i / kCols, c = i % kCols;
-            tile[r * L::kStride + c] = r < rows && c < cols ? src[r * row_stride + c] : from_float<T>(0.f);
+            tile[L::offset(r, c)] = r < rows && c < cols ? src[r * row_stride + c] : from_float<T>(0.f);
         }
     }
 }

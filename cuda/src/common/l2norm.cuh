@@ -33,7 +33,7 @@ template <typename T> __device__ __forceinline__ float inverse_norm(float sum_sq
     else return 1.f / fmaxf(sqrtf(sum_sq), kNormEpsilon);
 }
 
-template <typename T, int kStride, int kThreads>
+template <class Layout, int kThreads, typename T>
 __device__ __forceinline__ void l2norm_rows(T *tile, int rows, int d, int groups, float *inv_norms,
                                             bool scale_in_place, int tid) {
     constexpr int kChunk = Chunk<T>::N;
@@ -50,7 +50,10 @@ __device__ __forceinline__ void l2norm_rows(T *tile, int rows, int d, int groups
     for (int base = 0; base < pairs; base += pairs_per_pass) {
         const int pair = base + tid / lanes;
         const bool active = pair < pairs;
-        T *x = tile + (active ? (pair / groups) * kStride + (pair % groups) * group_size : 0);
+        const int row = active ? pair / groups : 0, col0 = (pair % groups) * group_size;
+        // Chunk u (chunked) or element u of the (row, group).
+        auto chunk = [&](int u) { return reinterpret_cast<uint4 *>(tile + Layout::chunk_offset(row, col0 + u * kChunk)); };
+        auto element = [&](int u) { return tile + Layout::offset(row, col0 + u); };
         float sum_sq = 0.f;
         if (active) {
             if (chunked) {
@@ -59,7 +62,7 @@ __device__ __forceinline__ void l2norm_rows(T *tile, int rows, int d, int groups
                 float partial[kChunk] = {};
                 for (int u = sub; u < units; u += lanes) {
                     float f[kChunk];
-                    chunk_to_float<T>(*reinterpret_cast<const uint4 *>(x + u * kChunk), f);
+                    chunk_to_float<T>(*chunk(u), f);
 #pragma unroll
                     for (int e = 0; e < kChunk; ++e) partial[e] = fmaf(f[e], f[e], partial[e]);
                 }
@@ -70,7 +73,7 @@ __device__ __forceinline__ void l2norm_rows(T *tile, int rows, int d, int groups
                 sum_sq = partial[0];
             } else {
                 for (int u = sub; u < units; u += lanes) {
-                    const float v = to_float(x[u]);
+                    const float v = to_float(*element(u));
                     sum_sq = fmaf(v, v, sum_sq);
                 }
             }
@@ -83,7 +86,7 @@ __device__ __forceinline__ void l2norm_rows(T *tile, int rows, int d, int groups
         if (scale_in_place) {
             if (chunked) {
                 for (int u = sub; u < units; u += lanes) {
-                    uint4 *p = reinterpret_cast<uint4 *>(x + u * kChunk);
+                    uint4 *p = chunk(u);
                     float f[kChunk];
                     chunk_to_float<T>(*p, f);
 #pragma unroll
@@ -91,7 +94,7 @@ __device__ __forceinline__ void l2norm_rows(T *tile, int rows, int d, int groups
                     *p = float_to_chunk<T>(f);
                 }
             } else {
-                for (int u = sub; u < units; u += lanes) x[u] = from_float<T>(to_float(x[u]) * inv);
+                for (int u = sub; u < units; u += lanes) *element(u) = from_float<T>(to_float(*element(u)) * inv);
             }
         }
     }
@@ -170,11 +173,10 @@ __device__ __forceinline__ void row_inverse_norms(const T *tile, int d, float *i
 // forward pays once per key tile and CTA.
 // The A operand of rows r0..r0+15 holds both B operands of X^T: registers 0 and 2 for
 // rows r0..r0+7, 1 and 3 for r0+8..r0+15.
-template <typename T, int kRows, int kCols, int kWarps>
+template <typename T, int kRows, int kCols, int kWarps, class L = PaddedTile<T, kRows, kCols>>
 __device__ __forceinline__ void row_inverse_norms_mma(const T *tile, float *inv, float multiplier, int warp,
                                                       int lane) {
     static_assert(ElementTraits<T>::kIs16Bit && kRows % 16 == 0 && kCols % 16 == 0, "16-bit 16 x 16 blocks");
-    using L = PaddedTile<T, kRows, kCols>;
     constexpr int kBlocks = kRows / 16;
     const int g = lane >> 2, t = lane & 3;
 #pragma unroll
@@ -192,7 +194,7 @@ __device__ __forceinline__ void row_inverse_norms_mma(const T *tile, float *inv,
 #pragma unroll
         for (int kk = 0; kk < kCols / 16; ++kk) {
             FragA16 a;
-            load_a16(a, tile, L::kStride, 16 * block, 16 * kk, lane);
+            load_a16(a, tile, L{}, 16 * block, 16 * kk, lane);
             const FragB16 b_low = {{a.x[0], a.x[2]}}, b_high = {{a.x[1], a.x[3]}};
             mma_m16n8k16<T>(low[kk % 2], a, b_low);
             mma_m16n8k16<T>(high[kk % 2], a, b_high);
@@ -264,7 +266,7 @@ __device__ __forceinline__ void normalize_tile(T *tile, int rows, int d, int gro
     if (groups == 1)
         normalize_rows<T, kRows, kCols, kThreads>(tile, d, tid);
     else
-        l2norm_rows<T, PaddedTile<T, kRows, kCols>::kStride, kThreads>(tile, rows, d, groups, nullptr, true, tid);
+        l2norm_rows<PaddedTile<T, kRows, kCols>, kThreads>(tile, rows, d, groups, nullptr, true, tid);
 }
 
 } // namespace common

@@ -29,6 +29,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "layout.cuh"
 #include "numeric.cuh"
 
 namespace fcsa {
@@ -148,27 +149,27 @@ __device__ __forceinline__ void ldmatrix_x2_trans(uint32_t (&r)[2], uint32_t add
 }
 
 // ---------------------------------------------------------------- fragment loads
-// From a padded row-major shared tile of 16-bit elements (row stride `stride`
-// elements, an odd number of 16-byte units so that ldmatrix is free of bank conflicts).
+// From a row-major shared tile of 16-bit elements in a layout of layout.cuh (PaddedTile,
+// SwizzledTile, or StridedRows with a padded stride), whose chunk_offset(row, col)
+// gives each lane's 16-byte row of an 8x8 matrix; the stride overloads are for
+// StridedRows.
 
 // A operand (rows row0..row0+15, k col0..col0+15) of a row-major tile.
-template <typename T>
-__device__ __forceinline__ void load_a16(FragA16 &a, const T *tile, int stride, int row0, int col0,
+template <typename T, class Layout>
+__device__ __forceinline__ void load_a16(FragA16 &a, const T *tile, const Layout &layout, int row0, int col0,
                                          int lane) {
-    const int row = row0 + (lane & 15);
-    const int col = col0 + (lane >> 4) * 8;
-    ldmatrix_x4(a.x, smem_address(tile + row * stride + col));
+    ldmatrix_x4(a.x, smem_address(tile + layout.chunk_offset(row0 + (lane & 15), col0 + (lane >> 4) * 8)));
 }
 
 // B operands of two neighbouring n8 blocks (n row0..row0+15, k col0..col0+15) from a
 // tile stored [n][k] (for S = Q K^T: K as stored). b[0] covers n row0..+7, b[1] +8..+15.
-template <typename T>
-__device__ __forceinline__ void load_b16_nk(FragB16 (&b)[2], const T *tile, int stride, int row0,
+template <typename T, class Layout>
+__device__ __forceinline__ void load_b16_nk(FragB16 (&b)[2], const T *tile, const Layout &layout, int row0,
                                             int col0, int lane) {
     const int row = row0 + (lane & 7) + (lane >> 4) * 8;
     const int col = col0 + ((lane >> 3) & 1) * 8;
     uint32_t r[4];
-    ldmatrix_x4(r, smem_address(tile + row * stride + col));
+    ldmatrix_x4(r, smem_address(tile + layout.chunk_offset(row, col)));
     b[0].x[0] = r[0];
     b[0].x[1] = r[1];
     b[1].x[0] = r[2];
@@ -177,17 +178,32 @@ __device__ __forceinline__ void load_b16_nk(FragB16 (&b)[2], const T *tile, int 
 
 // B operands of two neighbouring n8 blocks (n col0..col0+15, k row0..row0+15) from a
 // tile stored [k][n] (for O = P V: V as stored), through ldmatrix.trans.
-template <typename T>
-__device__ __forceinline__ void load_b16_kn(FragB16 (&b)[2], const T *tile, int stride, int row0,
+template <typename T, class Layout>
+__device__ __forceinline__ void load_b16_kn(FragB16 (&b)[2], const T *tile, const Layout &layout, int row0,
                                             int col0, int lane) {
     const int row = row0 + (lane & 7) + ((lane >> 3) & 1) * 8;
     const int col = col0 + (lane >> 4) * 8;
     uint32_t r[4];
-    ldmatrix_x4_trans(r, smem_address(tile + row * stride + col));
+    ldmatrix_x4_trans(r, smem_address(tile + layout.chunk_offset(row, col)));
     b[0].x[0] = r[0];
     b[0].x[1] = r[1];
     b[1].x[0] = r[2];
     b[1].x[1] = r[3];
+}
+
+template <typename T>
+__device__ __forceinline__ void load_a16(FragA16 &a, const T *tile, int stride, int row0, int col0, int lane) {
+    load_a16(a, tile, StridedRows{stride}, row0, col0, lane);
+}
+template <typename T>
+__device__ __forceinline__ void load_b16_nk(FragB16 (&b)[2], const T *tile, int stride, int row0, int col0,
+                                            int lane) {
+    load_b16_nk(b, tile, StridedRows{stride}, row0, col0, lane);
+}
+template <typename T>
+__device__ __forceinline__ void load_b16_kn(FragB16 (&b)[2], const T *tile, int stride, int row0, int col0,
+                                            int lane) {
+    load_b16_kn(b, tile, StridedRows{stride}, row0, col0, lane);
 }
 
 // Accumulators of two neighbouring n8 blocks (16 columns) -> the A operand of an

@@ -8,8 +8,9 @@
 //             registers. Under a key mask, one pass over the mask marks which key tiles
 //             have any / only visible keys.
 //   loop      over the visible key tiles (causal stops at the diagonal; masked-out
-//             tiles are skipped): K and V stream through one shared buffer each, the
-//             next K tile loading while P·V runs and V loading while S = Q K^T runs.
+//             tiles are skipped): K and V stream through one shared buffer each
+//             (swizzled for 16-bit d >= 128, layout.cuh), the next K tile loading
+//             while P·V runs and V loading while S = Q K^T runs.
 //             K rows are normalized as the tile arrives: for groups == 1 a factor
 //             scale * log2(e) / ||k_j|| per column of S (16-bit: the norms from the
 //             diagonal of K K^T on the tensor cores), else in place per group.
@@ -50,10 +51,11 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
     constexpr int kM = C::kMBlocks;  // m16 blocks per warp
     constexpr int kSBlocks = BN / 8; // n8 blocks of S per warp
     constexpr int kOBlocks = D / 8;  // n8 blocks of O per warp
-    constexpr int QS = C::QTile::kStride, KS = C::KTile::kStride;
+    using KTile = typename C::KTile; // K and V
+    constexpr int QS = C::QTile::kStride, KS = KTile::kStride;
     constexpr float kInf = INFINITY;
 
-    extern __shared__ __align__(16) unsigned char smem[];
+    extern __shared__ __align__(128) unsigned char smem[];
     T *sQ = reinterpret_cast<T *>(smem);
     T *sK = reinterpret_cast<T *>(smem + C::kOffsetK);
     T *sV = reinterpret_cast<T *>(smem + C::kOffsetV);
@@ -144,13 +146,13 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
 
     int tile = next_tile(0);
     if (tile < tile_end)
-        load_tile<T, BN, D, kThreads>(sK, key_rows(p.k, p.k_stride, tile * BN), p.k_stride[2],
-                                      min(BN, p.nk - tile * BN), d, p.vec_k, tid);
+        load_tile<T, BN, D, kThreads, KTile>(sK, key_rows(p.k, p.k_stride, tile * BN), p.k_stride[2],
+                                             min(BN, p.nk - tile * BN), d, p.vec_k, tid);
     cp_async_commit();
     cp_async_wait<1>(); // Q has landed (K may still be in flight)
     __syncthreads();
     if (p.l2norm) {
-        l2norm_rows<T, QS, kThreads>(sQ, rows_here, d, p.groups, nullptr, true, tid);
+        l2norm_rows<typename C::QTile, kThreads>(sQ, rows_here, d, p.groups, nullptr, true, tid);
         __syncthreads();
     }
     const int warp_row0 = warp * C::kRowsPerWarp;
@@ -187,17 +189,17 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
 
         cp_async_wait<0>();
         __syncthreads(); // K tile ready; every warp is done with the previous V tile
-        load_tile<T, BN, D, kThreads>(sV, key_rows(p.v, p.v_stride, j0), p.v_stride[2], keys_here, d,
-                                      p.vec_v, tid);
+        load_tile<T, BN, D, kThreads, KTile>(sV, key_rows(p.v, p.v_stride, j0), p.v_stride[2], keys_here, d,
+                                             p.vec_v, tid);
         cp_async_commit();
         if (p.l2norm) {
             if (p.groups == 1) {
                 if constexpr (C::k16Bit)
-                    row_inverse_norms_mma<T, BN, D, C::kWarps>(sK, sKInv, scale_log2, warp, lane);
+                    row_inverse_norms_mma<T, BN, D, C::kWarps, KTile>(sK, sKInv, scale_log2, warp, lane);
                 else
                     row_inverse_norms<T, BN, D, kThreads>(sK, d, sKInv, scale_log2, tid);
             } else {
-                l2norm_rows<T, KS, kThreads>(sK, keys_here, d, p.groups, nullptr, true, tid);
+                l2norm_rows<KTile, kThreads>(sK, keys_here, d, p.groups, nullptr, true, tid);
                 __syncthreads();
             }
         }
@@ -220,7 +222,7 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
 #pragma unroll
                 for (int n = 0; n < kSBlocks; n += 2) {
                     FragB16 b[2];
-                    load_b16_nk(b, sK, KS, n * 8, kk * 16, lane);
+                    load_b16_nk(b, sK, KTile{}, n * 8, kk * 16, lane);
 #pragma unroll
                     for (int mb = 0; mb < kM; ++mb) {
                         mma_m16n8k16<T>(s[mb][n], a[mb], b[0]);
@@ -250,8 +252,8 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
         __syncthreads(); // V tile ready; K buffer free; the 1/||k|| factors visible
         const int next = next_tile(tile + 1);
         if (next < tile_end)
-            load_tile<T, BN, D, kThreads>(sK, key_rows(p.k, p.k_stride, next * BN), p.k_stride[2],
-                                          min(BN, p.nk - next * BN), d, p.vec_k, tid);
+            load_tile<T, BN, D, kThreads, KTile>(sK, key_rows(p.k, p.k_stride, next * BN), p.k_stride[2],
+                                                 min(BN, p.nk - next * BN), d, p.vec_k, tid);
         cp_async_commit();
 
         // Logits in base 2: s * f with f = scale * log2(e) (/ ||k_j|| per column when
@@ -271,23 +273,32 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
         };
         const bool element_mask = keys_here < BN || tile_partly_masked(tile) ||
                                   (p.causal && j0 + BN - 1 > m0 + warp_row0 + causal_offset);
-        if (!track_max && !has_bias && !element_mask) {
-            // The common case: bounded logits, every key visible. p = 2^(s * f - offset).
+        // The common case, a plain tile: bounded logits, every key visible. Then p =
+        // 2^(s * f - offset) with the column factors f, one FMA and one ex2 per score.
+        const bool plain_tile = !track_max && !has_bias && !element_mask;
+        // p = 2^(s * f - offset) for fragment row r of n8 block n, m16 block mb.
+        auto exponentiate = [&](int n, int mb, int r, float2 f) {
+            float *x = s[mb][n].x + 2 * r;
+            x[0] = exp2_approx(fmaf(x[0], f.x, -fixed_offset));
+            x[1] = exp2_approx(fmaf(x[1], f.y, -fixed_offset));
+            row_sum[2 * mb + r] += x[0] + x[1];
+        };
+        if (plain_tile) {
+            // With kInterleaveExp the first 16 columns here, the others interleaved with
+            // the products P V below, so that the exponentials (the MUFU pipe) overlap the
+            // tensor cores. (Written as one loop for both, the d = 128 kernel, which does
+            // not interleave, scheduled its ex2 in a clump and lost 4%.)
 #pragma unroll
-            for (int n = 0; n < kSBlocks; ++n) {
+            for (int n = 0; n < (C::kInterleaveExp ? 2 : kSBlocks); ++n) {
                 const float2 f = column_factors(n);
 #pragma unroll
                 for (int mb = 0; mb < kM; ++mb)
 #pragma unroll
-                    for (int r = 0; r < 2; ++r) {
-                        float *x = s[mb][n].x + 2 * r;
-                        x[0] = exp2_approx(fmaf(x[0], f.x, -fixed_offset));
-                        x[1] = exp2_approx(fmaf(x[1], f.y, -fixed_offset));
-                        row_sum[2 * mb + r] += x[0] + x[1];
-                    }
+                    for (int r = 0; r < 2; ++r) exponentiate(n, mb, r, f);
                 if (n % 2 == 1) pack_probabilities(n / 2);
             }
         } else {
+            // The general path: bias, -inf for hidden keys, a running maximum if needed.
 #pragma unroll
             for (int n = 0; n < kSBlocks; ++n) {
                 const float2 f = column_factors(n);
@@ -375,21 +386,45 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
             }
         }
 
-        // O += P V, P straight from the accumulators.
+        // O += P V, P straight from the accumulators. With kInterleaveExp, on plain tiles,
+        // the exponentials of block kk + 1 are spread over block kk's products, in one
+        // basic block, so that the scheduler can interleave the two (in sequence, a warp's
+        // ex2 phase leaves the tensor cores idle unless the SM's other warp fills them).
         if constexpr (C::k16Bit) {
+            auto multiply_pv = [&](auto interleave) {
+                constexpr bool kInterleave = decltype(interleave)::value;
+                constexpr int kSteps = kOBlocks / 2; // pairs of O's n8 blocks
+                // The exponentials of 16 columns: 4 kM row pairs, spread over the steps.
+                constexpr int kPairs = 4 * kM;
 #pragma unroll
-            for (int kk = 0; kk < BN / 16; ++kk) {
+                for (int kk = 0; kk < BN / 16; ++kk) {
+                    const bool next = kInterleave && kk + 1 < BN / 16;
+                    float2 f[2];
+                    if (next) f[0] = column_factors(2 * kk + 2), f[1] = column_factors(2 * kk + 3);
 #pragma unroll
-                for (int i = 0; i < kOBlocks; i += 2) {
-                    FragB16 b[2];
-                    load_b16_kn(b, sV, KS, kk * 16, i * 8, lane);
+                    for (int step = 0; step < kSteps; ++step) {
+                        const int i = 2 * step;
+                        FragB16 b[2];
+                        load_b16_kn(b, sV, KTile{}, kk * 16, i * 8, lane);
 #pragma unroll
-                    for (int mb = 0; mb < kM; ++mb) {
-                        mma_m16n8k16<T>(o[mb][i], p_frag[mb][kk], b[0]);
-                        mma_m16n8k16<T>(o[mb][i + 1], p_frag[mb][kk], b[1]);
+                        for (int mb = 0; mb < kM; ++mb) {
+                            mma_m16n8k16<T>(o[mb][i], p_frag[mb][kk], b[0]);
+                            mma_m16n8k16<T>(o[mb][i + 1], p_frag[mb][kk], b[1]);
+                        }
+                        if (next) {
+#pragma unroll
+                            for (int pair = step * kPairs / kSteps; pair < (step + 1) * kPairs / kSteps; ++pair) {
+                                const int half = pair / (2 * kM); // which n8 block of the 16 columns
+                                exponentiate(2 * kk + 2 + half, (pair / 2) % kM, pair % 2, f[half]);
+                            }
+                        }
                     }
+                    if (next) pack_probabilities(kk + 1);
                 }
-            }
+            };
+            // (Without kInterleaveExp one copy of the loop: two cost d = 128 spills.)
+            if (C::kInterleaveExp && plain_tile) multiply_pv(std::true_type{});
+            else multiply_pv(std::false_type{});
         } else {
 #pragma unroll
             for (int kk = 0; kk < kSBlocks; ++kk) {
