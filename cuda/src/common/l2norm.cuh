@@ -52,7 +52,9 @@ __device__ __forceinline__ void l2norm_rows(T *tile, int rows, int d, int groups
         const bool active = pair < pairs;
         const int row = active ? pair / groups : 0, col0 = (pair % groups) * group_size;
         // Chunk u (chunked) or element u of the (row, group).
-        auto chunk = [&](int u) { return reinterpret_cast<uint4 *>(tile + Layout::chunk_offset(row, col0 + u * kChunk)); };
+        auto chunk = [&](int u) {
+            return reinterpret_cast<uint4 *>(tile + Layout::chunk_offset(row, col0 + u * kChunk));
+        };
         auto element = [&](int u) { return tile + Layout::offset(row, col0 + u); };
         float sum_sq = 0.f;
         if (active) {

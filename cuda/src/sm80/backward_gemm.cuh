@@ -81,27 +81,12 @@ template <typename T> struct WarpGemm<T, true> {
         }
     }
 
-    // acc[n] += A^T . B: A stored [k][m] (m0..m0+15), B stored [k][n], k over [0, K).
+    // acc[n] += A^T . B: A stored [k][m] (m0..m0+15), B stored [k][n], k over [0, K):
+    // cols_kn for one m16 block.
     template <int N, int K>
     __device__ __forceinline__ static void tileT_kn(FragC (&acc)[N], const T *a, int a_stride, int m0,
                                                     const T *b, int b_stride, int col0, int lane) {
-        static_assert(N % 2 == 0 && K % 16 == 0, "tileT_kn: N even, K a multiple of 16");
-#pragma unroll
-        for (int k = 0; k < K; k += 16) {
-            // Matrices (k0.., m0..), (k0.., m0+8..), (k0+8.., m0..), (k0+8.., m0+8..),
-            // transposed: exactly a[0..3] of the A operand (rows m, columns k).
-            const int row = k + (lane & 7) + (lane >> 4) * 8;
-            const int col = m0 + ((lane >> 3) & 1) * 8;
-            common::FragA16 fa;
-            common::ldmatrix_x4_trans(fa.x, common::smem_address(a + row * a_stride + col));
-#pragma unroll
-            for (int n = 0; n < N; n += 2) {
-                common::FragB16 fb[2];
-                common::load_b16_kn(fb, b, b_stride, k, col0 + 8 * n, lane);
-                common::mma_m16n8k16<T>(acc[n], fa, fb[0]);
-                common::mma_m16n8k16<T>(acc[n + 1], fa, fb[1]);
-            }
-        }
+        cols_kn<1, N, K>(reinterpret_cast<FragC (&)[1][N]>(acc), a, a_stride, m0, b, b_stride, col0, lane);
     }
 
     // acc[m][n] += A . B with A stored [m][k] (rows a_row0 + 16m, k over [0, K)) and B
@@ -127,7 +112,8 @@ template <typename T> struct WarpGemm<T, true> {
         static_assert(N % 2 == 0 && K % 16 == 0, "cols_kn: N even, K a multiple of 16");
 #pragma unroll
         for (int k = 0; k < K; k += 16) {
-            // As in tileT_kn: ldmatrix.trans of the four 8 x 8 blocks gives the A operand.
+            // Matrices (k.., m..), (k.., m+8..), (k+8.., m..), (k+8.., m+8..), transposed:
+            // exactly a[0..3] of the A operand (rows m, columns k).
             const int row = k + (lane & 7) + (lane >> 4) * 8;
             const int col = m0 + ((lane >> 3) & 1) * 8;
             common::FragA16 fa[M];

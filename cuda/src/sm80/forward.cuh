@@ -67,8 +67,8 @@ template <typename T, int D> struct ForwardConfig {
     static constexpr int kBitmapTiles = kBitmapWords * 32;
 
     // K and V tiles alike. 16-bit tiles from d = 128 on are swizzled: their copies, once
-    // per key tile, then cost the shared memory no extra wavefronts (+5-6% at d = 128 on
-    // the H100; at d = 64 it measured within 1% either way and stays padded).
+    // per key tile, then cost the shared memory no extra wavefronts (+2-3% at d = 128 on
+    // the H100, notes v5; at d = 64 it measured within 1% either way and stays padded).
     static constexpr bool kSwizzledKV = k16Bit && D >= 128;
     // P V with the next 16 keys' exponentials interleaved (forward_kernel.cuh): +9% at
     // d = 64 on the H100; it lost 2-9% at d = 128 (whose registers are all taken: it
