@@ -4,11 +4,13 @@
 // sm80_backward enqueues, on the caller's stream and with no allocation or
 // synchronization (CUDA-graph capture works):
 //   memsets   the float32 accumulators that start at zero (dQ^ with atomics, dbias);
-//   prepass   delta = <dO, O> and lse (+inf for rows that see no key);
+//   prepass   delta = <dO, O> and lse (+inf for rows that see no key), and 1 / ||q||
+//             per row where the shared-scores kernel folds it into its scores;
 //   main      dK, dV (finished in its epilogue, l2norm backward included), dQ^ by
 //             atomics, dbias, dscale partials. k is l2-normalized in shared memory
 //             once per CTA, each query tile as it arrives (one iteration ahead of its
-//             use); no normalized copy of q or k is ever written to memory;
+//             use) unless its norm is folded; no normalized copy of q or k is ever
+//             written to memory;
 //   dq        deterministic only: dQ^ without atomics;
 //   finish    dq = l2norm backward of dQ^ (and dk where the head dim was split);
 //             dbias from its float32 accumulator; dscale summed in a fixed order.
@@ -20,6 +22,7 @@
 #include <cuda_runtime.h>
 
 #include "../backends.h"
+#include "../common/copy.cuh"
 #include "../common/numeric.cuh"
 #include "backward_device.cuh"
 #include "backward_params.cuh"
@@ -77,12 +80,13 @@ int smem_needed(const LaunchShape &shape) { return shape.main_smem > shape.dq_sm
 // Where each intermediate lives in the workspace (byte offsets, 256-byte aligned).
 struct Plan {
     int bucket = 0;
-    int smem_limit = 0;   // the device's shared memory per block
     bool compact = false; // the 99 KB shapes
     LaunchShape shape;
     int64_t main_key_tiles = 0;
     int32_t dbias_mode = kDbiasNone;
-    size_t lse = 0, delta = 0, dq_acc = 0, dk_acc = 0, dscale = 0, dbias_acc = 0;
+    bool shared_scores = false; // the shared-scores kernel instead of the main kernel
+    bool fold_q_norm = false;   // it folds q's norm into its scores (Params::q_inv_norm)
+    size_t lse = 0, delta = 0, q_inv_norm = 0, dq_acc = 0, dk_acc = 0, dscale = 0, dbias_acc = 0;
     size_t dq_acc_bytes = 0, dbias_acc_bytes = 0;
     bool dk_acc_used = false; // split head dim with l2norm: dk is finished by a row pass
     size_t total = 0;
@@ -92,7 +96,6 @@ struct Plan {
 // else the compact ones (the caller checks that those fit).
 Plan plan_workspace(const Problem &p, int smem_limit) {
     Plan plan;
-    plan.smem_limit = smem_limit;
     plan.bucket = head_dim_bucket(p.dtype, p.d);
     if (plan.bucket == 0) return plan;
     plan.shape = shape_for(p.dtype, plan.bucket, false);
@@ -101,6 +104,13 @@ Plan plan_workspace(const Problem &p, int smem_limit) {
         plan.shape = shape_for(p.dtype, plan.bucket, true);
     }
     plan.main_key_tiles = ceil_div(p.nk, plan.shape.main_keys);
+    plan.shared_scores = plan.shape.shared_scores_smem > 0 && plan.shape.shared_scores_smem <= smem_limit &&
+                         !p.bias.present() && !p.dbias.present() && !p.dscale.present();
+    // With one norm per row, S = (q . k^) / ||q|| and dK^ = sum (scale dS / ||q||) q: the
+    // shared-scores kernel takes the raw q tiles and 1 / ||q|| per row (from the prepass),
+    // so no query tile is normalized in shared memory. bf16 only: in f16, dS / ||q||
+    // leaves its range (subnormal for ordinary norms of ~100, infinite for tiny ones).
+    plan.fold_q_norm = plan.shared_scores && p.l2norm && p.groups == 1 && p.dtype == FCSA_DTYPE_BFLOAT16;
     if (p.dbias.present()) {
         if (is_full_shape(p.bias, p))
             plan.dbias_mode = kDbiasDirect;
@@ -120,6 +130,7 @@ Plan plan_workspace(const Problem &p, int smem_limit) {
     const size_t query_rows = size_t(p.b * p.h * p.nq), key_rows = size_t(p.b * p.hk * p.nk);
     plan.lse = take(query_rows * 4);
     plan.delta = take(query_rows * 4);
+    if (plan.fold_q_norm) plan.q_inv_norm = take(query_rows * 4);
     plan.dq_acc_bytes = query_rows * size_t(p.d) * 4;
     plan.dq_acc = take(plan.dq_acc_bytes);
     plan.dk_acc_used = p.l2norm && plan.shape.column_splits > 1;
@@ -151,12 +162,13 @@ Rows rows_of(const View &v, size_t elem) {
     return r;
 }
 
-OutRows out_rows_of(const View &v) {
+OutRows out_rows_of(const View &v, size_t elem) {
     OutRows r;
     r.data = v.data;
     r.stride_b = v.stride[0];
     r.stride_h = v.stride[1];
     r.stride_row = v.stride[2];
+    r.aligned16 = aligned16(v, elem);
     return r;
 }
 
@@ -165,13 +177,15 @@ OutRows out_rows_of(const View &v) {
 struct PrepassArgs {
     int64_t b, h, nq;
     int32_t d;
-    Rows out, dout;
+    Rows out, dout, q;
     const float *lse;
     int64_t lse_stride[3];
     float *lse_out, *delta;
+    float *q_inv_norm; // or nullptr
 };
 
-// One warp per query row: delta = <dO, O> and lse, contiguous.
+// One warp per query row: delta = <dO, O> and lse, contiguous; 1 / max(||q||, eps) where
+// the shared-scores kernel folds it into its scores.
 template <typename T> __global__ void __launch_bounds__(kPassThreads) prepass_kernel(const PrepassArgs a) {
     const int lane = threadIdx.x & 31;
     const int64_t query_rows = a.b * a.h * a.nq;
@@ -182,11 +196,95 @@ template <typename T> __global__ void __launch_bounds__(kPassThreads) prepass_ke
         float dot = 0.f;
         for (int c = lane; c < a.d; c += 32) dot = fmaf(common::to_float(o[c]), common::to_float(dout[c]), dot);
         dot = warp_sum(dot);
+        float inv_norm = 0.f;
+        if (a.q_inv_norm != nullptr) {
+            const T *q = a.q.row<T>(batch, head, i);
+            float sum_sq = 0.f;
+            for (int c = lane; c < a.d; c += 32) sum_sq = fmaf(common::to_float(q[c]), common::to_float(q[c]), sum_sq);
+            inv_norm = 1.f / fmaxf(sqrtf(warp_sum(sum_sq)), kNormEpsilon);
+        }
         if (lane == 0) {
             const float lse = a.lse[batch * a.lse_stride[0] + head * a.lse_stride[1] + i * a.lse_stride[2]];
             // A row that sees no key has lse = -inf and P = exp(s - lse) must be 0.
             a.lse_out[row] = lse == -INFINITY ? INFINITY : lse;
             a.delta[row] = dot;
+            if (a.q_inv_norm != nullptr) a.q_inv_norm[row] = inv_norm;
+        }
+    }
+}
+
+// ---- the same passes with 16-byte loads and stores (aligned rows, one l2norm group)
+//
+// The warp-per-row kernels above read 2 bytes per lane and reduce one row at a time:
+// at b h n d = 33.5M (the benchmark shapes) they ran at 1.1-1.6 TB/s, 130 us for the
+// prepass and 250 us for the finishing pass on the H100, a third of the backward at
+// n = 512. Here a row is spread over `width` lanes (a power of two up to 16, so a warp
+// holds 2 or more rows), each lane holding 16-byte chunks of it.
+struct RowLanes {
+    int width;      // lanes per row
+    int chunks;     // 16-byte chunks per row
+    int sub;        // this lane's place in its row
+    int64_t first;  // the row of the warp's lane 0, before striding
+    int offset;     // this lane's row - first
+    int64_t stride; // rows per grid-wide step
+};
+// The 16-byte chunks a lane holds at most: d <= 256 over 16 lanes.
+template <typename T> constexpr int chunks_per_lane() { return kMaxHeadDim / common::Chunk<T>::N / 16; }
+
+template <typename T> __device__ __forceinline__ RowLanes row_lanes(int d) {
+    RowLanes r;
+    r.chunks = d / common::Chunk<T>::N;
+    r.width = 1;
+    while (r.width < r.chunks && r.width < 16) r.width *= 2;
+    const int lane = threadIdx.x & 31;
+    r.first = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x - lane) / r.width;
+    r.offset = lane / r.width;
+    r.sub = lane % r.width;
+    r.stride = int64_t(gridDim.x) * blockDim.x / r.width;
+    return r;
+}
+
+// Chunk `c` of a row of T, as floats.
+template <typename T> __device__ __forceinline__ void load_chunk(const T *row, int c, float (&f)[common::Chunk<T>::N]) {
+    common::chunk_to_float<T>(*reinterpret_cast<const uint4 *>(row + c * common::Chunk<T>::N), f);
+}
+
+template <typename T> __global__ void __launch_bounds__(kPassThreads) prepass_vector_kernel(const PrepassArgs a) {
+    constexpr int E = common::Chunk<T>::N;
+    const RowLanes lanes = row_lanes<T>(a.d);
+    const int64_t query_rows = a.b * a.h * a.nq;
+    // The loop runs on the warp's first row, so that a warp's lanes stay together (shuffles).
+    for (int64_t base = lanes.first; base < query_rows; base += lanes.stride) {
+        const int64_t row = base + lanes.offset;
+        const bool here = row < query_rows;
+        const int64_t r = here ? row : base;
+        const int64_t i = r % a.nq, head = (r / a.nq) % a.h, batch = r / (a.nq * a.h);
+        const T *o = a.out.row<T>(batch, head, i), *dout = a.dout.row<T>(batch, head, i);
+        float dot = 0.f, sum_sq = 0.f;
+#pragma unroll
+        for (int m = 0; m < chunks_per_lane<T>(); ++m) {
+            const int c = lanes.sub + lanes.width * m;
+            if (here && c < lanes.chunks) {
+                float fo[E], fd[E];
+                load_chunk(o, c, fo);
+                load_chunk(dout, c, fd);
+#pragma unroll
+                for (int e = 0; e < E; ++e) dot = fmaf(fo[e], fd[e], dot);
+                if (a.q_inv_norm != nullptr) {
+                    float fq[E];
+                    load_chunk(a.q.row<T>(batch, head, i), c, fq);
+#pragma unroll
+                    for (int e = 0; e < E; ++e) sum_sq = fmaf(fq[e], fq[e], sum_sq);
+                }
+            }
+        }
+        dot = lanes_sum(dot, lanes.width);
+        sum_sq = lanes_sum(sum_sq, lanes.width);
+        if (here && lanes.sub == 0) {
+            const float lse = a.lse[batch * a.lse_stride[0] + head * a.lse_stride[1] + i * a.lse_stride[2]];
+            a.lse_out[row] = lse == -INFINITY ? INFINITY : lse; // as prepass_kernel
+            a.delta[row] = dot;
+            if (a.q_inv_norm != nullptr) a.q_inv_norm[row] = 1.f / fmaxf(sqrtf(sum_sq), kNormEpsilon);
         }
     }
 }
@@ -197,6 +295,7 @@ struct FinishRowsArgs {
     bool l2norm;
     Rows x;             // the caller's q or k
     const float *dx_hat; // contiguous [b][heads][rows][d]
+    bool dx_hat_scaled;  // dx_hat holds dx^ / max(||x||, eps) (Plan::fold_q_norm)
     OutRows out;
 };
 
@@ -208,7 +307,48 @@ template <typename T> __global__ void __launch_bounds__(kPassThreads) finish_row
     for (int64_t row = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32; row < total; row += warps) {
         const int64_t i = row % a.rows, head = (row / a.rows) % a.heads, batch = row / (a.rows * a.heads);
         l2norm_backward_row<T, kMaxHeadDim>(a.x.row<T>(batch, head, i), a.dx_hat + row * a.d,
-                                            a.out.row<T>(batch, head, i), a.d, a.groups, a.l2norm, lane);
+                                            a.out.row<T>(batch, head, i), a.d, a.groups, a.l2norm,
+                                            a.dx_hat_scaled, lane);
+    }
+}
+
+// finish_rows_kernel for one l2norm group and 16-byte aligned rows of x and out (dx_hat
+// is contiguous float rows, d a multiple of 8: aligned too). The same arithmetic as
+// l2norm_backward_row, with <x^, dx^> formed as <x, dx^> / ||x||.
+template <typename T> __global__ void __launch_bounds__(kPassThreads) finish_rows_vector_kernel(const FinishRowsArgs a) {
+    constexpr int E = common::Chunk<T>::N, kPer = chunks_per_lane<T>();
+    const RowLanes lanes = row_lanes<T>(a.d);
+    const int64_t total = a.b * a.heads * a.rows;
+    for (int64_t base = lanes.first; base < total; base += lanes.stride) {
+        const int64_t row = base + lanes.offset;
+        const bool here = row < total;
+        const int64_t r = here ? row : base;
+        const int64_t i = r % a.rows, head = (r / a.rows) % a.heads, batch = r / (a.rows * a.heads);
+        const T *x_row = a.x.row<T>(batch, head, i);
+        const float *dx_hat = a.dx_hat + r * a.d;
+        float x[kPer][E], dy[kPer][E];
+#pragma unroll
+        for (int m = 0; m < kPer; ++m) {
+            const int c = lanes.sub + lanes.width * m;
+            const bool have = here && c < lanes.chunks;
+            if (have) load_chunk(x_row, c, x[m]);
+#pragma unroll
+            for (int e = 0; e < E; e += 4) {
+                const float4 v = have ? *reinterpret_cast<const float4 *>(dx_hat + c * E + e) : float4{0, 0, 0, 0};
+                dy[m][e] = v.x;
+                dy[m][e + 1] = v.y;
+                dy[m][e + 2] = v.z;
+                dy[m][e + 3] = v.w;
+                if (!have) x[m][e] = x[m][e + 1] = x[m][e + 2] = x[m][e + 3] = 0.f;
+            }
+        }
+        if (a.l2norm) l2norm_backward_lanes<kPer, E>(x, dy, lanes.width, a.dx_hat_scaled);
+        T *out = a.out.row<T>(batch, head, i);
+#pragma unroll
+        for (int m = 0; m < kPer; ++m) {
+            const int c = lanes.sub + lanes.width * m;
+            if (here && c < lanes.chunks) *reinterpret_cast<uint4 *>(out + c * E) = common::float_to_chunk<T>(dy[m]);
+        }
     }
 }
 
@@ -301,6 +441,26 @@ fcsa_status zero_fill(const View &v, cudaStream_t stream) {
     return check_launch(cudaGetLastError(), "zero fill");
 }
 
+// Rows per block of the 16-byte passes (row_lanes: up to 16 lanes per row).
+int64_t vector_rows_per_block(int64_t d, size_t elem) {
+    const int64_t chunks = d * int64_t(elem) / 16;
+    int64_t width = 1;
+    while (width < chunks && width < 16) width *= 2;
+    return kPassThreads / width;
+}
+
+// dq (or dk) from its float32 accumulator through the l2norm backward; `vector`: the
+// 16-byte kernel applies.
+template <typename T> fcsa_status finish_rows(const FinishRowsArgs &a, bool vector, cudaStream_t stream) {
+    const int64_t rows = a.b * a.heads * a.rows;
+    if (vector)
+        finish_rows_vector_kernel<T>
+            <<<pass_blocks(rows, vector_rows_per_block(a.d, sizeof(T))), kPassThreads, 0, stream>>>(a);
+    else
+        finish_rows_kernel<T><<<pass_blocks(rows, kPassThreads / 32), kPassThreads, 0, stream>>>(a);
+    return check_launch(cudaGetLastError(), "finishing kernel");
+}
+
 // The main (dq = false) or dq kernel of one (T, bucket, size class).
 template <typename T, bool kCompact> int run_kernel(bool dq, int bucket, const Params &p, void *stream) {
     switch (bucket) {
@@ -341,11 +501,18 @@ template <typename T> fcsa_status backward(const Problem &pr, const Plan &plan, 
     pre.d = int32_t(pr.d);
     pre.out = rows_of(pr.out, elem);
     pre.dout = rows_of(pr.dout, elem);
+    pre.q = rows_of(pr.q, elem);
     pre.lse = static_cast<const float *>(pr.lse.data);
     for (int i = 0; i < 3; ++i) pre.lse_stride[i] = pr.lse.stride[i];
     pre.lse_out = reinterpret_cast<float *>(ws + plan.lse);
     pre.delta = reinterpret_cast<float *>(ws + plan.delta);
-    prepass_kernel<T><<<pass_blocks(pr.b * pr.h * pr.nq, kPassThreads / 32), kPassThreads, 0, stream>>>(pre);
+    pre.q_inv_norm = plan.fold_q_norm ? reinterpret_cast<float *>(ws + plan.q_inv_norm) : nullptr;
+    const int64_t query_rows = pr.b * pr.h * pr.nq;
+    if (pre.out.aligned16 && pre.dout.aligned16 && (pre.q_inv_norm == nullptr || pre.q.aligned16))
+        prepass_vector_kernel<T><<<pass_blocks(query_rows, vector_rows_per_block(pr.d, elem)), kPassThreads, 0,
+                                   stream>>>(pre);
+    else
+        prepass_kernel<T><<<pass_blocks(query_rows, kPassThreads / 32), kPassThreads, 0, stream>>>(pre);
     if (fcsa_status s = check_launch(cudaGetLastError(), "prepass kernel")) return s;
 
     // ---- main and dq kernels
@@ -362,13 +529,14 @@ template <typename T> fcsa_status backward(const Problem &pr, const Plan &plan, 
     p.l2norm = pr.l2norm;
     p.deterministic = pr.deterministic;
     p.causal_offset = pr.causal_offset();
-    p.smem_limit = plan.smem_limit;
+    p.shared_scores = plan.shared_scores;
     p.q = rows_of(pr.q, elem);
     p.k = rows_of(pr.k, elem);
     p.v = rows_of(pr.v, elem);
     p.dout = rows_of(pr.dout, elem);
     p.lse = pre.lse_out;
     p.delta = pre.delta;
+    p.q_inv_norm = pre.q_inv_norm;
     if (pr.mask.present()) {
         p.mask = static_cast<const uint8_t *>(pr.mask.data);
         p.mask_stride_b = pr.mask.stride[0];
@@ -384,8 +552,8 @@ template <typename T> fcsa_status backward(const Problem &pr, const Plan &plan, 
         p.bias_f32 = pr.bias.dtype == FCSA_DTYPE_FLOAT32;
         for (int i = 0; i < 4; ++i) p.bias_stride[i] = pr.bias.stride[i];
     }
-    p.dk = out_rows_of(pr.dk);
-    p.dv = out_rows_of(pr.dv);
+    p.dk = out_rows_of(pr.dk, elem);
+    p.dv = out_rows_of(pr.dv, elem);
     p.dq_acc = reinterpret_cast<float *>(ws + plan.dq_acc);
     p.dk_acc = plan.dk_acc_used ? reinterpret_cast<float *>(ws + plan.dk_acc) : nullptr;
     p.dscale_partial = pr.dscale.present() ? reinterpret_cast<float *>(ws + plan.dscale) : nullptr;
@@ -433,18 +601,21 @@ template <typename T> fcsa_status backward(const Problem &pr, const Plan &plan, 
     fq.l2norm = pr.l2norm;
     fq.x = p.q;
     fq.dx_hat = p.dq_acc;
-    fq.out = out_rows_of(pr.dq);
-    finish_rows_kernel<T><<<pass_blocks(pr.b * pr.h * pr.nq, kPassThreads / 32), kPassThreads, 0, stream>>>(fq);
-    if (fcsa_status s = check_launch(cudaGetLastError(), "dq finishing kernel")) return s;
+    fq.dx_hat_scaled = plan.fold_q_norm && !pr.deterministic; // the dq kernel writes dq^ itself
+    fq.out = out_rows_of(pr.dq, elem);
+    const bool vector_finish = pr.groups == 1 || !pr.l2norm;
+    if (fcsa_status s = finish_rows<T>(fq, vector_finish && p.q.aligned16 && fq.out.aligned16, stream))
+        return s;
     if (p.dk_acc != nullptr) {
         FinishRowsArgs fk = fq;
         fk.heads = pr.hk;
         fk.rows = pr.nk;
         fk.x = p.k;
         fk.dx_hat = p.dk_acc;
-        fk.out = out_rows_of(pr.dk);
-        finish_rows_kernel<T><<<pass_blocks(pr.b * pr.hk * pr.nk, kPassThreads / 32), kPassThreads, 0, stream>>>(fk);
-        if (fcsa_status s = check_launch(cudaGetLastError(), "dk finishing kernel")) return s;
+        fk.dx_hat_scaled = false;
+        fk.out = out_rows_of(pr.dk, elem);
+        if (fcsa_status s = finish_rows<T>(fk, vector_finish && p.k.aligned16 && fk.out.aligned16, stream))
+            return s;
     }
     if (p.dbias_acc != nullptr) {
         const Strided4 db = strided4(pr.dbias);

@@ -19,6 +19,12 @@ __device__ __forceinline__ float warp_sum(float x) {
     return x;
 }
 
+// The sum over aligned groups of `width` lanes (a power of two), in every lane of each.
+__device__ __forceinline__ float lanes_sum(float x, int width) {
+    for (int offset = width / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
+    return x;
+}
+
 // Element `index` of an array of T, or of float when is_f32 (bias, dbias).
 template <typename T> __device__ __forceinline__ float load_as_float(const void *base, int64_t index, bool is_f32) {
     return is_f32 ? static_cast<const float *>(base)[index]
@@ -74,10 +80,11 @@ __device__ __forceinline__ void group_inverse_norms(const float (&x)[WarpRow<kMa
 // The l2norm backward of one row: dx = (dx^ - x^ <x^, dx^>) / max(||x||, eps) per group
 // (dx^ / eps where the norm was clamped: x^ = x / eps passes no gradient through the
 // norm). x is the caller's raw row (T), dx_hat float (global or shared), out T.
-// Without l2norm, out = dx^. Every lane of the warp must call it.
+// scaled: dx_hat holds dx^ / max(||x||, eps) already (one group), so the final division
+// is left out. Without l2norm, out = dx^. Every lane of the warp must call it.
 template <typename T, int kMaxD>
 __device__ __forceinline__ void l2norm_backward_row(const T *x_row, const float *dx_hat, T *out, int d,
-                                                    int groups, bool l2norm, int lane) {
+                                                    int groups, bool l2norm, bool scaled, int lane) {
     constexpr int kPer = WarpRow<kMaxD>::kPerLane;
     float x[kPer], dy[kPer];
 #pragma unroll
@@ -108,7 +115,7 @@ __device__ __forceinline__ void l2norm_backward_row(const T *x_row, const float 
             const int c = lane + 32 * m;
             if (c < d) {
                 const float xhat = x[m] * inv[m];
-                const float dx = clamped[m] ? dy[m] * inv[m] : (dy[m] - xhat * xhat_dot[m]) * inv[m];
+                const float dx = (clamped[m] ? dy[m] : dy[m] - xhat * xhat_dot[m]) * (scaled ? 1.f : inv[m]);
                 out[c] = common::from_float<T>(dx);
             }
         }
@@ -119,6 +126,31 @@ __device__ __forceinline__ void l2norm_backward_row(const T *x_row, const float 
             if (c < d) out[c] = common::from_float<T>(dy[m]);
         }
     }
+}
+
+// l2norm_backward_row for one group, the row spread over `width` lanes (aligned groups of
+// the warp), each holding kPer pieces of E elements of x (the raw row) and dy (dx^),
+// zeros where the row has none. dy becomes dx (scaled as there). Every lane of the warp
+// must call it. <x^, dx^> is formed as <x, dx^> / ||x||.
+template <int kPer, int E>
+__device__ __forceinline__ void l2norm_backward_lanes(const float (&x)[kPer][E], float (&dy)[kPer][E], int width,
+                                                      bool scaled) {
+    float sum_sq = 0.f, dot = 0.f;
+#pragma unroll
+    for (int m = 0; m < kPer; ++m)
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+            sum_sq = fmaf(x[m][e], x[m][e], sum_sq);
+            dot = fmaf(x[m][e], dy[m][e], dot);
+        }
+    const float norm = sqrtf(lanes_sum(sum_sq, width));
+    const float inv = 1.f / fmaxf(norm, kNormEpsilon);
+    const bool clamped = !(norm >= kNormEpsilon);
+    const float xhat_dot = lanes_sum(dot, width) * inv, post = scaled ? 1.f : inv;
+#pragma unroll
+    for (int m = 0; m < kPer; ++m)
+#pragma unroll
+        for (int e = 0; e < E; ++e) dy[m][e] = (clamped ? dy[m][e] : dy[m][e] - x[m][e] * inv * xhat_dot) * post;
 }
 
 } // namespace sm80_bwd

@@ -322,6 +322,7 @@ __device__ __forceinline__ void issue_key_tiles(const Params &p, T *k, T *v, int
 template <typename T> struct KeyQuerySmem {
     T *k, *v, *q, *dout;
     float *lse, *delta;
+    float *q_inv_norm = nullptr; // [kStages][BR] where the kernel takes Params::q_inv_norm
 };
 template <typename T, class S>
 __device__ __forceinline__ void carve_key_query(KeyQuerySmem<T> &s, unsigned char *base) {
@@ -334,8 +335,9 @@ __device__ __forceinline__ void carve_key_query(KeyQuerySmem<T> &s, unsigned cha
 }
 
 // Starts the copies of query tile `qt` of (batch, head) into pipeline stage `stage` of a
-// main kernel (shape S, shared memory s): the q and dO rows and their lse and delta, all
-// with cp.async (rows past nq: zeros, which the kernels mask as invisible).
+// main kernel (shape S, shared memory s): the q and dO rows and their lse and delta (and
+// 1 / ||q|| where Params::q_inv_norm is set), all with cp.async (rows past nq: zeros,
+// which the kernels mask as invisible).
 template <typename T, class S>
 __device__ __forceinline__ void issue_query_stage(const Params &p, const KeyQuerySmem<T> &s, int64_t batch,
                                                   int64_t head, int64_t qt, int stage, int tid) {
@@ -348,10 +350,11 @@ __device__ __forceinline__ void issue_query_stage(const Params &p, const KeyQuer
                                                 p.dout.row<T>(batch, head, i0), p.dout.stride_row, rows, p.d,
                                                 p.dout.aligned16, tid);
     const int64_t row_base = (batch * p.h + head) * p.nq + i0;
-    for (int r = tid; r < 2 * BR; r += S::kThreads) {
-        const int row = r % BR;
-        const float *src = (r < BR ? p.lse : p.delta) + row_base + (row < rows ? row : 0);
-        float *dst = (r < BR ? s.lse : s.delta) + stage * BR + row;
+    const int arrays = p.q_inv_norm != nullptr ? 3 : 2;
+    for (int r = tid; r < arrays * BR; r += S::kThreads) {
+        const int row = r % BR, array = r / BR;
+        const float *src = (array == 0 ? p.lse : array == 1 ? p.delta : p.q_inv_norm) + row_base + (row < rows ? row : 0);
+        float *dst = (array == 0 ? s.lse : array == 1 ? s.delta : s.q_inv_norm) + stage * BR + row;
         asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(common::smem_address(dst)), "l"(src),
                      "r"(row < rows ? 4 : 0));
     }
@@ -369,7 +372,7 @@ __device__ __forceinline__ void normalize_query_stage(const Params &p, const Key
 
 // Per head, before a kernel's query-tile loop: kStages - 1 query tiles in flight (one
 // commit group per tile) and, with l2norm, K^ formed in place once and the first query
-// tile normalized (the loop's first barrier publishes both).
+// tile normalized unless q's norm is folded (the loop's first barrier publishes both).
 template <typename T, class S>
 __device__ __forceinline__ void start_query_tiles(const Params &p, const KeyQuerySmem<T> &s, int keys,
                                                   bool &k_normalized, int64_t batch, int64_t head, int64_t qt_begin,
@@ -380,12 +383,13 @@ __device__ __forceinline__ void start_query_tiles(const Params &p, const KeyQuer
         if (qt_begin + ahead < query_tiles) issue_query_stage<T, S>(p, s, batch, head, qt_begin + ahead, ahead, tid);
         common::cp_async_commit();
     }
-    if (p.l2norm && qt_begin < query_tiles) {
+    const bool normalize_q = p.l2norm && p.q_inv_norm == nullptr;
+    if ((normalize_q || !k_normalized) && qt_begin < query_tiles) {
         common::cp_async_wait<S::kStages - 2>(); // K, V (first head) and the first query tile
         __syncthreads();
         if (!k_normalized) common::normalize_tile<T, S::kKeys, S::D, S::kThreads>(s.k, keys, p.d, p.groups, tid);
         k_normalized = true;
-        normalize_query_stage<T, S>(p, s, qt_begin, 0, tid);
+        if (normalize_q) normalize_query_stage<T, S>(p, s, qt_begin, 0, tid);
     }
 }
 
@@ -404,6 +408,71 @@ __device__ __forceinline__ void write_zero_grads(const Params &p, int64_t batch,
         else
             p.dk.row<T>(batch, kv, j0 + r)[c] = common::from_float<T>(0.f);
     }
+}
+
+// dK of keys [j0, j0 + keys) through the l2norm backward, from dK^ staged in shared
+// memory as float rows (row stride kStageStride, kKeys rows). With one group, whole
+// columns (d = D) and 16-byte aligned rows, each row goes to up to 16 lanes holding
+// 16-byte chunks, and the k rows of several passes are requested before any is used;
+// otherwise a warp per row, one row at a time (its loads' latency exposed per row: 15%
+// of the shared-scores kernel's stalls at n = 1024 before, ncu). Called by kThreads
+// threads after the barrier that publishes the staged rows.
+template <typename T, int D, int kKeys, int kThreads, int kStageStride>
+__device__ __forceinline__ void finish_dk_rows(const Params &p, const float *stage, int64_t batch, int64_t kv,
+                                               int64_t j0, int keys, int tid) {
+    constexpr int E = common::Chunk<T>::N, kChunks = D / E;
+    constexpr int kWidth = kChunks < 16 ? kChunks : 16, kPer = kChunks / kWidth;
+    // (Head dims whose chunks do not spread over 2^k lanes, 96 in 16 bits, take the loop.)
+    constexpr bool kSpreads = kChunks % kWidth == 0 && (kWidth & (kWidth - 1)) == 0;
+    if (kSpreads && p.groups == 1 && p.d == D && p.k.aligned16 && p.dk.aligned16) {
+        constexpr int kRowsPerPass = kThreads / kWidth;
+        constexpr int kPasses = (kKeys + kRowsPerPass - 1) / kRowsPerPass;
+        constexpr int kBatch = 64 / (2 * kPer * E) > 0 ? 64 / (2 * kPer * E) : 1; // passes in flight
+        const int sub = tid % kWidth;
+#pragma unroll
+        for (int pass0 = 0; pass0 < kPasses; pass0 += kBatch) {
+            float x[kBatch][kPer][E], dy[kBatch][kPer][E];
+#pragma unroll
+            for (int b = 0; b < kBatch; ++b) {
+                const int r = tid / kWidth + (pass0 + b) * kRowsPerPass;
+#pragma unroll
+                for (int m = 0; m < kPer; ++m) {
+                    const int c = (sub + kWidth * m) * E;
+                    if (r < keys) {
+                        common::chunk_to_float<T>(*reinterpret_cast<const uint4 *>(p.k.row<T>(batch, kv, j0 + r) + c),
+                                                  x[b][m]);
+                    } else {
+#pragma unroll
+                        for (int e = 0; e < E; ++e) x[b][m][e] = 0.f;
+                    }
+#pragma unroll
+                    for (int e = 0; e < E; e += 4) {
+                        const float4 v = r < kKeys ? *reinterpret_cast<const float4 *>(stage + r * kStageStride + c + e)
+                                                   : float4{0.f, 0.f, 0.f, 0.f};
+                        dy[b][m][e] = v.x;
+                        dy[b][m][e + 1] = v.y;
+                        dy[b][m][e + 2] = v.z;
+                        dy[b][m][e + 3] = v.w;
+                    }
+                }
+            }
+#pragma unroll
+            for (int b = 0; b < kBatch; ++b) {
+                const int r = tid / kWidth + (pass0 + b) * kRowsPerPass;
+                l2norm_backward_lanes<kPer, E>(x[b], dy[b], kWidth, false);
+                if (r < keys) {
+                    T *out = p.dk.row<T>(batch, kv, j0 + r);
+#pragma unroll
+                    for (int m = 0; m < kPer; ++m)
+                        *reinterpret_cast<uint4 *>(out + (sub + kWidth * m) * E) = common::float_to_chunk<T>(dy[b][m]);
+                }
+            }
+        }
+        return;
+    }
+    for (int r = tid / 32; r < keys; r += kThreads / 32)
+        l2norm_backward_row<T, D>(p.k.row<T>(batch, kv, j0 + r), stage + r * kStageStride,
+                                  p.dk.row<T>(batch, kv, j0 + r), p.d, p.groups, true, false, tid % 32);
 }
 
 template <int M, int N> __device__ __forceinline__ void clear_all(FragC (&a)[M][N]) {
@@ -697,9 +766,8 @@ template <typename T, class S, bool kGeneral> struct MainKernel {
                             make_float2(dk[kt][n].x[2 * half], dk[kt][n].x[2 * half + 1]);
                     }
             __syncthreads();
-            for (int r = warp; r < keys; r += S::kThreads / 32)
-                l2norm_backward_row<T, S::D>(p.k.row<T>(batch, kv, j0 + r), stage + r * S::kStageStride,
-                                             p.dk.row<T>(batch, kv, j0 + r), p.d, p.groups, true, lane);
+            finish_dk_rows<T, S::D, S::kKeys, S::kThreads, S::kStageStride>(p, stage, batch, kv, j0, keys,
+                                                                             warp * 32 + lane);
             return;
         }
 #pragma unroll

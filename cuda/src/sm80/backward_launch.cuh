@@ -13,6 +13,16 @@ namespace sm80_bwd {
 
 // ---------------------------------------------------------------- launchers
 
+// The shared-scores kernel exists for 16-bit operands at head dims 64 and 128 (the full
+// shapes). The host (plan_workspace) runs it where its shared memory fits and there is no
+// bias, dbias or dscale: 109 KB at d = 64, A100 and H100 class; 171 KB at d = 128, H100
+// class. Measured on the H100 (benchmarks/NOTES.md): 1.25-1.31x the main kernel at
+// d = 128 and 1.10-1.11x at d = 64 (128 query rows per tile were up to 2% faster there
+// at long sequences, but need 178 KB: not on A100).
+template <typename T, int kHeadDim, bool kCompact> constexpr bool has_shared_scores() {
+    return common::ElementTraits<T>::kIs16Bit && (kHeadDim == 64 || kHeadDim == 128) && !kCompact;
+}
+
 template <typename T, int kHeadDim, bool kCompact> LaunchShape launch_shape() {
     using Main = typename Shapes<T, kHeadDim, kCompact>::Main;
     using Dq = typename Shapes<T, kHeadDim, kCompact>::Dq;
@@ -22,18 +32,20 @@ template <typename T, int kHeadDim, bool kCompact> LaunchShape launch_shape() {
     shape.column_splits = Main::kSplitCount;
     shape.main_smem = Main::kSmemBytes;
     shape.dq_smem = Dq::kSmemBytes;
+    if constexpr (has_shared_scores<T, kHeadDim, kCompact>()) {
+        using Scores = SharedScoresShape<T, kHeadDim, 64>;
+        static_assert(Scores::kKeys == Main::kKeys, "both kernels share the host's key tiles");
+        shape.shared_scores_smem = Scores::kSmemBytes;
+    }
     return shape;
 }
 
 inline unsigned grid_items(int64_t items) { return static_cast<unsigned>(items < 65535 ? items : 65535); }
 
-// Whether the backward needs the main kernel's general paths (else its plain variant or
-// the shared-scores kernel runs), and the shared-scores kernel's own condition (it takes
-// key masks).
-inline bool has_bias_or_dscale(const Params &p) {
-    return p.bias != nullptr || p.dbias_mode != kDbiasNone || p.dscale_partial != nullptr;
+// Whether the main kernel needs its general paths (else its plain variant runs).
+inline bool needs_general_paths(const Params &p) {
+    return p.mask != nullptr || p.bias != nullptr || p.dbias_mode != kDbiasNone || p.dscale_partial != nullptr;
 }
-inline bool needs_general_paths(const Params &p) { return p.mask != nullptr || has_bias_or_dscale(p); }
 
 template <typename T, class S> int launch_main_shape(const Params &p, void *stream) {
     const int64_t key_tiles = (p.nk + S::kKeys - 1) / S::kKeys;
@@ -70,20 +82,10 @@ template <typename T, class S> int launch_shared_scores(const Params &p, void *s
     return cudaGetLastError();
 }
 
-// The shared-scores kernel where it applies (16-bit, head dims 64 and 128, no bias or
-// dscale, its shared memory available: 109 KB at d = 64, A100 and H100 class; 171 KB at
-// d = 128, H100 class), else the main kernel. Measured on the H100 (benchmarks/NOTES.md):
-// 1.25-1.31x the main kernel at d = 128 and 1.10-1.11x at d = 64 (128 query rows per
-// tile were up to 2% faster there at long sequences, but need 178 KB: not on A100).
 template <typename T, int kHeadDim, bool kCompact> int launch_main(const Params &p, void *stream) {
-    using Main = typename Shapes<T, kHeadDim, kCompact>::Main;
-    if constexpr (common::ElementTraits<T>::kIs16Bit && (kHeadDim == 64 || kHeadDim == 128) && !kCompact) {
-        using Scores = SharedScoresShape<T, kHeadDim, 64>;
-        static_assert(Scores::kKeys == Main::kKeys, "both kernels share the host's key tiles");
-        if (!has_bias_or_dscale(p) && p.smem_limit >= Scores::kSmemBytes)
-            return launch_shared_scores<T, Scores>(p, stream);
-    }
-    return launch_main_shape<T, Main>(p, stream);
+    if constexpr (has_shared_scores<T, kHeadDim, kCompact>())
+        if (p.shared_scores) return launch_shared_scores<T, SharedScoresShape<T, kHeadDim, 64>>(p, stream);
+    return launch_main_shape<T, typename Shapes<T, kHeadDim, kCompact>::Main>(p, stream);
 }
 
 template <typename T, int kHeadDim, bool kCompact> int launch_dq(const Params &p, void *stream) {

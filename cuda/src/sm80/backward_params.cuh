@@ -4,11 +4,12 @@
 //
 // The backward runs as a few launches on the caller's stream:
 //   1. prepass      delta_i = <dO_i, O_i>, lse contiguous (+inf for rows that see no
-//                   key, so their P is 0);
+//                   key, so their P is 0), 1 / ||q_i|| where the shared-scores kernel
+//                   folds it (Params::q_inv_norm);
 //   2. main         one CTA per (key tile, kv head, batch): dK, dV in registers, dQ^
 //                   by float atomics (or by 3. when deterministic), dscale partials,
 //                   dbias (the shared-scores kernel instead where it applies, see
-//                   backward_launch.cuh);
+//                   plan_workspace in backward.cu);
 //   3. dq           deterministic only: one CTA per (query tile, head, batch) recomputes
 //                   S, P, dP over all keys and owns its rows of dQ^ (no atomics);
 //   4. post-passes  dq (and dk when the head dim was split) through the l2norm
@@ -50,6 +51,7 @@ struct Rows {
 struct OutRows {
     void *data = nullptr;
     int64_t stride_b = 0, stride_h = 0, stride_row = 0;
+    bool aligned16 = false; // as Rows::aligned16
 
     template <typename T> __host__ __device__ T *row(int64_t b, int64_t h, int64_t r) const {
         return static_cast<T *>(data) + b * stride_b + h * stride_h + r * stride_row;
@@ -71,6 +73,10 @@ struct Params {
     Rows q, k, v, dout;
     const float *lse = nullptr;      // [b][h][nq]: the forward's lse, +inf for empty rows
     const float *delta = nullptr;    // [b][h][nq]
+    // [b][h][nq]: 1 / max(||q_i||, eps), where the shared-scores kernel folds q's norm
+    // into its scores instead of normalizing query tiles (bf16, l2norm, one group;
+    // see plan_workspace); nullptr otherwise.
+    const float *q_inv_norm = nullptr;
     const uint8_t *mask = nullptr;   // nullptr: every key visible
     int64_t mask_stride_b = 0, mask_stride_key = 1;
 
@@ -101,7 +107,7 @@ struct Params {
     int32_t main_batches_per_cta = 1, main_kv_heads_per_cta = 1;
     int32_t dq_batches_per_cta = 1, dq_heads_per_cta = 1, dq_tiles_per_cta = 1;
 
-    int32_t smem_limit = 0; // the device's shared memory per block: picks the main kernel
+    bool shared_scores = false; // the shared-scores kernel runs instead of the main kernel
 };
 
 // Tile shapes of one (dtype, head-dim bucket); the host sizes grids and workspaces from
@@ -111,6 +117,7 @@ struct LaunchShape {
     int32_t dq_queries = 0;  // query rows per dq CTA
     int32_t column_splits = 1; // the head dim is split over this many main CTAs
     int32_t main_smem = 0, dq_smem = 0; // dynamic shared memory, bytes
+    int32_t shared_scores_smem = 0; // the shared-scores kernel's, 0 where it has none
 };
 
 // kCompact: the shapes sized for GPUs with 99 KB of shared memory per block.

@@ -1,7 +1,8 @@
 // backward_shared_scores.cuh: the sm80 backward's main kernel for its common case
 // (16-bit, head dims 64 and 128, no bias, dbias or dscale; key masks allowed) on GPUs
-// with the shared memory for it (backward_launch.cuh chooses). It computes what MainKernel<T, S, false>
-// computes, for the same 128-key tiles, with a different division of the work:
+// with the shared memory for it (plan_workspace in backward.cu chooses). It computes
+// what MainKernel<T, S, false> computes, for the same 128-key tiles, with a different
+// division of the work:
 //
 //   MainKernel          every warp owns 16 keys through all five products: S^T and
 //                       dP^T need the whole query tile per warp, and P^T, dS^T stay
@@ -14,16 +15,17 @@
 // Each warp's products then reuse every fragment they load over twice the rows or
 // columns (fewer shared-memory reads per mma), dK and dV take the same registers as
 // before, and S and dP need no registers beyond the products' own blocks. The numerics
-// are those of MainKernel: P and scale * dS rounded to T once, float32 accumulators.
-// Checked against float64 by cuda/tests/check_backward.cu.
+// are those of MainKernel (P and scale * dS rounded to T once, float32 accumulators),
+// except that for bf16 with one l2norm group q's norm is folded into the scores
+// (Params::q_inv_norm): q^ is never rounded to bf16. Checked against float64 by
+// cuda/tests/check_backward.cu.
 //
-// Measured (H100 SXM, 2026-11-24, bf16, batch = 16384 / n, heads = 2048 / d, kernel
-// alone): d = 128 199 / 225 / 241 / 250 TFLOP/s at n = 2k / 4k / 8k / 16k, against
-// main_kernel's 157 / 176 / 188 / 195 in the same run; d = 64 157 / 183 / 201 / 210
-// against 143 / 166 / 183 / 189. Of a warp's instructions per query tile (ncu,
-// n = 4k, before step 3 of benchmarks/NOTES.md's v4) ~39% were the products and their
-// fragment loads, 21% P and dS, 17% normalizing the next query tile, 13% issuing its
-// copies (64-bit addresses), 4% dQ's atomics; 255 registers, little spilled.
+// Measured (H100 SXM, 2026-11-24, bf16, batch = 16384 / n, heads = 2048 / d, the
+// whole backward with its passes): d = 128 231 / 252 / 263 / 269 TFLOP/s at n = 2k /
+// 4k / 8k / 16k, d = 64 198 / 211 / 224 / 226 (benchmarks/NOTES.md, v6). Of a warp's
+// instructions per query tile (ncu, n = 4k) ~47% are the products and their fragment
+// loads, 18% P and dS, 17% issuing the next tile's copies; 255 registers, little
+// spilled, 75% of cycles with no eligible warp.
 #pragma once
 
 #include <cstdint>
@@ -59,7 +61,8 @@ template <typename T, int kHeadDim, int kQueryRows> struct SharedScoresShape {
     static constexpr int kOffDs = kOffP + PTile::kBytes;
     static constexpr int kOffLse = kOffDs + PTile::kBytes; // [kStages][BR] float
     static constexpr int kOffDelta = kOffLse + kStages * BR * 4;
-    static constexpr int kSmemBytes = kOffDelta + kStages * BR * 4;
+    static constexpr int kOffInvNorm = kOffDelta + kStages * BR * 4; // 1 / ||q||, when folded
+    static constexpr int kSmemBytes = kOffInvNorm + kStages * BR * 4;
     // The epilogue stages dK^ rows (float) over the K and V tiles.
     static constexpr int kStageStride = D + 4;
 
@@ -85,6 +88,7 @@ template <typename T, class S, bool kMasked> struct SharedScoresKernel {
     __device__ __forceinline__ static Smem carve(unsigned char *base) {
         Smem s;
         carve_key_query<T, S>(s, base);
+        s.q_inv_norm = reinterpret_cast<float *>(base + S::kOffInvNorm);
         s.p = reinterpret_cast<T *>(base + S::kOffP);
         s.ds = reinterpret_cast<T *>(base + S::kOffDs);
         return s;
@@ -137,6 +141,9 @@ template <typename T, class S, bool kMasked> struct SharedScoresKernel {
         // Causal: the query tiles before qt_begin see none of these keys, for every head.
         const int64_t qt_begin = first_query_tile<BR>(p, j0, query_tiles);
         bool k_normalized = !p.l2norm; // K^ is formed in place once, with the first query tile
+        // q's norm folded (Params::q_inv_norm): the query tiles stay raw, S and scale dS
+        // are divided by ||q|| per row. Else they are normalized in place as they land.
+        const bool fold_q_norm = p.q_inv_norm != nullptr;
         for (int64_t head = head0; qt_begin < query_tiles && head < head0 + p.heads_per_kv; ++head) {
             const float scale = head_scale(p, head);
             start_query_tiles<T, S>(p, s, keys, k_normalized, batch, head, qt_begin, query_tiles, tid);
@@ -152,6 +159,7 @@ template <typename T, class S, bool kMasked> struct SharedScoresKernel {
                 const T *do_s = s.dout + stage * S::QTile::kElements;
                 const float *lse_s = s.lse + stage * BR;
                 const float *delta_s = s.delta + stage * BR;
+                const float *inv_norm_s = s.q_inv_norm + stage * BR;
                 const int64_t i0 = qt * BR;
 
                 // S = Q^ K^T and dP = dO V^T, this warp's block.
@@ -171,6 +179,9 @@ template <typename T, class S, bool kMasked> struct SharedScoresKernel {
                 // P = 2^(s scale log2(e) - lse log2(e)) and scale dS = P (dP scale - delta
                 // scale): log2(e) and scale folded per row, one FFMA each. The float32
                 // rounding this adds (~2^-24 of the exponent) is far below P's rounding to T.
+                // With q's norm folded, s is <q, k^> and every row's factors carry 1 / ||q||:
+                // scale dS / ||q|| is what dK^ (raw q) and dQ^ (the finishing pass divides
+                // no more) need.
                 const float scale_log2 = scale * common::kLog2e;
                 auto scores_to_shared = [&](auto visible) {
 #pragma unroll
@@ -178,7 +189,9 @@ template <typename T, class S, bool kMasked> struct SharedScoresKernel {
 #pragma unroll
                         for (int half = 0; half < 2; ++half) {
                             const int r = score_row0 + 16 * m + g + 8 * half;
-                            const float lse_log2 = lse_s[r] * common::kLog2e, delta_scaled = delta_s[r] * scale;
+                            const float inv_norm = fold_q_norm ? inv_norm_s[r] : 1.f;
+                            const float row_scale_log2 = scale_log2 * inv_norm, row_scale = scale * inv_norm;
+                            const float lse_log2 = lse_s[r] * common::kLog2e, delta_scaled = delta_s[r] * row_scale;
 #pragma unroll
                             for (int n = 0; n < SN; ++n) {
                                 const int jl = score_key0 + 8 * n + 2 * t;
@@ -187,9 +200,9 @@ template <typename T, class S, bool kMasked> struct SharedScoresKernel {
                                 for (int c = 0; c < 2; ++c) {
                                     const int e = 2 * half + c;
                                     prob[c] = visible(r, jl + c, 2 * n + c)
-                                                  ? common::exp2_approx(fmaf(sc[m][n].x[e], scale_log2, -lse_log2))
+                                                  ? common::exp2_approx(fmaf(sc[m][n].x[e], row_scale_log2, -lse_log2))
                                                   : 0.f;
-                                    grad[c] = prob[c] * fmaf(dp[m][n].x[e], scale, -delta_scaled);
+                                    grad[c] = prob[c] * fmaf(dp[m][n].x[e], row_scale, -delta_scaled);
                                 }
                                 const int at = r * S::PTile::kStride + jl;
                                 *reinterpret_cast<uint32_t *>(s.p + at) = common::pack_float2<T>(prob[0], prob[1]);
@@ -207,7 +220,7 @@ template <typename T, class S, bool kMasked> struct SharedScoresKernel {
 
                 // Tile qt + 1 is normalized once it has landed for every thread, after the
                 // barrier that publishes P and dS.
-                const bool normalize_next = p.l2norm && qt + 1 < query_tiles;
+                const bool normalize_next = p.l2norm && !fold_q_norm && qt + 1 < query_tiles;
                 if (normalize_next) common::cp_async_wait<0>();
                 __syncthreads();
                 if (normalize_next) normalize_query_stage<T, S>(p, s, qt + 1, stage ^ 1, tid);
@@ -271,8 +284,12 @@ template <typename T, class S, bool kMasked> struct SharedScoresKernel {
         auto store_rows = [&](const OutRows &out, float a, float b, int r, int c) {
             if (r < keys && c < p.d) {
                 T *row = out.row<T>(batch, kv, j0 + r);
-                row[c] = common::from_float<T>(a);
-                row[c + 1] = common::from_float<T>(b);
+                if (out.aligned16) {
+                    *reinterpret_cast<uint32_t *>(row + c) = common::pack_float2<T>(a, b);
+                } else {
+                    row[c] = common::from_float<T>(a);
+                    row[c + 1] = common::from_float<T>(b);
+                }
             }
         };
         for_each_pair(dv, [&](int r, int c, float a, float b) { store_rows(p.dv, a, b, r, c); });
@@ -286,9 +303,7 @@ template <typename T, class S, bool kMasked> struct SharedScoresKernel {
             *reinterpret_cast<float2 *>(stage + r * S::kStageStride + c) = make_float2(a, b);
         });
         __syncthreads();
-        for (int r = warp; r < keys; r += S::kWarps)
-            l2norm_backward_row<T, D>(p.k.row<T>(batch, kv, j0 + r), stage + r * S::kStageStride,
-                                      p.dk.row<T>(batch, kv, j0 + r), p.d, p.groups, true, lane);
+        finish_dk_rows<T, D, S::kKeys, S::kThreads, S::kStageStride>(p, stage, batch, kv, j0, keys, warp * 32 + lane);
     }
 };
 
