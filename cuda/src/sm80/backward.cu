@@ -244,6 +244,19 @@ template <typename T> __device__ __forceinline__ RowLanes row_lanes(int d) {
     return r;
 }
 
+// f(row, here, batch, head, i) for each row of a [b][heads][rows] index space that this
+// lane's group takes. Past the last row `here` is false (and the indices those of a row
+// that exists): a warp's lanes run every iteration together, for the shuffles.
+template <class F>
+__device__ __forceinline__ void for_lane_rows(const RowLanes &lanes, int64_t heads, int64_t rows, int64_t total,
+                                              F f) {
+    for (int64_t base = lanes.first; base < total; base += lanes.stride) {
+        const bool here = base + lanes.offset < total;
+        const int64_t row = here ? base + lanes.offset : base;
+        f(row, here, row / (rows * heads), (row / rows) % heads, row % rows);
+    }
+}
+
 // Chunk `c` of a row of T, as floats.
 template <typename T> __device__ __forceinline__ void load_chunk(const T *row, int c, float (&f)[common::Chunk<T>::N]) {
     common::chunk_to_float<T>(*reinterpret_cast<const uint4 *>(row + c * common::Chunk<T>::N), f);
@@ -252,13 +265,8 @@ template <typename T> __device__ __forceinline__ void load_chunk(const T *row, i
 template <typename T> __global__ void __launch_bounds__(kPassThreads) prepass_vector_kernel(const PrepassArgs a) {
     constexpr int E = common::Chunk<T>::N;
     const RowLanes lanes = row_lanes<T>(a.d);
-    const int64_t query_rows = a.b * a.h * a.nq;
-    // The loop runs on the warp's first row, so that a warp's lanes stay together (shuffles).
-    for (int64_t base = lanes.first; base < query_rows; base += lanes.stride) {
-        const int64_t row = base + lanes.offset;
-        const bool here = row < query_rows;
-        const int64_t r = here ? row : base;
-        const int64_t i = r % a.nq, head = (r / a.nq) % a.h, batch = r / (a.nq * a.h);
+    for_lane_rows(lanes, a.h, a.nq, a.b * a.h * a.nq, [&](int64_t row, bool here, int64_t batch, int64_t head,
+                                                          int64_t i) {
         const T *o = a.out.row<T>(batch, head, i), *dout = a.dout.row<T>(batch, head, i);
         float dot = 0.f, sum_sq = 0.f;
 #pragma unroll
@@ -286,7 +294,7 @@ template <typename T> __global__ void __launch_bounds__(kPassThreads) prepass_ve
             a.delta[row] = dot;
             if (a.q_inv_norm != nullptr) a.q_inv_norm[row] = 1.f / fmaxf(sqrtf(sum_sq), kNormEpsilon);
         }
-    }
+    });
 }
 
 struct FinishRowsArgs {
@@ -318,28 +326,20 @@ template <typename T> __global__ void __launch_bounds__(kPassThreads) finish_row
 template <typename T> __global__ void __launch_bounds__(kPassThreads) finish_rows_vector_kernel(const FinishRowsArgs a) {
     constexpr int E = common::Chunk<T>::N, kPer = chunks_per_lane<T>();
     const RowLanes lanes = row_lanes<T>(a.d);
-    const int64_t total = a.b * a.heads * a.rows;
-    for (int64_t base = lanes.first; base < total; base += lanes.stride) {
-        const int64_t row = base + lanes.offset;
-        const bool here = row < total;
-        const int64_t r = here ? row : base;
-        const int64_t i = r % a.rows, head = (r / a.rows) % a.heads, batch = r / (a.rows * a.heads);
+    for_lane_rows(lanes, a.heads, a.rows, a.b * a.heads * a.rows, [&](int64_t row, bool here, int64_t batch,
+                                                                      int64_t head, int64_t i) {
         const T *x_row = a.x.row<T>(batch, head, i);
-        const float *dx_hat = a.dx_hat + r * a.d;
+        const float *dx_hat = a.dx_hat + row * a.d;
         float x[kPer][E], dy[kPer][E];
 #pragma unroll
         for (int m = 0; m < kPer; ++m) {
             const int c = lanes.sub + lanes.width * m;
-            const bool have = here && c < lanes.chunks;
-            if (have) load_chunk(x_row, c, x[m]);
+            if (here && c < lanes.chunks) {
+                load_chunk(x_row, c, x[m]);
+                load_floats(dx_hat + c * E, dy[m]);
+            } else {
 #pragma unroll
-            for (int e = 0; e < E; e += 4) {
-                const float4 v = have ? *reinterpret_cast<const float4 *>(dx_hat + c * E + e) : float4{0, 0, 0, 0};
-                dy[m][e] = v.x;
-                dy[m][e + 1] = v.y;
-                dy[m][e + 2] = v.z;
-                dy[m][e + 3] = v.w;
-                if (!have) x[m][e] = x[m][e + 1] = x[m][e + 2] = x[m][e + 3] = 0.f;
+                for (int e = 0; e < E; ++e) x[m][e] = dy[m][e] = 0.f;
             }
         }
         if (a.l2norm) l2norm_backward_lanes<kPer, E>(x, dy, lanes.width, a.dx_hat_scaled);
@@ -349,7 +349,7 @@ template <typename T> __global__ void __launch_bounds__(kPassThreads) finish_row
             const int c = lanes.sub + lanes.width * m;
             if (here && c < lanes.chunks) *reinterpret_cast<uint4 *>(out + c * E) = common::float_to_chunk<T>(dy[m]);
         }
-    }
+    });
 }
 
 struct Strided4 {

@@ -25,6 +25,18 @@ __device__ __forceinline__ float lanes_sum(float x, int width) {
     return x;
 }
 
+// E floats (E a multiple of 4) from 16-byte aligned memory.
+template <int E> __device__ __forceinline__ void load_floats(const float *from, float (&f)[E]) {
+#pragma unroll
+    for (int e = 0; e < E; e += 4) {
+        const float4 v = *reinterpret_cast<const float4 *>(from + e);
+        f[e] = v.x;
+        f[e + 1] = v.y;
+        f[e + 2] = v.z;
+        f[e + 3] = v.w;
+    }
+}
+
 // Element `index` of an array of T, or of float when is_f32 (bias, dbias).
 template <typename T> __device__ __forceinline__ float load_as_float(const void *base, int64_t index, bool is_f32) {
     return is_f32 ? static_cast<const float *>(base)[index]

@@ -441,18 +441,10 @@ __device__ __forceinline__ void finish_dk_rows(const Params &p, const float *sta
                     if (r < keys) {
                         common::chunk_to_float<T>(*reinterpret_cast<const uint4 *>(p.k.row<T>(batch, kv, j0 + r) + c),
                                                   x[b][m]);
+                        load_floats(stage + r * kStageStride + c, dy[b][m]);
                     } else {
 #pragma unroll
-                        for (int e = 0; e < E; ++e) x[b][m][e] = 0.f;
-                    }
-#pragma unroll
-                    for (int e = 0; e < E; e += 4) {
-                        const float4 v = r < kKeys ? *reinterpret_cast<const float4 *>(stage + r * kStageStride + c + e)
-                                                   : float4{0.f, 0.f, 0.f, 0.f};
-                        dy[b][m][e] = v.x;
-                        dy[b][m][e + 1] = v.y;
-                        dy[b][m][e + 2] = v.z;
-                        dy[b][m][e + 3] = v.w;
+                        for (int e = 0; e < E; ++e) x[b][m][e] = dy[b][m][e] = 0.f;
                     }
                 }
             }
