@@ -152,7 +152,7 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
     cp_async_wait<1>(); // Q has landed (K may still be in flight)
     __syncthreads();
     if (p.l2norm) {
-        l2norm_rows<typename C::QTile, kThreads>(sQ, rows_here, d, p.groups, nullptr, true, tid);
+        normalize_tile<T, BM, D, kThreads>(sQ, rows_here, d, p.groups, tid);
         __syncthreads();
     }
     const int warp_row0 = warp * C::kRowsPerWarp;
