@@ -856,7 +856,8 @@ int main(int argc, char **argv) {
     if (timing && !quick) {
         for (int64_t d : {64, 128})
             for (bool causal : {false, true})
-                for (int64_t n : {512, 1024, 2048, 4096, 8192, 16384}) time_shape(FCSA_DTYPE_BFLOAT16, n, d, causal, false);
+                for (int64_t n : {512, 1024, 2048, 4096, 8192, 16384})
+                    time_shape(FCSA_DTYPE_BFLOAT16, n, d, causal, false);
         time_shape(FCSA_DTYPE_FLOAT16, 8192, 128, false, false);
         time_shape(FCSA_DTYPE_BFLOAT16, 4096, 128, false, true);
         time_shape(FCSA_DTYPE_FLOAT32, 2048, 64, false, false);

@@ -323,7 +323,8 @@ template <typename T> __global__ void __launch_bounds__(kPassThreads) finish_row
 // finish_rows_kernel for one l2norm group and 16-byte aligned rows of x and out (dx_hat
 // is contiguous float rows, d a multiple of 8: aligned too). The same arithmetic as
 // l2norm_backward_row, with <x^, dx^> formed as <x, dx^> / ||x||.
-template <typename T> __global__ void __launch_bounds__(kPassThreads) finish_rows_vector_kernel(const FinishRowsArgs a) {
+template <typename T>
+__global__ void __launch_bounds__(kPassThreads) finish_rows_vector_kernel(const FinishRowsArgs a) {
     constexpr int E = common::Chunk<T>::N, kPer = chunks_per_lane<T>();
     const RowLanes lanes = row_lanes<T>(a.d);
     for_lane_rows(lanes, a.heads, a.rows, a.b * a.heads * a.rows, [&](int64_t row, bool here, int64_t batch,

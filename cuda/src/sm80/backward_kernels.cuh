@@ -353,7 +353,8 @@ __device__ __forceinline__ void issue_query_stage(const Params &p, const KeyQuer
     const int arrays = p.q_inv_norm != nullptr ? 3 : 2;
     for (int r = tid; r < arrays * BR; r += S::kThreads) {
         const int row = r % BR, array = r / BR;
-        const float *src = (array == 0 ? p.lse : array == 1 ? p.delta : p.q_inv_norm) + row_base + (row < rows ? row : 0);
+        const float *src_array = array == 0 ? p.lse : array == 1 ? p.delta : p.q_inv_norm;
+        const float *src = src_array + row_base + (row < rows ? row : 0);
         float *dst = (array == 0 ? s.lse : array == 1 ? s.delta : s.q_inv_norm) + stage * BR + row;
         asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(common::smem_address(dst)), "l"(src),
                      "r"(row < rows ? 4 : 0));
