@@ -231,11 +231,18 @@ struct RowLanes {
 // The 16-byte chunks a lane holds at most: d <= 256 over 16 lanes.
 template <typename T> constexpr int chunks_per_lane() { return kMaxHeadDim / common::Chunk<T>::N / 16; }
 
+// Lanes per row of `chunks` 16-byte chunks: the power of two that covers them, at most 16
+// (the host sizes the grid by it too).
+__host__ __device__ inline int row_lane_width(int chunks) {
+    int width = 1;
+    while (width < chunks && width < 16) width *= 2;
+    return width;
+}
+
 template <typename T> __device__ __forceinline__ RowLanes row_lanes(int d) {
     RowLanes r;
     r.chunks = d / common::Chunk<T>::N;
-    r.width = 1;
-    while (r.width < r.chunks && r.width < 16) r.width *= 2;
+    r.width = row_lane_width(r.chunks);
     const int lane = threadIdx.x & 31;
     r.first = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x - lane) / r.width;
     r.offset = lane / r.width;
@@ -442,13 +449,8 @@ fcsa_status zero_fill(const View &v, cudaStream_t stream) {
     return check_launch(cudaGetLastError(), "zero fill");
 }
 
-// Rows per block of the 16-byte passes (row_lanes: up to 16 lanes per row).
-int64_t vector_rows_per_block(int64_t d, size_t elem) {
-    const int64_t chunks = d * int64_t(elem) / 16;
-    int64_t width = 1;
-    while (width < chunks && width < 16) width *= 2;
-    return kPassThreads / width;
-}
+// Rows per block of the 16-byte passes (row_lanes).
+int64_t vector_rows_per_block(int64_t d, size_t elem) { return kPassThreads / row_lane_width(int(d * elem / 16)); }
 
 // dq (or dk) from its float32 accumulator through the l2norm backward; `vector`: the
 // 16-byte kernel applies.

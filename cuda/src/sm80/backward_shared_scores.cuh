@@ -162,7 +162,7 @@ template <typename T, class S, bool kMasked> struct SharedScoresKernel {
                 const float *inv_norm_s = s.q_inv_norm + stage * BR;
                 const int64_t i0 = qt * BR;
 
-                // S = Q^ K^T and dP = dO V^T, this warp's block.
+                // S = Q^ K^T (Q raw when q's norm is folded) and dP = dO V^T, this warp's block.
                 FragC sc[SM][SN], dp[SM][SN];
                 clear_all(sc, dp);
                 G::template rows_nk<SM, SN, D>(sc, q_s, S::QTile::kStride, score_row0, s.k, S::KTile::kStride,
@@ -225,7 +225,7 @@ template <typename T, class S, bool kMasked> struct SharedScoresKernel {
                 __syncthreads();
                 if (normalize_next) normalize_query_stage<T, S>(p, s, qt + 1, stage ^ 1, tid);
 
-                // dV += P^T dO and dK^ += (scale dS)^T Q^.
+                // dV += P^T dO and dK^ += (scale dS)^T Q^ (folded: (scale dS / ||q||)^T Q).
                 G::template cols_kn<GM, GN, BR>(dv, s.p, S::PTile::kStride, grad_key0, do_s, S::QTile::kStride,
                                                 grad_col0, lane);
                 G::template cols_kn<GM, GN, BR>(dk, s.ds, S::PTile::kStride, grad_key0, q_s, S::QTile::kStride,
