@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fcsa
-from helpers import ATOL, assert_bounded, dtype_id
+from helpers import ATOL, assert_bounded, check_attention, dtype_id, random_mask
 
 pytestmark = pytest.mark.cuda
 
@@ -79,6 +79,29 @@ def test_matches_cpu_backend(d, dtype):
 @pytest.mark.parametrize("d", [64, 128])
 def test_plain_paths_match_cpu_backend(d, dtype, deterministic):
     check_against_cpu_backend(d, dtype, deterministic, every_feature=False)
+
+
+# From nq = 2048 (4096 with causal) the forward reads 1 / ||k|| from a pass over k (the
+# key-norm pass, forward.cu) instead of computing it per key tile: long queries against a
+# key count that is not a multiple of the key tile, grouped kv, and a key mask.
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=dtype_id)
+def test_key_norm_pass(dtype, causal):
+    b, h, hk, nq, nk, d = (1, 2, 1, 4100, 4097, 64) if causal else (1, 4, 2, 2050, 1030, 64)
+    tensors = {"q": torch.randn(b, h, nq, d), "k": torch.randn(b, hk, nk, d), "v": torch.randn(b, hk, nk, d)}
+    check_attention(tensors, dtype, "cuda", lambda attention, **t: attention(**t, causal=causal))
+    tensors["mask"] = random_mask(b, nk)
+    check_attention(tensors, dtype, "cuda", lambda attention, **t: attention(**t, causal=causal))
+
+
+def test_float32_backward_long_causal():
+    """dK and dV sum over every query row. Added straight into the accumulators, the
+    tensor cores' truncating additions biased them (dK off by 3.4e-5 of its largest
+    entry at n = 2050, 1.6x the bound) until each query tile's products were summed
+    apart (backward_gemm.cuh)."""
+    b, h, hk, n, d = 1, 2, 1, 2048, 64
+    tensors = {"q": torch.randn(b, h, n, d), "k": torch.randn(b, hk, n, d), "v": torch.randn(b, hk, n, d)}
+    check_attention(tensors, torch.float32, "cuda", lambda attention, **t: attention(**t, causal=True))
 
 
 # (dtype, large, small): |q| ~ 3e3 is large for float16; bfloat16 also takes norms near

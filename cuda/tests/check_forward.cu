@@ -226,7 +226,16 @@ static Result run_case(const Case &c) {
     out.poison();
     lse.poison();
     fcsa_status st = fcsa::sm80_supports(p, false);
-    if (st == FCSA_STATUS_SUCCESS) st = fcsa::sm80_forward(p, nullptr, nullptr);
+    // The workspace (the key-norm pass's output) poisoned too: the pass writes all of it.
+    const size_t workspace_bytes = fcsa::sm80_forward_workspace(p);
+    void *workspace = nullptr;
+    if (workspace_bytes > 0) {
+        CUDA_CHECK(cudaMalloc(&workspace, workspace_bytes));
+        CUDA_CHECK(cudaMemset(workspace, 0xff, workspace_bytes));
+    }
+    if (st == FCSA_STATUS_SUCCESS) st = fcsa::sm80_forward(p, workspace, nullptr);
+    CUDA_CHECK(cudaDeviceSynchronize());
+    CUDA_CHECK(cudaFree(workspace));
     if (st != FCSA_STATUS_SUCCESS) {
         res.pass = false;
         res.why = std::string("status ") + std::to_string(st) + ": " + fcsa::g_error_message;
@@ -371,6 +380,8 @@ static std::vector<Case> sweep(bool quick) {
             add(c, "quick bias groups unaligned d64");
             c.bias = 0, c.groups = 4, c.d = 128; // swizzled K/V tiles (16-bit), element copies
             add(c, "quick groups unaligned d128");
+            c.groups = 1, c.layout = kContiguous, c.nq = 2050, c.nk = 130, c.mask = 1;
+            add(c, "quick key-norm pass + mask d128");
         }
         return cases;
     }
@@ -459,6 +470,21 @@ static std::vector<Case> sweep(bool quick) {
         c = Case();
         c.dtype = dt, c.magnitude = 1e-20;
         add(c, "tiny inputs");
+        // From nq = 2048 on (4096 with causal), 1 / ||k|| comes from the key-norm pass
+        // (forward.cu); nk not a multiple of 4 or of the key tile, so the padding is read too.
+        c = Case();
+        c.dtype = dt, c.b = 1, c.h = 2, c.hk = 2, c.nq = 2050, c.nk = 1030;
+        add(c, "key-norm pass d64");
+        c.h = 2, c.hk = 1, c.nq = 4100, c.nk = 3001, c.d = 128, c.causal = true;
+        add(c, "key-norm pass single kv head, causal d128");
+        c.h = 4, c.hk = 2, c.nq = 2048, c.nk = 301, c.d = 64, c.causal = false, c.mask = 1, c.bias = 4;
+        add(c, "key-norm pass gqa 4/2, mask + bias");
+        c.h = 2, c.hk = 1, c.mask = 0, c.bias = 0, c.scale_tensor = 1, c.d = 256;
+        add(c, "key-norm pass per-head scale d256");
+        c.scale_tensor = 0, c.d = 128, c.layout = kPaddedRows;
+        add(c, "unaligned rows, nq 2048 (norms in the kernel)");
+        c.layout = kContiguous, c.magnitude = 1e-20;
+        add(c, "key-norm pass tiny inputs");
     }
     return cases;
 }
@@ -510,7 +536,10 @@ static double time_forward(const TimingBuffers &buf, int dtype, int n, int d, bo
     p.v = contiguous_view(buf.v, dtype, b, h, n, d);
     p.out = contiguous_view(buf.out, dtype, b, h, n, d);
     p.lse = contiguous_view(buf.lse, FCSA_DTYPE_FLOAT32, b, h, n, 1);
-    const double median = median_launch_ms([&] { return fcsa::sm80_forward(p, nullptr, nullptr); }, reps);
+    void *workspace = nullptr;
+    if (const size_t bytes = fcsa::sm80_forward_workspace(p)) CUDA_CHECK(cudaMalloc(&workspace, bytes));
+    const double median = median_launch_ms([&] { return fcsa::sm80_forward(p, workspace, nullptr); }, reps);
+    CUDA_CHECK(cudaFree(workspace));
     double flops = 4.0 * b * h * double(n) * n * d;
     if (causal) flops /= 2;
     return flops / (median * 1e-3) / 1e12;

@@ -24,12 +24,20 @@
 #include "../backends.h"
 #include "../common/copy.cuh"
 #include "../common/numeric.cuh"
+#include "../common/row_lanes.cuh"
 #include "backward_device.cuh"
 #include "backward_params.cuh"
 
 namespace fcsa {
 namespace sm80_bwd {
 namespace {
+
+using common::chunks_per_lane;
+using common::for_lane_rows;
+using common::load_chunk;
+using common::row_lane_width;
+using common::row_lanes;
+using common::RowLanes;
 
 constexpr int kPassThreads = 256;
 constexpr int kMaxHeadDim = 256;
@@ -218,57 +226,8 @@ template <typename T> __global__ void __launch_bounds__(kPassThreads) prepass_ke
 // The warp-per-row kernels above read 2 bytes per lane and reduce one row at a time:
 // at b h n d = 33.5M (the benchmark shapes) they ran at 1.1-1.6 TB/s, 130 us for the
 // prepass and 250 us for the finishing pass on the H100, a third of the backward at
-// n = 512. Here a row is spread over `width` lanes (a power of two up to 16, so a warp
-// holds 2 or more rows), each lane holding 16-byte chunks of it.
-struct RowLanes {
-    int width;      // lanes per row
-    int chunks;     // 16-byte chunks per row
-    int sub;        // this lane's place in its row
-    int64_t first;  // the row of the warp's lane 0, before striding
-    int offset;     // this lane's row - first
-    int64_t stride; // rows per grid-wide step
-};
-// The 16-byte chunks a lane holds at most: d <= 256 over 16 lanes.
-template <typename T> constexpr int chunks_per_lane() { return kMaxHeadDim / common::Chunk<T>::N / 16; }
-
-// Lanes per row of `chunks` 16-byte chunks: the power of two that covers them, at most 16
-// (the host sizes the grid by it too).
-__host__ __device__ inline int row_lane_width(int chunks) {
-    int width = 1;
-    while (width < chunks && width < 16) width *= 2;
-    return width;
-}
-
-template <typename T> __device__ __forceinline__ RowLanes row_lanes(int d) {
-    RowLanes r;
-    r.chunks = d / common::Chunk<T>::N;
-    r.width = row_lane_width(r.chunks);
-    const int lane = threadIdx.x & 31;
-    r.first = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x - lane) / r.width;
-    r.offset = lane / r.width;
-    r.sub = lane % r.width;
-    r.stride = int64_t(gridDim.x) * blockDim.x / r.width;
-    return r;
-}
-
-// f(row, here, batch, head, i) for each row of a [b][heads][rows] index space that this
-// lane's group takes. Past the last row `here` is false (and the indices those of a row
-// that exists): a warp's lanes run every iteration together, for the shuffles.
-template <class F>
-__device__ __forceinline__ void for_lane_rows(const RowLanes &lanes, int64_t heads, int64_t rows, int64_t total,
-                                              F f) {
-    for (int64_t base = lanes.first; base < total; base += lanes.stride) {
-        const bool here = base + lanes.offset < total;
-        const int64_t row = here ? base + lanes.offset : base;
-        f(row, here, row / (rows * heads), (row / rows) % heads, row % rows);
-    }
-}
-
-// Chunk `c` of a row of T, as floats.
-template <typename T> __device__ __forceinline__ void load_chunk(const T *row, int c, float (&f)[common::Chunk<T>::N]) {
-    common::chunk_to_float<T>(*reinterpret_cast<const uint4 *>(row + c * common::Chunk<T>::N), f);
-}
-
+// n = 512. Here a row is spread over a group of lanes with 16-byte chunks (RowLanes,
+// common/row_lanes.cuh).
 template <typename T> __global__ void __launch_bounds__(kPassThreads) prepass_vector_kernel(const PrepassArgs a) {
     constexpr int E = common::Chunk<T>::N;
     const RowLanes lanes = row_lanes<T>(a.d);

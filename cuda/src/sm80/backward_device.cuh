@@ -7,18 +7,14 @@
 
 #include "../common/l2norm.cuh"
 #include "../common/numeric.cuh"
+#include "../common/row_lanes.cuh"
 
 namespace fcsa {
 namespace sm80_bwd {
 
 using common::kNormEpsilon;
+using common::lanes_sum;
 
-// The sum over aligned groups of `width` lanes (a power of two), in every lane of each.
-__device__ __forceinline__ float lanes_sum(float x, int width) {
-#pragma unroll
-    for (int offset = width / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
-    return x;
-}
 __device__ __forceinline__ float warp_sum(float x) { return lanes_sum(x, 32); }
 
 // E floats (E a multiple of 4) from 16-byte aligned memory.

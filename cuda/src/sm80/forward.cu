@@ -1,16 +1,88 @@
 // forward.cu: the portable CUDA forward's host side. Turns a validated Problem into
 // ForwardParams and launches the kernel instantiated for its dtype and head-dim bucket
-// (forward_<dtype>_d<D>.cu). No allocation, no synchronization: safe in graph capture.
+// (forward_<dtype>_d<D>.cu), after the key-norm pass where that applies. No allocation,
+// no synchronization: safe in graph capture.
 #include <cstdint>
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include "../backends.h"
+#include "../common/l2norm.cuh"
+#include "../common/row_lanes.cuh"
 #include "forward.cuh"
 
 namespace fcsa {
 namespace sm80 {
 namespace {
+
+// ---- the key-norm pass
+//
+// With one l2norm group, k enters the forward as a factor 1 / ||k_j|| per column of S.
+// Every query tile would compute those norms again for each key tile it reads: on the
+// H100 that cost the kernel 9% at d = 128 and 5% at d = 64 (n = 16k, notes v7). Where
+// many query tiles read each key, one pass over k computes them once instead: one float
+// per key into the workspace (30 us for the benchmark shapes' 67 MB of k). No normalized
+// copy of k is ever written. It pays from 16 query tiles of 128 rows per key: nq >= 2048,
+// twice that with causal (half the tiles see a given key). Below, it measured -6% to +1%.
+constexpr int64_t kKeyNormPassMinQueries = 2048;
+constexpr int kKeyNormThreads = 256;
+constexpr int kKeyNormPasses = 4; // rows per lane group
+
+// Floats per (batch, kv head) row of the result: nk padded to a multiple of 64 (the
+// widest key tile), so that the kernel copies whole tiles' worth.
+int64_t key_norm_stride(const Problem &p) { return (p.nk + 63) / 64 * 64; }
+
+// Blocks of the key-norm pass per (batch, kv head).
+template <typename T> int64_t key_norm_blocks_per_row(const Problem &p) {
+    const int64_t keys_per_block =
+        kKeyNormPasses * kKeyNormThreads / common::row_lane_width(int(p.d) / common::Chunk<T>::N);
+    return (key_norm_stride(p) + keys_per_block - 1) / keys_per_block;
+}
+
+// Each lane group (RowLanes' widths) takes kKeyNormPasses rows of a (batch, kv head),
+// and loads all of their chunks before it sums any: 4 to 8 loads in flight per thread.
+// A block's rows are consecutive keys of one (batch, kv head), with no 64-bit division
+// per row (the first version, a row at a time through for_lane_rows, ran at 1.2 TB/s).
+template <typename T>
+__global__ void __launch_bounds__(kKeyNormThreads)
+    key_norm_kernel(const T *k, int64_t stride_b, int64_t stride_h, int64_t stride_row, int kv_heads, int nk,
+                    int padded_nk, int key_blocks, int d, float *inv_norm) {
+    using namespace common;
+    constexpr int E = Chunk<T>::N, kPer = chunks_per_lane<T>();
+    const int chunks = d / E, width = row_lane_width(chunks), sub = threadIdx.x % width;
+    const int rows_per_pass = kKeyNormThreads / width;
+    const int slab = blockIdx.x / key_blocks;
+    const int first_key = (blockIdx.x % key_blocks) * rows_per_pass * kKeyNormPasses + threadIdx.x / width;
+    const T *keys = k + (slab / kv_heads) * stride_b + (slab % kv_heads) * stride_h;
+    uint4 raw[kKeyNormPasses][kPer]; // 16-byte chunks as loaded: 4 registers each
+#pragma unroll
+    for (int pass = 0; pass < kKeyNormPasses; ++pass) {
+        const int j = first_key + pass * rows_per_pass;
+#pragma unroll
+        for (int m = 0; m < kPer; ++m) {
+            const int c = sub + width * m;
+            raw[pass][m] = j < nk && c < chunks ? *reinterpret_cast<const uint4 *>(keys + j * stride_row + c * E)
+                                                : make_uint4(0u, 0u, 0u, 0u);
+        }
+    }
+#pragma unroll
+    for (int pass = 0; pass < kKeyNormPasses; ++pass) {
+        float sum_sq = 0.f;
+#pragma unroll
+        for (int m = 0; m < kPer; ++m) {
+            float f[E];
+            chunk_to_float<T>(raw[pass][m], f);
+#pragma unroll
+            for (int e = 0; e < E; ++e) sum_sq = fmaf(f[e], f[e], sum_sq);
+        }
+        sum_sq = lanes_sum(sum_sq, width);
+        const int j = first_key + pass * rows_per_pass;
+        if (j < padded_nk && sub == 0)
+            inv_norm[int64_t(slab) * padded_nk + j] = j < nk ? inverse_norm<T>(sum_sq) : 0.f; // zeros: padding
+    }
+}
 
 // Rows of q/k/v/out may be read with 16-byte vectors when the base pointer and every
 // stride except the contiguous last one are multiples of 16 bytes.
@@ -63,18 +135,47 @@ ForwardParams make_params(const Problem &p, int block_m) {
     return f;
 }
 
-template <typename T, int D> fcsa_status run(const Problem &p, cudaStream_t stream) {
-    return launch_forward<T, D>(make_params(p, ForwardConfig<T, D>::kBlockM), stream);
+// Whether this call runs the key-norm pass (the workspace query asks the same).
+bool key_norm_pass(const Problem &p) {
+    const int element_bytes = p.dtype == FCSA_DTYPE_FLOAT32 ? 4 : 2;
+    // (At most as many blocks as rows of 64 keys, the widest rows' count: the grid fits.)
+    const int64_t blocks = p.b * p.hk * (key_norm_stride(p) / 64);
+    const int64_t min_queries = p.causal ? 2 * kKeyNormPassMinQueries : kKeyNormPassMinQueries;
+    return p.l2norm && p.groups == 1 && p.nk > 0 && p.nq >= min_queries && blocks <= INT32_MAX &&
+           rows_16byte_aligned(p.k, element_bytes);
 }
 
-template <typename T> fcsa_status run_bucket(const Problem &p, cudaStream_t stream) {
+template <typename T> fcsa_status run_key_norm_pass(const Problem &p, float *inv_norm, cudaStream_t stream) {
+    const int64_t key_blocks = key_norm_blocks_per_row<T>(p);
+    key_norm_kernel<T><<<unsigned(p.b * p.hk * key_blocks), kKeyNormThreads, 0, stream>>>(
+        static_cast<const T *>(p.k.data), p.k.stride[0], p.k.stride[1], p.k.stride[2], int(p.hk), int(p.nk),
+        int(key_norm_stride(p)), int(key_blocks), int(p.d), inv_norm);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess)
+        return set_error(FCSA_STATUS_CUDA_ERROR, "cuda-sm80 forward: key-norm pass launch failed: %s",
+                         cudaGetErrorString(err));
+    return FCSA_STATUS_SUCCESS;
+}
+
+template <typename T, int D> fcsa_status run(const Problem &p, void *workspace, cudaStream_t stream) {
+    ForwardParams params = make_params(p, ForwardConfig<T, D>::kBlockM);
+    if (key_norm_pass(p)) {
+        float *inv_norm = static_cast<float *>(workspace);
+        if (const fcsa_status st = run_key_norm_pass<T>(p, inv_norm, stream)) return st;
+        params.k_inv_norm = inv_norm;
+        params.k_inv_norm_stride = key_norm_stride(p);
+    }
+    return launch_forward<T, D>(params, stream);
+}
+
+template <typename T> fcsa_status run_bucket(const Problem &p, void *workspace, cudaStream_t stream) {
     switch (forward_head_dim_bucket(p.d)) {
-    case 32: return run<T, 32>(p, stream);
-    case 64: return run<T, 64>(p, stream);
-    case 96: return run<T, 96>(p, stream);
-    case 128: return run<T, 128>(p, stream);
-    case 192: return run<T, 192>(p, stream);
-    default: return run<T, 256>(p, stream);
+    case 32: return run<T, 32>(p, workspace, stream);
+    case 64: return run<T, 64>(p, workspace, stream);
+    case 96: return run<T, 96>(p, workspace, stream);
+    case 128: return run<T, 128>(p, workspace, stream);
+    case 192: return run<T, 192>(p, workspace, stream);
+    default: return run<T, 256>(p, workspace, stream);
     }
 }
 
@@ -102,15 +203,18 @@ size_t forward_smem_bytes(int32_t dtype, int64_t d) {
 
 } // namespace sm80
 
-size_t sm80_forward_workspace(const Problem &) { return 0; }
+size_t sm80_forward_workspace(const Problem &p) {
+    if (p.b == 0 || p.h == 0 || p.nq == 0 || !sm80::key_norm_pass(p)) return 0;
+    return size_t(p.b * p.hk * sm80::key_norm_stride(p)) * sizeof(float);
+}
 
-fcsa_status sm80_forward(const Problem &p, void *, void *stream) {
+fcsa_status sm80_forward(const Problem &p, void *workspace, void *stream) {
     if (p.b == 0 || p.h == 0 || p.nq == 0) return FCSA_STATUS_SUCCESS; // nothing to write
     const cudaStream_t s = static_cast<cudaStream_t>(stream);
     switch (p.dtype) {
-    case FCSA_DTYPE_FLOAT32: return sm80::run_bucket<float>(p, s);
-    case FCSA_DTYPE_FLOAT16: return sm80::run_bucket<__half>(p, s);
-    case FCSA_DTYPE_BFLOAT16: return sm80::run_bucket<__nv_bfloat16>(p, s);
+    case FCSA_DTYPE_FLOAT32: return sm80::run_bucket<float>(p, workspace, s);
+    case FCSA_DTYPE_FLOAT16: return sm80::run_bucket<__half>(p, workspace, s);
+    case FCSA_DTYPE_BFLOAT16: return sm80::run_bucket<__nv_bfloat16>(p, workspace, s);
     default:
         return set_error(FCSA_STATUS_INTERNAL_ERROR, "cuda-sm80 forward: unexpected dtype %d", int(p.dtype));
     }

@@ -28,6 +28,10 @@ struct ForwardParams {
     const uint8_t *mask;  // optional, (batch, key)
     const void *bias;     // optional, T or float32
     const float *scale_t; // optional, one float per head (stride scale_stride, 0 = shared)
+    // Optional: 1 / max(||k_j||, eps) per key, [batch][kv head][k_inv_norm_stride] (the
+    // key-norm pass, forward.cu); else the kernel computes the norms per key tile.
+    const float *k_inv_norm;
+    int64_t k_inv_norm_stride;
     int64_t q_stride[3], k_stride[3], v_stride[3], out_stride[3]; // batch, head, row
     int64_t lse_stride[3];                                         // batch, head, row
     int64_t mask_stride[2];                                        // batch, key
@@ -80,9 +84,10 @@ template <typename T, int D> struct ForwardConfig {
     static constexpr int kOffsetK = QTile::kBytes;
     static constexpr int kOffsetV = kOffsetK + KTile::kBytes;
     static constexpr int kOffsetKInv = kOffsetV + KTile::kBytes;
-    static constexpr int kOffsetBitmaps = kOffsetKInv + kBlockN * 4;
+    static constexpr int kOffsetBitmaps = kOffsetKInv + 2 * kBlockN * 4; // 1/||k||, two buffers
     static constexpr int kSmemBytes = kOffsetBitmaps + 2 * kBitmapWords * 4;
     static_assert(kOffsetK % 128 == 0 && kOffsetV % 128 == 0, "swizzled tiles start on 128-byte lines");
+    static_assert(kOffsetKInv % 16 == 0, "1/||k|| arrives by 16-byte cp.async");
 };
 
 // Launches the kernel for one (T, D) on `stream`; defined in forward_<dtype>_d<D>.cu.

@@ -12,8 +12,9 @@
 //             (swizzled for 16-bit d >= 128, layout.cuh), the next K tile loading
 //             while P·V runs and V loading while S = Q K^T runs.
 //             K rows are normalized as the tile arrives: for groups == 1 a factor
-//             scale * log2(e) / ||k_j|| per column of S (16-bit: the norms from the
-//             diagonal of K K^T on the tensor cores), else in place per group.
+//             scale * log2(e) / ||k_j|| per column of S, with 1 / ||k_j|| copied in
+//             from the key-norm pass (forward.cu) or computed here (16-bit: from the
+//             diagonal of K K^T on the tensor cores); else in place per group.
 //   softmax   base 2. With l2norm and no bias every logit is bounded by |scale|*groups,
 //             so p = 2^(x - bound) needs no running maximum, no reductions and no
 //             rescaling of O: on tiles without masking that is one FMA and one ex2 per
@@ -144,10 +145,22 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
         return tile;
     };
 
-    int tile = next_tile(0);
-    if (tile < tile_end)
-        load_tile<T, BN, D, kThreads, KTile>(sK, key_rows(p.k, p.k_stride, tile * BN), p.k_stride[2],
-                                             min(BN, p.nk - tile * BN), d, p.vec_k, tid);
+    // K tile `t` and, from the key-norm pass, its 1 / ||k_j|| (rows padded to a multiple
+    // of 64 keys: whole 16-byte pieces), as one cp.async group.
+    const float *key_inv_norms =
+        p.l2norm && p.groups == 1 && p.k_inv_norm != nullptr
+            ? p.k_inv_norm + (int64_t(bi) * (p.heads / p.heads_per_kv) + kvh) * p.k_inv_norm_stride
+            : nullptr;
+    // 1 / ||k_j|| of the tile in flight lives in sKInv[stage]: two buffers, because the
+    // next tile's copy starts while a slower warp may still read this one's.
+    auto load_key_tile = [&](int t, int stage) {
+        load_tile<T, BN, D, kThreads, KTile>(sK, key_rows(p.k, p.k_stride, t * BN), p.k_stride[2],
+                                             min(BN, p.nk - t * BN), d, p.vec_k, tid);
+        if (key_inv_norms != nullptr && tid < BN / 4)
+            cp_async_16(smem_address(sKInv + stage * BN + 4 * tid), key_inv_norms + t * BN + 4 * tid, true);
+    };
+    int tile = next_tile(0), stage = 0;
+    if (tile < tile_end) load_key_tile(tile, stage);
     cp_async_commit();
     cp_async_wait<1>(); // Q has landed (K may still be in flight)
     __syncthreads();
@@ -194,10 +207,14 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
         cp_async_commit();
         if (p.l2norm) {
             if (p.groups == 1) {
-                if constexpr (C::k16Bit)
-                    row_inverse_norms_mma<T, BN, D, C::kWarps, KTile>(sK, sKInv, scale_log2, warp, lane);
-                else
-                    row_inverse_norms<T, BN, D, kThreads>(sK, d, sKInv, scale_log2, tid);
+                // (Per key tile they cost the kernel 5-9% at n = 16k, notes v7: for long
+                // queries the key-norm pass computes them once.)
+                if (key_inv_norms == nullptr) {
+                    if constexpr (C::k16Bit)
+                        row_inverse_norms_mma<T, BN, D, C::kWarps, KTile>(sK, sKInv + stage * BN, 1.f, warp, lane);
+                    else
+                        row_inverse_norms<T, BN, D, kThreads>(sK, d, sKInv + stage * BN, 1.f, tid);
+                }
             } else {
                 l2norm_rows<KTile, kThreads>(sK, keys_here, d, p.groups, nullptr, true, tid);
                 __syncthreads();
@@ -250,14 +267,23 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
 
         cp_async_wait<0>();
         __syncthreads(); // V tile ready; K buffer free; the 1/||k|| factors visible
+        // Logit factors per n8 block of S: scale * log2(e), / ||k_j|| per column for
+        // groups == 1, into registers before the exponentials. (Read before this barrier
+        // instead, they cost d = 128 6%, notes v7.)
+        float2 factors[kSBlocks];
+#pragma unroll
+        for (int n = 0; n < kSBlocks; ++n) {
+            const float2 inv_norm =
+                per_column ? *reinterpret_cast<const float2 *>(sKInv + stage * BN + 8 * n + 2 * t4)
+                           : make_float2(1.f, 1.f);
+            factors[n] = make_float2(inv_norm.x * scale_log2, inv_norm.y * scale_log2);
+        }
         const int next = next_tile(tile + 1);
-        if (next < tile_end)
-            load_tile<T, BN, D, kThreads, KTile>(sK, key_rows(p.k, p.k_stride, next * BN), p.k_stride[2],
-                                                 min(BN, p.nk - next * BN), d, p.vec_k, tid);
+        if (next < tile_end) load_key_tile(next, stage ^ 1);
         cp_async_commit();
 
         // Logits in base 2: s * f with f = scale * log2(e) (/ ||k_j|| per column when
-        // groups == 1, folded into sKInv), + bias * log2(e). With 16-bit inputs the
+        // groups == 1, from sKInv), + bias * log2(e). With 16-bit inputs the
         // probabilities are packed into P's mma fragments as soon as they exist, which
         // frees the float scores early (register pressure decides this kernel's speed).
         FragA16 p_frag[C::k16Bit ? kM : 1][C::k16Bit ? BN / 16 : 1];
@@ -266,10 +292,6 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
 #pragma unroll
                 for (int mb = 0; mb < kM; ++mb) accumulators_to_a16<T>(p_frag[mb][kk], s[mb][2 * kk], s[mb][2 * kk + 1]);
             }
-        };
-        auto column_factors = [&](int n) {
-            return per_column ? *reinterpret_cast<const float2 *>(sKInv + 8 * n + 2 * t4)
-                              : make_float2(scale_log2, scale_log2);
         };
         const bool element_mask = keys_here < BN || tile_partly_masked(tile) ||
                                   (p.causal && j0 + BN - 1 > m0 + warp_row0 + causal_offset);
@@ -290,7 +312,7 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
             // kernel, which does not interleave, had its ex2 scheduled in a clump: -4%.)
 #pragma unroll
             for (int n = 0; n < (C::kInterleaveExp ? 2 : kSBlocks); ++n) {
-                const float2 f = column_factors(n);
+                const float2 f = factors[n];
 #pragma unroll
                 for (int mb = 0; mb < kM; ++mb)
 #pragma unroll
@@ -301,7 +323,7 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
             // The general path: bias, -inf for hidden keys, a running maximum if needed.
 #pragma unroll
             for (int n = 0; n < kSBlocks; ++n) {
-                const float2 f = column_factors(n);
+                const float2 f = factors[n];
 #pragma unroll
                 for (int mb = 0; mb < kM; ++mb)
 #pragma unroll
@@ -400,7 +422,7 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
                 for (int kk = 0; kk < BN / 16; ++kk) {
                     const bool next = kInterleave && kk + 1 < BN / 16;
                     float2 f[2];
-                    if (next) f[0] = column_factors(2 * kk + 2), f[1] = column_factors(2 * kk + 3);
+                    if (next) f[0] = factors[2 * kk + 2], f[1] = factors[2 * kk + 3];
 #pragma unroll
                     for (int step = 0; step < kSteps; ++step) {
                         const int i = 2 * step;
@@ -442,6 +464,7 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
             }
         }
         tile = next;
+        stage ^= 1;
     }
 
     // ---- epilogue: normalize, lse, stage the warp's rows in its part of sQ, store
