@@ -27,6 +27,20 @@ def default_run(attention, **tensors):
     return attention(**tensors)
 
 
+def qkv(b, h, nq, nk, d, hk=None):
+    """Random float32 CPU q, k, v (check_attention's `tensors`); hk kv heads."""
+    hk = h if hk is None else hk
+    return {"q": torch.randn(b, h, nq, d), "k": torch.randn(b, hk, nk, d),
+            "v": torch.randn(b, hk, nk, d)}
+
+
+def with_kwargs(**kwargs):
+    """A `run` for check_attention that passes these keyword arguments."""
+    def run(attention, **tensors):
+        return attention(**tensors, **kwargs)
+    return run
+
+
 def attention_results(attention, run, tensors, dout):
     """Runs run(attention, **tensors); returns {"out", "lse"?, and the gradients}."""
     result = run(attention, **tensors)

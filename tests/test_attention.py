@@ -5,19 +5,7 @@ import torch
 
 import fcsa
 from helpers import (ATOL, DEVICES, DTYPES, assert_bounded, check_attention, dtype_id,
-                     random_mask)
-
-
-def qkv(b, h, nq, nk, d, hk=None):
-    hk = h if hk is None else hk
-    return {"q": torch.randn(b, h, nq, d), "k": torch.randn(b, hk, nk, d),
-            "v": torch.randn(b, hk, nk, d)}
-
-
-def with_kwargs(**kwargs):
-    def run(attention, **tensors):
-        return attention(**tensors, **kwargs)
-    return run
+                     qkv, random_mask, with_kwargs)
 
 
 # ---------------------------------------------------------------- shapes

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fcsa
-from helpers import ATOL, assert_bounded, check_attention, dtype_id, random_mask
+from helpers import ATOL, assert_bounded, check_attention, dtype_id, qkv, random_mask, with_kwargs
 
 pytestmark = pytest.mark.cuda
 
@@ -88,10 +88,10 @@ def test_plain_paths_match_cpu_backend(d, dtype, deterministic):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=dtype_id)
 def test_key_norm_pass(dtype, causal):
     b, h, hk, nq, nk, d = (1, 2, 1, 4100, 4097, 64) if causal else (1, 4, 2, 2050, 1030, 64)
-    tensors = {"q": torch.randn(b, h, nq, d), "k": torch.randn(b, hk, nk, d), "v": torch.randn(b, hk, nk, d)}
-    check_attention(tensors, dtype, "cuda", lambda attention, **t: attention(**t, causal=causal))
+    tensors = qkv(b, h, nq, nk, d, hk=hk)
+    check_attention(tensors, dtype, "cuda", with_kwargs(causal=causal))
     tensors["mask"] = random_mask(b, nk)
-    check_attention(tensors, dtype, "cuda", lambda attention, **t: attention(**t, causal=causal))
+    check_attention(tensors, dtype, "cuda", with_kwargs(causal=causal))
 
 
 def test_float32_backward_long_causal():
@@ -99,9 +99,7 @@ def test_float32_backward_long_causal():
     tensor cores' truncating additions biased them (dK off by 3.4e-5 of its largest
     entry at n = 2050, 1.6x the bound) until each query tile's products were summed
     apart (backward_gemm.cuh)."""
-    b, h, hk, n, d = 1, 2, 1, 2048, 64
-    tensors = {"q": torch.randn(b, h, n, d), "k": torch.randn(b, hk, n, d), "v": torch.randn(b, hk, n, d)}
-    check_attention(tensors, torch.float32, "cuda", lambda attention, **t: attention(**t, causal=True))
+    check_attention(qkv(1, 2, 2048, 2048, 64, hk=1), torch.float32, "cuda", with_kwargs(causal=True))
 
 
 # (dtype, large, small): |q| ~ 3e3 is large for float16; bfloat16 also takes norms near

@@ -160,11 +160,11 @@ template <typename T, int kRows, int kCols, int kThreads> struct RowNorms {
     }
 };
 
-// inv[r] = multiplier / max(||row r||, 1e-12) for every row r of the tile (RowNorms).
+// inv[r] = 1 / max(||row r||, 1e-12) for every row r of the tile (RowNorms).
 template <typename T, int kRows, int kCols, int kThreads>
-__device__ __forceinline__ void row_inverse_norms(const T *tile, int d, float *inv, float multiplier, int tid) {
+__device__ __forceinline__ void row_inverse_norms(const T *tile, int d, float *inv, int tid) {
     RowNorms<T, kRows, kCols, kThreads>::run(tile, d, tid, [&](int row, int sub, float row_inv) {
-        if (sub == 0) inv[row] = multiplier * row_inv;
+        if (sub == 0) inv[row] = row_inv;
     });
 }
 
@@ -176,8 +176,7 @@ __device__ __forceinline__ void row_inverse_norms(const T *tile, int d, float *i
 // The A operand of rows r0..r0+15 holds both B operands of X^T: registers 0 and 2 for
 // rows r0..r0+7, 1 and 3 for r0+8..r0+15.
 template <typename T, int kRows, int kCols, int kWarps, class L = PaddedTile<T, kRows, kCols>>
-__device__ __forceinline__ void row_inverse_norms_mma(const T *tile, float *inv, float multiplier, int warp,
-                                                      int lane) {
+__device__ __forceinline__ void row_inverse_norms_mma(const T *tile, float *inv, int warp, int lane) {
     static_assert(ElementTraits<T>::kIs16Bit && kRows % 16 == 0 && kCols % 16 == 0, "16-bit 16 x 16 blocks");
     constexpr int kBlocks = kRows / 16;
     const int g = lane >> 2, t = lane & 3;
@@ -207,8 +206,8 @@ __device__ __forceinline__ void row_inverse_norms_mma(const T *tile, float *inv,
             const bool odd = g & 1;
             const float low_sum = odd ? low[0].x[1] + low[1].x[1] : low[0].x[0] + low[1].x[0];
             const float high_sum = odd ? high[0].x[3] + high[1].x[3] : high[0].x[2] + high[1].x[2];
-            inv[16 * block + g] = multiplier * inverse_norm<T>(low_sum);
-            inv[16 * block + 8 + g] = multiplier * inverse_norm<T>(high_sum);
+            inv[16 * block + g] = inverse_norm<T>(low_sum);
+            inv[16 * block + 8 + g] = inverse_norm<T>(high_sum);
         }
     }
 }

@@ -209,7 +209,7 @@ template <typename T> __global__ void __launch_bounds__(kPassThreads) prepass_ke
             const T *q = a.q.row<T>(batch, head, i);
             float sum_sq = 0.f;
             for (int c = lane; c < a.d; c += 32) sum_sq = fmaf(common::to_float(q[c]), common::to_float(q[c]), sum_sq);
-            inv_norm = 1.f / fmaxf(sqrtf(warp_sum(sum_sq)), kNormEpsilon);
+            inv_norm = common::inverse_norm<float>(warp_sum(sum_sq));
         }
         if (lane == 0) {
             const float lse = a.lse[batch * a.lse_stride[0] + head * a.lse_stride[1] + i * a.lse_stride[2]];
@@ -258,7 +258,7 @@ template <typename T> __global__ void __launch_bounds__(kPassThreads) prepass_ve
             const float lse = a.lse[batch * a.lse_stride[0] + head * a.lse_stride[1] + i * a.lse_stride[2]];
             a.lse_out[row] = lse == -INFINITY ? INFINITY : lse; // as prepass_kernel
             a.delta[row] = dot;
-            if (a.q_inv_norm != nullptr) a.q_inv_norm[row] = 1.f / fmaxf(sqrtf(sum_sq), kNormEpsilon);
+            if (a.q_inv_norm != nullptr) a.q_inv_norm[row] = common::inverse_norm<float>(sum_sq);
         }
     });
 }

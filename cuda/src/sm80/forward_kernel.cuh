@@ -145,10 +145,11 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
         return tile;
     };
 
-    // K tile `t` and, from the key-norm pass, its 1 / ||k_j|| (rows padded to a multiple
-    // of 64 keys: whole 16-byte pieces), as one cp.async group.
+    // K tile `t` and, from the key-norm pass (set only with l2norm and one group), its
+    // 1 / ||k_j|| (rows padded to a multiple of 64 keys: whole 16-byte pieces), as one
+    // cp.async group.
     const float *key_inv_norms =
-        p.l2norm && p.groups == 1 && p.k_inv_norm != nullptr
+        p.k_inv_norm != nullptr
             ? p.k_inv_norm + (int64_t(bi) * (p.heads / p.heads_per_kv) + kvh) * p.k_inv_norm_stride
             : nullptr;
     // 1 / ||k_j|| of the tile in flight lives in sKInv[stage]: two buffers, because the
@@ -211,9 +212,9 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
                 // queries the key-norm pass computes them once.)
                 if (key_inv_norms == nullptr) {
                     if constexpr (C::k16Bit)
-                        row_inverse_norms_mma<T, BN, D, C::kWarps, KTile>(sK, sKInv + stage * BN, 1.f, warp, lane);
+                        row_inverse_norms_mma<T, BN, D, C::kWarps, KTile>(sK, sKInv + stage * BN, warp, lane);
                     else
-                        row_inverse_norms<T, BN, D, kThreads>(sK, d, sKInv + stage * BN, 1.f, tid);
+                        row_inverse_norms<T, BN, D, kThreads>(sK, d, sKInv + stage * BN, tid);
                 }
             } else {
                 l2norm_rows<KTile, kThreads>(sK, keys_here, d, p.groups, nullptr, true, tid);
