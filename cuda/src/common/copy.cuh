@@ -74,7 +74,10 @@ __device__ __forceinline__ uint4 float_to_chunk(const float (&f)[Chunk<T>::N]) {
 // (layout L); the rest of the tile becomes zero. `vectorized` requires src and row_stride to
 // be 16-byte aligned; then the copies are asynchronous (commit and wait as usual),
 // otherwise they complete before the function returns. Called by kThreads threads.
-template <typename T, int kRows, int kCols, int kThreads, class L = PaddedTile<T, kRows, kCols>>
+// kWholeTilePath: whole tiles take a copy loop without tests (a kernel whose schedule
+// it upsets turns it off).
+template <typename T, int kRows, int kCols, int kThreads, class L = PaddedTile<T, kRows, kCols>,
+          bool kWholeTilePath = true>
 __device__ __forceinline__ void load_tile(T *tile, const T *src, int64_t row_stride, int rows,
                                           int cols, bool vectorized, int tid) {
     constexpr int kChunks = kRows * L::kChunksPerRow;
@@ -88,6 +91,13 @@ __device__ __forceinline__ void load_tile(T *tile, const T *src, int64_t row_str
         const T *from = src + r0 * row_stride + c;
         const int64_t step = kRowStep * row_stride;
         const uint32_t to = smem_address(tile + L::chunk_offset(r0, c)); // 32 bits: one register
+        if (kWholeTilePath && kChunks % kThreads == 0 && rows >= kRows && cols >= kCols) {
+            // A whole tile (the common case): no tests, one add and one copy per chunk.
+#pragma unroll
+            for (int it = 0; it < kIters; ++it, from += step)
+                cp_async_16(to + it * kRowStep * L::kStride * int(sizeof(T)), from, true);
+            return;
+        }
 #pragma unroll
         for (int it = 0; it < kIters; ++it) {
             const int r = r0 + it * kRowStep;

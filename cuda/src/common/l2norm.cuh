@@ -35,7 +35,7 @@ template <typename T> __device__ __forceinline__ float inverse_norm(float sum_sq
 
 template <class Layout, int kThreads, typename T>
 __device__ __forceinline__ void l2norm_rows(T *tile, int rows, int d, int groups, float *inv_norms,
-                                            bool scale_in_place, int tid) {
+                                            bool scale_in_place, int tid, float multiplier = 1.f) {
     constexpr int kChunk = Chunk<T>::N;
     const int group_size = d / groups;
     const bool chunked = group_size % kChunk == 0;
@@ -86,17 +86,18 @@ __device__ __forceinline__ void l2norm_rows(T *tile, int rows, int d, int groups
         if (!active) continue;
         if (inv_norms != nullptr && sub == 0) inv_norms[pair] = inv;
         if (scale_in_place) {
+            const float factor = inv * multiplier;
             if (chunked) {
                 for (int u = sub; u < units; u += lanes) {
                     uint4 *p = chunk(u);
                     float f[kChunk];
                     chunk_to_float<T>(*p, f);
 #pragma unroll
-                    for (int e = 0; e < kChunk; ++e) f[e] *= inv;
+                    for (int e = 0; e < kChunk; ++e) f[e] *= factor;
                     *p = float_to_chunk<T>(f);
                 }
             } else {
-                for (int u = sub; u < units; u += lanes) *element(u) = from_float<T>(to_float(*element(u)) * inv);
+                for (int u = sub; u < units; u += lanes) *element(u) = from_float<T>(to_float(*element(u)) * factor);
             }
         }
     }
@@ -219,7 +220,7 @@ __device__ __forceinline__ void row_inverse_norms_mma(const T *tile, float *inv,
 // general path below (+6% for the d = 128 backward on the H100; float32 tiles, twice
 // the registers per chunk, lost 3% with it and keep the general path).
 template <typename T, int kRows, int kCols, int kThreads>
-__device__ __forceinline__ void normalize_rows(T *tile, int d, int tid) {
+__device__ __forceinline__ void normalize_rows(T *tile, int d, int tid, float multiplier = 1.f) {
     using N = RowNorms<T, kRows, kCols, kThreads>;
     if (ElementTraits<T>::kIs16Bit && d == kCols && N::L::kChunksPerRow % N::kLanesPerRow == 0) {
         constexpr int kChunk = N::L::kChunk;
@@ -235,7 +236,7 @@ __device__ __forceinline__ void normalize_rows(T *tile, int d, int tid) {
 #pragma unroll
                 for (int e = 0; e < kChunk; ++e) partial[e] = fmaf(f[i][e], f[i][e], partial[e]);
             }
-            const float row_inv = N::row_inverse_norm(partial);
+            const float row_inv = N::row_inverse_norm(partial) * multiplier;
 #pragma unroll
             for (int i = 0; i < N::kChunksPerLane; ++i) {
 #pragma unroll
@@ -245,7 +246,8 @@ __device__ __forceinline__ void normalize_rows(T *tile, int d, int tid) {
         }
         return;
     }
-    N::run(tile, d, tid, [&](int row, int sub, float row_inv) {
+    N::run(tile, d, tid, [&](int row, int sub, float inv) {
+        const float row_inv = inv * multiplier;
 #pragma unroll
         for (int i = 0; i < N::kChunksPerLane; ++i) {
             if (N::chunk_used(sub, i, d)) {
@@ -261,13 +263,14 @@ __device__ __forceinline__ void normalize_rows(T *tile, int d, int tid) {
 }
 
 // The first `rows` rows of a padded kRows x kCols tile l2-normalized in place per group
-// of columns: normalize_rows for one group, l2norm_rows for several.
+// of columns (and times `multiplier`): normalize_rows for one group, l2norm_rows for
+// several.
 template <typename T, int kRows, int kCols, int kThreads>
-__device__ __forceinline__ void normalize_tile(T *tile, int rows, int d, int groups, int tid) {
+__device__ __forceinline__ void normalize_tile(T *tile, int rows, int d, int groups, int tid, float multiplier = 1.f) {
     if (groups == 1)
-        normalize_rows<T, kRows, kCols, kThreads>(tile, d, tid);
+        normalize_rows<T, kRows, kCols, kThreads>(tile, d, tid, multiplier);
     else
-        l2norm_rows<PaddedTile<T, kRows, kCols>, kThreads>(tile, rows, d, groups, nullptr, true, tid);
+        l2norm_rows<PaddedTile<T, kRows, kCols>, kThreads>(tile, rows, d, groups, nullptr, true, tid, multiplier);
 }
 
 } // namespace common

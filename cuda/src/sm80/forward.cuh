@@ -78,6 +78,13 @@ template <typename T, int D> struct ForwardConfig {
     // d = 64 on the H100; it lost 2-9% at d = 128 (whose registers are all taken: it
     // spilled) and 15% at d = 32.
     static constexpr bool kInterleaveExp = k16Bit && D == 64;
+    // Row sums of P on the tensor cores (P times a column of ones: 1/8 more P V products
+    // at d = 64, 64 fewer float adds per tile and lane): +1-2% at d = 64 on the H100,
+    // -1-2% at d = 128 (notes v8).
+    static constexpr bool kSumsByMma = k16Bit && D == 64;
+    // K and V copies of whole tiles without tests (load_tile): +0.5-1% at d = 128, -1-2%
+    // at d = 64 (notes v8).
+    static constexpr bool kWholeTileCopies = D >= 128;
     using QTile = common::PaddedTile<T, kBlockM, D>;
     using KTile = std::conditional_t<kSwizzledKV, common::SwizzledTile<T, kBlockN, D>,
                                      common::PaddedTile<T, kBlockN, D>>;

@@ -14,14 +14,17 @@
 //             K rows are normalized as the tile arrives: for groups == 1 a factor
 //             scale * log2(e) / ||k_j|| per column of S, with 1 / ||k_j|| copied in
 //             from the key-norm pass (forward.cu) or computed here (16-bit: from the
-//             diagonal of K K^T on the tensor cores); else in place per group.
+//             diagonal of K K^T on the tensor cores); else in place per group. The
+//             plain kernel (below) scales q^ by scale * log2(e) in the prologue instead.
 //   softmax   base 2. With l2norm and no bias every logit is bounded by |scale|*groups,
 //             so p = 2^(x - bound) needs no running maximum, no reductions and no
 //             rescaling of O: on tiles without masking that is one FMA and one ex2 per
 //             score. Otherwise (bias, no l2norm, masked tiles, or a bound too wide for
 //             the probabilities' format) a general path adds bias and -inf masks and,
 //             when the logits are not bounded, tracks the row maximum (online softmax).
-//             P stays in registers, packed as the A operand of P·V as soon as it exists.
+//             P stays in registers, packed as the A operand of P·V as soon as it exists;
+//             at d = 64 the plain kernel sums its rows on the tensor cores (P times a
+//             column of ones) instead of with float adds.
 //   epilogue  O / rowsum -> shared -> global (16-byte stores), lse = ln(sum) + max.
 // Products: mma.m16n8k16 for f16/bf16 (ldmatrix, .trans for V); float32 through
 // 3xTF32 (mma.m16n8k8 on split operands), which keeps float32 accuracy.
@@ -155,8 +158,8 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
     // 1 / ||k_j|| of the tile in flight lives in sKInv[stage]: two buffers, because the
     // next tile's copy starts while a slower warp may still read this one's.
     auto load_key_tile = [&](int t, int stage) {
-        load_tile<T, BN, D, kThreads, KTile>(sK, key_rows(p.k, p.k_stride, t * BN), p.k_stride[2],
-                                             min(BN, p.nk - t * BN), d, p.vec_k, tid);
+        load_tile<T, BN, D, kThreads, KTile, C::kWholeTileCopies>(
+            sK, key_rows(p.k, p.k_stride, t * BN), p.k_stride[2], min(BN, p.nk - t * BN), d, p.vec_k, tid);
         if (key_inv_norms != nullptr && tid < BN / 4)
             cp_async_16(smem_address(sKInv + stage * BN + 4 * tid), key_inv_norms + t * BN + 4 * tid, true);
     };
@@ -165,8 +168,15 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
     cp_async_commit();
     cp_async_wait<1>(); // Q has landed (K may still be in flight)
     __syncthreads();
+    // The plain kernel (l2norm, no bias, one scale) folds scale * log2(e) into q^, which
+    // leaves 1 / ||k_j|| as the logits' only factor.
+    const float q_multiplier = kGeneral ? 1.f : scale_log2;
+    const float factor_scale = kGeneral ? scale_log2 : 1.f;
+    const bool per_column = p.l2norm && p.groups == 1; // 1/||k_j|| as a factor on S
+    if (!per_column) // factors of 1 in both buffers, never overwritten
+        for (int i = tid; i < 2 * BN; i += kThreads) sKInv[i] = 1.f;
     if (p.l2norm) {
-        normalize_tile<T, BM, D, kThreads>(sQ, rows_here, d, p.groups, tid);
+        normalize_tile<T, BM, D, kThreads>(sQ, rows_here, d, p.groups, tid, q_multiplier);
         __syncthreads();
     }
     const int warp_row0 = warp * C::kRowsPerWarp;
@@ -187,6 +197,15 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
     for (int mb = 0; mb < kM; ++mb)
 #pragma unroll
         for (int i = 0; i < kOBlocks; ++i) clear(o[mb][i]);
+    // Row sums: with kSumsByMma, P times a column of ones on the tensor cores (an extra
+    // n8 block of O whose columns all hold the row's sum), else float adds per score.
+    constexpr bool kSumsByMma = C::kSumsByMma && !kGeneral; // (the general kernel spilled with it)
+    FragC o_sum[kM];
+#pragma unroll
+    for (int mb = 0; mb < kM; ++mb) clear(o_sum[mb]);
+    FragB16 ones;
+    ones.x[0] = ones.x[1] = 0u;
+    if constexpr (C::k16Bit) ones.x[0] = ones.x[1] = pack_float2<T>(1.f, 1.f);
     float row_max[kRows], row_sum[kRows];
 #pragma unroll
     for (int h = 0; h < kRows; ++h) {
@@ -194,7 +213,6 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
         row_sum[h] = 0.f;
     }
     auto row_index = [&](int h) { return m0 + warp_row0 + 16 * (h / 2) + g + 8 * (h % 2); };
-    const bool per_column = p.l2norm && p.groups == 1; // 1/||k_j|| as a factor on S
     const bool has_bias = kGeneral && p.bias != nullptr;
 
     while (tile < tile_end) {
@@ -203,8 +221,8 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
 
         cp_async_wait<0>();
         __syncthreads(); // K tile ready; every warp is done with the previous V tile
-        load_tile<T, BN, D, kThreads, KTile>(sV, key_rows(p.v, p.v_stride, j0), p.v_stride[2], keys_here, d,
-                                             p.vec_v, tid);
+        load_tile<T, BN, D, kThreads, KTile, C::kWholeTileCopies>(sV, key_rows(p.v, p.v_stride, j0), p.v_stride[2],
+                                                                   keys_here, d, p.vec_v, tid);
         cp_async_commit();
         if (p.l2norm) {
             if (p.groups == 1) {
@@ -268,16 +286,14 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
 
         cp_async_wait<0>();
         __syncthreads(); // V tile ready; K buffer free; the 1/||k|| factors visible
-        // Logit factors per n8 block of S: scale * log2(e), / ||k_j|| per column for
-        // groups == 1, into registers before the exponentials. (Read before this barrier
-        // instead, they cost d = 128 6%, notes v7.)
+        // Logit factors per n8 block of S: 1 / ||k_j|| per column for groups == 1 (else
+        // 1), times scale * log2(e) unless q^ carries it, into registers before the
+        // exponentials. (Read before this barrier instead, they cost d = 128 6%, notes v7.)
         float2 factors[kSBlocks];
 #pragma unroll
         for (int n = 0; n < kSBlocks; ++n) {
-            const float2 inv_norm =
-                per_column ? *reinterpret_cast<const float2 *>(sKInv + stage * BN + 8 * n + 2 * t4)
-                           : make_float2(1.f, 1.f);
-            factors[n] = make_float2(inv_norm.x * scale_log2, inv_norm.y * scale_log2);
+            const float2 inv_norm = *reinterpret_cast<const float2 *>(sKInv + stage * BN + 8 * n + 2 * t4);
+            factors[n] = make_float2(inv_norm.x * factor_scale, inv_norm.y * factor_scale);
         }
         const int next = next_tile(tile + 1);
         if (next < tile_end) load_key_tile(next, stage ^ 1);
@@ -304,7 +320,7 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
             float *x = s[mb][n].x + 2 * r;
             x[0] = exp2_approx(fmaf(x[0], f.x, -fixed_offset));
             x[1] = exp2_approx(fmaf(x[1], f.y, -fixed_offset));
-            row_sum[2 * mb + r] += x[0] + x[1];
+            if constexpr (!kSumsByMma) row_sum[2 * mb + r] += x[0] + x[1];
         };
         if (plain_tile) {
             // With kInterleaveExp the first 16 columns here, the others interleaved with
@@ -387,6 +403,10 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
                     const float rescale = exp2_approx(row_max[h] - offset[h]);
                     row_max[h] = new_max;
                     row_sum[h] *= rescale;
+                    if constexpr (kSumsByMma) {
+                        o_sum[mb].x[e0] *= rescale;
+                        o_sum[mb].x[e0 + 1] *= rescale;
+                    }
 #pragma unroll
                     for (int i = 0; i < kOBlocks; ++i) {
                         o[mb][i].x[e0] *= rescale;
@@ -403,7 +423,7 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
                         float *x = s[mb][n].x + 2 * r;
                         x[0] = exp2_approx(x[0] - offset[2 * mb + r]);
                         x[1] = exp2_approx(x[1] - offset[2 * mb + r]);
-                        row_sum[2 * mb + r] += x[0] + x[1];
+                        if constexpr (!kSumsByMma) row_sum[2 * mb + r] += x[0] + x[1];
                     }
                 if (n % 2 == 1) pack_probabilities(n / 2);
             }
@@ -442,6 +462,10 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
                             }
                         }
                     }
+                    if constexpr (kSumsByMma) {
+#pragma unroll
+                        for (int mb = 0; mb < kM; ++mb) mma_m16n8k16<T>(o_sum[mb], p_frag[mb][kk], ones);
+                    }
                     if (next) pack_probabilities(kk + 1);
                 }
             };
@@ -472,7 +496,7 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
     float inv_sum[kRows];
 #pragma unroll
     for (int h = 0; h < kRows; ++h) {
-        const float sum = quad_sum(row_sum[h]);
+        const float sum = kSumsByMma ? o_sum[h / 2].x[2 * (h % 2)] : quad_sum(row_sum[h]);
         inv_sum[h] = sum > 0.f ? reciprocal_approx(sum) : 0.f; // no visible key: out = 0
         const int i = row_index(h);
         if (p.lse != nullptr && t4 == 0 && i < p.nq)
