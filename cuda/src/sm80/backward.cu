@@ -92,7 +92,7 @@ struct Plan {
     LaunchShape shape;
     int64_t main_key_tiles = 0;
     int32_t dbias_mode = kDbiasNone;
-    bool shared_scores = false; // the shared-scores kernel instead of the main kernel
+    int32_t shared_scores_rows = 0; // the shared-scores kernel's query tile (0: the main kernel)
     bool fold_q_norm = false;   // it folds q's norm into its scores (Params::q_inv_norm)
     size_t lse = 0, delta = 0, q_inv_norm = 0, dq_acc = 0, dk_acc = 0, dscale = 0, dbias_acc = 0;
     size_t dq_acc_bytes = 0, dbias_acc_bytes = 0;
@@ -112,13 +112,18 @@ Plan plan_workspace(const Problem &p, int smem_limit) {
         plan.shape = shape_for(p.dtype, plan.bucket, true);
     }
     plan.main_key_tiles = ceil_div(p.nk, plan.shape.main_keys);
-    plan.shared_scores = plan.shape.shared_scores_smem > 0 && plan.shape.shared_scores_smem <= smem_limit &&
-                         !p.bias.present() && !p.dbias.present() && !p.dscale.present();
+    // The shared-scores kernel where it fits: 128 query rows per tile where that shape
+    // exists and fits (d = 64 on H100-class GPUs), else 64.
+    if (!p.bias.present() && !p.dbias.present() && !p.dscale.present()) {
+        auto fits = [&](int smem) { return smem > 0 && smem <= smem_limit; };
+        plan.shared_scores_rows =
+            fits(plan.shape.shared_scores_128_smem) ? 128 : fits(plan.shape.shared_scores_smem) ? 64 : 0;
+    }
     // With one norm per row, S = (q . k^) / ||q|| and dK^ = sum (scale dS / ||q||) q: the
     // shared-scores kernel takes the raw q tiles and 1 / ||q|| per row (from the prepass),
     // so no query tile is normalized in shared memory. bf16 only: in f16, dS / ||q||
     // leaves its range (subnormal for ordinary norms of ~100, infinite for tiny ones).
-    plan.fold_q_norm = plan.shared_scores && p.l2norm && p.groups == 1 && p.dtype == FCSA_DTYPE_BFLOAT16;
+    plan.fold_q_norm = plan.shared_scores_rows > 0 && p.l2norm && p.groups == 1 && p.dtype == FCSA_DTYPE_BFLOAT16;
     if (p.dbias.present()) {
         if (is_full_shape(p.bias, p))
             plan.dbias_mode = kDbiasDirect;
@@ -491,7 +496,7 @@ template <typename T> fcsa_status backward(const Problem &pr, const Plan &plan, 
     p.l2norm = pr.l2norm;
     p.deterministic = pr.deterministic;
     p.causal_offset = pr.causal_offset();
-    p.shared_scores = plan.shared_scores;
+    p.shared_scores_rows = plan.shared_scores_rows;
     p.q = rows_of(pr.q, elem);
     p.k = rows_of(pr.k, elem);
     p.v = rows_of(pr.v, elem);

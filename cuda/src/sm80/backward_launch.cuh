@@ -15,12 +15,15 @@ namespace sm80_bwd {
 
 // The shared-scores kernel exists for 16-bit operands at head dims 64 and 128 (the full
 // shapes). The host (plan_workspace) runs it where its shared memory fits and there is no
-// bias, dbias or dscale: 109 KB at d = 64, A100 and H100 class; 171 KB at d = 128, H100
-// class. Measured on the H100 (benchmarks/NOTES.md): 1.25-1.31x the main kernel at
-// d = 128 and 1.10-1.11x at d = 64 (128 query rows per tile were up to 2% faster there
-// at long sequences, but need 178 KB: not on A100).
+// bias, dbias or dscale: at d = 64 with 128 query rows per tile (179 KB, H100 class) or
+// 64 (109 KB, A100 class), at d = 128 with 64 (171 KB, H100 class). Measured on the H100
+// (benchmarks/NOTES.md): 1.25-1.31x the main kernel at d = 128 and 1.10-1.11x at d = 64
+// with 64 rows; 128 rows are another 2-5.5% faster at d = 64 (notes v8).
 template <typename T, int kHeadDim, bool kCompact> constexpr bool has_shared_scores() {
     return common::ElementTraits<T>::kIs16Bit && (kHeadDim == 64 || kHeadDim == 128) && !kCompact;
+}
+template <typename T, int kHeadDim, bool kCompact> constexpr bool has_shared_scores_128() {
+    return has_shared_scores<T, kHeadDim, kCompact>() && kHeadDim == 64;
 }
 
 template <typename T, int kHeadDim, bool kCompact> LaunchShape launch_shape() {
@@ -37,6 +40,8 @@ template <typename T, int kHeadDim, bool kCompact> LaunchShape launch_shape() {
         static_assert(Scores::kKeys == Main::kKeys, "both kernels share the host's key tiles");
         shape.shared_scores_smem = Scores::kSmemBytes;
     }
+    if constexpr (has_shared_scores_128<T, kHeadDim, kCompact>())
+        shape.shared_scores_128_smem = SharedScoresShape<T, kHeadDim, 128>::kSmemBytes;
     return shape;
 }
 
@@ -83,8 +88,11 @@ template <typename T, class S> int launch_shared_scores(const Params &p, void *s
 }
 
 template <typename T, int kHeadDim, bool kCompact> int launch_main(const Params &p, void *stream) {
+    if constexpr (has_shared_scores_128<T, kHeadDim, kCompact>())
+        if (p.shared_scores_rows == 128)
+            return launch_shared_scores<T, SharedScoresShape<T, kHeadDim, 128>>(p, stream);
     if constexpr (has_shared_scores<T, kHeadDim, kCompact>())
-        if (p.shared_scores) return launch_shared_scores<T, SharedScoresShape<T, kHeadDim, 64>>(p, stream);
+        if (p.shared_scores_rows == 64) return launch_shared_scores<T, SharedScoresShape<T, kHeadDim, 64>>(p, stream);
     return launch_main_shape<T, typename Shapes<T, kHeadDim, kCompact>::Main>(p, stream);
 }
 

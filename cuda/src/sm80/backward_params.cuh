@@ -107,7 +107,9 @@ struct Params {
     int32_t main_batches_per_cta = 1, main_kv_heads_per_cta = 1;
     int32_t dq_batches_per_cta = 1, dq_heads_per_cta = 1, dq_tiles_per_cta = 1;
 
-    bool shared_scores = false; // the shared-scores kernel runs instead of the main kernel
+    // Query rows per tile of the shared-scores kernel, which then runs instead of the
+    // main kernel (64 or 128); 0: the main kernel.
+    int32_t shared_scores_rows = 0;
 };
 
 // Tile shapes of one (dtype, head-dim bucket); the host sizes grids and workspaces from
@@ -117,7 +119,9 @@ struct LaunchShape {
     int32_t dq_queries = 0;  // query rows per dq CTA
     int32_t column_splits = 1; // the head dim is split over this many main CTAs
     int32_t main_smem = 0, dq_smem = 0; // dynamic shared memory, bytes
-    int32_t shared_scores_smem = 0; // the shared-scores kernel's, 0 where it has none
+    // The shared-scores kernel's, with 64 and with 128 query rows per tile; 0 where it
+    // has no such shape.
+    int32_t shared_scores_smem = 0, shared_scores_128_smem = 0;
 };
 
 // kCompact: the shapes sized for GPUs with 99 KB of shared memory per block.

@@ -21,11 +21,11 @@
 // cuda/tests/check_backward.cu.
 //
 // Measured (H100 SXM, 2026-11-24, bf16, batch = 16384 / n, heads = 2048 / d, the
-// whole backward with its passes): d = 128 231 / 252 / 263 / 269 TFLOP/s at n = 2k /
-// 4k / 8k / 16k, d = 64 198 / 211 / 224 / 226 (benchmarks/NOTES.md, v6). Of a warp's
-// instructions per query tile (ncu, n = 4k) ~47% are the products and their fragment
-// loads, 18% P and dS, 17% issuing the next tile's copies; 255 registers, little
-// spilled, 75% of cycles with no eligible warp.
+// whole backward with its passes): d = 128 231 / 251 / 262 / 266 TFLOP/s at n = 2k /
+// 4k / 8k / 16k; d = 64 with 128 query rows per tile 207 / 225 / 235 / 239, 2-6% above
+// 64 rows (benchmarks/NOTES.md, v8). Of a warp's instructions per query tile (ncu,
+// n = 4k) ~47% are the products and their fragment loads, 18% P and dS, 17% issuing
+// the next tile's copies; 255 registers, 70-75% of cycles with no eligible warp.
 #pragma once
 
 #include <cstdint>
