@@ -24,9 +24,9 @@
 // main_kernel's place.
 //
 // Measured (H100 SXM, 2026-11-24, bf16, batch = 16384 / n, heads = 2048 / d, kernel
-// alone, the plain variant): d = 64 at n = 2k / 4k / 8k / 16k 143 / 166 / 183 / 189
-// TFLOP/s, d = 128 157 / 176 / 188 / 195 (the shared-scores kernel: 157 / 183 / 201 / 210
-// and 199 / 225 / 241 / 250).
+// alone, the plain variant, v4): d = 64 at n = 2k / 4k / 8k / 16k 143 / 166 / 183 / 189
+// TFLOP/s, d = 128 157 / 176 / 188 / 195 (the shared-scores kernel, which now runs
+// there on the H100: backward_shared_scores.cuh).
 // The limits seen: 255 registers with spills (dK^, dV take 128 of them at d = 128;
 // anything live across the loop body costs, benchmarks/NOTES.md), instructions outside
 // the products (with 32-row tiles at d = 128, ~1,050 per warp and tile for 160 mma: the

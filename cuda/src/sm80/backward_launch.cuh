@@ -16,7 +16,7 @@ namespace sm80_bwd {
 // The shared-scores kernel exists for 16-bit operands at head dims 64 and 128 (the full
 // shapes). The host (plan_workspace) runs it where its shared memory fits and there is no
 // bias, dbias or dscale: at d = 64 with 128 query rows per tile (179 KB, H100 class) or
-// 64 (109 KB, A100 class), at d = 128 with 64 (171 KB, H100 class). Measured on the H100
+// 64 (108 KB, A100 class), at d = 128 with 64 (171 KB, H100 class). Measured on the H100
 // (benchmarks/NOTES.md): 1.25-1.31x the main kernel at d = 128 and 1.10-1.11x at d = 64
 // with 64 rows; 128 rows are another 2-5.5% faster at d = 64 (notes v8).
 template <typename T, int kHeadDim, bool kCompact> constexpr bool has_shared_scores() {

@@ -83,7 +83,7 @@ template <typename T, int D> struct ForwardConfig {
     // -1-2% at d = 128 (notes v8).
     static constexpr bool kSumsByMma = k16Bit && D == 64;
     // K and V copies of whole tiles without tests (load_tile): +0.5-1% at d = 128, -1-2%
-    // at d = 64 (notes v8).
+    // at d = 64 (notes v8). (The Q tile, once per CTA, takes load_tile's default.)
     static constexpr bool kWholeTileCopies = D >= 128;
     using QTile = common::PaddedTile<T, kBlockM, D>;
     using KTile = std::conditional_t<kSwizzledKV, common::SwizzledTile<T, kBlockN, D>,

@@ -168,8 +168,9 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
     cp_async_commit();
     cp_async_wait<1>(); // Q has landed (K may still be in flight)
     __syncthreads();
-    // The plain kernel (l2norm, no bias, one scale) folds scale * log2(e) into q^, which
-    // leaves 1 / ||k_j|| as the logits' only factor.
+    // The plain kernel folds scale * log2(e) into q^, which leaves 1 / ||k_j|| as the
+    // logits' only factor: it runs only with l2norm (plain_forward: bounded logits), so
+    // the normalization below always applies the multiplier there.
     const float q_multiplier = kGeneral ? 1.f : scale_log2;
     const float factor_scale = kGeneral ? scale_log2 : 1.f;
     const bool per_column = p.l2norm && p.groups == 1; // 1/||k_j|| as a factor on S
@@ -299,8 +300,8 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
         if (next < tile_end) load_key_tile(next, stage ^ 1);
         cp_async_commit();
 
-        // Logits in base 2: s * f with f = scale * log2(e) (/ ||k_j|| per column when
-        // groups == 1, from sKInv), + bias * log2(e). With 16-bit inputs the
+        // Logits in base 2: s * f with f from the factors above (q^ already carries
+        // scale * log2(e) in the plain kernel), + bias * log2(e). With 16-bit inputs the
         // probabilities are packed into P's mma fragments as soon as they exist, which
         // frees the float scores early (register pressure decides this kernel's speed).
         FragA16 p_frag[C::k16Bit ? kM : 1][C::k16Bit ? BN / 16 : 1];
@@ -402,11 +403,7 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
                     offset[h] = new_max == -kInf ? 0.f : new_max; // no visible key yet: p = 0
                     const float rescale = exp2_approx(row_max[h] - offset[h]);
                     row_max[h] = new_max;
-                    row_sum[h] *= rescale;
-                    if constexpr (kSumsByMma) {
-                        o_sum[mb].x[e0] *= rescale;
-                        o_sum[mb].x[e0 + 1] *= rescale;
-                    }
+                    row_sum[h] *= rescale; // (kSumsByMma is off here: no running maximum in the plain kernel)
 #pragma unroll
                     for (int i = 0; i < kOBlocks; ++i) {
                         o[mb][i].x[e0] *= rescale;
