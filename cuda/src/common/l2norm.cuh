@@ -17,6 +17,7 @@
 
 #include "copy.cuh"
 #include "numeric.cuh"
+#include "row_lanes.cuh"
 
 namespace fcsa {
 namespace common {
@@ -31,6 +32,45 @@ constexpr float kNormEpsilon = 1e-12f;
 template <typename T> __device__ __forceinline__ float inverse_norm(float sum_sq) {
     if constexpr (ElementTraits<T>::kIs16Bit) return fminf(rsqrt_approx(sum_sq), 1.f / kNormEpsilon);
     else return 1.f / fmaxf(sqrtf(sum_sq), kNormEpsilon);
+}
+
+// Norms without overflow. A float32 sum of squares overflows for rows with entries from
+// ~1.8e19 on, which bf16 and float32 hold (ElementTraits::kSquaresOverflow): the l2norm
+// would then make x^ = 0. Such a row's norm is taken again from the row scaled by 2^-e,
+// with 2^e above its largest magnitude (an exact scaling: nothing overflows, nothing
+// that matters underflows). The row is spread over aligned groups of `width` lanes;
+// for_elements(f) calls f(x) on each of this lane's elements of it (as float). Every
+// lane of the warp calls these (the rescaled path holds shuffles); the fast path costs
+// one vote.
+template <class ForElements> __device__ __forceinline__ float rescaled_norm(int width, ForElements for_elements) {
+    float top = 0.f;
+    for_elements([&](float x) { top = fmaxf(top, fabsf(x)); });
+    int e;
+    frexpf(lanes_max(top, width), &e); // largest < 2^e
+    float sum = 0.f;
+    for_elements([&](float x) {
+        const float y = ldexpf(x, -e);
+        sum = fmaf(y, y, sum);
+    });
+    return ldexpf(sqrtf(lanes_sum(sum, width)), e);
+}
+
+// Whether any row of the warp needs rescaled_norm, from each lane's reduced sum of squares.
+template <typename T> __device__ __forceinline__ bool any_norm_overflow(float sum_sq) {
+    if constexpr (!ElementTraits<T>::kSquaresOverflow) return false;
+    else return __any_sync(0xffffffffu, isinf(sum_sq));
+}
+
+// inverse_norm<Precision>(sum_sq) (sum_sq reduced over the row's lanes), rescaled where
+// it overflowed; T is the stored element type.
+template <typename T, typename Precision = T, class ForElements>
+__device__ __forceinline__ float safe_inverse_norm(float sum_sq, int width, ForElements for_elements) {
+    float inv = inverse_norm<Precision>(sum_sq);
+    if (any_norm_overflow<T>(sum_sq)) {
+        const float norm = rescaled_norm(width, for_elements);
+        if (isinf(sum_sq)) inv = 1.f / fmaxf(norm, kNormEpsilon);
+    }
+    return inv;
 }
 
 template <class Layout, int kThreads, typename T>
@@ -80,9 +120,22 @@ __device__ __forceinline__ void l2norm_rows(T *tile, int rows, int d, int groups
                 }
             }
         }
-        for (int offset = lanes / 2; offset > 0; offset /= 2)
-            sum_sq += __shfl_xor_sync(0xffffffffu, sum_sq, offset);
-        const float inv = inverse_norm<T>(sum_sq);
+        sum_sq = lanes_sum(sum_sq, lanes);
+        // The (row, group)'s elements of this lane, for the rescaled norm.
+        auto for_elements = [&](auto f) {
+            if (!active) return;
+            for (int u = sub; u < units; u += lanes) {
+                if (chunked) {
+                    float x[kChunk];
+                    chunk_to_float<T>(*chunk(u), x);
+#pragma unroll
+                    for (int e = 0; e < kChunk; ++e) f(x[e]);
+                } else {
+                    f(to_float(*element(u)));
+                }
+            }
+        };
+        const float inv = safe_inverse_norm<T>(sum_sq, lanes, for_elements);
         if (!active) continue;
         if (inv_norms != nullptr && sub == 0) inv_norms[pair] = inv;
         if (scale_in_place) {
@@ -126,18 +179,19 @@ template <typename T, int kRows, int kCols, int kThreads> struct RowNorms {
         return row * L::kStride + (sub + i * kLanesPerRow) * L::kChunk;
     }
 
+    static_assert(kRows % kRowsPerPass == 0, "every lane runs the same rows loop (shuffles)");
+
     // 1 / max(||row||, eps) from a lane's per-position partial sums of squares: the
     // positions summed as a tree, then the row's lanes combined by shuffles.
-    __device__ __forceinline__ static float row_inverse_norm(float (&partial)[L::kChunk]) {
+    // for_elements(f) calls f on each of this lane's elements of the row (float), for
+    // the rescaled norm (safe_inverse_norm).
+    template <class ForElements>
+    __device__ __forceinline__ static float row_inverse_norm(float (&partial)[L::kChunk], ForElements for_elements) {
 #pragma unroll
         for (int width = L::kChunk / 2; width > 0; width /= 2)
 #pragma unroll
             for (int e = 0; e < width; ++e) partial[e] += partial[e + width];
-        float sum_sq = partial[0];
-#pragma unroll
-        for (int offset = kLanesPerRow / 2; offset > 0; offset /= 2)
-            sum_sq += __shfl_xor_sync(0xffffffffu, sum_sq, offset);
-        return inverse_norm<T>(sum_sq);
+        return safe_inverse_norm<T>(lanes_sum(partial[0], kLanesPerRow), kLanesPerRow, for_elements);
     }
 
     template <class Finish> __device__ __forceinline__ static void run(const T *tile, int d, int tid, Finish finish) {
@@ -156,7 +210,17 @@ template <typename T, int kRows, int kCols, int kThreads> struct RowNorms {
                     for (int e = 0; e < L::kChunk; ++e) partial[e] = fmaf(f[e], f[e], partial[e]);
                 }
             }
-            finish(row, sub, row_inverse_norm(partial));
+            finish(row, sub, row_inverse_norm(partial, [&](auto f) {
+#pragma unroll
+                       for (int i = 0; i < kChunksPerLane; ++i) {
+                           if (chunk_used(sub, i, d)) {
+                               float x[L::kChunk];
+                               chunk_to_float<T>(*reinterpret_cast<const uint4 *>(tile + chunk_offset(row, sub, i)), x);
+#pragma unroll
+                               for (int e = 0; e < L::kChunk; ++e) f(x[e]);
+                           }
+                       }
+                   }));
         }
     }
 };
@@ -167,6 +231,18 @@ __device__ __forceinline__ void row_inverse_norms(const T *tile, int d, float *i
     RowNorms<T, kRows, kCols, kThreads>::run(tile, d, tid, [&](int row, int sub, float row_inv) {
         if (sub == 0) inv[row] = row_inv;
     });
+}
+
+// The inverse norms of rows 16 * block .. + 15 of a tile whose sums of squares overflowed,
+// rescaled (two lanes a row, each over half of its columns). Out of line: the main loops
+// that call row_inverse_norms_mma keep their registers for the common path.
+template <typename T, int kCols, class L>
+__device__ __noinline__ void rescaled_block_norms(const T *tile, float *inv, int block, int lane) {
+    const int row = 16 * block + lane / 2, col0 = (lane % 2) * (kCols / 2);
+    const float norm = rescaled_norm(2, [&](auto f) {
+        for (int c = col0; c < col0 + kCols / 2; ++c) f(to_float(tile[L::offset(row, c)]));
+    });
+    if (lane % 2 == 0) inv[row] = 1.f / fmaxf(norm, kNormEpsilon);
 }
 
 // row_inverse_norms for a 16-bit tile on the tensor cores: each warp takes 16-row blocks
@@ -203,10 +279,13 @@ __device__ __forceinline__ void row_inverse_norms_mma(const T *tile, float *inv,
         }
         // Diagonal entries: row g of `low` at column g, row 8 + g of `high` at column g;
         // column 2t + e of an accumulator is element e (row g) or 2 + e (row g + 8).
-        if (t == (g >> 1)) {
-            const bool odd = g & 1;
-            const float low_sum = odd ? low[0].x[1] + low[1].x[1] : low[0].x[0] + low[1].x[0];
-            const float high_sum = odd ? high[0].x[3] + high[1].x[3] : high[0].x[2] + high[1].x[2];
+        const bool diagonal = t == (g >> 1);
+        const bool odd = g & 1;
+        const float low_sum = odd ? low[0].x[1] + low[1].x[1] : low[0].x[0] + low[1].x[0];
+        const float high_sum = odd ? high[0].x[3] + high[1].x[3] : high[0].x[2] + high[1].x[2];
+        if (any_norm_overflow<T>(diagonal ? low_sum + high_sum : 0.f)) {
+            rescaled_block_norms<T, kCols, L>(tile, inv, block, lane);
+        } else if (diagonal) {
             inv[16 * block + g] = inverse_norm<T>(low_sum);
             inv[16 * block + 8 + g] = inverse_norm<T>(high_sum);
         }
@@ -236,7 +315,12 @@ __device__ __forceinline__ void normalize_rows(T *tile, int d, int tid, float mu
 #pragma unroll
                 for (int e = 0; e < kChunk; ++e) partial[e] = fmaf(f[i][e], f[i][e], partial[e]);
             }
-            const float row_inv = N::row_inverse_norm(partial) * multiplier;
+            const float row_inv = N::row_inverse_norm(partial, [&](auto fn) {
+#pragma unroll
+                for (int i = 0; i < N::kChunksPerLane; ++i)
+#pragma unroll
+                    for (int e = 0; e < kChunk; ++e) fn(f[i][e]);
+            }) * multiplier;
 #pragma unroll
             for (int i = 0; i < N::kChunksPerLane; ++i) {
 #pragma unroll

@@ -20,20 +20,25 @@ constexpr float kLn2 = 0.6931471805599453f;
 
 template <typename T> struct ElementTraits;
 
+// kSquaresOverflow: the type holds values whose float32 squares overflow (beyond ~1.8e19;
+// float16's largest is 65504), so a row's norm needs the rescaled path (l2norm.cuh).
 template <> struct ElementTraits<float> {
     static constexpr bool kIs16Bit = false;
+    static constexpr bool kSquaresOverflow = true;
     __device__ __forceinline__ static float to_float(float x) { return x; }
     __device__ __forceinline__ static float from_float(float x) { return x; }
 };
 
 template <> struct ElementTraits<__half> {
     static constexpr bool kIs16Bit = true;
+    static constexpr bool kSquaresOverflow = false;
     __device__ __forceinline__ static float to_float(__half x) { return __half2float(x); }
     __device__ __forceinline__ static __half from_float(float x) { return __float2half_rn(x); }
 };
 
 template <> struct ElementTraits<__nv_bfloat16> {
     static constexpr bool kIs16Bit = true;
+    static constexpr bool kSquaresOverflow = true;
     __device__ __forceinline__ static float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
     __device__ __forceinline__ static __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
 };

@@ -191,6 +191,7 @@ struct PrepassArgs {
     int64_t b, h, nq;
     int32_t d;
     Rows out, dout, q;
+    bool out_f32; // out in float32 for 16-bit inputs (the forward's unrounded O)
     const float *lse;
     int64_t lse_stride[3];
     float *lse_out, *delta;
@@ -205,16 +206,24 @@ template <typename T> __global__ void __launch_bounds__(kPassThreads) prepass_ke
     const int64_t warps = int64_t(gridDim.x) * (blockDim.x / 32);
     for (int64_t row = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32; row < query_rows; row += warps) {
         const int64_t i = row % a.nq, head = (row / a.nq) % a.h, batch = row / (a.nq * a.h);
-        const T *o = a.out.row<T>(batch, head, i), *dout = a.dout.row<T>(batch, head, i);
+        const T *dout = a.dout.row<T>(batch, head, i);
         float dot = 0.f;
-        for (int c = lane; c < a.d; c += 32) dot = fmaf(common::to_float(o[c]), common::to_float(dout[c]), dot);
+        if (a.out_f32) {
+            const float *o = a.out.row<float>(batch, head, i);
+            for (int c = lane; c < a.d; c += 32) dot = fmaf(o[c], common::to_float(dout[c]), dot);
+        } else {
+            const T *o = a.out.row<T>(batch, head, i);
+            for (int c = lane; c < a.d; c += 32) dot = fmaf(common::to_float(o[c]), common::to_float(dout[c]), dot);
+        }
         dot = warp_sum(dot);
         float inv_norm = 0.f;
         if (a.q_inv_norm != nullptr) {
             const T *q = a.q.row<T>(batch, head, i);
             float sum_sq = 0.f;
             for (int c = lane; c < a.d; c += 32) sum_sq = fmaf(common::to_float(q[c]), common::to_float(q[c]), sum_sq);
-            inv_norm = common::inverse_norm<float>(warp_sum(sum_sq));
+            inv_norm = common::safe_inverse_norm<T, float>(warp_sum(sum_sq), 32, [&](auto f) {
+                for (int c = lane; c < a.d; c += 32) f(common::to_float(q[c]));
+            });
         }
         if (lane == 0) {
             const float lse = a.lse[batch * a.lse_stride[0] + head * a.lse_stride[1] + i * a.lse_stride[2]];
@@ -258,12 +267,25 @@ template <typename T> __global__ void __launch_bounds__(kPassThreads) prepass_ve
             }
         }
         dot = lanes_sum(dot, lanes.width);
-        sum_sq = lanes_sum(sum_sq, lanes.width);
+        float inv_norm = 0.f;
+        if (a.q_inv_norm != nullptr)
+            inv_norm = common::safe_inverse_norm<T, float>(lanes_sum(sum_sq, lanes.width), lanes.width, [&](auto f) {
+#pragma unroll
+                for (int m = 0; m < chunks_per_lane<T>(); ++m) {
+                    const int c = lanes.sub + lanes.width * m;
+                    if (here && c < lanes.chunks) {
+                        float fq[E];
+                        load_chunk(a.q.row<T>(batch, head, i), c, fq);
+#pragma unroll
+                        for (int e = 0; e < E; ++e) f(fq[e]);
+                    }
+                }
+            });
         if (here && lanes.sub == 0) {
             const float lse = a.lse[batch * a.lse_stride[0] + head * a.lse_stride[1] + i * a.lse_stride[2]];
             a.lse_out[row] = lse == -INFINITY ? INFINITY : lse; // as prepass_kernel
             a.delta[row] = dot;
-            if (a.q_inv_norm != nullptr) a.q_inv_norm[row] = common::inverse_norm<float>(sum_sq);
+            if (a.q_inv_norm != nullptr) a.q_inv_norm[row] = inv_norm;
         }
     });
 }
@@ -466,7 +488,8 @@ template <typename T> fcsa_status backward(const Problem &pr, const Plan &plan, 
     pre.h = pr.h;
     pre.nq = pr.nq;
     pre.d = int32_t(pr.d);
-    pre.out = rows_of(pr.out, elem);
+    pre.out_f32 = pr.out.dtype == FCSA_DTYPE_FLOAT32 && pr.dtype != FCSA_DTYPE_FLOAT32;
+    pre.out = rows_of(pr.out, pre.out_f32 ? 4 : elem);
     pre.dout = rows_of(pr.dout, elem);
     pre.q = rows_of(pr.q, elem);
     pre.lse = static_cast<const float *>(pr.lse.data);
@@ -475,7 +498,8 @@ template <typename T> fcsa_status backward(const Problem &pr, const Plan &plan, 
     pre.delta = reinterpret_cast<float *>(ws + plan.delta);
     pre.q_inv_norm = plan.fold_q_norm ? reinterpret_cast<float *>(ws + plan.q_inv_norm) : nullptr;
     const int64_t query_rows = pr.b * pr.h * pr.nq;
-    if (pre.out.aligned16 && pre.dout.aligned16 && (pre.q_inv_norm == nullptr || pre.q.aligned16))
+    // (A float32 out takes the warp-per-row kernel: the 16-byte one reads out in T.)
+    if (!pre.out_f32 && pre.out.aligned16 && pre.dout.aligned16 && (pre.q_inv_norm == nullptr || pre.q.aligned16))
         prepass_vector_kernel<T><<<pass_blocks(query_rows, vector_rows_per_block(pr.d, elem)), kPassThreads, 0,
                                    stream>>>(pre);
     else

@@ -71,7 +71,16 @@ __device__ __forceinline__ void group_inverse_norms(const float (&x)[WarpRow<kMa
 #pragma unroll
         for (int m = 0; m < kPer; ++m)
             if (group[m] == g) sum_sq = fmaf(x[m], x[m], sum_sq);
-        const float norm = sqrtf(warp_sum(sum_sq));
+        sum_sq = warp_sum(sum_sq);
+        float norm = sqrtf(sum_sq);
+        if (common::any_norm_overflow<float>(sum_sq)) { // entries beyond ~1e19 (l2norm.cuh)
+            const float rescaled = common::rescaled_norm(32, [&](auto f) {
+#pragma unroll
+                for (int m = 0; m < kPer; ++m)
+                    if (group[m] == g) f(x[m]);
+            });
+            if (isinf(sum_sq)) norm = rescaled;
+        }
 #pragma unroll
         for (int m = 0; m < kPer; ++m)
             if (group[m] == g) {
@@ -147,7 +156,17 @@ __device__ __forceinline__ void l2norm_backward_lanes(const float (&x)[kPer][E],
             sum_sq = fmaf(x[m][e], x[m][e], sum_sq);
             dot = fmaf(x[m][e], dy[m][e], dot);
         }
-    const float norm = sqrtf(lanes_sum(sum_sq, width));
+    sum_sq = lanes_sum(sum_sq, width);
+    float norm = sqrtf(sum_sq);
+    if (common::any_norm_overflow<float>(sum_sq)) { // entries beyond ~1e19 (l2norm.cuh)
+        const float rescaled = common::rescaled_norm(width, [&](auto f) {
+#pragma unroll
+            for (int m = 0; m < kPer; ++m)
+#pragma unroll
+                for (int e = 0; e < E; ++e) f(x[m][e]);
+        });
+        if (isinf(sum_sq)) norm = rescaled;
+    }
     const float inv = 1.f / fmaxf(norm, kNormEpsilon);
     const bool clamped = !(norm >= kNormEpsilon);
     const float xhat_dot = lanes_sum(dot, width) * inv, post = scaled ? 1.f : inv;

@@ -166,12 +166,13 @@ __device__ __forceinline__ int clamp_to_int(int64_t x) {
 
 // P = exp(s - lse) for a visible score (0 otherwise) and dS = P (dP - delta). The
 // exponent is formed in natural units with one rounding (fma), then scaled to base 2:
-// large logits lose no float32 accuracy to rounded products with log2(e).
+// large logits lose no float32 accuracy to rounded products with log2(e). A hidden
+// key's dS is 0 by selection: its dP may be NaN (a NaN in v that no row sees).
 __device__ __forceinline__ void probability_and_grad(float &score_to_p, float &dp_to_ds, bool visible,
                                                      float scale, float bias, float lse, float delta) {
     const float prob =
         visible ? common::exp2_approx(fmaf(score_to_p, scale, bias - lse) * common::kLog2e) : 0.f;
-    dp_to_ds = prob * (dp_to_ds - delta);
+    dp_to_ds = visible ? prob * (dp_to_ds - delta) : 0.f;
     score_to_p = prob;
 }
 

@@ -199,10 +199,11 @@ template <typename T, class S, bool kMasked> struct SharedScoresKernel {
 #pragma unroll
                                 for (int c = 0; c < 2; ++c) {
                                     const int e = 2 * half + c;
-                                    prob[c] = visible(r, jl + c, 2 * n + c)
-                                                  ? common::exp2_approx(fmaf(sc[m][n].x[e], row_scale_log2, -lse_log2))
-                                                  : 0.f;
-                                    grad[c] = prob[c] * fmaf(dp[m][n].x[e], row_scale, -delta_scaled);
+                                    // A hidden key's dS is 0 by selection: its dP may be NaN.
+                                    const bool seen = visible(r, jl + c, 2 * n + c);
+                                    prob[c] = seen ? common::exp2_approx(fmaf(sc[m][n].x[e], row_scale_log2, -lse_log2))
+                                                   : 0.f;
+                                    grad[c] = seen ? prob[c] * fmaf(dp[m][n].x[e], row_scale, -delta_scaled) : 0.f;
                                 }
                                 const int at = r * S::PTile::kStride + jl;
                                 *reinterpret_cast<uint32_t *>(s.p + at) = common::pack_float2<T>(prob[0], prob[1]);

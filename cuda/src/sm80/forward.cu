@@ -77,10 +77,19 @@ __global__ void __launch_bounds__(kKeyNormThreads)
 #pragma unroll
             for (int e = 0; e < E; ++e) sum_sq = fmaf(f[e], f[e], sum_sq);
         }
-        sum_sq = lanes_sum(sum_sq, width);
+        auto for_elements = [&](auto f) {
+#pragma unroll
+            for (int m = 0; m < kPer; ++m) {
+                float x[E];
+                chunk_to_float<T>(raw[pass][m], x);
+#pragma unroll
+                for (int e = 0; e < E; ++e) f(x[e]);
+            }
+        };
+        const float inv = safe_inverse_norm<T>(lanes_sum(sum_sq, width), width, for_elements);
         const int j = first_key + pass * rows_per_pass;
         if (j < padded_nk && sub == 0)
-            inv_norm[int64_t(slab) * padded_nk + j] = j < nk ? inverse_norm<T>(sum_sq) : 0.f; // zeros: padding
+            inv_norm[int64_t(slab) * padded_nk + j] = j < nk ? inv : 0.f; // zeros: padding
     }
 }
 
@@ -128,6 +137,7 @@ ForwardParams make_params(const Problem &p, int block_m) {
     f.l2norm = p.l2norm;
     f.logits_bounded = p.logits_bounded();
     f.bias_is_f32 = p.bias.present() && p.bias.dtype == FCSA_DTYPE_FLOAT32;
+    f.out_f32 = p.out.dtype == FCSA_DTYPE_FLOAT32 && p.dtype != FCSA_DTYPE_FLOAT32;
     f.vec_q = rows_16byte_aligned(p.q, element_bytes);
     f.vec_k = rows_16byte_aligned(p.k, element_bytes);
     f.vec_v = rows_16byte_aligned(p.v, element_bytes);

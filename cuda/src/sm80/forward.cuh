@@ -40,6 +40,7 @@ struct ForwardParams {
     int batch, heads, heads_per_kv, nq, nk, d, groups, num_m_tiles;
     float scale;
     bool causal, l2norm, logits_bounded, bias_is_f32;
+    bool out_f32; // out in float32 for 16-bit q, k, v (what the backward's delta reads)
     bool vec_q, vec_k, vec_v, vec_out; // 16-byte aligned rows: vector copies allowed
 };
 

@@ -43,6 +43,21 @@
 namespace fcsa {
 namespace sm80 {
 
+// Zeros the rows of a V tile (keys j0 ..) whose keys the mask hides: P is 0 there, and
+// 0 * (a NaN or inf in v) must not reach O. Out of line: the main loop keeps its
+// registers for the common path (this runs on partly masked tiles only).
+template <typename T, int D, int kThreads, class KTile>
+__device__ __noinline__ void zero_masked_value_rows(T *sV, const ForwardParams &p, int bi, int j0, int keys_here,
+                                                    int tid) {
+    constexpr int kChunk = KTile::kChunk, kChunksPerRow = D / kChunk;
+    for (int c = tid; c < keys_here * kChunksPerRow; c += kThreads) {
+        const int r = c / kChunksPerRow;
+        if (p.mask[bi * p.mask_stride[0] + int64_t(j0 + r) * p.mask_stride[1]] == 0)
+            *reinterpret_cast<uint4 *>(sV + KTile::chunk_offset(r, (c % kChunksPerRow) * kChunk)) =
+                make_uint4(0u, 0u, 0u, 0u);
+    }
+}
+
 // kGeneral = false compiles the common case alone (bounded logits, no bias, no key mask:
 // see plain_forward below); its registers then go to the products, not to the state of
 // paths it never takes.
@@ -222,8 +237,11 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
 
         cp_async_wait<0>();
         __syncthreads(); // K tile ready; every warp is done with the previous V tile
+        // V rows of keys past the last row's causal reach stay zero (load_tile fills what
+        // it does not copy): P is 0 there, and 0 * (a NaN or inf in v) must not reach O.
+        const int reach = p.causal ? m0 + rows_here - 1 + causal_offset - j0 : BN; // keys [0, reach] seen
         load_tile<T, BN, D, kThreads, KTile, C::kWholeTileCopies>(sV, key_rows(p.v, p.v_stride, j0), p.v_stride[2],
-                                                                   keys_here, d, p.vec_v, tid);
+                                                                   min(keys_here, reach + 1), d, p.vec_v, tid);
         cp_async_commit();
         if (p.l2norm) {
             if (p.groups == 1) {
@@ -287,6 +305,10 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
 
         cp_async_wait<0>();
         __syncthreads(); // V tile ready; K buffer free; the 1/||k|| factors visible
+        if (kGeneral && tile_partly_masked(tile)) { // masked keys' V rows zeroed likewise
+            zero_masked_value_rows<T, D, kThreads, KTile>(sV, p, bi, j0, keys_here, tid);
+            __syncthreads();
+        }
         // Logit factors per n8 block of S: 1 / ||k_j|| per column for groups == 1 (else
         // 1), times scale * log2(e) unless q^ carries it, into registers before the
         // exponentials. (Read before this barrier instead, they cost d = 128 6%, notes v7.)
@@ -500,6 +522,26 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
             p.lse[bi * p.lse_stride[0] + hq * p.lse_stride[1] + int64_t(i) * p.lse_stride[2]] =
                 sum > 0.f ? (row_max[h] + log2_approx(sum)) * kLn2 : -kInf;
     }
+    if (kGeneral && C::k16Bit && p.out_f32) {
+        // A float32 out for 16-bit inputs (what the backward's delta is taken from when it
+        // reduces dS): straight from the accumulators. Rare, so simple.
+        float *out_f = static_cast<float *>(p.out) + bi * p.out_stride[0] + hq * p.out_stride[1];
+#pragma unroll
+        for (int h = 0; h < kRows; ++h) {
+            const int i = row_index(h);
+            if (i >= p.nq) continue;
+#pragma unroll
+            for (int n = 0; n < kOBlocks; ++n) {
+                const int col = n * 8 + 2 * t4;
+                if (col >= d) continue;
+                const int e0 = 2 * (h % 2);
+                float *dst = out_f + int64_t(i) * p.out_stride[2] + col;
+                dst[0] = o[h / 2][n].x[e0] * inv_sum[h];
+                dst[1] = o[h / 2][n].x[e0 + 1] * inv_sum[h];
+            }
+        }
+        return;
+    }
     T *out = static_cast<T *>(p.out) + bi * p.out_stride[0] + hq * p.out_stride[1] +
              int64_t(m0 + warp_row0) * p.out_stride[2];
     T *staging = sQ + warp_row0 * QS; // only this warp ever read these rows of sQ
@@ -523,7 +565,7 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
 template <typename T, int D> bool plain_forward(const ForwardParams &p) {
     using C = ForwardConfig<T, D>;
     const float bound_log2 = fabsf(p.scale) * float(p.groups) * common::kLog2e;
-    return p.bias == nullptr && p.mask == nullptr && p.scale_t == nullptr && p.logits_bounded &&
+    return p.bias == nullptr && p.mask == nullptr && p.scale_t == nullptr && !p.out_f32 && p.logits_bounded &&
            2.f * bound_log2 <= C::kBoundedRange;
 }
 
