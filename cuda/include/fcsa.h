@@ -15,7 +15,16 @@
  *    passes the stream and a workspace whose size it asked for beforehand, so calls can
  *    be captured into CUDA graphs.
  *  - Tensors are described by fcsa_tensor: shape and strides counted in elements.
- *    The last dimension must be contiguous (stride 1); other strides are free.
+ *    The last dimension must be contiguous (stride 1); other strides are free but not
+ *    negative (a dimension of size 1 may have any stride: it is never stepped along).
+ *  - Sizes are checked before anything is computed or returned: each tensor's element
+ *    count and the bytes it spans, (1 + sum of (shape_i - 1) * stride_i) * element size,
+ *    must fit in int64_t, and data plus that span must not pass the end of the address
+ *    space. So must the products the backends size their work by: b*h*nq*d,
+ *    b*hk*nk*d and, with a bias, b*h*nq*nk may not exceed 2^58, nor b*h*nq*nk without
+ *    one 2^62, each taken with nq, nk and d rounded up to a multiple of 256. A call
+ *    beyond these is refused with FCSA_STATUS_INVALID_ARGUMENT and a message naming
+ *    the tensor; a size query then leaves *workspace_bytes as it was.
  *  - Structs that may grow begin with their own size (struct_size): set it to sizeof.
  *  - Status values are fixed and are never renumbered.
  */
