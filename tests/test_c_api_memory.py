@@ -200,3 +200,122 @@ def test_lengths_at_the_bound_still_answer_a_size(lib):
     status, message, size = call(lib, d, run=False)
     assert status == 0, message
     assert 4 * 2**40 * 16 <= size < 2**63
+
+
+# ---------------------------------------------------------------- overlapping outputs
+
+def snapshot(tensors):
+    return {name: t.clone() for name, t in tensors.items()}
+
+
+def assert_unchanged(before, tensors):
+    for name, t in before.items():
+        assert torch.equal(t, tensors[name]), f"{name} was written"
+
+
+def test_forward_outputs_sharing_memory_are_refused(lib):
+    # out = v.
+    t = forward_tensors()
+    before = snapshot(t)
+    d = describe_all(t)
+    d["out"] = fc.describe(t["v"])
+    assert_refused(call(lib, d), "out: overlaps v in memory",
+                   "outputs must not share memory with any input or other output")
+    assert_unchanged(before, t)
+
+    # lse in the middle of out.
+    t = forward_tensors()
+    before = snapshot(t)
+    d = describe_all(t)
+    d["lse"] = fc.describe(t["out"].view(-1)[16:16 + 20].view(2, 2, 5))
+    assert_refused(call(lib, d), "lse: overlaps out in memory")
+    assert_unchanged(before, t)
+
+    # out whose rows all lie on one row (stride 0): the rows would race.
+    t = forward_tensors()
+    before = snapshot(t)
+    d = describe_all(t)
+    d["out"].strides[2] = 0
+    assert_refused(call(lib, d), "out: shape (2, 2, 5, 16) with strides (160, 80, 0, 1)",
+                   "must not overlap itself")
+    assert_unchanged(before, t)
+
+    # Heads that overlap rows: strides (80, 8, 16, 1) reach one element twice.
+    d = describe_all(t)
+    d["out"].strides[1] = 8
+    assert_refused(call(lib, d), "out:", "must not overlap itself")
+    assert_unchanged(before, t)
+
+
+def test_backward_outputs_sharing_memory_are_refused(lib):
+    t = backward_tensors(lib)
+    before = snapshot(t)
+
+    # dq and dk in one buffer, dk starting halfway through dq.
+    buffer = torch.full((2 * t["dq"].numel(),), 7.0)
+    d = describe_all(t)
+    n = t["dq"].numel()
+    d["dq"] = fc.describe(buffer[:n].view(t["dq"].shape))
+    d["dk"] = fc.describe(buffer[n // 2:n // 2 + n].view(t["dk"].shape))
+    assert_refused(call(lib, d, backward=True), "dk: overlaps dq in memory")
+    assert (buffer == 7.0).all()
+
+    d = describe_all(t)
+    d["dv"] = fc.describe(t["k"])
+    assert_refused(call(lib, d, backward=True), "dv: overlaps k in memory")
+
+    d = describe_all(t)
+    d["dbias"] = fc.describe(t["bias"])
+    assert_refused(call(lib, d, backward=True), "dbias: overlaps bias in memory")
+
+    # dq over dout, and over lse: inputs of the backward only.
+    d = describe_all(t)
+    d["dq"] = fc.describe(t["dout"])
+    assert_refused(call(lib, d, backward=True), "dq: overlaps dout in memory")
+    assert_unchanged(before, t)
+
+    shared = torch.full((t["dq"].numel() + 8,), 7.0)
+    shared[:t["lse"].numel()] = t["lse"].view(-1)
+    d = describe_all(t)
+    d["lse"] = fc.describe(shared[:t["lse"].numel()].view(t["lse"].shape))
+    d["dq"] = fc.describe(shared[8:].view(t["dq"].shape))
+    before_shared = shared.clone()
+    assert_refused(call(lib, d, backward=True), "dq: overlaps lse in memory")
+    assert torch.equal(shared, before_shared)
+
+
+def packed_qkv(b=2, n=6, h=2, d=16):
+    """q, k, v as (b, h, n, d) views of one (b, n, 3, h, d) tensor."""
+    qkv = torch.randn(b, n, 3, h, d)
+    return qkv, [qkv[:, :, i].transpose(1, 2) for i in range(3)]
+
+
+def test_inputs_may_share_memory_and_outputs_may_interleave(lib):
+    qkv, (q, k, v) = packed_qkv()
+    out, lse = fc.forward(lib, q, k, v)
+    ref_out, ref_lse = fc.forward(lib, q.contiguous(), k.contiguous(), v.contiguous())
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+
+    # q = k = v: one tensor read three times.
+    out_same, _ = fc.forward(lib, q, q, q)
+    ref_same, _ = fc.forward(lib, q.contiguous(), q.contiguous(), q.contiguous())
+    assert torch.equal(out_same, ref_same)
+
+    # dq, dk and dv written into one packed (b, n, 3, h, d) gradient: their spans meet,
+    # but no element is shared.
+    dout = torch.randn_like(out)
+    dqkv = torch.full_like(qkv, float("nan"))
+    grads = [dqkv[:, :, i].transpose(1, 2) for i in range(3)] + [None, None]
+    fc.backward(lib, q, k, v, out, dout, lse, grads=grads)
+    ref = fc.backward(lib, q, k, v, out, dout, lse)
+    for got, want in zip(grads[:3], ref[:3]):
+        assert torch.equal(got, want)
+
+    # The same layout with dk moved by half a head into dq's place is refused.
+    dqkv.fill_(7.0)
+    d = {name: fc.describe(x) for name, x in
+         dict(q=q, k=k, v=v, out=out, dout=dout, lse=lse, dq=grads[0], dk=grads[1],
+              dv=grads[2]).items()}
+    d["dk"].data = grads[0].data_ptr() + 8 * 4
+    assert_refused(call(lib, d, backward=True), "dk: overlaps dq in memory")
+    assert (dqkv == 7.0).all()

@@ -1,12 +1,14 @@
 // api.cpp: the C ABI of libfcsa. Everything a caller passes is checked here, before
 // any work, and turned into a fcsa::Problem (problem.h); then the backend for the
 // tensors' device runs it. No C++ exception crosses this file's functions.
+#include <algorithm>
 #include <cmath>
 #include <cstdarg>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <exception>
+#include <initializer_list>
 #include <limits>
 #include <new>
 #include <string>
@@ -445,6 +447,125 @@ fcsa_status check_common(const fcsa_options &options, const CommonTensors &in, P
     return FCSA_STATUS_SUCCESS;
 }
 
+// ------------------------------------------------------------------ memory overlap
+//
+// Outputs are written while the inputs are read, by many threads in any order: an
+// output that shares memory with an input or with another output, or whose distinct
+// elements share memory, would give wrong results or races. Such calls are refused.
+// Inputs may share memory freely (the q, k and v slices of one packed tensor, say).
+// These run after check_descriptor accepted every tensor: strides are >= 0 and every
+// extent fits in int64_t and in the address space.
+
+struct NamedTensor {
+    const char *name;
+    const fcsa_tensor *tensor; // NULL when absent
+};
+
+bool has_elements(const fcsa_tensor *t) {
+    if (!t) return false;
+    for (int i = 0; i < t->ndim; ++i)
+        if (t->shape[i] == 0) return false;
+    return true;
+}
+
+// Whether two distinct indices may reach the same element. Taken by increasing stride,
+// each dimension of size > 1 must step past the farthest element the smaller ones
+// reach: a sufficient test, and the one every layout torch creates passes.
+bool overlaps_itself(const fcsa_tensor &t) {
+    int dims[FCSA_MAX_DIMS];
+    int count = 0;
+    for (int i = 0; i < t.ndim; ++i)
+        if (t.shape[i] > 1) dims[count++] = i;
+    std::sort(dims, dims + count, [&t](int a, int b) { return t.strides[a] < t.strides[b]; });
+    int64_t reach = 0;
+    for (int k = 0; k < count; ++k) {
+        const int i = dims[k];
+        if (t.strides[i] <= reach) return true;
+        reach += (t.shape[i] - 1) * t.strides[i];
+    }
+    return false;
+}
+
+// The bytes [first, last] from a tensor's first element to the end of its last.
+struct ByteSpan {
+    uintptr_t first, last;
+};
+
+ByteSpan byte_span(const fcsa_tensor &t) {
+    const uintptr_t first = reinterpret_cast<uintptr_t>(t.data);
+    const int64_t bytes = (last_element_offset(t) + 1) * element_bytes(t.dtype);
+    return {first, first + uintptr_t(bytes - 1)};
+}
+
+// With a period of `period` bytes: when each dimension of size > 1 either steps by a
+// multiple of the period or is one of the dimensions that together span less than a
+// period, every byte of t lies at data + (a multiple of period) + [0, window). Returns
+// that window, or 0 when t does not have this form.
+int64_t window_in_period(const fcsa_tensor &t, int64_t period) {
+    const int64_t size = element_bytes(t.dtype);
+    int64_t window = size;
+    for (int i = 0; i < t.ndim; ++i) {
+        if (t.shape[i] <= 1) continue;
+        const int64_t stride = t.strides[i] * size; // fits: no larger than t's extent
+        if (stride >= period) {
+            if (stride % period != 0) return 0;
+        } else {
+            window += (t.shape[i] - 1) * stride;
+        }
+    }
+    return window <= period ? window : 0;
+}
+
+// True when a and b provably share no byte although their spans meet: for a period
+// taken from their strides, both have the form above and their windows do not meet
+// modulo the period. That is the case of slices of one packed tensor, for example
+// dq, dk and dv written into one (b, n, 3, h, d) gradient.
+bool interleaved_apart(const fcsa_tensor &a, const fcsa_tensor &b) {
+    for (const fcsa_tensor *t : {&a, &b}) {
+        for (int i = 0; i < t->ndim; ++i) {
+            if (t->shape[i] <= 1 || t->strides[i] == 0) continue;
+            const int64_t period = t->strides[i] * element_bytes(t->dtype);
+            const int64_t window_a = window_in_period(a, period), window_b = window_in_period(b, period);
+            if (window_a == 0 || window_b == 0) continue;
+            const uint64_t p = uint64_t(period);
+            const uint64_t start_a = reinterpret_cast<uintptr_t>(a.data) % p;
+            const uint64_t start_b = reinterpret_cast<uintptr_t>(b.data) % p;
+            const uint64_t distance = (start_b + p - start_a) % p; // from a's window to b's
+            if (distance >= uint64_t(window_a) && distance + uint64_t(window_b) <= p) return true;
+        }
+    }
+    return false;
+}
+
+bool share_memory(const fcsa_tensor &a, const fcsa_tensor &b) {
+    const ByteSpan x = byte_span(a), y = byte_span(b);
+    if (x.last < y.first || y.last < x.first) return false;
+    return !interleaved_apart(a, b);
+}
+
+fcsa_status check_overlaps(std::initializer_list<NamedTensor> outputs, std::initializer_list<NamedTensor> inputs) {
+    for (const NamedTensor *out = outputs.begin(); out != outputs.end(); ++out) {
+        if (!has_elements(out->tensor)) continue;
+        const fcsa_tensor &t = *out->tensor;
+        if (overlaps_itself(t))
+            return set_error(FCSA_STATUS_INVALID_ARGUMENT,
+                             "%s: shape %s with strides %s puts distinct elements in the same memory (an output must "
+                             "not overlap itself)",
+                             out->name, shape_string(t).c_str(), dims_string(t.strides, t.ndim).c_str());
+        auto shared = [&](const NamedTensor &other) {
+            if (!has_elements(other.tensor) || !share_memory(t, *other.tensor)) return FCSA_STATUS_SUCCESS;
+            return set_error(FCSA_STATUS_INVALID_ARGUMENT,
+                             "%s: overlaps %s in memory (outputs must not share memory with any input or other "
+                             "output)",
+                             out->name, other.name);
+        };
+        for (const NamedTensor &in : inputs) FCSA_RETURN_IF_ERROR(shared(in));
+        for (const NamedTensor *earlier = outputs.begin(); earlier != out; ++earlier)
+            FCSA_RETURN_IF_ERROR(shared(*earlier));
+    }
+    return FCSA_STATUS_SUCCESS;
+}
+
 fcsa_status read_struct_size(const char *name, size_t given, size_t first_version) {
     if (given < first_version)
         return set_error(FCSA_STATUS_INVALID_ARGUMENT, "%s: struct_size is %zu, expected at least %zu", name, given,
@@ -459,7 +580,14 @@ fcsa_status validate_forward(const fcsa_options *given_options, const fcsa_forwa
     FCSA_RETURN_IF_ERROR(read_struct_size("tensors", tensors->struct_size, kForwardTensorsV1Size));
     const CommonTensors common = {tensors->q,    tensors->k,     tensors->v,   tensors->mask,
                                   tensors->bias, tensors->scale, tensors->out, tensors->lse};
-    return check_common(options, common, p);
+    FCSA_RETURN_IF_ERROR(check_common(options, common, p));
+    return check_overlaps({{"out", tensors->out}, {"lse", tensors->lse}},
+                          {{"q", tensors->q},
+                           {"k", tensors->k},
+                           {"v", tensors->v},
+                           {"mask", tensors->mask},
+                           {"bias", tensors->bias},
+                           {"scale", tensors->scale}});
 }
 
 fcsa_status validate_backward(const fcsa_options *given_options, const fcsa_backward_tensors *tensors,
@@ -520,7 +648,20 @@ fcsa_status validate_backward(const fcsa_options *given_options, const fcsa_back
         else
             p.dscale = make_view(dscale, {-1, -1, -1, -1});
     }
-    return FCSA_STATUS_SUCCESS;
+    return check_overlaps({{"dq", tensors->dq},
+                           {"dk", tensors->dk},
+                           {"dv", tensors->dv},
+                           {"dbias", tensors->dbias},
+                           {"dscale", tensors->dscale}},
+                          {{"q", tensors->q},
+                           {"k", tensors->k},
+                           {"v", tensors->v},
+                           {"mask", tensors->mask},
+                           {"bias", tensors->bias},
+                           {"scale", tensors->scale},
+                           {"out", tensors->out},
+                           {"dout", tensors->dout},
+                           {"lse", tensors->lse}});
 }
 
 // ------------------------------------------------------------------ dispatch
