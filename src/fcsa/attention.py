@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _ops
-from ._inputs import KERNEL_DTYPES, REFERENCE_DTYPES, canonical_inputs
+from ._inputs import KERNEL_DTYPES, REFERENCE_DTYPES, canonical_inputs, check_flags
 
 L2NORM_EPS = 1e-12
 
@@ -27,17 +27,24 @@ def flash_cosine_sim_attention(q, k, v, mask=None, attn_bias=None, scale=8, grou
         mask: bool (b, nk), True where a key may be attended.
         attn_bias: (h, nq, nk); (b, nq, nk) with attn_bias_batch_dim=True; or 4-D
             broadcastable to (b, h, nq, nk). q's dtype or float32.
-        scale: a float, or a tensor of shape () or (h,) (learnable per-head temperature).
+        scale: a float, finite in float32; or a tensor of shape () or (h,) (learnable
+            per-head temperature), whose values are not inspected.
         groups: l2norm over this many equal chunks of the head dim.
         causal: key j is hidden from row i when j > i + nk - nq (aligned to the end).
         l2norm_qk: normalize q and k inside the kernel (False: they come normalized).
         return_lse: also return lse = log sum_j exp(s_ij), float32 (b, h, nq) or
             (B, nq), -inf for a row that sees no key. It carries no gradient.
         deterministic: make the backward bitwise reproducible.
+        The flags (causal, l2norm_qk, attn_bias_batch_dim, return_lse, deterministic)
+        take a bool, a numpy bool or 0/1; anything else is a TypeError.
 
     Returns:
-        out, of q's shape and dtype; or (out, lse) when return_lse.
+        out, of q's shape and dtype; or (out, lse) when return_lse. The gradient is of
+        first order only: a backward with create_graph=True raises NotImplementedError.
     """
+    causal, l2norm_qk, attn_bias_batch_dim, return_lse, deterministic = check_flags(
+        causal=causal, l2norm_qk=l2norm_qk, attn_bias_batch_dim=attn_bias_batch_dim,
+        return_lse=return_lse, deterministic=deterministic)
     x = canonical_inputs(q, k, v, mask, attn_bias, scale, groups, attn_bias_batch_dim,
                          KERNEL_DTYPES)
     if x.q.device.type not in ("cpu", "cuda"):
@@ -46,11 +53,11 @@ def flash_cosine_sim_attention(q, k, v, mask=None, attn_bias=None, scale=8, grou
     scale_t = None if x.scale is None else _ops.last_dim_contiguous(x.scale.float())
 
     # The backward needs lse: compute it whenever a gradient may be asked for.
-    need_lse = bool(return_lse) or (torch.is_grad_enabled() and any(
+    need_lse = return_lse or (torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, bias, scale_t)))
     out, lse = torch.ops.fcsa.forward(q, k, v, mask, bias, scale_t, x.scale_value,
-                                      int(groups), bool(causal), bool(l2norm_qk),
-                                      bool(deterministic), need_lse)
+                                      int(groups), causal, l2norm_qk, deterministic,
+                                      need_lse)
     if x.merged:
         out = out.squeeze(1)
         lse = lse.squeeze(1) if return_lse else lse
@@ -89,6 +96,9 @@ def plain_cosine_sim_attention(q, k, v, mask=None, attn_bias=None, scale=8, grou
     """The same function as flash_cosine_sim_attention, written in plain PyTorch: it
     materializes the (nq, nk) score matrix and runs in the inputs' dtype (float64
     included), so it works on any device and serves as the reference."""
+    causal, l2norm_qk, attn_bias_batch_dim, return_lse = check_flags(
+        causal=causal, l2norm_qk=l2norm_qk, attn_bias_batch_dim=attn_bias_batch_dim,
+        return_lse=return_lse)
     x = canonical_inputs(q, k, v, mask, attn_bias, scale, groups, attn_bias_batch_dim,
                          REFERENCE_DTYPES)
     q, k, v = x.q, x.k, x.v
