@@ -3,7 +3,6 @@
 import numbers
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import _ops
@@ -67,7 +66,8 @@ def flash_cosine_sim_attention(q, k, v, mask=None, attn_bias=None, scale=8, grou
 def l2norm_tensors(*tensors, groups=1):
     """Each tensor divided by its l2 norm over the last dim, taken separately over
     `groups` equal chunks: x / max(|x|, 1e-12), the norm computed in float32 (or
-    float64 for float64 input). Returns a tuple, each tensor in its own dtype."""
+    float64 for float64 input) without overflow or underflow, for rows of any size.
+    Returns a tuple, each tensor in its own dtype."""
     if not tensors:
         raise ValueError("l2norm_tensors needs at least one tensor")
     if isinstance(groups, bool) or not isinstance(groups, numbers.Integral):
@@ -84,9 +84,25 @@ def l2norm_tensors(*tensors, groups=1):
 
 
 def _l2norm(t: Tensor, groups: int) -> Tensor:
+    """x / max(|x|, 1e-12) per group, with |x| computed without overflow or underflow.
+
+    Each group is first divided by a power of two near its largest |x_i|, which is
+    exact, so the sum of squares is taken on numbers near 1: rows whose squares would
+    overflow (|x| above ~1.8e19 in float32) or underflow keep their direction. Where
+    |x|^2 is representable the result is the very number x / |x| gives."""
     x = t.to(torch.promote_types(t.dtype, torch.float32))
     x = x.unflatten(-1, (groups, t.shape[-1] // groups))
-    x = F.normalize(x, p=2.0, dim=-1, eps=L2NORM_EPS)
+    # The power 2^(e - 1) <= max |x_i| < 2^e (1/2 for a group of zeros). x / |x| does
+    # not change when x is scaled, so the power needs no gradient of its own.
+    _, exponent = torch.frexp(x.detach().abs().amax(dim=-1, keepdim=True))
+    power = torch.pow(2.0, (exponent - 1).to(x.dtype))
+    scaled = x / power
+    scaled_norm = torch.linalg.vector_norm(scaled, dim=-1, keepdim=True)
+    # The true norm, for the clamp: it may overflow to inf, never to a wrong small value.
+    clamped = power * scaled_norm < L2NORM_EPS
+    # Both branches are evaluated: keep the unused one finite for the gradient.
+    normalized = scaled / torch.where(clamped, 1.0, scaled_norm)
+    x = torch.where(clamped, x / L2NORM_EPS, normalized)
     return x.flatten(-2).to(t.dtype)
 
 
