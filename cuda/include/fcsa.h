@@ -15,7 +15,27 @@
  *    passes the stream and a workspace whose size it asked for beforehand, so calls can
  *    be captured into CUDA graphs.
  *  - Tensors are described by fcsa_tensor: shape and strides counted in elements.
- *    The last dimension must be contiguous (stride 1); other strides are free.
+ *    The last dimension must be contiguous (stride 1); other strides are free but not
+ *    negative (a dimension of size 1 may have any stride: it is never stepped along).
+ *  - Sizes are checked before anything is computed or returned: each tensor's element
+ *    count and the bytes it spans, (1 + sum of (shape_i - 1) * stride_i) * element size,
+ *    must fit in int64_t, and data plus that span must not pass the end of the address
+ *    space. The products the backends size their work by are bounded too: b*h*nq*d,
+ *    b*hk*nk*d and, with a bias, b*h*nq*nk may not exceed 2^58, nor b*h*nq*nk without
+ *    one 2^62 (nq, nk and d rounded up to a multiple of 256 first, a 0 counted as 1).
+ *    A call beyond these is refused with FCSA_STATUS_INVALID_ARGUMENT and a message
+ *    naming the tensor. A failed size query leaves *workspace_bytes as it was.
+ *  - Memory: outputs (out and lse in the forward; dq, dk, dv, dbias and dscale in the
+ *    backward) must not share memory with any input (q, k, v, mask, bias, scale, and
+ *    in the backward out, dout and lse), with another output or with themselves. Two
+ *    tensors are taken to share memory when the byte ranges from their first to their
+ *    last element meet, unless their elements interleave without meeting (slices of
+ *    one packed tensor, such as dq, dk and dv in one (b, n, 3, h, d) gradient). An
+ *    output overlaps itself when, its dimensions of size > 1 taken by increasing
+ *    stride, one of them does not step past everything the smaller ones reach (a
+ *    stride of 0, for instance). Such calls are refused (FCSA_STATUS_INVALID_ARGUMENT,
+ *    the message naming both tensors). Inputs may share memory with each other and
+ *    with themselves (q, k and v from one packed qkv tensor, a stride-0 broadcast).
  *  - Structs that may grow begin with their own size (struct_size): set it to sizeof.
  *  - Status values are fixed and are never renumbered.
  */

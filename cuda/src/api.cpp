@@ -1,11 +1,15 @@
 // api.cpp: the C ABI of libfcsa. Everything a caller passes is checked here, before
 // any work, and turned into a fcsa::Problem (problem.h); then the backend for the
 // tensors' device runs it. No C++ exception crosses this file's functions.
+#include <algorithm>
 #include <cmath>
 #include <cstdarg>
+#include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <exception>
+#include <initializer_list>
+#include <limits>
 #include <new>
 #include <string>
 #include <vector>
@@ -128,8 +132,50 @@ fcsa_status read_options(const fcsa_options *given, fcsa_options *options) {
     return FCSA_STATUS_SUCCESS;
 }
 
+// ------------------------------------------------------------------ sizes in 64 bits
+//
+// Every extent, stride and byte count a caller passes is checked for overflow before
+// it is used: no size query may answer a wrapped number, and no backend may index past
+// what the caller described.
+
+constexpr int64_t kInt64Max = std::numeric_limits<int64_t>::max();
+
+// *result = a * b for a, b >= 0; false when that exceeds INT64_MAX.
+bool checked_mul(int64_t a, int64_t b, int64_t *result) {
+    if (a != 0 && b > kInt64Max / a) return false;
+    *result = a * b;
+    return true;
+}
+
+// *result = a + b for a, b >= 0; false when that exceeds INT64_MAX.
+bool checked_add(int64_t a, int64_t b, int64_t *result) {
+    if (b > kInt64Max - a) return false;
+    *result = a + b;
+    return true;
+}
+
+int64_t element_bytes(int32_t dtype) {
+    switch (dtype) {
+    case FCSA_DTYPE_FLOAT32: return 4;
+    case FCSA_DTYPE_BOOL: return 1;
+    default: return 2;
+    }
+}
+
+// The offset in elements of a tensor's last element from its first: the sum of
+// (shape_i - 1) * stride_i over its dimensions of size > 1. Only for a non-empty
+// tensor that passed check_descriptor, which made sure that this fits.
+int64_t last_element_offset(const fcsa_tensor &t) {
+    int64_t offset = 0;
+    for (int i = 0; i < t.ndim; ++i)
+        if (t.shape[i] > 1) offset += (t.shape[i] - 1) * t.strides[i];
+    return offset;
+}
+
 // The checks every tensor gets, whatever its role: a known dtype and device, a
-// non-negative shape, a contiguous last dimension and data behind a non-empty tensor.
+// non-negative shape, a contiguous last dimension, non-negative strides, data behind a
+// non-empty tensor, and an element count and a byte extent that fit in int64 and in
+// the address space.
 fcsa_status check_descriptor(const char *name, const fcsa_tensor &t, int min_ndim, int max_ndim) {
     if (t.ndim < min_ndim || t.ndim > max_ndim) {
         if (min_ndim == max_ndim)
@@ -144,20 +190,54 @@ fcsa_status check_descriptor(const char *name, const fcsa_tensor &t, int min_ndi
         return set_error(FCSA_STATUS_INVALID_ARGUMENT, "%s: unknown device type %d", name, t.device_type);
     if (t.device_type == FCSA_DEVICE_CUDA && t.device_index < 0)
         return set_error(FCSA_STATUS_INVALID_ARGUMENT, "%s: CUDA device index %d is negative", name, t.device_index);
-    int64_t numel = 1;
+    bool empty = false;
     for (int i = 0; i < t.ndim; ++i) {
         if (t.shape[i] < 0)
             return set_error(FCSA_STATUS_INVALID_ARGUMENT, "%s: negative size in shape %s", name,
                              shape_string(t).c_str());
-        numel *= t.shape[i];
+        empty |= t.shape[i] == 0;
     }
     if (t.ndim > 0 && t.shape[t.ndim - 1] > 1 && t.strides[t.ndim - 1] != 1)
         return set_error(FCSA_STATUS_INVALID_ARGUMENT,
                          "%s: the last dimension must be contiguous (stride 1), got strides %s", name,
                          dims_string(t.strides, t.ndim).c_str());
-    if (numel > 0 && !t.data)
+    if (empty) return FCSA_STATUS_SUCCESS; // no element: its data and strides are never read
+
+    int64_t count = 1;
+    for (int i = 0; i < t.ndim; ++i)
+        if (!checked_mul(count, t.shape[i], &count))
+            return set_error(FCSA_STATUS_INVALID_ARGUMENT, "%s: shape %s has more than 2^63 - 1 elements", name,
+                             shape_string(t).c_str());
+    // The byte extent, from the first element to the end of the last. A negative stride
+    // would put elements before `data`: refused (size-1 dimensions are never stepped
+    // along, so their strides are not looked at).
+    int64_t last = 0;
+    for (int i = 0; i < t.ndim; ++i) {
+        if (t.shape[i] <= 1) continue;
+        if (t.strides[i] < 0)
+            return set_error(FCSA_STATUS_INVALID_ARGUMENT,
+                             "%s: negative stride on dimension %d, got strides %s (strides must be 0 or more)", name,
+                             i, dims_string(t.strides, t.ndim).c_str());
+        int64_t step = 0;
+        if (!checked_mul(t.shape[i] - 1, t.strides[i], &step) || !checked_add(last, step, &last))
+            return set_error(FCSA_STATUS_INVALID_ARGUMENT,
+                             "%s: shape %s with strides %s spans more than 2^63 - 1 elements", name,
+                             shape_string(t).c_str(), dims_string(t.strides, t.ndim).c_str());
+    }
+    int64_t bytes = 0;
+    if (!checked_add(last, 1, &bytes) || !checked_mul(bytes, element_bytes(t.dtype), &bytes))
+        return set_error(FCSA_STATUS_INVALID_ARGUMENT, "%s: shape %s with strides %s spans more than 2^63 - 1 bytes",
+                         name, shape_string(t).c_str(), dims_string(t.strides, t.ndim).c_str());
+    if (!t.data)
         return set_error(FCSA_STATUS_INVALID_ARGUMENT, "%s: data is NULL for a tensor of shape %s", name,
                          shape_string(t).c_str());
+    const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data);
+    if (uint64_t(bytes - 1) > uint64_t(UINTPTR_MAX - begin))
+        return set_error(FCSA_STATUS_INVALID_ARGUMENT,
+                         "%s: the %lld bytes that shape %s with strides %s spans from address %p run past the end "
+                         "of the address space",
+                         name, (long long)bytes, shape_string(t).c_str(), dims_string(t.strides, t.ndim).c_str(),
+                         t.data);
     return FCSA_STATUS_SUCCESS;
 }
 
@@ -178,6 +258,43 @@ fcsa_status check_shape(const char *name, const fcsa_tensor &t, const int64_t *e
 fcsa_status require(const char *name, const fcsa_tensor *t) {
     if (!t) return set_error(FCSA_STATUS_INVALID_ARGUMENT, "%s: required, got NULL", name);
     return FCSA_STATUS_SUCCESS;
+}
+
+// ------------------------------------------------------------------ problem sizes
+//
+// The backends size their workspaces and intermediates by products of the problem's
+// lengths, rounded up to their tiles (b * hk * nk * d floats of packed keys, b * h * nq
+// * d of dq accumulators, up to b * h * nq * nk of dbias partial sums, ...). These
+// products are bounded here, so that none of those computations can overflow: each
+// product below, with every length rounded up to a multiple of kLengthTile, is at most
+// kMaxElements, and float32 arrays of that many elements take 2^60 bytes, so the sum of
+// several still fits in int64_t and size_t. Without a bias the score grid is never
+// stored, only statistics per query row or per key tile (b * h * nk / 64, ...), so its
+// looser bound keeps those small as well.
+
+constexpr int64_t kLengthTile = 256;                      // the widest tile of any backend
+constexpr int64_t kMaxElements = int64_t(1) << 58;        // b*h*nq*d, b*hk*nk*d, with a bias b*h*nq*nk
+constexpr int64_t kMaxScoreElements = int64_t(1) << 62;   // b*h*nq*nk without a bias
+
+// Whether b * h * tile(x) * tile(y) <= limit, where tile(n) is n rounded up to a
+// multiple of kLengthTile and a size of 0 counts as 1 (b, h, x, y >= 0).
+bool product_fits(int64_t b, int64_t h, int64_t x, int64_t y, int64_t limit) {
+    int64_t product = 1;
+    for (const int64_t n : {b, h})
+        if (!checked_mul(product, n > 1 ? n : 1, &product)) return false;
+    for (const int64_t n : {x, y}) {
+        if (n > limit) return false;
+        const int64_t tiles = n > 1 ? (n + kLengthTile - 1) / kLengthTile : 1;
+        if (!checked_mul(product, tiles * kLengthTile, &product)) return false;
+    }
+    return product <= limit;
+}
+
+fcsa_status too_large(const char *name, const fcsa_tensor &t, const char *product, int log2_limit) {
+    return set_error(FCSA_STATUS_INVALID_ARGUMENT,
+                     "%s: shape %s makes the call too large: %s, with each length rounded up to a multiple of "
+                     "%lld, exceeds 2^%d",
+                     name, shape_string(t).c_str(), product, (long long)kLengthTile, log2_limit);
 }
 
 // Maps a tensor onto a 4-D view: source_dim[i] is the tensor dimension that becomes
@@ -234,6 +351,7 @@ fcsa_status check_common(const fcsa_options &options, const CommonTensors &in, P
     p.device_type = q.device_type;
     p.device_index = q.device_type == FCSA_DEVICE_CUDA ? q.device_index : 0;
     if (p.d < 1) return set_error(FCSA_STATUS_INVALID_ARGUMENT, "q: the head dim (last) must be at least 1, got 0");
+    if (!product_fits(p.b, p.h, p.nq, p.d, kMaxElements)) return too_large("q", q, "b * h * nq * d", 58);
     if (p.d % options.groups != 0)
         return set_error(FCSA_STATUS_INVALID_ARGUMENT,
                          "options.groups: the head dim %lld must be divisible by groups, got groups = %d",
@@ -251,6 +369,9 @@ fcsa_status check_common(const fcsa_options &options, const CommonTensors &in, P
     }
     p.hk = hk;
     p.nk = nk;
+    if (!product_fits(p.b, p.hk, p.nk, p.d, kMaxElements)) return too_large("k", k, "b * hk * nk * d", 58);
+    if (!product_fits(p.b, p.h, p.nq, p.nk, kMaxScoreElements))
+        return too_large("k", k, "b * h * nq * nk (with q's b, h and nq)", 62);
     FCSA_RETURN_IF_ERROR(check_descriptor("v", v, 4, 4));
     FCSA_RETURN_IF_ERROR(check_dtype("v", v, p.dtype, " (like q)"));
     FCSA_RETURN_IF_ERROR(check_shape("v", v, k.shape, 4, " (like k)"));
@@ -287,6 +408,8 @@ fcsa_status check_common(const fcsa_options &options, const CommonTensors &in, P
                 return set_error(FCSA_STATUS_INVALID_ARGUMENT,
                                  "bias: expected a shape broadcastable to %s (each dim that size or 1), got %s",
                                  dims_string(full, 4).c_str(), shape_string(bias).c_str());
+        if (!product_fits(p.b, p.h, p.nq, p.nk, kMaxElements))
+            return too_large("bias", bias, "b * h * nq * nk (the scores it is added to)", 58);
         FCSA_RETURN_IF_ERROR(check_same_device("bias", bias, p));
         p.bias = make_view(bias, kAllDims);
     }
@@ -324,6 +447,125 @@ fcsa_status check_common(const fcsa_options &options, const CommonTensors &in, P
     return FCSA_STATUS_SUCCESS;
 }
 
+// ------------------------------------------------------------------ memory overlap
+//
+// Outputs are written while the inputs are read, by many threads in any order: an
+// output that shares memory with an input or with another output, or whose distinct
+// elements share memory, would give wrong results or races. Such calls are refused.
+// Inputs may share memory freely (the q, k and v slices of one packed tensor, say).
+// These run after check_descriptor accepted every tensor: strides are >= 0 and every
+// extent fits in int64_t and in the address space.
+
+struct NamedTensor {
+    const char *name;
+    const fcsa_tensor *tensor; // NULL when absent
+};
+
+bool has_elements(const fcsa_tensor *t) {
+    if (!t) return false;
+    for (int i = 0; i < t->ndim; ++i)
+        if (t->shape[i] == 0) return false;
+    return true;
+}
+
+// Whether two distinct indices may reach the same element. Taken by increasing stride,
+// each dimension of size > 1 must step past the farthest element the smaller ones
+// reach: a sufficient test, and the one every layout torch creates passes.
+bool overlaps_itself(const fcsa_tensor &t) {
+    int dims[FCSA_MAX_DIMS];
+    int count = 0;
+    for (int i = 0; i < t.ndim; ++i)
+        if (t.shape[i] > 1) dims[count++] = i;
+    std::sort(dims, dims + count, [&t](int a, int b) { return t.strides[a] < t.strides[b]; });
+    int64_t reach = 0;
+    for (int k = 0; k < count; ++k) {
+        const int i = dims[k];
+        if (t.strides[i] <= reach) return true;
+        reach += (t.shape[i] - 1) * t.strides[i];
+    }
+    return false;
+}
+
+// The bytes [first, last] from a tensor's first element to the end of its last.
+struct ByteSpan {
+    uintptr_t first, last;
+};
+
+ByteSpan byte_span(const fcsa_tensor &t) {
+    const uintptr_t first = reinterpret_cast<uintptr_t>(t.data);
+    const int64_t bytes = (last_element_offset(t) + 1) * element_bytes(t.dtype);
+    return {first, first + uintptr_t(bytes - 1)};
+}
+
+// With a period of `period` bytes: when each dimension of size > 1 either steps by a
+// multiple of the period or is one of the dimensions that together span less than a
+// period, every byte of t lies at data + (a multiple of period) + [0, window). Returns
+// that window, or 0 when t does not have this form.
+int64_t window_in_period(const fcsa_tensor &t, int64_t period) {
+    const int64_t size = element_bytes(t.dtype);
+    int64_t window = size;
+    for (int i = 0; i < t.ndim; ++i) {
+        if (t.shape[i] <= 1) continue;
+        const int64_t stride = t.strides[i] * size; // fits: no larger than t's extent
+        if (stride >= period) {
+            if (stride % period != 0) return 0;
+        } else {
+            window += (t.shape[i] - 1) * stride;
+        }
+    }
+    return window <= period ? window : 0;
+}
+
+// True when a and b provably share no byte although their spans meet: for a period
+// taken from their strides, both have the form above and their windows do not meet
+// modulo the period. That is the case of slices of one packed tensor, for example
+// dq, dk and dv written into one (b, n, 3, h, d) gradient.
+bool interleaved_apart(const fcsa_tensor &a, const fcsa_tensor &b) {
+    for (const fcsa_tensor *t : {&a, &b}) {
+        for (int i = 0; i < t->ndim; ++i) {
+            if (t->shape[i] <= 1 || t->strides[i] == 0) continue;
+            const int64_t period = t->strides[i] * element_bytes(t->dtype);
+            const int64_t window_a = window_in_period(a, period), window_b = window_in_period(b, period);
+            if (window_a == 0 || window_b == 0) continue;
+            const uint64_t p = uint64_t(period);
+            const uint64_t start_a = reinterpret_cast<uintptr_t>(a.data) % p;
+            const uint64_t start_b = reinterpret_cast<uintptr_t>(b.data) % p;
+            const uint64_t distance = (start_b + p - start_a) % p; // from a's window to b's
+            if (distance >= uint64_t(window_a) && distance + uint64_t(window_b) <= p) return true;
+        }
+    }
+    return false;
+}
+
+bool share_memory(const fcsa_tensor &a, const fcsa_tensor &b) {
+    const ByteSpan x = byte_span(a), y = byte_span(b);
+    if (x.last < y.first || y.last < x.first) return false;
+    return !interleaved_apart(a, b);
+}
+
+fcsa_status check_overlaps(std::initializer_list<NamedTensor> outputs, std::initializer_list<NamedTensor> inputs) {
+    for (const NamedTensor *out = outputs.begin(); out != outputs.end(); ++out) {
+        if (!has_elements(out->tensor)) continue;
+        const fcsa_tensor &t = *out->tensor;
+        if (overlaps_itself(t))
+            return set_error(FCSA_STATUS_INVALID_ARGUMENT,
+                             "%s: shape %s with strides %s puts distinct elements in the same memory (an output must "
+                             "not overlap itself)",
+                             out->name, shape_string(t).c_str(), dims_string(t.strides, t.ndim).c_str());
+        auto shared = [&](const NamedTensor &other) {
+            if (!has_elements(other.tensor) || !share_memory(t, *other.tensor)) return FCSA_STATUS_SUCCESS;
+            return set_error(FCSA_STATUS_INVALID_ARGUMENT,
+                             "%s: overlaps %s in memory (outputs must not share memory with any input or other "
+                             "output)",
+                             out->name, other.name);
+        };
+        for (const NamedTensor &in : inputs) FCSA_RETURN_IF_ERROR(shared(in));
+        for (const NamedTensor *earlier = outputs.begin(); earlier != out; ++earlier)
+            FCSA_RETURN_IF_ERROR(shared(*earlier));
+    }
+    return FCSA_STATUS_SUCCESS;
+}
+
 fcsa_status read_struct_size(const char *name, size_t given, size_t first_version) {
     if (given < first_version)
         return set_error(FCSA_STATUS_INVALID_ARGUMENT, "%s: struct_size is %zu, expected at least %zu", name, given,
@@ -338,7 +580,14 @@ fcsa_status validate_forward(const fcsa_options *given_options, const fcsa_forwa
     FCSA_RETURN_IF_ERROR(read_struct_size("tensors", tensors->struct_size, kForwardTensorsV1Size));
     const CommonTensors common = {tensors->q,    tensors->k,     tensors->v,   tensors->mask,
                                   tensors->bias, tensors->scale, tensors->out, tensors->lse};
-    return check_common(options, common, p);
+    FCSA_RETURN_IF_ERROR(check_common(options, common, p));
+    return check_overlaps({{"out", tensors->out}, {"lse", tensors->lse}},
+                          {{"q", tensors->q},
+                           {"k", tensors->k},
+                           {"v", tensors->v},
+                           {"mask", tensors->mask},
+                           {"bias", tensors->bias},
+                           {"scale", tensors->scale}});
 }
 
 fcsa_status validate_backward(const fcsa_options *given_options, const fcsa_backward_tensors *tensors,
@@ -399,7 +648,20 @@ fcsa_status validate_backward(const fcsa_options *given_options, const fcsa_back
         else
             p.dscale = make_view(dscale, {-1, -1, -1, -1});
     }
-    return FCSA_STATUS_SUCCESS;
+    return check_overlaps({{"dq", tensors->dq},
+                           {"dk", tensors->dk},
+                           {"dv", tensors->dv},
+                           {"dbias", tensors->dbias},
+                           {"dscale", tensors->dscale}},
+                          {{"q", tensors->q},
+                           {"k", tensors->k},
+                           {"v", tensors->v},
+                           {"mask", tensors->mask},
+                           {"bias", tensors->bias},
+                           {"scale", tensors->scale},
+                           {"out", tensors->out},
+                           {"dout", tensors->dout},
+                           {"lse", tensors->lse}});
 }
 
 // ------------------------------------------------------------------ dispatch

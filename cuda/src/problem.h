@@ -4,6 +4,13 @@
 // every tensor becomes a 4-D View whose broadcast dimensions have stride 0, so a
 // backend indexes all of them the same way, with 64-bit arithmetic, and never has to
 // re-check anything. Absent optional tensors have data == nullptr.
+//
+// What else a backend may rely on: strides are >= 0; no output shares memory with an
+// input, another output or itself; and b*h*nq*d, b*hk*nk*d and, with a bias,
+// b*h*nq*nk are at most 2^58 (b*h*nq*nk at most 2^62 without one), each with nq, nk
+// and d rounded up to a multiple of 256 and a 0 counted as 1. Float32 arrays of such
+// products take at most 2^60 bytes, so workspace sizes summed from a few of them in
+// int64_t or size_t cannot overflow.
 #pragma once
 
 #include <cstddef>

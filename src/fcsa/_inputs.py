@@ -12,6 +12,7 @@ shape, value or device.
 
 import math
 import numbers
+import sys
 from typing import NamedTuple, Optional
 
 import torch
@@ -20,6 +21,9 @@ from torch import Tensor
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The plain version also runs in float64: that is the tests' reference.
 REFERENCE_DTYPES = KERNEL_DTYPES + (torch.float64,)
+# The magnitude from which a float64 rounds to infinity in float32: the largest float32
+# plus half of its last step (the tie rounds to the even neighbour, infinity).
+FLOAT32_OVERFLOW = 2.0**128 - 2.0**103
 
 
 class Inputs(NamedTuple):
@@ -50,6 +54,50 @@ def _require_device(name, t, q):
 
 def _shape(t):
     return tuple(t.shape)
+
+
+def _shown(value):
+    """A short text for a value in a message: its repr when short, else its type."""
+    if value is None or isinstance(value, (str, numbers.Number)):
+        text = repr(value)
+        if len(text) <= 32:
+            return text
+        return f"{type(value).__name__} {text[:16]}... ({len(text)} characters)"
+    return f"a {type(value).__name__}"
+
+
+def check_flag(name, value) -> bool:
+    """A flag argument as a bool. Accepted: True and False, numpy's bools, and the
+    integers 0 and 1; anything else (a string, None, a tensor, 2) is a TypeError, so
+    that causal="False" cannot mean True."""
+    if isinstance(value, bool):
+        return value
+    numpy = sys.modules.get("numpy")  # a numpy bool means numpy is imported already
+    if numpy is not None and isinstance(value, numpy.bool_):
+        return bool(value)
+    if isinstance(value, numbers.Integral) and value in (0, 1):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool (True or False), got {_shown(value)}")
+
+
+def check_flags(**flags):
+    """check_flag on each keyword argument; the bools in the order given."""
+    return tuple(check_flag(name, value) for name, value in flags.items())
+
+
+def check_scale_value(name, value, expected="a float") -> float:
+    """A number scale as a float: a real number (not a bool), finite, and finite once
+    rounded to float32, which is what the kernels compute with. `expected` names what
+    the caller accepts, for the TypeError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {expected}, got {_shown(value)}")
+    try:
+        number = float(value)
+    except OverflowError:  # an int or a fraction beyond float64
+        number = math.inf
+    if abs(number) < FLOAT32_OVERFLOW:  # False for inf and nan too
+        return number
+    raise ValueError(f"{name} must be finite in float32, got {_shown(value)}")
 
 
 def canonical_inputs(q, k, v, mask, attn_bias, scale, groups, attn_bias_batch_dim,
@@ -154,10 +202,7 @@ def _canonical_scale(scale, h, q):
         if scale.shape not in ((), (h,)):
             raise ValueError(f"scale must be a float or a tensor of shape () or (heads,) = "
                              f"({h},), got shape {_shape(scale)}")
+        # Its values are not looked at: that would wait for the GPU on every call.
         return scale, 8.0
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        raise TypeError("scale must be a float or a tensor of shape () or (heads,), "
-                        f"got {type(scale).__name__}")
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
-    return None, float(scale)
+    return None, check_scale_value("scale", scale,
+                                   "a float or a tensor of shape () or (heads,)")

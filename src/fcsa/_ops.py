@@ -158,6 +158,14 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dout, _dlse):
+    # Autograd runs a backward with grad mode on only when asked for create_graph=True.
+    # fcsa.backward has no derivative of its own: refuse here rather than let a second
+    # backward fail without saying why.
+    if torch.is_grad_enabled():
+        raise NotImplementedError(
+            "fcsa: double backward (create_graph=True) is not supported: the fused "
+            "backward is not differentiable; use fcsa.plain_cosine_sim_attention for "
+            "higher-order gradients")
     q, k, v, mask, bias, scale, out, lse = ctx.saved_tensors
     if not ctx.has_lse:
         raise RuntimeError("fcsa: the forward ran without lse, so it cannot be "

@@ -3,11 +3,10 @@
 import numbers
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import _ops
-from ._inputs import KERNEL_DTYPES, REFERENCE_DTYPES, canonical_inputs
+from ._inputs import KERNEL_DTYPES, REFERENCE_DTYPES, canonical_inputs, check_flags
 
 L2NORM_EPS = 1e-12
 
@@ -27,17 +26,24 @@ def flash_cosine_sim_attention(q, k, v, mask=None, attn_bias=None, scale=8, grou
         mask: bool (b, nk), True where a key may be attended.
         attn_bias: (h, nq, nk); (b, nq, nk) with attn_bias_batch_dim=True; or 4-D
             broadcastable to (b, h, nq, nk). q's dtype or float32.
-        scale: a float, or a tensor of shape () or (h,) (learnable per-head temperature).
+        scale: a float, finite in float32; or a tensor of shape () or (h,) (learnable
+            per-head temperature), whose values are not inspected.
         groups: l2norm over this many equal chunks of the head dim.
         causal: key j is hidden from row i when j > i + nk - nq (aligned to the end).
         l2norm_qk: normalize q and k inside the kernel (False: they come normalized).
         return_lse: also return lse = log sum_j exp(s_ij), float32 (b, h, nq) or
             (B, nq), -inf for a row that sees no key. It carries no gradient.
         deterministic: make the backward bitwise reproducible.
+        The flags (causal, l2norm_qk, attn_bias_batch_dim, return_lse, deterministic)
+        take a bool, a numpy bool or 0/1; anything else is a TypeError.
 
     Returns:
-        out, of q's shape and dtype; or (out, lse) when return_lse.
+        out, of q's shape and dtype; or (out, lse) when return_lse. The gradient is of
+        first order only: a backward with create_graph=True raises NotImplementedError.
     """
+    causal, l2norm_qk, attn_bias_batch_dim, return_lse, deterministic = check_flags(
+        causal=causal, l2norm_qk=l2norm_qk, attn_bias_batch_dim=attn_bias_batch_dim,
+        return_lse=return_lse, deterministic=deterministic)
     x = canonical_inputs(q, k, v, mask, attn_bias, scale, groups, attn_bias_batch_dim,
                          KERNEL_DTYPES)
     if x.q.device.type not in ("cpu", "cuda"):
@@ -46,11 +52,11 @@ def flash_cosine_sim_attention(q, k, v, mask=None, attn_bias=None, scale=8, grou
     scale_t = None if x.scale is None else _ops.last_dim_contiguous(x.scale.float())
 
     # The backward needs lse: compute it whenever a gradient may be asked for.
-    need_lse = bool(return_lse) or (torch.is_grad_enabled() and any(
+    need_lse = return_lse or (torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, bias, scale_t)))
     out, lse = torch.ops.fcsa.forward(q, k, v, mask, bias, scale_t, x.scale_value,
-                                      int(groups), bool(causal), bool(l2norm_qk),
-                                      bool(deterministic), need_lse)
+                                      int(groups), causal, l2norm_qk, deterministic,
+                                      need_lse)
     if x.merged:
         out = out.squeeze(1)
         lse = lse.squeeze(1) if return_lse else lse
@@ -60,7 +66,8 @@ def flash_cosine_sim_attention(q, k, v, mask=None, attn_bias=None, scale=8, grou
 def l2norm_tensors(*tensors, groups=1):
     """Each tensor divided by its l2 norm over the last dim, taken separately over
     `groups` equal chunks: x / max(|x|, 1e-12), the norm computed in float32 (or
-    float64 for float64 input). Returns a tuple, each tensor in its own dtype."""
+    float64 for float64 input) without overflow or underflow, for rows of any size.
+    Returns a tuple, each tensor in its own dtype."""
     if not tensors:
         raise ValueError("l2norm_tensors needs at least one tensor")
     if isinstance(groups, bool) or not isinstance(groups, numbers.Integral):
@@ -77,9 +84,25 @@ def l2norm_tensors(*tensors, groups=1):
 
 
 def _l2norm(t: Tensor, groups: int) -> Tensor:
+    """x / max(|x|, 1e-12) per group, with |x| computed without overflow or underflow.
+
+    Each group is first divided by a power of two near its largest |x_i|, which is
+    exact, so the sum of squares is taken on numbers near 1: rows whose squares would
+    overflow (|x| above ~1.8e19 in float32) or underflow keep their direction. Where
+    |x|^2 is representable the result is the very number x / |x| gives."""
     x = t.to(torch.promote_types(t.dtype, torch.float32))
     x = x.unflatten(-1, (groups, t.shape[-1] // groups))
-    x = F.normalize(x, p=2.0, dim=-1, eps=L2NORM_EPS)
+    # The power 2^(e - 1) <= max |x_i| < 2^e (1/2 for a group of zeros). x / |x| does
+    # not change when x is scaled, so the power needs no gradient of its own.
+    _, exponent = torch.frexp(x.detach().abs().amax(dim=-1, keepdim=True))
+    power = torch.pow(2.0, (exponent - 1).to(x.dtype))
+    scaled = x / power
+    scaled_norm = torch.linalg.vector_norm(scaled, dim=-1, keepdim=True)
+    # The true norm, for the clamp: it may overflow to inf, never to a wrong small value.
+    clamped = power * scaled_norm < L2NORM_EPS
+    # Both branches are evaluated: keep the unused one finite for the gradient.
+    normalized = scaled / torch.where(clamped, 1.0, scaled_norm)
+    x = torch.where(clamped, x / L2NORM_EPS, normalized)
     return x.flatten(-2).to(t.dtype)
 
 
@@ -89,6 +112,9 @@ def plain_cosine_sim_attention(q, k, v, mask=None, attn_bias=None, scale=8, grou
     """The same function as flash_cosine_sim_attention, written in plain PyTorch: it
     materializes the (nq, nk) score matrix and runs in the inputs' dtype (float64
     included), so it works on any device and serves as the reference."""
+    causal, l2norm_qk, attn_bias_batch_dim, return_lse = check_flags(
+        causal=causal, l2norm_qk=l2norm_qk, attn_bias_batch_dim=attn_bias_batch_dim,
+        return_lse=return_lse)
     x = canonical_inputs(q, k, v, mask, attn_bias, scale, groups, attn_bias_batch_dim,
                          REFERENCE_DTYPES)
     q, k, v = x.q, x.k, x.v

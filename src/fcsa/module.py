@@ -3,6 +3,7 @@
 import torch
 from torch import nn
 
+from ._inputs import check_flags, check_scale_value
 from .attention import flash_cosine_sim_attention
 
 
@@ -18,11 +19,11 @@ class CosineSimAttention(nn.Module):
         dim_head: width of each head.
         kv_heads: key/value heads (grouped-query attention); None: heads. Must divide
             heads; 1 is single-headed key/values.
-        scale: the logit scale (temperature).
+        scale: the logit scale (temperature), a number finite in float32.
         learned_scale: make the scale a learnable per-head parameter, initialized to
-            `scale`.
+            `scale` (a bool).
         causal: each position attends to itself and the ones before it (aligned to the
-            end when the context is longer).
+            end when the context is longer); a bool.
         groups: l2norm over this many chunks of each head.
         dim_context: width of `context`; None: dim.
     """
@@ -30,6 +31,8 @@ class CosineSimAttention(nn.Module):
     def __init__(self, dim, *, heads=8, dim_head=64, kv_heads=None, scale=8.0,
                  learned_scale=False, causal=False, groups=1, dim_context=None):
         super().__init__()
+        causal, learned_scale = check_flags(causal=causal, learned_scale=learned_scale)
+        scale = check_scale_value("scale", scale, "a number")
         kv_heads = heads if kv_heads is None else kv_heads
         if kv_heads < 1 or heads % kv_heads != 0:
             raise ValueError(f"kv_heads ({kv_heads}) must divide heads ({heads})")
@@ -40,9 +43,9 @@ class CosineSimAttention(nn.Module):
         self.to_kv = nn.Linear(dim_context, 2 * kv_heads * dim_head, bias=False)
         self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
         if learned_scale:
-            self.scale = nn.Parameter(torch.full((heads,), float(scale)))
+            self.scale = nn.Parameter(torch.full((heads,), scale))
         else:
-            self.scale = float(scale)
+            self.scale = scale
 
     def forward(self, x, context=None, mask=None, attn_bias=None):
         """mask: bool (b, context length), True = attend. attn_bias: as in
