@@ -21,7 +21,8 @@ export PYTHONUNBUFFERED=1
 
 stage_build() {
     "$PY" -m pip install -q --no-build-isolation --no-deps -Cbuild-dir=build/gpu \
-        -Ccmake.define.FCSA_CUDA=ON -Ccmake.define.FCSA_CUDA_ARCHITECTURES="$ARCH" . \
+        -Ccmake.define.FCSA_CUDA=ON -Ccmake.define.FCSA_CUDA_ARCHITECTURES="$ARCH" \
+        -Ccmake.define.FCSA_LINEINFO=ON . \
         >"$RESULTS/build.log" 2>&1 || { tail -40 "$RESULTS/build.log"; return 1; }
     "$PY" -c "import fcsa; print(fcsa.build_info())"
 }

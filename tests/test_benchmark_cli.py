@@ -13,33 +13,47 @@ TINY = ["--device", "cpu", "--batch", "1", "--heads", "2", "--dim", "16",
         "--num-times", "1", "--warmup", "0"]
 FOUR = ["sdpa-cos", "sdpa-flash-cos", "plain", "naive"]
 NUM = r"[0-9][0-9.e+-]*"
+# One table row: the sequence length (on an implementation's first row), the name, then
+# median, min-max and TFLOP/s, and for a baseline how fcsa compares; or a failed cell.
 ROW = re.compile(
-    rf"^seq_len: (?P<n>\d+)\s+slower: (?P<slower>{NUM})x\s+"
-    rf"kernel: (?P<kms>{NUM})ms \((?P<ktf>{NUM}) TFLOP/s\)\s+"
-    rf"sdpa-cos: (?P<bms>{NUM})ms \({NUM} TFLOP/s, (?P<ratio>{NUM})x\)\s+"
-    rf"plain: {NUM}ms \({NUM} TFLOP/s, {NUM}x\)\s+"
-    rf"naive: {NUM}ms \({NUM} TFLOP/s, {NUM}x\)$")
+    rf"^ *(?P<n>\d*)  (?P<impl>[\w-]+) +(?:(?P<ms>{NUM}) +(?P<lo>{NUM})-(?P<hi>{NUM}) +"
+    rf"(?P<tflops>{NUM})(?:  (?P<verdict>~?{NUM}× (?:faster|slower)))?|(?P<failed>oom.*|n/a))$")
 
 
 def run_cli(capsys, *argv):
     assert benchmark.main(list(argv)) == 0
-    return capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 100, out
+    return out
 
 
 def sections(out):
-    """{section title line: [row lines]} in print order."""
+    """{section title line: [row matches]} in print order; each table's column line is
+    checked on the way."""
     found, title, lines, i = {}, None, out.splitlines(), 0
     while i < len(lines):
         line = lines[i]
         if line == benchmark.RULE and i + 2 < len(lines) and lines[i + 2] == benchmark.RULE:
             title = lines[i + 1]
+            assert lines[i + 3] in (benchmark.TIME_COLUMNS, benchmark.MEMORY_COLUMNS)
             found[title] = []
-            i += 3
+            i += 4
             continue
-        if title is not None and line.startswith("seq_len:"):
-            found[title].append(line)
+        row = ROW.match(line) if title is not None else None
+        if row:
+            found[title].append(row)
         i += 1
     return found
+
+
+def groups(rows):
+    """[(n, {implementation: row})] from the rows of one table."""
+    out = []
+    for row in rows:
+        if row["n"]:
+            out.append((int(row["n"]), {}))
+        out[-1][1][row["impl"]] = row
+    return out
 
 
 def test_tables_json_and_plot(capsys, tmp_path):
@@ -57,9 +71,13 @@ def test_tables_json_and_plot(capsys, tmp_path):
     secs = sections(out)
     assert [t.split()[-1] for t in secs] == ["forward", "backward", "backward"]
     assert all("batch: 1    heads: 2    dim 16" in t for t in secs)
-    rows = [ROW.match(line) for lines in secs.values() for line in lines]
-    assert all(rows), "\n".join(line for lines in secs.values() for line in lines)
-    assert [int(m["n"]) for m in rows] == [32, 64] * 3
+    tables = [groups(rows) for rows in secs.values()]
+    assert [[n for n, _ in table] for table in tables] == [[32, 64]] * 3
+    for table in tables:
+        for _, cells in table:
+            assert list(cells) == ["fcsa", "sdpa-cos", "plain", "naive"]
+            assert cells["fcsa"]["verdict"] is None
+            assert all(cells[b]["verdict"] for b in ("sdpa-cos", "plain", "naive"))
 
     data = json.loads(jpath.read_text())
     meta = data["meta"]
@@ -75,16 +93,23 @@ def test_tables_json_and_plot(capsys, tmp_path):
     factor = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
     for r in results:
         assert r["flops"] == factor[r["mode"]] * 4 * 1 * 2 * r["seq_len"] ** 2 * 16
-        assert r["ms"] > 0
+        assert 0 < r["min_ms"] <= r["ms"] <= r["max_ms"] and r["runs"] == 1
         assert r["tflops"] == pytest.approx(r["flops"] / (r["ms"] * 1e-3) / 1e12)
 
-    # The printed table is the JSON's numbers.
+    # The printed table is the JSON's numbers, and its verdicts say them plainly.
     by_key = {(r["mode"], r["seq_len"], r["impl"]): r for r in results}
-    for mode, m in zip(["fwd", "fwd", "bwd", "bwd", "fwd+bwd", "fwd+bwd"], rows):
-        kern, base = by_key[mode, int(m["n"]), "kernel"], by_key[mode, int(m["n"]), "sdpa-cos"]
-        assert float(m["kms"]) == pytest.approx(kern["ms"], abs=0.006)
-        assert float(m["bms"]) == pytest.approx(base["ms"], abs=0.006)
-        assert m["slower"] == f"{kern['ms'] / base['ms']:.2f}" == m["ratio"]
+    for mode, table in zip(["fwd", "bwd", "fwd+bwd"], tables):
+        for n, cells in table:
+            kernel = by_key[mode, n, "kernel"]
+            for label, row in cells.items():
+                r = by_key[mode, n, "kernel" if label == "fcsa" else label]
+                for column, key in (("ms", "ms"), ("lo", "min_ms"), ("hi", "max_ms")):
+                    assert float(row[column]) == pytest.approx(r[key], rel=1e-2, abs=1e-4)
+                if label == "fcsa":
+                    continue
+                ratio = r["ms"] / kernel["ms"]
+                words = f"{ratio:.2f}× faster" if ratio >= 1 else f"{1 / ratio:.2f}× slower"
+                assert row["verdict"].lstrip("~") == words
 
     assert ppath.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (tmp_path / "bench-memory.png").exists()
@@ -101,8 +126,10 @@ def test_forwards_only_causal_with_mask(capsys, tmp_path):
         assert "forward" in title and "causal" in title and "25% of keys masked" in title
         assert "backward" not in title
     assert [t.split()[0] for t in secs] == ["float32", "bfloat16"]
-    assert all(ROW.match(line) for lines in secs.values() for line in lines)
-    assert "SDPA the same as a boolean attn_mask" in out
+    for rows in secs.values():
+        ((n, cells),) = groups(rows)
+        assert n == 48 and list(cells) == ["fcsa", "sdpa-cos", "plain", "naive"]
+    assert "SDPA the same as a boolean attn_mask" in " ".join(out.split())  # wrapped
     results = json.loads(jpath.read_text())["results"]
     assert {r["mode"] for r in results} == {"fwd"}
     assert all(r["causal"] and r["mask_prob"] == 0.25 for r in results)
@@ -118,8 +145,9 @@ def test_oom_is_reported_per_cell(capsys, monkeypatch, tmp_path):
     out = run_cli(capsys, *TINY, "--seq-lens", "32", "--only-backwards",
                   "--baselines", "sdpa-cos", "--json", str(jpath))
     (rows,) = sections(out).values()
-    assert len(rows) == 1
-    assert re.match(rf"seq_len: 32\s+slower: -\s+kernel: oom\s+sdpa-cos: {NUM}ms ", rows[0])
+    ((n, cells),) = groups(rows)
+    assert n == 32 and cells["fcsa"]["failed"] == "oom"
+    assert cells["sdpa-cos"]["ms"] and cells["sdpa-cos"]["verdict"] is None
     status = {r["impl"]: r["status"] for r in json.loads(jpath.read_text())["results"]}
     assert status == {"kernel": "oom", "sdpa-cos": "ok"}
 
@@ -131,7 +159,7 @@ def test_peak_memory_on_cpu(capsys, tmp_path):
                   "--json", str(jpath), "--plot", str(ppath))
     assert "peak memory, forward + backward" in out
     assert "fresh interpreter" in out
-    assert re.search(rf"^seq_len: 2048\s+kernel: {NUM}MiB\s+naive: {NUM}[MG]iB \({NUM}x\)$",
+    assert re.search(rf"^  2048  fcsa +{NUM} MiB\n {{8}}naive +{NUM} [MG]iB  {NUM}× less$",
                      out, re.M), out
     peaks = {r["impl"]: r["peak_bytes"] for r in json.loads(jpath.read_text())["results"]
              if r["kind"] == "memory"}
@@ -184,3 +212,27 @@ def test_defaults_and_bad_arguments():
                 ["--baselines", "flash3"], ["--dtype", "float64"], ["--num-times", "0"]):
         with pytest.raises(SystemExit):
             benchmark.parse_args(bad)
+
+
+def test_speed_verdicts_say_faster_or_slower():
+    t = benchmark.Timing
+    assert benchmark.speed_verdict(t(2.6, 2.5, 2.7), t(2.0, 1.9, 2.1)) == "1.30× faster"
+    assert benchmark.speed_verdict(t(1.0, 0.9, 1.1), t(2.0, 1.9, 2.1)) == "2.00× slower"
+    # Overlapping min-max ranges: the difference is within the noise of the runs.
+    assert benchmark.speed_verdict(t(2.2, 1.5, 3.0), t(2.0, 1.9, 2.1)) == "~1.10× faster"
+    timing = t.of([3.0, 1.0, 2.0])
+    assert (timing.ms, timing.min_ms, timing.max_ms, timing.runs) == (2.0, 1.0, 3.0, 3)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cuda_asked_for_without_cuda_exits_cleanly(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(["--device", "cuda", "--seq-lens", "32"])
+    message = str(exit_info.value.code)
+    assert message.startswith("--device cuda: CUDA is not available here") and "--device cpu" in message
+    assert capsys.readouterr().out == ""  # refused before any output or work
+
+
+def test_an_unknown_device_exits_cleanly():
+    with pytest.raises(SystemExit, match="--device gpu7: not a device name"):
+        benchmark.main(["--device", "gpu7"])

@@ -9,13 +9,19 @@
  *   4. shows how a refused call reports its error.
  * It exits 0 when every check passes and 1 otherwise.
  *
- * Build against an installed fcsa wheel:
+ * Build it with CMake against the installed package's library (examples/c/CMakeLists.txt
+ * finds it with find_package(fcsa)):
  *
- *   INC=$(python -c "import fcsa; print(fcsa.get_include())")
- *   LIB=$(python -c "import fcsa; print(fcsa.get_library())")
- *   cc -std=c99 -O2 attention.c -I"$INC" "$LIB" -Wl,-rpath,"$(dirname "$LIB")" -lm \
- *      -o attention
- *   ./attention
+ *   cmake -S examples/c -B build/example \
+ *         -Dfcsa_DIR="$(python -c 'import fcsa; print(fcsa.get_cmake_dir())')"
+ *   cmake --build build/example && build/example/attention
+ *
+ * or with pkg-config (fcsa.pc lies beside the library):
+ *
+ *   export PKG_CONFIG_PATH="$(python -c 'import fcsa; print(fcsa.get_pkgconfig_dir())')"
+ *   mkdir -p build && cc -std=c99 -O2 examples/c/attention.c $(pkg-config --cflags --libs fcsa) \
+ *      -Wl,-rpath,"$(pkg-config --variable=libdir fcsa)" -lm -o build/attention
+ *   build/attention
  */
 #include <math.h>
 #include <stdint.h>

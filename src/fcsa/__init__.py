@@ -5,7 +5,8 @@
 
 The computation runs in libfcsa (a C library with CUDA and CPU backends), reached
 through the small binding fcsa._lib; C, C++ or Rust users can link that library
-directly: see get_include() and get_library().
+directly: see get_include() and get_library(), and get_cmake_dir() (for
+find_package(fcsa)) and get_pkgconfig_dir() (for pkg-config).
 """
 
 import importlib.metadata
@@ -24,8 +25,10 @@ __all__ = [
     "cuda_available",
     "cuda_compiled",
     "flash_cosine_sim_attention",
+    "get_cmake_dir",
     "get_include",
     "get_library",
+    "get_pkgconfig_dir",
     "l2norm_tensors",
     "last_backend",
     "plain_cosine_sim_attention",
@@ -44,6 +47,17 @@ def get_include() -> str:
 def get_library() -> str:
     """The path of libfcsa.so, the shared library this package runs on."""
     return os.path.join(_HERE, "lib", "libfcsa.so")
+
+
+def get_cmake_dir() -> str:
+    """The directory holding fcsaConfig.cmake: find_package(fcsa) finds the library there
+    when given as fcsa_DIR (or in CMAKE_PREFIX_PATH); it defines the target fcsa::fcsa."""
+    return os.path.join(_HERE, "lib", "cmake", "fcsa")
+
+
+def get_pkgconfig_dir() -> str:
+    """The directory holding fcsa.pc, for PKG_CONFIG_PATH."""
+    return os.path.join(_HERE, "lib", "pkgconfig")
 
 
 def build_info() -> str:

@@ -31,6 +31,11 @@ With --mask-prob, fcsa gets the (b, n) key mask and SDPA an equivalent boolean a
 
 FLOPs: 4*b*h*nq*nk*d for the forward (halved when causal; masked keys count as computed),
 2.5x that for the backward, 3.5x for forward+backward.
+
+The tables (80 columns): for each sequence length, one row per implementation with its
+median time, the min-max of its timed runs, TFLOP/s, and for each baseline how fcsa
+compares: "1.30× faster" (the baseline's median over fcsa's) or "1.15× slower", marked
+"~" when the two min-max ranges overlap (the difference is within the runs' noise).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ import re
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -62,7 +68,8 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 CPU_SEQ_LENS = (128, 256, 512, 1024)
 CUDA_SEQ_LENS = (128, 256, 512, 1024, 2048, 4096, 8192)
 KERNEL = "kernel"
-RULE = "-" * 60
+RULE = "-" * 80
+HEADER_WIDTH = 100
 CHILD_TAG = "FCSA_BENCHMARK_CHILD "
 
 BACKWARD_METHOD = (
@@ -212,6 +219,20 @@ def _clear(leaves):
         t.grad = None
 
 
+@dataclass
+class Timing:
+    """One implementation's times in a cell: the median and the spread of the timed runs
+    (min and max; with do_bench, the fastest and slowest of its own repeats)."""
+    ms: float
+    min_ms: float
+    max_ms: float
+    runs: Optional[int] = None  # None: do_bench chose the count
+
+    @classmethod
+    def of(cls, times):
+        return cls(statistics.median(times), min(times), max(times), len(times))
+
+
 def _failure(err: BaseException):
     return ("oom" if is_oom(err) else "n/a", None, _one_line(err))
 
@@ -229,13 +250,13 @@ class Timer:
     def describe(self) -> str:
         if self.kind == "do_bench":
             import triton
-            return (f"triton.testing.do_bench (triton {triton.__version__}), median, "
-                    "warm-up 25 ms, repeat 100 ms, L2 flushed between runs")
+            return (f"triton.testing.do_bench (triton {triton.__version__}), median and "
+                    "min-max of its runs, warm-up 25 ms, repeat 100 ms, L2 flushed between runs")
         if self.kind == "events":
-            return (f"CUDA events, median of {self.num_times} runs after {self.warmup} "
-                    "warm-up runs")
-        return (f"wall clock (time.perf_counter), median of {self.num_times} runs after "
-                f"{self.warmup} warm-up run(s); implementations interleaved run by run")
+            return (f"CUDA events, median and min-max of {self.num_times} runs after "
+                    f"{self.warmup} warm-up runs")
+        return (f"wall clock (time.perf_counter), median and min-max of {self.num_times} runs "
+                f"after {self.warmup} warm-up run(s); implementations interleaved run by run")
 
     def sync(self):
         if self.device.type == "cuda":
@@ -258,7 +279,7 @@ class Timer:
                 torch.cuda.empty_cache()
         return cells
 
-    def _cuda_ms(self, run, leaves) -> float:
+    def _cuda_ms(self, run, leaves) -> Timing:
         if self.kind == "do_bench":
             from triton.testing import do_bench
             # Untimed calls first: one-time costs (modules loaded on first launch, the
@@ -269,8 +290,10 @@ class Timer:
                 _clear(leaves)
                 run()
             self.sync()
-            return float(do_bench(run, warmup=25, rep=100, grad_to_none=leaves or None,
-                                  return_mode="median"))
+            median, fastest, slowest = do_bench(run, warmup=25, rep=100,
+                                                grad_to_none=leaves or None,
+                                                quantiles=[0.5, 0.0, 1.0])
+            return Timing(float(median), float(fastest), float(slowest))
         for _ in range(self.warmup):
             _clear(leaves)
             run()
@@ -285,7 +308,7 @@ class Timer:
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end))
-        return statistics.median(times)
+        return Timing.of(times)
 
     def _interleaved(self, impls, mode, q, k, v) -> dict:
         cells, live, times = {}, {}, {}
@@ -315,7 +338,7 @@ class Timer:
                     cells[name] = _failure(err)
                     del live[name]
         for name in live:
-            cells[name] = ("ok", statistics.median(times[name]), None)
+            cells[name] = ("ok", Timing.of(times[name]), None)
         live.clear()
         return {impl.name: cells[impl.name] for impl in impls}
 
@@ -504,7 +527,16 @@ def _one_line(err: BaseException) -> str:
 
 
 def fmt_ms(ms: float) -> str:
-    return f"{ms:.2f}ms"
+    """Three or four significant digits: 0.0123, 1.234, 12.34, 123.4, 1234."""
+    if ms >= 1000:
+        return f"{ms:.0f}"
+    if ms >= 100:
+        return f"{ms:.1f}"
+    if ms >= 10:
+        return f"{ms:.2f}"
+    if ms >= 0.1:
+        return f"{ms:.3f}"
+    return f"{ms:.4f}"
 
 
 def fmt_tflops(t: float) -> str:
@@ -519,8 +551,8 @@ def fmt_tflops(t: float) -> str:
 
 def fmt_bytes(b: float) -> str:
     if b >= 2**30:
-        return f"{b / 2**30:.2f}GiB"
-    return f"{b / 2**20:.1f}MiB"
+        return f"{b / 2**30:.2f} GiB"
+    return f"{b / 2**20:.1f} MiB"
 
 
 def _device_name(device: torch.device) -> str:
@@ -546,7 +578,18 @@ def _build_info_text(info) -> str:
     return str(info)
 
 
-def section_header(dtype: str, s: Shape, args, title: str) -> str:
+# The tables' columns (at most 80 characters a row).
+N_WIDTH, NAME_WIDTH = 6, 16
+TIME_COLUMNS = (f"{'n':>{N_WIDTH}}  {'':<{NAME_WIDTH}}{'median ms':>9}  {'min-max ms':>17}  "
+                f"{'TFLOP/s':>8}  fcsa is")
+MEMORY_COLUMNS = f"{'n':>{N_WIDTH}}  {'':<{NAME_WIDTH}}{'peak':>11}  fcsa needs"
+
+
+def impl_label(name: str) -> str:
+    return "fcsa" if name == KERNEL else name
+
+
+def section_header(dtype: str, s: Shape, args, title: str, columns: str) -> str:
     if args.shape == "fa":
         sizes = f"batch: 16384/n    heads: {s.heads}    dim {s.dim}"
     else:
@@ -556,14 +599,7 @@ def section_header(dtype: str, s: Shape, args, title: str) -> str:
         extra.append("causal")
     if args.mask_prob > 0:
         extra.append(f"{args.mask_prob:.0%} of keys masked")
-    return f"{RULE}\n{dtype:<11} {sizes}    {'    '.join(extra)}\n{RULE}"
-
-
-def row_prefix(s: Shape, args) -> str:
-    text = f"seq_len: {s.seq_len:<6d}"
-    if args.shape == "fa":
-        text += f" (b {s.batch}, h {s.heads})"
-    return text
+    return f"{RULE}\n{dtype:<11} {sizes}    {'    '.join(extra)}\n{RULE}\n{columns}"
 
 
 # ----------------------------------------------------------------------------------------
@@ -587,6 +623,9 @@ class Record:
     flops: Optional[float] = None
     tflops: Optional[float] = None
     peak_bytes: Optional[int] = None
+    min_ms: Optional[float] = None  # the spread of the timed runs
+    max_ms: Optional[float] = None
+    runs: Optional[int] = None  # timed runs (None: do_bench chose)
     error: Optional[str] = None
 
 
@@ -602,7 +641,8 @@ class Run:
     def note(self, text: str):
         if text not in self.notes:
             self.notes.append(text)
-            print(f"  note: {text}")
+            print(textwrap.fill(f"  note: {text}", HEADER_WIDTH, subsequent_indent=" " * 8,
+                                break_on_hyphens=False))
 
 
 def time_row(run: Run, dtype: str, mode: str, s: Shape, seed: int):
@@ -623,39 +663,44 @@ def time_row(run: Run, dtype: str, mode: str, s: Shape, seed: int):
         cells = run.timer.measure(impls, mode, q, k, v)
     q = k = v = mask = impls = None
 
-    for name, (status, ms, err) in cells.items():
+    for name, (status, t, err) in cells.items():
         run.records.append(Record(
             "time", dtype, mode, args.causal, args.mask_prob, s.seq_len, s.batch, s.heads,
-            s.dim, name, status, ms, flops, (flops / (ms * 1e-3) / 1e12) if ms else None,
-            error=err))
-    print(format_time_row(run, s, cells, flops), flush=True)
+            s.dim, name, status, t and t.ms, flops,
+            (flops / (t.ms * 1e-3) / 1e12) if t else None,
+            min_ms=t and t.min_ms, max_ms=t and t.max_ms, runs=t and t.runs, error=err))
+    print("\n".join(format_time_rows(run, s, cells, flops)), flush=True)
     for name, (status, _, err) in cells.items():
         if status == "n/a":
             run.note(f"{name} n/a: {err}")
 
 
-def format_time_row(run: Run, s: Shape, cells: dict, flops: float) -> str:
-    kstatus, kms, _ = cells[KERNEL]
-    baselines = [n for n in run.impl_names if n != KERNEL]
-    parts = [row_prefix(s, run.args)]
-    slower = "-"
-    if baselines:
-        bstatus, bms, _ = cells[baselines[0]]
-        if kms and bms:
-            slower = f"{kms / bms:.2f}x"
-    parts.append(f"slower: {slower:<6}")
-    for name in [KERNEL] + baselines:
-        status, ms, err = cells[name]
+def speed_verdict(base: Timing, kernel: Timing) -> str:
+    """'1.30× faster' (fcsa against this baseline) or '1.15× slower', from the medians;
+    a leading '~' when the two min-max ranges overlap (within the noise of the runs)."""
+    ratio = base.ms / kernel.ms
+    text = f"{ratio:.2f}× faster" if ratio >= 1 else f"{1 / ratio:.2f}× slower"
+    overlap = kernel.min_ms <= base.max_ms and base.min_ms <= kernel.max_ms
+    return "~" + text if overlap else text
+
+
+def format_time_rows(run: Run, s: Shape, cells: dict, flops: float) -> list:
+    """One line per implementation, fcsa first; the sequence length on the first."""
+    kstatus, kernel, _ = cells[KERNEL]
+    lines = []
+    for i, name in enumerate(run.impl_names):
+        status, t, err = cells[name]
+        start = f"{s.seq_len if i == 0 else '':>{N_WIDTH}}  {impl_label(name):<{NAME_WIDTH}}"
         if status != "ok":
-            parts.append(f"{name}: {oom_text(err) if status == 'oom' else status}")
+            lines.append(start + (oom_text(err) if status == "oom" else status))
             continue
-        tf = fmt_tflops(flops / (ms * 1e-3) / 1e12)
-        if name == KERNEL:
-            parts.append(f"{name}: {fmt_ms(ms)} ({tf} TFLOP/s)")
-        else:
-            ratio = f", {kms / ms:.2f}x" if kms else ""
-            parts.append(f"{name}: {fmt_ms(ms)} ({tf} TFLOP/s{ratio})")
-    return "   ".join(parts)
+        tflops = fmt_tflops(flops / (t.ms * 1e-3) / 1e12)
+        spread = f"{fmt_ms(t.min_ms)}-{fmt_ms(t.max_ms)}"
+        line = f"{start}{fmt_ms(t.ms):>9}  {spread:>17}  {tflops:>8}"
+        if name != KERNEL and kstatus == "ok":
+            line += "  " + speed_verdict(t, kernel)
+        lines.append(line)
+    return lines
 
 
 def memory_row(run: Run, dtype: str, s: Shape, seed: int):
@@ -681,20 +726,27 @@ def memory_row(run: Run, dtype: str, s: Shape, seed: int):
         run.records.append(Record(
             "memory", dtype, "fwd+bwd", args.causal, args.mask_prob, s.seq_len, s.batch,
             s.heads, s.dim, name, status, peak_bytes=peak, error=err))
-    parts = [row_prefix(s, args)]
-    kpeak = cells[KERNEL][1]
-    for name in run.impl_names:
-        status, peak, err = cells[name]
-        if status != "ok":
-            parts.append(f"{name}: {oom_text(err) if status == 'oom' else status}")
-        elif name != KERNEL and kpeak is not None and peak:
-            parts.append(f"{name}: {fmt_bytes(peak)} ({kpeak / peak:.2f}x)")
-        else:
-            parts.append(f"{name}: {fmt_bytes(peak)}")
-    print("   ".join(parts), flush=True)
+    print("\n".join(format_memory_rows(run, s, cells)), flush=True)
     for name, (status, _, err) in cells.items():
         if status in ("n/a", "error"):
             run.note(f"{name} {status}: {err}")
+
+
+def format_memory_rows(run: Run, s: Shape, cells: dict) -> list:
+    kpeak = cells[KERNEL][1]
+    lines = []
+    for i, name in enumerate(run.impl_names):
+        status, peak, err = cells[name]
+        line = f"{s.seq_len if i == 0 else '':>{N_WIDTH}}  {impl_label(name):<{NAME_WIDTH}}"
+        if status != "ok":
+            lines.append(line + (oom_text(err) if status == "oom" else status))
+            continue
+        line += f"{fmt_bytes(peak):>11}"
+        if name != KERNEL and kpeak and peak:
+            ratio = peak / kpeak
+            line += f"  {ratio:.2f}× less" if ratio >= 1 else f"  {1 / ratio:.2f}× more"
+        lines.append(line)
+    return lines
 
 
 # ----------------------------------------------------------------------------------------
@@ -821,7 +873,7 @@ def parse_args(argv=None):
     p.add_argument("--scale", type=float, default=8.0,
                    help="cosine-sim temperature, for fcsa and the cos baselines")
     p.add_argument("--baselines", nargs="+", choices=BASELINES, default=None,
-                   help="default: all; the first one is the 'slower' column's reference")
+                   help="default: all (each gets a row, with fcsa's speed against it)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--timer", choices=("auto", "do_bench", "events", "wall"), default="auto",
                    help="auto: do_bench when triton imports, else CUDA events; wall on CPU")
@@ -846,10 +898,32 @@ def parse_args(argv=None):
     return args
 
 
+def checked_device(name: Optional[str]) -> torch.device:
+    """The device to run on; a clean exit (no traceback) when it cannot be had."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise SystemExit(f"--device {name}: not a device name; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch is a CPU-only build" if torch.version.cuda is None
+                   else "torch finds no usable NVIDIA GPU or driver")
+            raise SystemExit(f"--device {name}: CUDA is not available here ({why}); "
+                             "run on the CPU with --device cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise SystemExit(f"--device {name}: there are {count} CUDA device(s)")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+    elif device.type != "cpu":
+        raise SystemExit(f"--device {name}: the benchmark runs on cpu or cuda")
+    return device
+
+
 def finish_args(args):
-    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.device.type == "cuda" and args.device.index is None:
-        args.device = torch.device("cuda", torch.cuda.current_device())
+    args.device = checked_device(args.device)
     cuda = args.device.type == "cuda"
     if args.only_forwards:
         args.modes = ["fwd"]
@@ -889,6 +963,12 @@ def choose_timer(args) -> Timer:
             kind = "do_bench"
         except ImportError:
             kind = "events"
+    elif kind == "do_bench":
+        try:
+            import triton.testing  # noqa: F401
+        except ImportError:
+            raise SystemExit("--timer do_bench needs triton (pip install triton); "
+                             "--timer events needs nothing more") from None
     return Timer(kind, args.device, args.num_times, args.warmup)
 
 
@@ -926,8 +1006,10 @@ def print_header(run: Run, backend, probe_error):
         lines.append("flops:     forward 4*b*h*n*n*d" + (" / 2 (causal)" if a.causal else "")
                      + ", backward 2.5x, forward+backward 3.5x"
                      + ("; masked keys count as computed" if a.mask_prob > 0 else ""))
-        lines.append("columns:   slower = kernel time / first baseline's time (below 1: fcsa "
-                     "is faster); each baseline: time (TFLOP/s, kernel/baseline)")
+        lines.append("table:     each implementation's median time and the min-max of its runs; "
+                     "'fcsa is': the baseline's median over fcsa's, as 'N× faster' (or fcsa's "
+                     "over the baseline's, 'N× slower'); '~' when the two min-max ranges "
+                     "overlap (a difference within the noise)")
     if a.mask_prob > 0:
         shape = "(b, 1, n, n), causality folded in" if a.causal else "(b, 1, 1, n)"
         lines.append(f"mask:      {a.mask_prob:.0%} of each batch element's keys masked at "
@@ -940,7 +1022,16 @@ def print_header(run: Run, backend, probe_error):
         lines.append(f"oom:       allocations beyond {a.cpu_mem_limit_bytes / 2**30:.1f} GiB "
                      "fail and show as oom (--cpu-mem-limit)")
     lines.append(f"scale:     {a.scale:g}    baselines: {', '.join(run.impl_names[1:]) or 'none'}")
-    print("\n".join(lines), flush=True)
+    print("\n".join(wrap_header_line(line) for line in lines), flush=True)
+
+
+def wrap_header_line(line: str, width: int = HEADER_WIDTH) -> str:
+    """'key:      text' wrapped to `width` columns, the text's lines aligned."""
+    key, sep, text = line.partition(":")
+    if not sep or len(line) <= width:
+        return line
+    indent = " " * (len(line) - len(text.lstrip()))
+    return textwrap.fill(line, width, subsequent_indent=indent, break_on_hyphens=False)
 
 
 def main(argv=None) -> int:
@@ -948,7 +1039,13 @@ def main(argv=None) -> int:
     if args.memory_cell:
         return memory_child_main(json.loads(args.memory_cell))
     args = finish_args(args)
-    import fcsa  # noqa: F401  (fail early, before any work, when the package is missing)
+    import fcsa  # (fail early, before any work, when the package is missing)
+
+    if args.device.type == "cuda" and not fcsa.cuda_compiled():
+        raise SystemExit(f"--device {args.device}: this fcsa was built without its CUDA "
+                         f"backends ({fcsa.build_info()}); build it for this GPU with "
+                         "`pip install .` on a machine that has the GPU and nvcc, or name the "
+                         "targets: FCSA_CUDA_ARCHITECTURES=\"80-real\" pip install .")
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -976,14 +1073,15 @@ def main(argv=None) -> int:
             for mode in args.modes:
                 for dtype in args.dtype:
                     print(section_header(dtype, shape_for(args, args.seq_lens[0]), args,
-                                         MODE_TITLES[mode]), flush=True)
+                                         MODE_TITLES[mode], TIME_COLUMNS), flush=True)
                     for n in args.seq_lens:
                         seed += 1
                         time_row(run, dtype, mode, shape_for(args, n), seed)
         if args.memory:
             for dtype in args.dtype:
                 print(section_header(dtype, shape_for(args, args.seq_lens[0]), args,
-                                     "peak memory, forward + backward"), flush=True)
+                                     "peak memory, forward + backward", MEMORY_COLUMNS),
+                      flush=True)
                 for n in args.seq_lens:
                     seed += 1
                     memory_row(run, dtype, shape_for(args, n), seed)
