@@ -3,9 +3,15 @@
     python examples/train.py --use-cuda-kernel              # fcsa's fused kernel
     python examples/train.py                                # plain PyTorch attention (n x n)
     python examples/train.py --seq-len 8192 --use-cuda-kernel
+    python examples/train.py --help                         # every option and its default
 
-Every byte is a token (vocabulary 256). The model: 8 pre-norm blocks of width 512, each
-cosine-sim attention (8 heads of 64, a fixed scale of 8, causal) and a feed-forward.
+Every byte is a token (vocabulary 256). The model: pre-norm blocks, each cosine-sim
+attention (heads of 64, a fixed scale of 8, causal) and a feed-forward. Its size follows
+the device (--preset auto): on a GPU, 8 blocks of width 512 over 1024 bytes for 100,000
+steps (the original example's run); on a CPU, 4 blocks of width 256 over 256 bytes for
+600 steps, a few minutes on 2 cores. Any option given on the command line overrides the
+preset. Progress shows from the first step, with the time still to go.
+
 --use-cuda-kernel runs the attention through fcsa.flash_cosine_sim_attention (the CUDA
 kernel on a GPU, the library's CPU backend on a CPU); without it, through
 fcsa.plain_cosine_sim_attention, which materializes the n x n attention matrix and runs
@@ -176,40 +182,88 @@ def decode(tokens) -> str:
 # training
 
 
+# The sizes that follow the device: "gpu" is the original example's run, "cpu" one that
+# finishes in a few minutes on 2 cores and still learns visibly.
+PRESETS = {
+    "gpu": dict(dim=512, depth=8, heads=8, dim_head=64, seq_len=1024, batch_size=4,
+                grad_accum=4, steps=100_000, lr=2e-4, validate_every=100, val_batches=4,
+                generate_every=500, generate_length=512, prime_length=128),
+    "cpu": dict(dim=256, depth=4, heads=4, dim_head=64, seq_len=256, batch_size=8,
+                grad_accum=1, steps=600, lr=1e-3, validate_every=100, val_batches=8,
+                generate_every=300, generate_length=128, prime_length=64),
+}
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every default; a preset's options show both presets' values."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.dest in PRESETS["cpu"] and action.default is None:
+            cpu, gpu = PRESETS["cpu"][action.dest], PRESETS["gpu"][action.dest]
+            return f"{text} (default: {cpu:,} on the CPU, {gpu:,} on CUDA)".lstrip()
+        if action.default is None or action.nargs == 0:  # nothing to show, or a flag
+            return text
+        return super()._get_help_string(action)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Train a byte-level GPT with cosine-sim attention.")
+    p = argparse.ArgumentParser(description="Train a byte-level GPT with cosine-sim attention.",
+                                formatter_class=HelpFormatter)
     p.add_argument("--data", default="data/enwik8.gz",
                    help="enwik8 (.gz, .zip or plain); absent: the Python stdlib's sources")
-    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--preset", choices=("auto", "cpu", "gpu"), default="auto",
+                   help="model and run size: auto follows the device (the options marked "
+                        "'on the CPU, ... on CUDA' below)")
+    p.add_argument("--seq-len", type=int, help="bytes per sequence")
     p.add_argument("--use-cuda-kernel", action="store_true",
                    help="attention through fcsa.flash_cosine_sim_attention (CUDA, or the "
                         "library's CPU backend on a CPU); without it fcsa's plain PyTorch "
                         "attention")
     p.add_argument("--use-float32", action="store_true",
-                   help="no mixed precision (default on CUDA: bfloat16 autocast; the CPU "
-                        "always trains in float32)")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--grad-accum", type=int, default=4, help="batches per optimizer step")
-    p.add_argument("--steps", type=int, default=100_000, help="optimizer steps")
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--validate-every", type=int, default=100)
-    p.add_argument("--val-batches", type=int, default=4)
-    p.add_argument("--generate-every", type=int, default=500)
-    p.add_argument("--generate-length", type=int, default=512)
-    p.add_argument("--prime-length", type=int, default=128)
+                   help="train in float32 on CUDA too (without it: bfloat16 autocast there; "
+                        "the CPU always trains in float32)")
+    p.add_argument("--batch-size", type=int, help="sequences per batch")
+    p.add_argument("--grad-accum", type=int, help="batches per optimizer step")
+    p.add_argument("--steps", type=int, help="optimizer steps")
+    p.add_argument("--lr", type=float, help="Adam's learning rate")
+    p.add_argument("--validate-every", type=int, help="steps between validations (0: never)")
+    p.add_argument("--val-batches", type=int, help="batches per validation")
+    p.add_argument("--generate-every", type=int, help="steps between samples (0: never)")
+    p.add_argument("--generate-length", type=int, help="bytes per sample")
+    p.add_argument("--prime-length", type=int, help="bytes of validation text before a sample")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="for the weights and the batches")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--checkpoint", default="checkpoints/byte-gpt.pt", metavar="PATH",
                    help="where the final model, optimizer state and arguments go")
-    p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--depth", type=int, default=8)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--dim-head", type=int, default=64)
+    p.add_argument("--dim", type=int, help="model width")
+    p.add_argument("--depth", type=int, help="blocks")
+    p.add_argument("--heads", type=int, help="attention heads")
+    p.add_argument("--dim-head", type=int, help="width of a head")
     p.add_argument("--scale", type=float, default=8.0, help="the fixed cosine-sim scale")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (progress lines are printed instead)")
     return p.parse_args(argv)
+
+
+def apply_preset(args, device: torch.device) -> str:
+    """Fills the options not given from the preset; returns the preset's name."""
+    name = args.preset if args.preset != "auto" else ("gpu" if device.type == "cuda" else "cpu")
+    for key, value in PRESETS[name].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return name
+
+
+def fmt_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 @torch.no_grad()
@@ -228,6 +282,7 @@ def validate(model, data, args, gen, device, autocast) -> float:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    preset = apply_preset(args, device)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -246,8 +301,12 @@ def main(argv=None) -> dict:
     attention = ("fcsa.flash_cosine_sim_attention" if args.use_cuda_kernel
                  else "fcsa.plain_cosine_sim_attention")
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {n_params / 1e6:.2f}M parameters, attention {attention}, "
+    print(f"model: {n_params / 1e6:.2f}M parameters ({args.depth} blocks of width {args.dim}, "
+          f"{args.heads} heads of {args.dim_head}), attention {attention}, "
           f"{'bfloat16 autocast' if mixed else 'float32'} on {device}")
+    print(f"run: {preset} preset, {args.steps:,} steps of {args.batch_size * args.grad_accum} "
+          f"sequences of {args.seq_len} bytes (python examples/train.py --help: the options)",
+          flush=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -257,6 +316,8 @@ def main(argv=None) -> dict:
     bar = tqdm(steps, mininterval=1.0, dynamic_ncols=True) \
         if tqdm is not None and not args.no_progress else None
     say = (bar.write if bar is not None else print)
+    # Without a bar: a line after the first step (with the time to go), then every 5%.
+    report_every = max(1, args.steps // 20)
     start = time.perf_counter()
     model.train()
     for step in (bar if bar is not None else steps):
@@ -271,16 +332,21 @@ def main(argv=None) -> dict:
         optim.step()
         optim.zero_grad(set_to_none=True)
         history["loss"].append(total)
-        tok_s = tokens_per_step * (step + 1) / (time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        tok_s = tokens_per_step * (step + 1) / elapsed
         if bar is not None:
             bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{tok_s:,.0f}")
+        elif step == 0 or (step + 1) % report_every == 0:
+            to_go = elapsed / (step + 1) * (args.steps - step - 1)
+            say(f"step {step + 1}/{args.steps}: loss {total:.3f} nats, {tok_s:,.0f} tokens/s, "
+                f"{fmt_duration(elapsed)} so far, about {fmt_duration(to_go)} to go", flush=True)
 
         last = step == args.steps - 1
         if args.validate_every and (step % args.validate_every == 0 or last):
             bpb = validate(model, val_data, args, gen, device, autocast)
             history["val_bpb"].append((step, bpb))
-            say(f"step {step}: train loss {total:.3f} nats, valid {bpb:.3f} bits/byte, "
-                f"{tok_s:,.0f} tokens/s")
+            say(f"step {step + 1}/{args.steps}: validation loss {bpb:.3f} bits/byte "
+                f"(train loss {total:.3f} nats)", flush=True)
         if args.generate_every and step % args.generate_every == 0 and step > 0:
             model.eval()
             prime_len = min(args.prime_length, args.seq_len)
@@ -296,8 +362,10 @@ def main(argv=None) -> dict:
         bar.close()
 
     elapsed = time.perf_counter() - start
-    print(f"{args.steps} steps in {elapsed:.1f}s, "
+    print(f"{args.steps} steps in {fmt_duration(elapsed)}, "
           f"{tokens_per_step * args.steps / elapsed:,.0f} tokens/s")
+    if history["val_bpb"]:
+        print(f"final validation loss: {history['val_bpb'][-1][1]:.3f} bits per byte")
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
         history["peak_memory_bytes"] = peak

@@ -11,6 +11,13 @@ find_package(fcsa)) and get_pkgconfig_dir() (for pkg-config).
 
 import importlib.metadata
 import os
+import warnings
+
+with warnings.catch_warnings():
+    # Without numpy, importing torch warns "Failed to initialize NumPy". fcsa never
+    # converts tensors to or from numpy arrays, so that warning says nothing about it.
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
+    import torch  # noqa: F401
 
 from . import _lib
 from .attention import (flash_cosine_sim_attention, l2norm_tensors,

@@ -526,27 +526,22 @@ def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0] if text else ''}"[:200]
 
 
+def _rounded(value: float, steps, smaller: str) -> str:
+    """value with the decimals of the first (threshold, decimals) step it reaches, else
+    in the format `smaller`."""
+    for threshold, decimals in steps:
+        if value >= threshold:
+            return f"{value:.{decimals}f}"
+    return format(value, smaller)
+
+
 def fmt_ms(ms: float) -> str:
     """Three or four significant digits: 0.0123, 1.234, 12.34, 123.4, 1234."""
-    if ms >= 1000:
-        return f"{ms:.0f}"
-    if ms >= 100:
-        return f"{ms:.1f}"
-    if ms >= 10:
-        return f"{ms:.2f}"
-    if ms >= 0.1:
-        return f"{ms:.3f}"
-    return f"{ms:.4f}"
+    return _rounded(ms, ((1000, 0), (100, 1), (10, 2), (0.1, 3)), ".4f")
 
 
 def fmt_tflops(t: float) -> str:
-    if t >= 100:
-        return f"{t:.0f}"
-    if t >= 10:
-        return f"{t:.1f}"
-    if t >= 1:
-        return f"{t:.2f}"
-    return f"{t:.3g}"
+    return _rounded(t, ((100, 0), (10, 1), (1, 2)), ".3g")
 
 
 def fmt_bytes(b: float) -> str:
@@ -684,23 +679,32 @@ def speed_verdict(base: Timing, kernel: Timing) -> str:
     return "~" + text if overlap else text
 
 
-def format_time_rows(run: Run, s: Shape, cells: dict, flops: float) -> list:
-    """One line per implementation, fcsa first; the sequence length on the first."""
-    kstatus, kernel, _ = cells[KERNEL]
+def table_rows(run: Run, s: Shape, cells: dict, describe) -> list:
+    """One line per implementation, fcsa first, the sequence length on the first: the name,
+    then describe(name, value) for a cell that ran, or what stopped it."""
     lines = []
     for i, name in enumerate(run.impl_names):
-        status, t, err = cells[name]
+        status, value, err = cells[name]
         start = f"{s.seq_len if i == 0 else '':>{N_WIDTH}}  {impl_label(name):<{NAME_WIDTH}}"
         if status != "ok":
             lines.append(start + (oom_text(err) if status == "oom" else status))
-            continue
+        else:
+            lines.append(start + describe(name, value))
+    return lines
+
+
+def format_time_rows(run: Run, s: Shape, cells: dict, flops: float) -> list:
+    kstatus, kernel, _ = cells[KERNEL]
+
+    def describe(name: str, t: Timing) -> str:
         tflops = fmt_tflops(flops / (t.ms * 1e-3) / 1e12)
         spread = f"{fmt_ms(t.min_ms)}-{fmt_ms(t.max_ms)}"
-        line = f"{start}{fmt_ms(t.ms):>9}  {spread:>17}  {tflops:>8}"
+        text = f"{fmt_ms(t.ms):>9}  {spread:>17}  {tflops:>8}"
         if name != KERNEL and kstatus == "ok":
-            line += "  " + speed_verdict(t, kernel)
-        lines.append(line)
-    return lines
+            text += "  " + speed_verdict(t, kernel)
+        return text
+
+    return table_rows(run, s, cells, describe)
 
 
 def memory_row(run: Run, dtype: str, s: Shape, seed: int):
@@ -734,19 +738,15 @@ def memory_row(run: Run, dtype: str, s: Shape, seed: int):
 
 def format_memory_rows(run: Run, s: Shape, cells: dict) -> list:
     kpeak = cells[KERNEL][1]
-    lines = []
-    for i, name in enumerate(run.impl_names):
-        status, peak, err = cells[name]
-        line = f"{s.seq_len if i == 0 else '':>{N_WIDTH}}  {impl_label(name):<{NAME_WIDTH}}"
-        if status != "ok":
-            lines.append(line + (oom_text(err) if status == "oom" else status))
-            continue
-        line += f"{fmt_bytes(peak):>11}"
+
+    def describe(name: str, peak: int) -> str:
+        text = f"{fmt_bytes(peak):>11}"
         if name != KERNEL and kpeak and peak:
             ratio = peak / kpeak
-            line += f"  {ratio:.2f}× less" if ratio >= 1 else f"  {1 / ratio:.2f}× more"
-        lines.append(line)
-    return lines
+            text += f"  {ratio:.2f}× less" if ratio >= 1 else f"  {1 / ratio:.2f}× more"
+        return text
+
+    return table_rows(run, s, cells, describe)
 
 
 # ----------------------------------------------------------------------------------------
