@@ -47,6 +47,51 @@ float constant_offset(const Problem &p, float scale) {
     return offset;
 }
 
+namespace {
+
+float sum_of_squares(const float *x, int64_t count) {
+    // Eight interleaved partial sums: a single running sum is one long chain of
+    // dependent adds, which made normalizing K and Q a visible share of short calls.
+    float partial[8] = {};
+    int64_t t = 0;
+    for (; t + 8 <= count; t += 8)
+        for (int lane = 0; lane < 8; ++lane) partial[lane] += x[t + lane] * x[t + lane];
+    for (; t < count; ++t) partial[t % 8] += x[t] * x[t];
+    return ((partial[0] + partial[4]) + (partial[1] + partial[5])) +
+           ((partial[2] + partial[6]) + (partial[3] + partial[7]));
+}
+
+// Divides x[0, count) by max(||x||, epsilon) and returns ||x||, without overflow: when
+// the float32 sum of squares overflows (from |x| of about 1.8e19 on), x is first scaled
+// by the power of two that brings its largest magnitude into [1/2, 1), exactly. The
+// returned norm is then inf where it exceeds float32's range (the l2norm backward
+// divides by it: the gradient it gives is below float32's range too). Underflow needs
+// no care: squares that underflow make a norm far below epsilon, which is clamped
+// whatever its value.
+float normalize_group(float *x, int64_t count) {
+    const float squares = sum_of_squares(x, count);
+    if (squares <= std::numeric_limits<float>::max()) {
+        const float norm = std::sqrt(squares);
+        const float denominator = std::max(norm, kNormEpsilon);
+        for (int64_t t = 0; t < count; ++t) x[t] /= denominator;
+        return norm;
+    }
+    float largest = 0.f;
+    for (int64_t t = 0; t < count; ++t) largest = std::max(largest, std::fabs(x[t])); // NaN passed over
+    int exponent = 0;
+    float unit = 1.f;
+    if (largest <= std::numeric_limits<float>::max()) { // else an inf in x: NaN follows, as it should
+        std::frexp(largest, &exponent);
+        unit = std::ldexp(1.f, -exponent);
+    }
+    for (int64_t t = 0; t < count; ++t) x[t] *= unit;
+    const float scaled_norm = std::sqrt(sum_of_squares(x, count));
+    for (int64_t t = 0; t < count; ++t) x[t] /= scaled_norm;
+    return std::ldexp(scaled_norm, exponent);
+}
+
+} // namespace
+
 void load_normalized_row(const Problem &p, const View &view, int64_t batch, int64_t head, int64_t row,
                          bool l2norm, int64_t padded_d, float *dst, float *norms) {
     const int64_t d = p.d;
@@ -55,19 +100,7 @@ void load_normalized_row(const Problem &p, const View &view, int64_t batch, int6
     if (!l2norm) return;
     const int64_t group_size = d / p.groups;
     for (int32_t g = 0; g < p.groups; ++g) {
-        float *chunk = dst + g * group_size;
-        // Eight interleaved partial sums: a single running sum is one long chain of
-        // dependent adds, which made normalizing K and Q a visible share of short calls.
-        float partial[8] = {};
-        int64_t t = 0;
-        for (; t + 8 <= group_size; t += 8)
-            for (int lane = 0; lane < 8; ++lane) partial[lane] += chunk[t + lane] * chunk[t + lane];
-        for (; t < group_size; ++t) partial[t % 8] += chunk[t] * chunk[t];
-        const float squares = ((partial[0] + partial[4]) + (partial[1] + partial[5])) +
-                              ((partial[2] + partial[6]) + (partial[3] + partial[7]));
-        const float norm = std::sqrt(squares);
-        const float denominator = std::max(norm, kNormEpsilon);
-        for (int64_t t = 0; t < group_size; ++t) chunk[t] /= denominator;
+        const float norm = normalize_group(dst + g * group_size, group_size);
         if (norms) norms[g] = norm;
     }
 }

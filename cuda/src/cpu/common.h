@@ -62,7 +62,8 @@ float constant_offset(const Problem &p, float scale);
 
 // Reads row `row` of the (b, head, row, :) slice of `view` as float32 into dst[0, d),
 // zero-filling dst[d, padded_d). With l2norm, normalizes each group and writes its
-// norm (before clamping) to norms[0, groups).
+// norm (before clamping) to norms[0, groups). Norms of any size are taken without
+// overflow; a norm beyond float32's range is written as inf.
 void load_normalized_row(const Problem &p, const View &view, int64_t batch, int64_t head, int64_t row,
                          bool l2norm, int64_t padded_d, float *dst, float *norms);
 
