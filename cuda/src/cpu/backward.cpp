@@ -253,8 +253,19 @@ void backward_query_tile(const Problem &p, const BackwardLayout &layout, const T
         // dv += P^T dO ; dq^ += dS k^ ; dk^ += dS^T (scale q^)
         kernels.matmul(s.dv.data() + chunk_key * padded_d, padded_d, probs, 1, kKeyTile, dout, padded_d, kPanelWidth,
                        keys, int(padded_d), rows, true);
-        kernels.matmul(dq, padded_d, dprobs, kKeyTile, 1, packed.row_tile(packed.key_rows, bh, tile), packed.ldb,
-                       packed.row_panel, rows, int(padded_d), keys, true);
+        // dq^ over the keys the last row sees; row by row where a key hidden from some
+        // rows holds a non-finite value (as the forward's P V).
+        const float *key_rows = packed.row_tile(packed.key_rows, bh, tile);
+        const int depth = s.limit[size_t(rows - 1)];
+        if (rows_need_own_depth(s.limit.data(), rows, key_rows, packed.ldb, packed.row_panel, d)) {
+            for (int r = 0; r < rows; ++r)
+                if (s.limit[size_t(r)] > 0)
+                    kernels.matmul(dq + r * padded_d, padded_d, dprobs + r * kKeyTile, kKeyTile, 1, key_rows,
+                                   packed.ldb, packed.row_panel, 1, int(padded_d), s.limit[size_t(r)], true);
+        } else if (depth > 0) {
+            kernels.matmul(dq, padded_d, dprobs, kKeyTile, 1, key_rows, packed.ldb, packed.row_panel, rows,
+                           int(padded_d), depth, true);
+        }
         kernels.matmul(s.dk.data() + chunk_key * padded_d, padded_d, dprobs, 1, kKeyTile, scaled_queries, padded_d,
                        kPanelWidth, keys, int(padded_d), rows, true);
     }

@@ -117,15 +117,43 @@ void l2norm_backward_row(const float *x_hat, const float *dx_hat, const float *n
         }
         float dot = 0.f;
         for (int64_t t = begin; t < end; ++t) dot += x_hat[t] * dx_hat[t];
+        if (!std::isfinite(dot) && std::all_of(dx_hat + begin, dx_hat + end, [](float v) { return v == 0.f; })) {
+            // No gradient in, none out, whatever x^ holds (a hidden key's may be NaN).
+            std::fill(dx + begin, dx + end, 0.f);
+            continue;
+        }
         for (int64_t t = begin; t < end; ++t) dx[t] = (dx_hat[t] - x_hat[t] * dot) / norms[g];
     }
 }
 
 void fill_key_bias(const Problem &p, int64_t batch, int64_t first_key, int keys, float *key_bias) {
-    const uint8_t *mask = static_cast<const uint8_t *>(p.mask.data);
     const float hidden = -std::numeric_limits<float>::infinity();
-    for (int j = 0; j < keys; ++j) key_bias[j] = mask[p.mask.offset(batch, 0, 0, first_key + j)] ? 0.f : hidden;
+    for (int j = 0; j < keys; ++j) key_bias[j] = masked_out(p, batch, first_key + j) ? hidden : 0.f;
     for (int j = keys; j < kKeyTile; ++j) key_bias[j] = hidden;
+}
+
+namespace {
+
+bool all_finite(const float *x, int64_t count) {
+    uint32_t finite = 1; // no early exit: the loop vectorizes
+    for (int64_t t = 0; t < count; ++t) finite &= (float_bits(x[t]) & 0x7f800000u) != 0x7f800000u;
+    return finite != 0;
+}
+
+} // namespace
+
+bool rows_need_own_depth(const int *limit, int rows, const float *b, int64_t ldb, int64_t b_panel, int64_t cols) {
+    const int first = limit[0], last = limit[rows - 1];
+    if (first >= last) return false;
+    if (b_panel == kPanelWidth) { // row-major B: rows of `cols` values, ldb apart
+        for (int k = first; k < last; ++k)
+            if (!all_finite(b + k * ldb, cols)) return true;
+        return false;
+    }
+    // Packed panels (ldb = kPanelWidth): the rows [first, last) of a panel are contiguous.
+    for (int64_t n = 0; n < cols; n += kPanelWidth)
+        if (!all_finite(b + (n / kPanelWidth) * b_panel + first * ldb, (last - first) * ldb)) return true;
+    return false;
 }
 
 PackedKeysValues packing_for(const Problem &p) {
@@ -175,18 +203,25 @@ void pack_keys_values(const Problem &p, const PackedKeysValues &packed, int thre
         float *value_rows = offset(packed.value_rows, packed.row_tile_size(), item);
         for (int64_t j = 0; j < kKeyTile; ++j) {
             const int64_t key = first + j;
+            // A key the mask hides is packed as zeros (and a norm of 0): whatever it holds,
+            // NaN and inf included, it then adds nothing to any product.
+            const bool zero = j >= count || masked_out(p, batch, key);
             if (keys_wanted) {
-                if (j == count) std::fill(row.begin(), row.end(), 0.f);
-                if (j < count) {
+                if (zero) {
+                    std::fill(row.begin(), row.end(), 0.f);
+                    std::fill(norms.begin(), norms.end(), 0.f);
+                } else {
                     load_normalized_row(p, p.k, batch, kv_head, key, p.l2norm, padded_d, row.data(), norms.data());
-                    if (packed.key_norms && p.l2norm)
-                        std::copy(norms.begin(), norms.end(), packed.key_norms + (bh * p.nk + key) * p.groups);
                 }
+                if (packed.key_norms && p.l2norm && j < count)
+                    std::copy(norms.begin(), norms.end(), packed.key_norms + (bh * p.nk + key) * p.groups);
                 scatter(j, keys_t, key_rows);
             }
             if (values_wanted) {
-                if (j == count) std::fill(row.begin(), row.end(), 0.f);
-                if (j < count) load_normalized_row(p, p.v, batch, kv_head, key, false, padded_d, row.data(), nullptr);
+                if (zero)
+                    std::fill(row.begin(), row.end(), 0.f);
+                else
+                    load_normalized_row(p, p.v, batch, kv_head, key, false, padded_d, row.data(), nullptr);
                 scatter(j, values_t, value_rows);
             }
         }

@@ -33,7 +33,8 @@ int64_t query_tile_rows(int64_t nq) {
 struct ForwardLayout {
     PackedKeysValues packed;
     // V is read in place (no packed copy) when it already is what P V reads: float32
-    // rows of whole vectors (d % 8 == 0, so no column past d is touched).
+    // rows of whole vectors (d % 8 == 0, so no column past d is touched), and no mask
+    // (packing zeroes the values of hidden keys, which may hold NaN or inf).
     bool values_in_place = false;
     size_t bytes = 0;
 };
@@ -45,7 +46,7 @@ ForwardLayout forward_layout(const Problem &p, void *workspace) {
     packed = packing_for(p);
     const int64_t tiles = p.b * p.hk * packed.key_tiles;
     packed.keys_transposed = carver.take(tiles * packed.transposed_tile_size());
-    layout.values_in_place = p.v.dtype == FCSA_DTYPE_FLOAT32 && p.d % 8 == 0;
+    layout.values_in_place = p.v.dtype == FCSA_DTYPE_FLOAT32 && p.d % 8 == 0 && !p.mask.present();
     if (!layout.values_in_place) packed.value_rows = carver.take(tiles * packed.row_tile_size());
     layout.bytes = carver.bytes_needed();
     return layout;
@@ -146,13 +147,29 @@ void forward_tile(const Problem &p, const ForwardLayout &layout, const TileKerne
         }
         kernels.exp_rows(logits, logits, kKeyTile, rows, keys, 1.f, scratch.offset.data(), scratch.limit.data(),
                           key_bias, scratch.row_sum.data());
+        // out += P V over the keys the last row sees: no key hidden from every row of the
+        // tile enters the product, so none of its values (NaN or inf included) can meet
+        // a weight of 0. Keys hidden from some rows only: see rows_need_own_depth.
+        const float *values;
+        int64_t ldv, v_panel;
         if (layout.values_in_place) {
-            const float *values = static_cast<const float *>(p.v.data) + p.v.offset(batch, kv_head, first_key, 0);
-            kernels.matmul(output, padded_d, logits, kKeyTile, 1, values, p.v.stride[2], kPanelWidth, rows,
-                           int(padded_d), keys, true);
+            values = static_cast<const float *>(p.v.data) + p.v.offset(batch, kv_head, first_key, 0);
+            ldv = p.v.stride[2];
+            v_panel = kPanelWidth;
         } else {
-            kernels.matmul(output, padded_d, logits, kKeyTile, 1, packed.row_tile(packed.value_rows, bh, tile),
-                           packed.ldb, packed.row_panel, rows, int(padded_d), keys, true);
+            values = packed.row_tile(packed.value_rows, bh, tile);
+            ldv = packed.ldb;
+            v_panel = packed.row_panel;
+        }
+        const int depth = scratch.limit[size_t(rows - 1)];
+        if (rows_need_own_depth(scratch.limit.data(), rows, values, ldv, v_panel, d)) {
+            for (int r = 0; r < rows; ++r)
+                if (scratch.limit[size_t(r)] > 0)
+                    kernels.matmul(output + r * padded_d, padded_d, logits + r * kKeyTile, kKeyTile, 1, values, ldv,
+                                   v_panel, 1, int(padded_d), scratch.limit[size_t(r)], true);
+        } else if (depth > 0) {
+            kernels.matmul(output, padded_d, logits, kKeyTile, 1, values, ldv, v_panel, rows, int(padded_d), depth,
+                           true);
         }
     }
 
