@@ -1,11 +1,12 @@
-"""Numerical robustness against the float64 reference: rows of any norm, and non-finite
-values in hidden keys."""
+"""Numerical robustness against the float64 reference: large scales, rows of any norm,
+non-finite values in hidden keys, and logits at the edge of float32's range (SPEC: any
+finite input whose logits are finite in float32)."""
 
 import pytest
 import torch
 
 import fcsa
-from helpers import DEVICES, dtype_id, random_mask
+from helpers import DEVICES, dtype_id, random_mask, rounding_allowance, with_kwargs
 
 
 def leaves(device, dtype, *tensors):
@@ -37,6 +38,71 @@ def relative_error(got, ref):
 
 def all_finite(results):
     return all(torch.isfinite(t).all() for t in results.values())
+
+
+# ---------------------------------------------------------------- large scales
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("scale", [1e4, 1e6, 1e7, 1e10])
+@pytest.mark.parametrize("features", ["plain", "bias_mask_causal"])
+def test_backward_at_large_scales(features, scale, device):
+    # The backward recomputes P = exp(s - lse) against the forward's lse, which is at
+    # least the row's largest logit only for the forward's own logits: a logit formed
+    # another way is off by rounding at the size of the logits (|scale|), and exp makes
+    # that an error without bound, NaN once P reaches inf. nq = 150: rows of one forward
+    # tile fall into three backward tiles.
+    b, h, nq, nk, d = 1, 2, 150, 70, 16
+    q, k, v = leaves(device, torch.float32, torch.randn(b, h, nq, d), torch.randn(b, h, nk, d),
+                     torch.randn(b, h, nk, d))
+    inputs = {"q": q, "k": k, "v": v}
+    kwargs = {"scale": scale}
+    if features != "plain":
+        (bias,) = leaves(device, torch.float32, torch.randn(h, nq, nk))
+        inputs.update(attn_bias=bias, mask=random_mask(b, nk).to(device))
+        kwargs["causal"] = True
+
+    # With dO_i = e_c for one row i = rows[c] and 0 elsewhere, dv[j, c] = P_ij: the
+    # backward's own P, which must never exceed 1 (exp's polynomial may give 1 + 2^-23).
+    rows = torch.linspace(nq // 3, nq - 1, d).long()
+    probe = torch.zeros(b, h, nq, d, device=device)
+    probe[:, :, rows, torch.arange(d)] = 1.0
+    p_rows = attention_and_grads(inputs, probe, **kwargs)["dv"]
+    assert torch.isfinite(p_rows).all()
+    assert p_rows.max().item() <= 1 + 2**-20
+
+    dout = torch.randn(b, h, nq, d, device=device)
+    got = attention_and_grads(inputs, dout, **kwargs)
+    ref = attention_and_grads(inputs, dout, reference=True, **kwargs)
+    assert all_finite(got), {n: bool(torch.isfinite(t).all()) for n, t in got.items()}
+    # At these scales the softmax is all but one-hot: out and dv depend on which key wins,
+    # and on the rounding of the logits only where two keys nearly tie (dq, dk and dbias
+    # are scale * dS, with dS rounding noise, in the reference too: only finite).
+    ref_in = {n: t.detach().cpu().double().requires_grad_() if t.is_floating_point() else t.cpu()
+              for n, t in inputs.items()}
+    allowance = rounding_allowance(with_kwargs(**kwargs), ref_in, dout, got["out"], torch.float32)
+    for name in ("out", "dv"):
+        error = (got[name].cpu().double() - ref[name]).abs().max().item()
+        assert error <= 1e-3 * ref[name].abs().max().item() + allowance[name], name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("value", [0.0, 1e-25, 3.0])
+def test_learnable_scale_gradient_near_zero(value, device):
+    # dscale sums dS times the cosines; the CPU backward reads them off the logits,
+    # (scale q^) k^, except near 0, where they get a product of their own.
+    b, h, n, d = 2, 2, 40, 16
+    q, k, v = leaves(device, torch.float32, *(torch.randn(b, h, n, d) for _ in range(3)))
+    (scale,) = leaves(device, torch.float32, torch.tensor([value, 2 * value]))
+    (bias,) = leaves(device, torch.float32, torch.randn(h, n, n))
+    inputs = dict(q=q, k=k, v=v, scale=scale, attn_bias=bias)
+    dout = torch.randn(b, h, n, d, device=device)
+    got = attention_and_grads(inputs, dout, causal=True)
+    ref = attention_and_grads(inputs, dout, causal=True, reference=True)
+    for name in got:
+        if ref[name].abs().max() == 0:  # dq and dk at scale 0
+            assert (got[name] == 0).all(), name
+        else:
+            assert relative_error(got[name], ref[name]) <= 1e-4, name
 
 
 # ---------------------------------------------------------------- norms
@@ -154,3 +220,31 @@ def test_causally_hidden_keys_holding_nonfinite_values(nq, nk, keys, poison, dev
         part, ref_part = got[name][:, :, blind], ref[name][:, :, blind]
         assert torch.isfinite(part).all(), name
         assert relative_error(part, ref_part) <= 1e-4, name
+
+
+# ---------------------------------------------------------------- the edge of float32
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", ["unnormalized_1e30", "bias_1e30", "scale_1e30"])
+def test_logits_near_float32_range(case, device):
+    # SPEC: correct output, finite gradients, for any finite input whose logits are
+    # finite in float32. Here they are about 1e30.
+    b, h, nq, nk, d = 1, 2, 40, 50, 16
+    q, k, v = torch.randn(b, h, nq, d), torch.randn(b, h, nk, d), torch.randn(b, h, nk, d)
+    kwargs = {"causal": True}
+    if case == "unnormalized_1e30":
+        q, k = q * 1e15, k * 1e15
+        kwargs.update(l2norm_qk=False, scale=1.0)
+    elif case == "scale_1e30":
+        kwargs["scale"] = 1e30
+    inputs = dict(zip("qkv", leaves(device, torch.float32, q, k, v)))
+    if case == "bias_1e30":
+        (inputs["attn_bias"],) = leaves(device, torch.float32, torch.randn(h, nq, nk) * 1e30)
+    dout = torch.randn(b, h, nq, d, device=device)
+    got = attention_and_grads(inputs, dout, **kwargs)
+    ref = attention_and_grads(inputs, dout, reference=True, **kwargs)
+    assert all_finite(got), {n: bool(torch.isfinite(t).all()) for n, t in got.items()}
+    _, lse = fcsa.flash_cosine_sim_attention(**inputs, **kwargs, return_lse=True)
+    assert torch.isfinite(lse).all()
+    assert relative_error(got["out"], ref["out"]) <= 1e-5
+    assert relative_error(got["dv"], ref["dv"]) <= 1e-3

@@ -2,6 +2,12 @@
 // the keys: with P = exp(s - lse) recomputed per tile, dS = P * (dP - delta) where
 // delta_i = <dO_i, O_i>, and dq^ = scale dS k^, dk^ = scale dS^T q^, dv = P^T dO.
 //
+// The logits are formed exactly as the forward forms them, (scale q^) k^ + bias through
+// the same tile kernel, so that against the forward's lse (log of the row sum plus the
+// row's offset, at least the largest logit) P <= 1 holds by construction, for any
+// scale: a logit formed another way differs by rounding at the logits' size, which
+// exp turns into an error without bound (inf, then NaN) once the logits are large.
+//
 // A work item owns one kv head of one batch (and a range of its key tiles, when there
 // are few kv heads): it visits every query head that shares that kv head, so dk and
 // dv are summed inside the item, in a fixed order, with no atomics. The item walks its
@@ -201,43 +207,38 @@ void backward_query_tile(const Problem &p, const BackwardLayout &layout, const T
     }
     std::fill(s.ds_dot_cos.begin(), s.ds_dot_cos.end(), 0.f);
 
+    // dscale sums dS against the cosines q^ k^. Where the scale allows, they are read off
+    // the logits before the bias, (scale q^) k^ = scale cos, and the sum is divided by
+    // the scale at the end; near 0 or float32's limits, scale q^ or dS * logit would
+    // lose precision or overflow, and the cosines get a product of their own.
+    const bool cos_from_logits = dscale_sum && std::fabs(scale) >= 0x1p-60f && std::fabs(scale) <= 0x1p60f;
     float *cos = s.cos.data(), *probs = s.probs.data(), *dprobs = s.dprobs.data();
+    float *logits = cos_from_logits ? cos : probs;
     const PackedKeysValues &packed = layout.packed;
     for (int64_t tile = chunk.first_tile; tile < end_tile; ++tile) {
         const int64_t first_key = tile * kKeyTile;
         const int keys = int(std::min<int64_t>(kKeyTile, p.nk - first_key));
-        kernels.matmul(cos, kKeyTile, queries, padded_d, 1, packed.transposed_tile(packed.keys_transposed, bh, tile),
-                       packed.ldb, packed.transposed_panel(), rows, kKeyTile, int(d), false);
+        const float *keys_transposed = packed.transposed_tile(packed.keys_transposed, bh, tile);
+        // The logits as the forward forms them (see the file comment), then P.
+        kernels.matmul(logits, kKeyTile, scaled_queries, padded_d, 1, keys_transposed, packed.ldb,
+                       packed.transposed_panel(), rows, kKeyTile, int(d), false);
+        if (p.bias.present())
+            add_bias_tile(p, batch, head, first_row, rows, first_key, keys, logits, probs, s.bias_row.data());
         const float *key_bias = nullptr;
         if (p.mask.present()) {
             fill_key_bias(p, batch, first_key, keys, s.key_bias.data());
             key_bias = s.key_bias.data();
         }
         for (int r = 0; r < rows; ++r) s.limit[size_t(r)] = visible_keys(p, first_row + r, first_key, keys);
-        if (p.bias.present()) {
-            // Logits with the bias, then P from them.
-            const View &bias = p.bias;
-            for (int r = 0; r < rows; ++r) {
-                const int64_t index = bias.offset(batch, head, first_row + r, first_key);
-                float *logit_row = probs + r * kKeyTile;
-                const float *cos_row = cos + r * kKeyTile;
-                if (bias.stride[3] == 0) {
-                    const float value = load_element(bias.data, index, bias.dtype);
-                    for (int j = 0; j < keys; ++j) logit_row[j] = cos_row[j] * scale + value;
-                } else {
-                    load_row(bias.data, index, bias.dtype, keys, s.bias_row.data());
-                    for (int j = 0; j < keys; ++j) logit_row[j] = cos_row[j] * scale + s.bias_row[size_t(j)];
-                }
-            }
-            kernels.exp_rows(probs, probs, kKeyTile, rows, keys, 1.f, s.lse.data(), s.limit.data(), key_bias, nullptr);
-        } else {
-            kernels.exp_rows(probs, cos, kKeyTile, rows, keys, scale, s.lse.data(), s.limit.data(), key_bias,
-                             nullptr);
-        }
+        kernels.exp_rows(probs, p.bias.present() ? probs : logits, kKeyTile, rows, keys, 1.f, s.lse.data(),
+                         s.limit.data(), key_bias, nullptr);
+        if (dscale_sum && !cos_from_logits)
+            kernels.matmul(cos, kKeyTile, queries, padded_d, 1, keys_transposed, packed.ldb,
+                           packed.transposed_panel(), rows, kKeyTile, int(d), false);
         // dP = dO V^T, then dS = P (dP - delta) in place.
         kernels.matmul(dprobs, kKeyTile, dout, padded_d, 1, packed.transposed_tile(packed.values_transposed, bh, tile),
                        packed.ldb, packed.transposed_panel(), rows, kKeyTile, int(d), false);
-        kernels.softmax_grad_rows(dprobs, probs, cos, kKeyTile, rows, keys, s.delta.data(),
+        kernels.softmax_grad_rows(dprobs, probs, dscale_sum ? cos : nullptr, kKeyTile, rows, keys, s.delta.data(),
                                   dscale_sum ? s.ds_dot_cos.data() : nullptr);
         if (layout.dbias_sum) {
             const int64_t slot =
@@ -270,7 +271,8 @@ void backward_query_tile(const Problem &p, const BackwardLayout &layout, const T
                        kPanelWidth, keys, int(padded_d), rows, true);
     }
     if (dscale_sum && compute)
-        for (int r = 0; r < rows; ++r) *dscale_sum += s.ds_dot_cos[size_t(r)];
+        for (int r = 0; r < rows; ++r)
+            *dscale_sum += cos_from_logits ? s.ds_dot_cos[size_t(r)] / scale : s.ds_dot_cos[size_t(r)];
 
     for (int r = 0; r < rows; ++r) {
         float *dq_row = dq + r * padded_d;

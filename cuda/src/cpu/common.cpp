@@ -132,6 +132,23 @@ void fill_key_bias(const Problem &p, int64_t batch, int64_t first_key, int keys,
     for (int j = keys; j < kKeyTile; ++j) key_bias[j] = hidden;
 }
 
+void add_bias_tile(const Problem &p, int64_t batch, int64_t head, int64_t first_row, int rows, int64_t first_key,
+                   int keys, const float *logits, float *biased, float *bias_row) {
+    const View &bias = p.bias;
+    for (int r = 0; r < rows; ++r) {
+        const int64_t index = bias.offset(batch, head, first_row + r, first_key);
+        const float *row = logits + int64_t(r) * kKeyTile;
+        float *out = biased + int64_t(r) * kKeyTile;
+        if (bias.stride[3] == 0) {
+            const float value = load_element(bias.data, index, bias.dtype);
+            for (int j = 0; j < keys; ++j) out[j] = row[j] + value;
+        } else {
+            load_row(bias.data, index, bias.dtype, keys, bias_row);
+            for (int j = 0; j < keys; ++j) out[j] = row[j] + bias_row[j];
+        }
+    }
+}
+
 namespace {
 
 bool all_finite(const float *x, int64_t count) {

@@ -81,6 +81,13 @@ inline bool masked_out(const Problem &p, int64_t batch, int64_t key) {
 // columns past `keys`, up to kKeyTile): the col_bias of the tile kernels.
 void fill_key_bias(const Problem &p, int64_t batch, int64_t first_key, int keys, float *key_bias);
 
+// biased = logits + bias[batch, head, rows, keys], tiles of rows of kKeyTile (biased
+// may be logits); bias_row is scratch of kKeyTile floats. The forward and the backward
+// form their logits alike: the backward's must equal the forward's bit for bit (see
+// backward.cpp).
+void add_bias_tile(const Problem &p, int64_t batch, int64_t head, int64_t first_row, int rows, int64_t first_key,
+                   int keys, const float *logits, float *biased, float *bias_row);
+
 // A product P B, with P a tile whose row r has weights for keys [0, limit[r]) only
 // (limit non-decreasing, as causality makes it), normally runs over the keys the last
 // row sees. True when it must run row by row instead, each row over its own keys: when

@@ -64,23 +64,6 @@ struct ForwardScratch {
     std::vector<int> limit;
 };
 
-// Adds bias[batch, head, rows, keys] to a logit tile.
-void add_bias_tile(const Problem &p, int64_t batch, int64_t head, int64_t first_row, int rows, int64_t first_key,
-                   int keys, float *logits, float *bias_row) {
-    const View &bias = p.bias;
-    for (int r = 0; r < rows; ++r) {
-        const int64_t index = bias.offset(batch, head, first_row + r, first_key);
-        float *row = logits + int64_t(r) * kKeyTile;
-        if (bias.stride[3] == 0) {
-            const float value = load_element(bias.data, index, bias.dtype);
-            for (int j = 0; j < keys; ++j) row[j] += value;
-        } else {
-            load_row(bias.data, index, bias.dtype, keys, bias_row);
-            for (int j = 0; j < keys; ++j) row[j] += bias_row[j];
-        }
-    }
-}
-
 void forward_tile(const Problem &p, const ForwardLayout &layout, const TileKernels &kernels, int64_t batch,
                   int64_t head, int64_t first_row, int64_t tile_rows, ForwardScratch &scratch) {
     const int64_t d = p.d, padded_d = layout.packed.padded_d;
@@ -119,7 +102,7 @@ void forward_tile(const Problem &p, const ForwardLayout &layout, const TileKerne
         kernels.matmul(logits, kKeyTile, queries, padded_d, 1, packed.transposed_tile(packed.keys_transposed, bh, tile),
                        packed.ldb, packed.transposed_panel(), rows, kKeyTile, int(d), false);
         if (p.bias.present())
-            add_bias_tile(p, batch, head, first_row, rows, first_key, keys, logits, scratch.bias_row.data());
+            add_bias_tile(p, batch, head, first_row, rows, first_key, keys, logits, logits, scratch.bias_row.data());
         const float *key_bias = nullptr;
         if (p.mask.present()) {
             fill_key_bias(p, batch, first_key, keys, scratch.key_bias.data());
