@@ -1,12 +1,14 @@
 """Numerical robustness against the float64 reference: large scales, rows of any norm,
-non-finite values in hidden keys, and logits at the edge of float32's range (SPEC: any
-finite input whose logits are finite in float32)."""
+the gradients that sum dS over the keys in 16-bit precision, non-finite values in
+hidden keys, and logits at the edge of float32's range (SPEC: any finite input whose
+logits are finite in float32)."""
 
 import pytest
 import torch
 
 import fcsa
-from helpers import DEVICES, dtype_id, random_mask, rounding_allowance, with_kwargs
+from helpers import (ATOL, DEVICES, DTYPES, dtype_id, random_mask, rounding_allowance,
+                     with_kwargs)
 
 
 def leaves(device, dtype, *tensors):
@@ -144,6 +146,79 @@ def test_l2norm_of_rows_of_any_norm(factor, groups, dtype, device):
         # Far below the 1e-12 clamp, x / max(|x|, 1e-12) is about 0: every logit is ~0.
         ref_uniform = v.double().mean(dim=2, keepdim=True).expand(b, h, nq, d)
         assert relative_error(got["out"], ref_uniform) <= tol
+
+
+# ---------------------------------------------------------------- 16-bit sums of dS
+
+# The dtypes' gradient tolerances, relative to the largest gradient element.
+GRAD_TOL = {torch.float32: 2e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+U32 = 2.0**-24  # float32's unit roundoff
+
+
+def related_tokens(b, h, n, d, shared=2.0):
+    """q and k that share a common direction, as the tokens of one text do: their cosines
+    have a large common part, and dscale, the covariance of the cosines with dP under
+    P, is a small difference of large sums."""
+    common = torch.randn(1, 1, 1, d) * shared
+    return torch.randn(b, h, n, d) + common, torch.randn(b, h, n, d) + common
+
+
+def softmax_grad_parts(q, k, v, dout, scale, bias=0.0):
+    """|dS| and the cosines, (b, h, nq, nk) in float64 (no mask, one kv head per head)."""
+    q, k, v, dout = (t.detach().cpu().double() for t in (q, k, v, dout))
+    scale = scale.detach().cpu().double().reshape(-1, 1, 1) if torch.is_tensor(scale) else scale
+    bias = bias.detach().cpu().double() if torch.is_tensor(bias) else bias
+    qn, kn = fcsa.l2norm_tensors(q, k)
+    cos = qn @ kn.transpose(-1, -2)
+    p = (scale * cos + bias).softmax(dim=-1)
+    delta = (dout * (p @ v)).sum(dim=-1, keepdim=True)
+    return (p * (dout @ v.transpose(-1, -2) - delta)).abs(), cos
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape", [(), (4,)], ids=["scalar", "per_head"])
+def test_learnable_scale_gradient_in_16_bit(shape, dtype, device):
+    # delta = <dO, O> taken from O rounded to 16 bits shifts all of a row's dS alike,
+    # which the sum of dS times the cosines keeps: dscale was off by up to its own size.
+    # Allowed: the dtype's gradient tolerance, plus float32 rounding of the sum's terms
+    # (where they cancel to a small dscale). Before, the error was up to 50 (float16)
+    # and 550 (bfloat16) times U32 times the terms.
+    b, h, n, d = 2, 4, 128, 64
+    for _ in range(3):
+        q, k = related_tokens(b, h, n, d)
+        v = torch.randn(b, h, n, d)
+        scale = (6 + 4 * torch.rand(shape)).to(device).requires_grad_()
+        inputs = dict(zip("qkv", leaves(device, dtype, q, k, v)), scale=scale)
+        dout = torch.randn(b, h, n, d, device=device, dtype=dtype)
+        got = attention_and_grads(inputs, dout)
+        ref = attention_and_grads(inputs, dout, reference=True)
+        assert got["out"].dtype == dtype
+        assert got["dscale"].shape == shape
+        ds, cos = softmax_grad_parts(inputs["q"], inputs["k"], inputs["v"], dout, scale)
+        terms = (ds * cos.abs()).sum(dim=(0, 2, 3))  # per head
+        terms = (terms.sum() if shape == () else terms.max()).item()
+        error = (got["dscale"].cpu().double() - ref["dscale"]).abs().max().item()
+        assert error <= GRAD_TOL[dtype] * ref["dscale"].abs().max().item() + 4 * U32 * terms
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("bias_shape", ["1hq1", "b1q1"])
+def test_bias_broadcast_over_keys_gets_zero_gradient(bias_shape, dtype, device):
+    # A bias constant along the keys shifts every logit of a row alike: the softmax
+    # does not see it, and its gradient sum_j dS_ij is exactly 0 whatever the inputs (so
+    # whatever their rounding). Only float32 accumulation error is allowed.
+    b, h, n, d = 2, 4, 128, 64
+    shape = {"1hq1": (1, h, n, 1), "b1q1": (b, 1, n, 1)}[bias_shape]
+    q, k, v, bias = leaves(device, dtype, torch.randn(b, h, n, d), torch.randn(b, h, n, d),
+                           torch.randn(b, h, n, d), torch.randn(shape))
+    dout = torch.randn(b, h, n, d, device=device, dtype=dtype)
+    got = attention_and_grads(dict(q=q, k=k, v=v, attn_bias=bias), dout)
+    assert got["out"].dtype == dtype and got["dattn_bias"].dtype == dtype
+    ds, _ = softmax_grad_parts(q, k, v, dout, 8.0, bias)
+    terms = ds.sum(dim=[i for i in range(4) if shape[i] == 1]).max().item()  # per dbias element
+    assert got["dattn_bias"].double().abs().max().item() <= ATOL[torch.float32] * terms
 
 
 # ---------------------------------------------------------------- non-finite hidden keys

@@ -255,7 +255,11 @@ fcsa_status check_common(const fcsa_options &options, const CommonTensors &in, P
     FCSA_RETURN_IF_ERROR(check_dtype("v", v, p.dtype, " (like q)"));
     FCSA_RETURN_IF_ERROR(check_shape("v", v, k.shape, 4, " (like k)"));
     FCSA_RETURN_IF_ERROR(check_descriptor("out", out, 4, 4));
-    FCSA_RETURN_IF_ERROR(check_dtype("out", out, p.dtype, " (like q)"));
+    // out may be float32 for float16/bfloat16 q: the forward then keeps it unrounded, and
+    // the backward's delta = <dO, O> is taken from it (see fcsa.h).
+    if (out.dtype != p.dtype && out.dtype != FCSA_DTYPE_FLOAT32)
+        return set_error(FCSA_STATUS_INVALID_DTYPE, "out: expected dtype %s (like q) or float32, got %s",
+                         dtype_name(p.dtype), dtype_name(out.dtype));
     FCSA_RETURN_IF_ERROR(check_shape("out", out, q.shape, 4, " (like q)"));
     FCSA_RETURN_IF_ERROR(check_same_device("k", k, p));
     FCSA_RETURN_IF_ERROR(check_same_device("v", v, p));
@@ -493,6 +497,10 @@ fcsa_status attention(bool backward, const fcsa_options &options, const Problem 
         return FCSA_STATUS_SUCCESS;
     }
 #if defined(FCSA_WITH_CUDA)
+    // Until the CUDA kernels read and write a float32 out for 16-bit q (they use q's type).
+    if (p.out.dtype != p.dtype)
+        return set_error(FCSA_STATUS_NOT_SUPPORTED, "out: the cuda-sm80 backend needs out in q's dtype (%s), got %s",
+                         dtype_name(p.dtype), dtype_name(p.out.dtype));
     DeviceGuard guard;
     FCSA_RETURN_IF_ERROR(guard.enter(p.device_index));
     FCSA_RETURN_IF_ERROR(sm80_supports(p, backward));
