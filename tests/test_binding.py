@@ -212,3 +212,19 @@ def test_float32_out_for_16_bit_inputs(dtype):
     other = torch.float16 if dtype == torch.bfloat16 else torch.bfloat16
     with pytest.raises(TypeError, match="out"):
         run_forward(opts, **desc, out=describe(poisoned(t["q"].shape, other)))
+
+
+def test_broadcast_bias_backward_workspace_is_not_one_per_batch_and_head():
+    # The items that share dbias elements add into one float32 accumulator in turn:
+    # before, each (batch, kv head) had its own copy, 32 x 16 MiB here.
+    b, h, n, d = 4, 8, 2048, 8
+    q, k, v, out, dout, dq, dk, dv = (torch.empty(b, h, n, d) for _ in range(8))
+    bias, dbias = torch.empty(1, 1, n, n), torch.empty(1, 1, n, n)
+    lse = torch.empty(b, h, n)
+    tensors = {n_: describe(x) for n_, x in dict(q=q, k=k, v=v, out=out, dout=dout, dq=dq, dk=dk,
+                                                 dv=dv, bias=bias, lse=lse).items()}
+    opts = _lib.Options(causal=True)
+    without = _lib.backward_workspace_size(opts, **tensors)
+    with_dbias = _lib.backward_workspace_size(opts, **tensors, dbias=describe(dbias))
+    bias_bytes = bias.numel() * bias.element_size()
+    assert with_dbias - without <= 2 * bias_bytes
