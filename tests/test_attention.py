@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import fcsa
-from helpers import (ATOL, DEVICES, DTYPES, assert_bounded, check_attention, dtype_id,
-                     qkv, random_mask, with_kwargs)
+from helpers import (ATOL, DEVICES, DTYPES, GRAD_NAMES, assert_bounded, check_attention,
+                     dtype_id, qkv, random_mask, with_kwargs)
 
 
 # ---------------------------------------------------------------- shapes
@@ -319,6 +319,58 @@ def test_deterministic_backward_is_bitwise_repeatable(device):
                 assert torch.equal(a, b_)
     finally:
         torch.set_num_threads(threads)
+
+
+# Which dims of (b, h, nq, nk) a bias keeps; the others it broadcasts over. The items of
+# the CPU backward that share its elements add their sums in turn, in a fixed order.
+SHARED_BIAS_SHAPES = {"bhqk": (1, 1, 1, 1), "11qk": (0, 0, 1, 1), "b1q1": (1, 0, 1, 0),
+                      "1h1k": (0, 1, 0, 1), "1111": (0, 0, 0, 0)}
+
+
+@pytest.mark.parametrize("bias", list(SHARED_BIAS_SHAPES))
+@pytest.mark.parametrize("size", ["key_splits", "key_chunks"])
+def test_shared_bias_gradient_is_bitwise_the_same_for_any_thread_count(size, bias):
+    # key_splits: few kv heads, so each one's keys are split over several work items;
+    # key_chunks: d = 256 and 300 keys, so an item walks its keys in three chunks.
+    if size == "key_splits":
+        b, h, hk, nq, nk, d = 3, 4, 2, 70, 150, 16
+    else:
+        b, h, hk, nq, nk, d = 4, 8, 4, 40, 300, 256
+    keep = SHARED_BIAS_SHAPES[bias]
+    shape = tuple(n if kept else 1 for n, kept in zip((b, h, nq, nk), keep))
+    q = torch.randn(b, h, nq, d, requires_grad=True)
+    k = torch.randn(b, hk, nk, d, requires_grad=True)
+    v = torch.randn(b, hk, nk, d, requires_grad=True)
+    attn_bias = torch.randn(shape, requires_grad=True)
+    scale = (6 + torch.rand(h)).requires_grad_()
+    mask = random_mask(b, nk)
+    dout = torch.randn(b, h, nq, d)
+    inputs = (q, k, v, attn_bias, scale)
+
+    def grads(attention, tensors):
+        out = attention(*tensors[:3], mask=mask, attn_bias=tensors[3], scale=tensors[4],
+                        causal=True)
+        return torch.autograd.grad(out, tensors, dout.to(out.dtype))
+
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            results.append(grads(fcsa.flash_cosine_sim_attention, inputs))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for name, a, b_ in zip(GRAD_NAMES, results[0], other):
+            assert torch.equal(a, b_), name
+    ref_inputs = tuple(t.detach().double().requires_grad_() for t in inputs)
+    ref = grads(fcsa.plain_cosine_sim_attention, ref_inputs)
+    # Each dbias element sums this many dS terms, whose rounding grows as its square root
+    # (the exact sum is 0 for a bias broadcast over the keys).
+    terms = b * h * nq * nk / attn_bias.numel()
+    for name, got, want in zip(GRAD_NAMES, results[0], ref):
+        atol = 2e-5 * terms**0.5 if name == "attn_bias" else 1e-4
+        torch.testing.assert_close(got.double(), want, atol=atol, rtol=1e-4, msg=name)
 
 
 # ---------------------------------------------------------------- layouts

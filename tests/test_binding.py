@@ -176,3 +176,55 @@ def test_workspace_too_small_is_refused():
     with pytest.raises(RuntimeError, match="WORKSPACE"):
         _lib.forward(_lib.Options(), **desc, out=describe(out), workspace=0,
                      workspace_bytes=nbytes - 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_float32_out_for_16_bit_inputs(dtype):
+    # out may be float32 for 16-bit q: the forward writes it unrounded, the backward takes
+    # delta = <dO, O> from it. Any other dtype of out is refused.
+    t = {n: x.to(dtype) if n in ("q", "k", "v", "bias") else x for n, x in problem().items()}
+    b, h, nq, d = t["q"].shape
+    desc = {n: describe(x) for n, x in t.items()}
+    opts = _lib.Options(causal=True)
+    out16, out32 = poisoned(t["q"].shape, dtype), poisoned(t["q"].shape)
+    lse16, lse32 = poisoned((b, h, nq)), poisoned((b, h, nq))
+    run_forward(opts, **desc, out=describe(out16), lse=describe(lse16))
+    run_forward(opts, **desc, out=describe(out32), lse=describe(lse32))
+    assert torch.equal(out32.to(dtype), out16) and torch.equal(lse32, lse16)
+
+    dout = torch.randn(t["q"].shape).to(dtype)
+    grads = {n: poisoned(x.shape, x.dtype) for n, x in t.items() if n != "mask"}
+    run_backward(opts, **desc, out=describe(out32), dout=describe(dout), lse=describe(lse32),
+                 **{"d" + n: describe(g) for n, g in grads.items()})
+    leaves = {n: x.double().requires_grad_() for n, x in t.items() if n != "mask"}
+    ref = fcsa.plain_cosine_sim_attention(
+        leaves["q"], leaves["k"], leaves["v"], mask=t["mask"], attn_bias=leaves["bias"],
+        scale=leaves["scale"], causal=True)
+    ref_grads = dict(zip(leaves, torch.autograd.grad(ref, list(leaves.values()), dout.double())))
+    for name, got in grads.items():
+        assert torch.isfinite(got).all(), name
+    # The two gradients that sum dS over the keys: float32 accuracy, not 16-bit (the
+    # bias broadcasts over the keys: its exact gradient is 0).
+    scale_error = (grads["scale"].double() - ref_grads["scale"]).abs().max()
+    assert scale_error <= 1e-5 * ref_grads["scale"].abs().max()
+    assert grads["bias"].abs().max() <= 1e-5
+
+    other = torch.float16 if dtype == torch.bfloat16 else torch.bfloat16
+    with pytest.raises(TypeError, match="out"):
+        run_forward(opts, **desc, out=describe(poisoned(t["q"].shape, other)))
+
+
+def test_broadcast_bias_backward_workspace_is_not_one_per_batch_and_head():
+    # The items that share dbias elements add into one float32 accumulator in turn:
+    # before, each (batch, kv head) had its own copy, 32 x 16 MiB here.
+    b, h, n, d = 4, 8, 2048, 8
+    q, k, v, out, dout, dq, dk, dv = (torch.empty(b, h, n, d) for _ in range(8))
+    bias, dbias = torch.empty(1, 1, n, n), torch.empty(1, 1, n, n)
+    lse = torch.empty(b, h, n)
+    tensors = {n_: describe(x) for n_, x in dict(q=q, k=k, v=v, out=out, dout=dout, dq=dq, dk=dk,
+                                                 dv=dv, bias=bias, lse=lse).items()}
+    opts = _lib.Options(causal=True)
+    without = _lib.backward_workspace_size(opts, **tensors)
+    with_dbias = _lib.backward_workspace_size(opts, **tensors, dbias=describe(dbias))
+    bias_bytes = bias.numel() * bias.element_size()
+    assert with_dbias - without <= 2 * bias_bytes

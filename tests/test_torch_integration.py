@@ -7,12 +7,13 @@ import fcsa
 from helpers import DEVICES
 
 
-def op_args(device, *, grad, bias=True, mask=True, scale_tensor=True, hk=2, need_lse=True):
+def op_args(device, *, grad, bias=True, mask=True, scale_tensor=True, hk=2, need_lse=True,
+            dtype=torch.float32, float32_out=False):
     """Arguments of fcsa::forward in the canonical form."""
     b, h, nq, nk, d = 2, 4, 9, 14, 16
 
-    def leaf(*shape, offset=0.0):
-        return (torch.randn(*shape, device=device) + offset).requires_grad_(grad)
+    def leaf(*shape, offset=0.0, dtype=dtype):
+        return (torch.randn(*shape, device=device) + offset).to(dtype).requires_grad_(grad)
 
     mask_t = None
     if mask:
@@ -20,14 +21,15 @@ def op_args(device, *, grad, bias=True, mask=True, scale_tensor=True, hk=2, need
         mask_t[:, 0] = True
     return (leaf(b, h, nq, d), leaf(b, hk, nk, d), leaf(b, hk, nk, d), mask_t,
             leaf(1, h, nq, nk) if bias else None,
-            leaf(h, offset=8.0) if scale_tensor else None,
-            8.0, 1, True, True, False, need_lse)
+            leaf(h, offset=8.0, dtype=torch.float32) if scale_tensor else None,
+            8.0, 1, True, True, False, need_lse, float32_out)
 
 
 OPCHECK_CASES = {
     "plain": dict(bias=False, mask=False, scale_tensor=False),
     "everything": dict(),
     "single_kv_head": dict(hk=1, mask=False),
+    "bfloat16_float32_out": dict(dtype=torch.bfloat16, float32_out=True),
 }
 
 
@@ -51,7 +53,18 @@ def test_opcheck_backward(need, device):
     q, k, v, mask, bias, scale, *flags = op_args(device, grad=False)
     out, lse = torch.ops.fcsa.forward(q, k, v, mask, bias, scale, *flags)
     dout = torch.randn_like(out)
-    args = (dout, q, k, v, mask, bias, scale, out, lse, *flags[:-1], *need)
+    args = (dout, q, k, v, mask, bias, scale, out, lse, *flags[:5], *need)
+    torch.library.opcheck(torch.ops.fcsa.backward.default, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_backward_with_float32_out(device):
+    q, k, v, mask, bias, scale, *flags = op_args(device, grad=False, dtype=torch.bfloat16,
+                                                 float32_out=True)
+    out, lse = torch.ops.fcsa.forward(q, k, v, mask, bias, scale, *flags)
+    assert out.dtype == torch.float32
+    dout = torch.randn_like(q)
+    args = (dout, q, k, v, mask, bias, scale, out, lse, *flags[:5], True, True)
     torch.library.opcheck(torch.ops.fcsa.backward.default, args)
 
 

@@ -164,7 +164,8 @@ typedef struct fcsa_options {
 FCSA_API void fcsa_options_init(fcsa_options *options);
 
 /*
- * Shapes (all tensors on one device; q, k, v, out, dout, dq, dk, dv of one dtype):
+ * Shapes (all tensors on one device; q, k, v, out, dout, dq, dk, dv of one dtype,
+ * except that out may be float32 whatever q's dtype):
  *   q, out, dout, dq : (b, h, nq, d)
  *   k, v, dk, dv     : (b, hk, nk, d)   h % hk == 0 (hk < h: kv heads shared)
  *   mask             : (b, nk) bool, nonzero = the key may be attended; optional
@@ -176,6 +177,11 @@ FCSA_API void fcsa_options_init(fcsa_options *options);
  *   lse              : float32 (b, h, nq): log sum_j exp(s_ij), -inf for a row that
  *                      sees no key. Optional in the forward, required in the backward
  *                      (the forward's lse of the same inputs).
+ *   out (float32)    : with float16/bfloat16 q, the forward writes out unrounded, and
+ *                      the backward takes delta_i = <dO_i, O_i> from it: the gradients
+ *                      that sum dS over the keys (dscale, dbias of a bias broadcast over
+ *                      the keys) then keep their precision, which O rounded to 16 bits
+ *                      costs them. The backward's out is the forward's, in its dtype.
  * Pass NULL for an absent optional tensor.
  */
 typedef struct fcsa_forward_tensors {

@@ -376,7 +376,11 @@ fcsa_status check_common(const fcsa_options &options, const CommonTensors &in, P
     FCSA_RETURN_IF_ERROR(check_dtype("v", v, p.dtype, " (like q)"));
     FCSA_RETURN_IF_ERROR(check_shape("v", v, k.shape, 4, " (like k)"));
     FCSA_RETURN_IF_ERROR(check_descriptor("out", out, 4, 4));
-    FCSA_RETURN_IF_ERROR(check_dtype("out", out, p.dtype, " (like q)"));
+    // out may be float32 for float16/bfloat16 q: the forward then keeps it unrounded, and
+    // the backward's delta = <dO, O> is taken from it (see fcsa.h).
+    if (out.dtype != p.dtype && out.dtype != FCSA_DTYPE_FLOAT32)
+        return set_error(FCSA_STATUS_INVALID_DTYPE, "out: expected dtype %s (like q) or float32, got %s",
+                         dtype_name(p.dtype), dtype_name(out.dtype));
     FCSA_RETURN_IF_ERROR(check_shape("out", out, q.shape, 4, " (like q)"));
     FCSA_RETURN_IF_ERROR(check_same_device("k", k, p));
     FCSA_RETURN_IF_ERROR(check_same_device("v", v, p));

@@ -76,14 +76,20 @@ def _run(size_query, call, device, options, tensors):
 
 # ---------------------------------------------------------------- forward
 
+def _out_dtype(q: Tensor, float32_out: bool) -> torch.dtype:
+    return torch.float32 if float32_out else q.dtype
+
+
 @torch.library.custom_op("fcsa::forward", mutates_args=())
 def forward_op(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
                bias: Optional[Tensor], scale: Optional[Tensor], scale_value: float,
                groups: int, causal: bool, l2norm_qk: bool, deterministic: bool,
-               need_lse: bool) -> Tuple[Tensor, Tensor]:
-    """out (b, h, nq, d) and lse (b, h, nq) float32; lse is (0,) when need_lse is False."""
+               need_lse: bool, float32_out: bool) -> Tuple[Tensor, Tensor]:
+    """out (b, h, nq, d), in q's dtype or, with float32_out, in float32 (unrounded: the
+    backward then takes delta = <dO, O> from it), and lse (b, h, nq) float32; lse is
+    (0,) when need_lse is False."""
     b, h, nq, _ = q.shape
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out = torch.empty(q.shape, dtype=_out_dtype(q, float32_out), device=q.device)
     lse = torch.empty((b, h, nq) if need_lse else (0,), dtype=torch.float32, device=q.device)
     tensors = dict(q=describe(q), k=describe(k), v=describe(v), mask=describe(mask),
                    bias=describe(bias), scale=describe(scale), out=describe(out),
@@ -95,9 +101,9 @@ def forward_op(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
 
 @forward_op.register_fake
 def _forward_fake(q, k, v, mask, bias, scale, scale_value, groups, causal, l2norm_qk,
-                  deterministic, need_lse):
+                  deterministic, need_lse, float32_out):
     b, h, nq, _ = q.shape
-    out = q.new_empty(q.shape)
+    out = q.new_empty(q.shape, dtype=_out_dtype(q, float32_out))
     lse = q.new_empty((b, h, nq) if need_lse else (0,), dtype=torch.float32)
     return out, lse
 
@@ -124,7 +130,8 @@ def backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Te
                 deterministic: bool, need_dbias: bool,
                 need_dscale: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """dq, dk, dv, and dbias (bias' shape) and dscale (scale's shape) when asked for,
-    else tensors of shape (0,) in their place."""
+    else tensors of shape (0,) in their place. out is the forward's, in q's dtype or
+    float32; dout is in q's dtype."""
     dq, dk, dv, dbias, dscale = _backward_outputs(q, k, v, bias, scale, need_dbias,
                                                   need_dscale, torch.empty)
     tensors = dict(q=describe(q), k=describe(k), v=describe(v), mask=describe(mask),
@@ -148,7 +155,7 @@ def _backward_fake(dout, q, k, v, mask, bias, scale, out, lse, scale_value, grou
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, mask, bias, scale, scale_value, groups, causal, l2norm_qk, deterministic,
-     need_lse) = inputs
+     need_lse, _float32_out) = inputs
     out, lse = output
     # lse is a statistic for composing partial results, returned without a gradient.
     ctx.mark_non_differentiable(lse)
@@ -172,11 +179,13 @@ def _backward(ctx, dout, _dlse):
                            "differentiated (no input required grad when it ran)")
     need_dbias = bias is not None and ctx.needs_input_grad[4]
     need_dscale = scale is not None and ctx.needs_input_grad[5]
+    # With a float32 out, dout arrives in float32 too: it is the gradient of the caller's
+    # out in q's dtype, widened, so narrowing it back is exact.
     dq, dk, dv, dbias, dscale = torch.ops.fcsa.backward(
-        last_dim_contiguous(dout), q, k, v, mask, bias, scale, out, lse, *ctx.flags,
-        need_dbias, need_dscale)
+        last_dim_contiguous(dout.to(q.dtype)), q, k, v, mask, bias, scale, out, lse,
+        *ctx.flags, need_dbias, need_dscale)
     return (dq, dk, dv, None, dbias if need_dbias else None,
-            dscale if need_dscale else None, None, None, None, None, None, None)
+            dscale if need_dscale else None, None, None, None, None, None, None, None)
 
 
 forward_op.register_autograd(_backward, setup_context=_setup_context)

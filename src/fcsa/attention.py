@@ -52,11 +52,25 @@ def flash_cosine_sim_attention(q, k, v, mask=None, attn_bias=None, scale=8, grou
     scale_t = None if x.scale is None else _ops.last_dim_contiguous(x.scale.float())
 
     # The backward needs lse: compute it whenever a gradient may be asked for.
-    need_lse = return_lse or (torch.is_grad_enabled() and any(
+    grad = torch.is_grad_enabled()
+    need_lse = return_lse or (grad and any(
         t is not None and t.requires_grad for t in (q, k, v, bias, scale_t)))
+    # The gradients that sum dS = P (dP - delta) over the keys, dscale and the dbias of a
+    # bias broadcast over the keys, are small sums of large terms that cancel (for the
+    # bias exactly: its gradient is 0). delta = <dO, O> taken from O rounded to 16 bits
+    # shifts every term of a row alike, which such a sum does not cancel (dscale in
+    # bfloat16 could be off by its own size). So for them the forward keeps out in float32
+    # for the backward, and the caller gets it rounded. Other gradients sum dS over
+    # batches, heads or queries, where those shifts do not add up: they keep the cheaper
+    # 16-bit out.
+    float32_out = q.dtype != torch.float32 and grad and (
+        (scale_t is not None and scale_t.requires_grad) or
+        (bias is not None and bias.requires_grad and bias.shape[-1] == 1))
     out, lse = torch.ops.fcsa.forward(q, k, v, mask, bias, scale_t, x.scale_value,
                                       int(groups), causal, l2norm_qk, deterministic,
-                                      need_lse)
+                                      need_lse, float32_out)
+    if float32_out:
+        out = out.to(q.dtype)
     if x.merged:
         out = out.squeeze(1)
         lse = lse.squeeze(1) if return_lse else lse

@@ -36,38 +36,53 @@ template <typename T> __device__ __forceinline__ float inverse_norm(float sum_sq
 
 // Norms without overflow. A float32 sum of squares overflows for rows with entries from
 // ~1.8e19 on, which bf16 and float32 hold (ElementTraits::kSquaresOverflow): the l2norm
-// would then make x^ = 0. Such a row's norm is taken again from the row scaled by 2^-e,
-// with 2^e above its largest magnitude (an exact scaling: nothing overflows, nothing
-// that matters underflows). The row is spread over aligned groups of `width` lanes;
-// for_elements(f) calls f(x) on each of this lane's elements of it (as float). Every
-// lane of the warp calls these (the rescaled path holds shuffles); the fast path costs
-// one vote.
-template <class ForElements> __device__ __forceinline__ float rescaled_norm(int width, ForElements for_elements) {
+// would then make x^ = 0. Such a row's norm is taken again, from memory, with the row
+// scaled by 2^-e, 2^e above its largest magnitude (an exact scaling: nothing overflows,
+// nothing that matters underflows). Columns [col0, col0 + cols) of row `row` of a tile
+// in layout L (ContiguousRow: a row pointer), spread over aligned groups of `width`
+// lanes, lane `sub` taking columns sub, sub + width, ... (cols = 0: a lane with no row).
+// Out of line, so that the loops around the norms keep their registers for the common
+// path; every lane of the warp calls it (it holds shuffles).
+template <typename T, class L>
+__device__ __noinline__ float rescaled_row_norm(const T *tile, int row, int col0, int cols, int sub, int width) {
     float top = 0.f;
-    for_elements([&](float x) { top = fmaxf(top, fabsf(x)); });
+    for (int c = sub; c < cols; c += width) top = fmaxf(top, fabsf(to_float(tile[L::offset(row, col0 + c)])));
     int e;
     frexpf(lanes_max(top, width), &e); // largest < 2^e
     float sum = 0.f;
-    for_elements([&](float x) {
-        const float y = ldexpf(x, -e);
+    for (int c = sub; c < cols; c += width) {
+        const float y = ldexpf(to_float(tile[L::offset(row, col0 + c)]), -e);
         sum = fmaf(y, y, sum);
-    });
+    }
     return ldexpf(sqrtf(lanes_sum(sum, width)), e);
 }
 
-// Whether any row of the warp needs rescaled_norm, from each lane's reduced sum of squares.
+// Whether any row of the warp needs rescaled_row_norm, from each lane's reduced sum of
+// squares (one vote: the whole cost on the common path).
 template <typename T> __device__ __forceinline__ bool any_norm_overflow(float sum_sq) {
     if constexpr (!ElementTraits<T>::kSquaresOverflow) return false;
     else return __any_sync(0xffffffffu, isinf(sum_sq));
 }
 
-// inverse_norm<Precision>(sum_sq) (sum_sq reduced over the row's lanes), rescaled where
-// it overflowed; T is the stored element type.
-template <typename T, typename Precision = T, class ForElements>
-__device__ __forceinline__ float safe_inverse_norm(float sum_sq, int width, ForElements for_elements) {
+// norm = sqrt(sum_sq), rescaled where sum_sq overflowed (arguments as rescaled_row_norm).
+template <typename T, class L = ContiguousRow>
+__device__ __forceinline__ float safe_norm(float sum_sq, const T *tile, int row, int col0, int cols, int sub,
+                                           int width) {
+    float norm = sqrtf(sum_sq);
+    if (any_norm_overflow<T>(sum_sq)) {
+        const float rescaled = rescaled_row_norm<T, L>(tile, row, col0, cols, sub, width);
+        if (isinf(sum_sq)) norm = rescaled;
+    }
+    return norm;
+}
+
+// inverse_norm<Precision>(sum_sq), rescaled where sum_sq overflowed.
+template <typename T, typename Precision = T, class L = ContiguousRow>
+__device__ __forceinline__ float safe_inverse_norm(float sum_sq, const T *tile, int row, int col0, int cols, int sub,
+                                                   int width) {
     float inv = inverse_norm<Precision>(sum_sq);
     if (any_norm_overflow<T>(sum_sq)) {
-        const float norm = rescaled_norm(width, for_elements);
+        const float norm = rescaled_row_norm<T, L>(tile, row, col0, cols, sub, width);
         if (isinf(sum_sq)) inv = 1.f / fmaxf(norm, kNormEpsilon);
     }
     return inv;
@@ -121,21 +136,7 @@ __device__ __forceinline__ void l2norm_rows(T *tile, int rows, int d, int groups
             }
         }
         sum_sq = lanes_sum(sum_sq, lanes);
-        // The (row, group)'s elements of this lane, for the rescaled norm.
-        auto for_elements = [&](auto f) {
-            if (!active) return;
-            for (int u = sub; u < units; u += lanes) {
-                if (chunked) {
-                    float x[kChunk];
-                    chunk_to_float<T>(*chunk(u), x);
-#pragma unroll
-                    for (int e = 0; e < kChunk; ++e) f(x[e]);
-                } else {
-                    f(to_float(*element(u)));
-                }
-            }
-        };
-        const float inv = safe_inverse_norm<T>(sum_sq, lanes, for_elements);
+const float inv = safe_inverse_norm<T, T, Layout>(sum_sq, tile, row, col0, active ? group_size : 0, sub, lanes);
         if (!active) continue;
         if (inv_norms != nullptr && sub == 0) inv_norms[pair] = inv;
         if (scale_in_place) {
@@ -181,17 +182,16 @@ template <typename T, int kRows, int kCols, int kThreads> struct RowNorms {
 
     static_assert(kRows % kRowsPerPass == 0, "every lane runs the same rows loop (shuffles)");
 
-    // 1 / max(||row||, eps) from a lane's per-position partial sums of squares: the
-    // positions summed as a tree, then the row's lanes combined by shuffles.
-    // for_elements(f) calls f on each of this lane's elements of the row (float), for
-    // the rescaled norm (safe_inverse_norm).
-    template <class ForElements>
-    __device__ __forceinline__ static float row_inverse_norm(float (&partial)[L::kChunk], ForElements for_elements) {
+    // 1 / max(||row||, eps) of row `row` of `tile` (its first d columns) from a lane's
+    // per-position partial sums of squares: the positions summed as a tree, then the
+    // row's lanes combined by shuffles.
+    __device__ __forceinline__ static float row_inverse_norm(float (&partial)[L::kChunk], const T *tile, int row,
+                                                             int d, int sub) {
 #pragma unroll
         for (int width = L::kChunk / 2; width > 0; width /= 2)
 #pragma unroll
             for (int e = 0; e < width; ++e) partial[e] += partial[e + width];
-        return safe_inverse_norm<T>(lanes_sum(partial[0], kLanesPerRow), kLanesPerRow, for_elements);
+        return safe_inverse_norm<T, T, L>(lanes_sum(partial[0], kLanesPerRow), tile, row, 0, d, sub, kLanesPerRow);
     }
 
     template <class Finish> __device__ __forceinline__ static void run(const T *tile, int d, int tid, Finish finish) {
@@ -210,17 +210,7 @@ template <typename T, int kRows, int kCols, int kThreads> struct RowNorms {
                     for (int e = 0; e < L::kChunk; ++e) partial[e] = fmaf(f[e], f[e], partial[e]);
                 }
             }
-            finish(row, sub, row_inverse_norm(partial, [&](auto f) {
-#pragma unroll
-                       for (int i = 0; i < kChunksPerLane; ++i) {
-                           if (chunk_used(sub, i, d)) {
-                               float x[L::kChunk];
-                               chunk_to_float<T>(*reinterpret_cast<const uint4 *>(tile + chunk_offset(row, sub, i)), x);
-#pragma unroll
-                               for (int e = 0; e < L::kChunk; ++e) f(x[e]);
-                           }
-                       }
-                   }));
+            finish(row, sub, row_inverse_norm(partial, tile, row, d, sub));
         }
     }
 };
@@ -234,14 +224,11 @@ __device__ __forceinline__ void row_inverse_norms(const T *tile, int d, float *i
 }
 
 // The inverse norms of rows 16 * block .. + 15 of a tile whose sums of squares overflowed,
-// rescaled (two lanes a row, each over half of its columns). Out of line: the main loops
-// that call row_inverse_norms_mma keep their registers for the common path.
+// rescaled (two lanes a row).
 template <typename T, int kCols, class L>
-__device__ __noinline__ void rescaled_block_norms(const T *tile, float *inv, int block, int lane) {
-    const int row = 16 * block + lane / 2, col0 = (lane % 2) * (kCols / 2);
-    const float norm = rescaled_norm(2, [&](auto f) {
-        for (int c = col0; c < col0 + kCols / 2; ++c) f(to_float(tile[L::offset(row, c)]));
-    });
+__device__ __forceinline__ void rescaled_block_norms(const T *tile, float *inv, int block, int lane) {
+    const int row = 16 * block + lane / 2;
+    const float norm = rescaled_row_norm<T, L>(tile, row, 0, kCols, lane % 2, 2);
     if (lane % 2 == 0) inv[row] = 1.f / fmaxf(norm, kNormEpsilon);
 }
 
@@ -315,12 +302,7 @@ __device__ __forceinline__ void normalize_rows(T *tile, int d, int tid, float mu
 #pragma unroll
                 for (int e = 0; e < kChunk; ++e) partial[e] = fmaf(f[i][e], f[i][e], partial[e]);
             }
-            const float row_inv = N::row_inverse_norm(partial, [&](auto fn) {
-#pragma unroll
-                for (int i = 0; i < N::kChunksPerLane; ++i)
-#pragma unroll
-                    for (int e = 0; e < kChunk; ++e) fn(f[i][e]);
-            }) * multiplier;
+            const float row_inv = N::row_inverse_norm(partial, tile, row, d, sub) * multiplier;
 #pragma unroll
             for (int i = 0; i < N::kChunksPerLane; ++i) {
 #pragma unroll

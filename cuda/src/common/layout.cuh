@@ -46,6 +46,11 @@ template <typename T, int kRows, int kCols> struct SwizzledTile {
     __device__ __forceinline__ static int offset(int row, int col) { return chunk_offset(row, col) + col % kChunk; }
 };
 
+// One row in memory (a row pointer): column col at offset col.
+struct ContiguousRow {
+    __device__ __forceinline__ static int offset(int, int col) { return col; }
+};
+
 // A row-major tile whose row stride is known at run time only.
 struct StridedRows {
     int stride;

@@ -2,17 +2,28 @@
 // the keys: with P = exp(s - lse) recomputed per tile, dS = P * (dP - delta) where
 // delta_i = <dO_i, O_i>, and dq^ = scale dS k^, dk^ = scale dS^T q^, dv = P^T dO.
 //
+// The logits are formed exactly as the forward forms them, (scale q^) k^ + bias through
+// the same tile kernel, so that against the forward's lse (log of the row sum plus the
+// row's offset, at least the largest logit) P <= 1 holds by construction, for any
+// scale: a logit formed another way differs by rounding at the logits' size, which
+// exp turns into an error without bound (inf, then NaN) once the logits are large.
+//
 // A work item owns one kv head of one batch (and a range of its key tiles, when there
 // are few kv heads): it visits every query head that shares that kv head, so dk and
 // dv are summed inside the item, in a fixed order, with no atomics. The item walks its
 // keys in chunks small enough that their dk and dv accumulators stay in the core's
-// cache, and for each chunk every query tile; dq^ is carried from chunk to chunk in a
-// float32 buffer, and the key ranges' dq^ are summed by a last pass in a fixed order;
-// likewise dbias and dscale. Every sum has one order, whatever the thread count:
-// bitwise reproducible.
+// cache, and for each chunk every query tile and every head; dq^ is carried from chunk
+// to chunk in a float32 buffer, and the key ranges' dq^ are summed by a last pass in a
+// fixed order; likewise dscale. dbias is summed per item in a buffer of the thread's,
+// a unit at a time, and the items that share dbias elements (a bias broadcast over
+// batches, heads or split keys) add their units into one float32 accumulator in a
+// fixed order, each waiting for its turn (DbiasLayout). Every sum has one order,
+// whatever the thread count: bitwise reproducible.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
+#include <thread>
 #include <vector>
 
 #include "backends.h"
@@ -33,6 +44,33 @@ constexpr int64_t kPartialBudgetBytes = int64_t(256) << 20;
 // The dk and dv accumulators of one key chunk: about this many bytes, to stay in L2.
 constexpr int64_t kChunkBytes = int64_t(256) << 10;
 
+// dbias. An item's contributions to the dbias elements (summed over the heads, query
+// rows and keys the bias broadcasts over) gather in a buffer of its thread, one unit
+// at a time: a unit holds the elements the item is done with at one point of its walk
+// (a query tile of a key chunk; a key chunk, when the bias broadcasts over the rows;
+// the whole item, when it broadcasts over the keys). The unit is then written to dbias,
+// or, when other items share its elements, added into `accumulator` in the order of
+// the items' ranks: the item of rank r waits until rank r - 1 has added its unit (the
+// units of a group come in the same order in every item). Items are handed out in
+// increasing order, so the item a waiting one waits for is running or done: no
+// deadlock, and no workspace that grows with the number of items sharing the bias.
+struct DbiasLayout {
+    bool present = false;
+    // The dims the bias broadcasts over.
+    bool over_batch = false, over_heads = false, over_rows = false, over_keys = false;
+    // Which of the item's coordinates (batch, kv head, key split) vary inside a group
+    // of items that add to the same elements, and the group's size.
+    bool share_batch = false, share_heads = false, share_splits = false;
+    int64_t group_size = 1;
+    int64_t units = 1;      // units per item, each with its own turn
+    int64_t query_tiles = 1;
+    // The unit buffer: [unit_heads][unit_rows][unit_cols].
+    int64_t unit_heads = 1, unit_rows = 1, unit_cols = 1;
+    float *accumulator = nullptr; // float32, one per dbias element, when group_size > 1
+
+    int64_t unit_size() const { return unit_heads * unit_rows * unit_cols; }
+};
+
 struct BackwardLayout {
     PackedKeysValues packed;
     int64_t key_splits = 1;      // key ranges per kv head
@@ -41,11 +79,7 @@ struct BackwardLayout {
     // dq^ (without the scale) summed over the key chunks seen so far, per key range:
     // [split][b][h][nq][padded_d]; absent when every query row sees all its keys at once.
     float *dq_partial = nullptr;
-    // dbias: float32 sums over the broadcast dims inside an item, one slot per item
-    // that shares a dbias element (slots: over b, kv heads, key splits).
-    float *dbias_sum = nullptr;
-    int64_t dbias_numel = 0;
-    int64_t slots_b = 1, slots_h = 1, slots_split = 1;
+    DbiasLayout dbias;
     float *dscale_partial = nullptr; // [b][hk][split][heads_per_kv]
     size_t bytes = 0;
 };
@@ -73,13 +107,25 @@ BackwardLayout backward_layout(const Problem &p, void *workspace) {
         layout.dq_partial = carver.take(layout.key_splits * dq_floats);
 
     if (p.dbias.present()) {
-        const View &bias = p.bias;
-        layout.dbias_numel = bias.shape[0] * bias.shape[1] * bias.shape[2] * bias.shape[3];
-        layout.slots_b = bias.shape[0] == 1 ? p.b : 1;
-        layout.slots_h = bias.shape[1] == 1 ? p.hk : 1;
-        layout.slots_split = bias.shape[3] == 1 ? layout.key_splits : 1;
-        layout.dbias_sum =
-            carver.take(layout.slots_b * layout.slots_h * layout.slots_split * layout.dbias_numel);
+        const int64_t *shape = p.bias.shape;
+        DbiasLayout &db = layout.dbias;
+        db.present = true;
+        db.over_batch = shape[0] == 1;
+        db.over_heads = shape[1] == 1;
+        db.over_rows = shape[2] == 1;
+        db.over_keys = shape[3] == 1;
+        db.share_batch = db.over_batch && p.b > 1;
+        db.share_heads = db.over_heads && p.hk > 1;
+        db.share_splits = db.over_keys && layout.key_splits > 1;
+        db.group_size = (db.share_batch ? p.b : 1) * (db.share_heads ? p.hk : 1) *
+                        (db.share_splits ? layout.key_splits : 1);
+        const int64_t chunks = std::max<int64_t>(1, ceil_div(layout.tiles_per_split, layout.tiles_per_chunk));
+        db.query_tiles = std::max<int64_t>(1, ceil_div(p.nq, kQueryTile));
+        db.units = db.over_keys ? 1 : chunks * (db.over_rows ? 1 : db.query_tiles);
+        db.unit_heads = db.over_heads ? 1 : p.heads_per_kv();
+        db.unit_rows = db.over_rows ? 1 : db.over_keys ? std::max<int64_t>(p.nq, 1) : kQueryTile;
+        db.unit_cols = db.over_keys ? 1 : std::min(layout.tiles_per_chunk, layout.tiles_per_split) * kKeyTile;
+        if (db.group_size > 1) db.accumulator = carver.take(shape[0] * shape[1] * shape[2] * shape[3]);
     }
     if (p.dscale.present())
         layout.dscale_partial = carver.take(p.b * p.hk * layout.key_splits * p.heads_per_kv());
@@ -88,25 +134,25 @@ BackwardLayout backward_layout(const Problem &p, void *workspace) {
 }
 
 struct BackwardScratch {
-    BackwardScratch(int64_t padded_d, int64_t chunk_keys, int32_t groups)
+    BackwardScratch(int64_t padded_d, int64_t chunk_keys, int32_t groups, int64_t dbias_unit_size)
         : queries(size_t(kQueryTile * padded_d)), scaled_queries(size_t(kQueryTile * padded_d)),
           dout(size_t(kQueryTile * padded_d)), dq(size_t(kQueryTile * padded_d)),
           cos(size_t(kQueryTile * kKeyTile)), probs(size_t(kQueryTile * kKeyTile)),
           dprobs(size_t(kQueryTile * kKeyTile)), dk(size_t(chunk_keys * padded_d)),
           dv(size_t(chunk_keys * padded_d)), row(size_t(padded_d)), key_hat(size_t(padded_d)),
           query_norms(size_t(kQueryTile * groups)), lse(kQueryTile), delta(kQueryTile), ds_dot_cos(kQueryTile),
-          key_bias(kKeyTile), bias_row(kKeyTile), limit(kQueryTile) {}
+          key_bias(kKeyTile), bias_row(kKeyTile), limit(kQueryTile), dbias_unit(size_t(dbias_unit_size)) {}
     FloatBuffer queries, scaled_queries, dout, dq, cos, probs, dprobs, dk, dv, row, key_hat, query_norms;
     std::vector<float> lse, delta, ds_dot_cos, key_bias, bias_row;
     std::vector<int> limit;
+    FloatBuffer dbias_unit;
 };
 
-// Index of dbias element (batch, head, row, key) inside one slot of dbias_sum.
-int64_t dbias_index(const View &bias, int64_t batch, int64_t head, int64_t row, int64_t key) {
-    const int64_t i0 = bias.shape[0] == 1 ? 0 : batch, i1 = bias.shape[1] == 1 ? 0 : head;
-    const int64_t i2 = bias.shape[2] == 1 ? 0 : row, i3 = bias.shape[3] == 1 ? 0 : key;
-    return ((i0 * bias.shape[1] + i1) * bias.shape[2] + i2) * bias.shape[3] + i3;
-}
+// The dbias unit an item is filling: its buffer and the first row and key it covers.
+struct DbiasUnit {
+    float *data;
+    int64_t first_row, first_key;
+};
 
 // Key tiles [first_tile, end_tile) and their keys [first_key, end_key).
 struct KeyRange {
@@ -139,6 +185,63 @@ void store_dq_row(const Problem &p, int64_t batch, int64_t head, int64_t row, fl
     store_row(p.dq.data, p.dq.offset(batch, head, row, 0), p.dq.dtype, p.d, result);
 }
 
+// Adds a dS tile (rows x keys of head `g` of the item's kv head) into the dbias unit,
+// summed over the dims the bias broadcasts over, in the order of rows and keys.
+void add_dbias_tile(const DbiasLayout &db, const DbiasUnit &unit, int64_t g, int64_t first_row, int rows,
+                    int64_t first_key, int keys, const float *ds) {
+    float *slice = unit.data + (db.over_heads ? 0 : g) * db.unit_rows * db.unit_cols;
+    for (int r = 0; r < rows; ++r) {
+        float *target = slice + (db.over_rows ? 0 : first_row + r - unit.first_row) * db.unit_cols;
+        const float *ds_row = ds + r * kKeyTile;
+        if (db.over_keys) {
+            float sum = target[0];
+            for (int j = 0; j < keys; ++j) sum += ds_row[j];
+            target[0] = sum;
+        } else {
+            target += first_key - unit.first_key;
+            for (int j = 0; j < keys; ++j) target[j] += ds_row[j];
+        }
+    }
+}
+
+// Writes (or adds, in its turn) an item's dbias unit: `rows` rows from unit.first_row
+// and `keys` keys from unit.first_key (1 each along a broadcast dim); `turn_index` is
+// the unit's place among the item's units.
+void flush_dbias_unit(const Problem &p, const BackwardLayout &layout, std::atomic<int64_t> *turns, int64_t item,
+                      int64_t turn_index, const DbiasUnit &unit, int64_t rows, int64_t keys) {
+    const DbiasLayout &db = layout.dbias;
+    const int64_t split = item % layout.key_splits, bh = item / layout.key_splits;
+    const int64_t batch = bh / p.hk, kv_head = bh % p.hk;
+    const int64_t *shape = p.bias.shape;
+    // Rank inside the group: the shared coordinates in the order of the item index.
+    const int64_t rank = ((db.share_batch ? batch : 0) * (db.share_heads ? p.hk : 1) + (db.share_heads ? kv_head : 0)) *
+                             (db.share_splits ? layout.key_splits : 1) +
+                         (db.share_splits ? split : 0);
+    const int64_t group = ((db.share_batch ? 0 : batch) * (db.share_heads ? 1 : p.hk) + (db.share_heads ? 0 : kv_head)) *
+                              (db.share_splits ? 1 : layout.key_splits) +
+                          (db.share_splits ? 0 : split);
+    std::atomic<int64_t> *turn = db.group_size > 1 ? &turns[group * db.units + turn_index] : nullptr;
+    if (turn)
+        while (turn->load(std::memory_order_acquire) != rank) std::this_thread::yield();
+    const bool last = rank == db.group_size - 1;
+    for (int64_t h = 0; h < db.unit_heads; ++h) {
+        const int64_t i0 = db.over_batch ? 0 : batch, i1 = db.over_heads ? 0 : kv_head * p.heads_per_kv() + h;
+        for (int64_t r = 0; r < rows; ++r) {
+            const int64_t i2 = db.over_rows ? 0 : unit.first_row + r, i3 = db.over_keys ? 0 : unit.first_key;
+            float *values = unit.data + (h * db.unit_rows + r) * db.unit_cols;
+            float *sums = db.accumulator ? db.accumulator + ((i0 * shape[1] + i1) * shape[2] + i2) * shape[3] + i3
+                                         : nullptr;
+            if (rank > 0)
+                for (int64_t j = 0; j < keys; ++j) values[j] = sums[j] + values[j];
+            if (last) // the keys of a dbias row are contiguous (or there is one)
+                store_row(p.dbias.data, p.dbias.offset(i0, i1, i2, i3), p.dbias.dtype, keys, values);
+            else
+                std::copy_n(values, keys, sums);
+        }
+    }
+    if (turn) turn->store(rank + 1, std::memory_order_release);
+}
+
 // Where one query tile's visit to a key chunk stands among its visits.
 struct Visit {
     int64_t split;
@@ -146,10 +249,11 @@ struct Visit {
     bool last_chunk;  // the last one: with a single split, dq is written
 };
 
-// One query tile of one head against one key chunk.
+// One query tile of one head against one key chunk; dS goes into `unit` when dbias is
+// wanted.
 void backward_query_tile(const Problem &p, const BackwardLayout &layout, const TileKernels &kernels, int64_t batch,
-                         int64_t head, const KeyRange &chunk, Visit visit,
-                         int64_t first_row, BackwardScratch &s, float *dscale_sum) {
+                         int64_t head, const KeyRange &chunk, Visit visit, int64_t first_row, BackwardScratch &s,
+                         float *dscale_sum, const DbiasUnit *unit) {
     const int64_t d = p.d, padded_d = layout.packed.padded_d;
     const int rows = int(std::min<int64_t>(kQueryTile, p.nq - first_row));
     const int64_t kv_head = head / p.heads_per_kv();
@@ -201,65 +305,63 @@ void backward_query_tile(const Problem &p, const BackwardLayout &layout, const T
     }
     std::fill(s.ds_dot_cos.begin(), s.ds_dot_cos.end(), 0.f);
 
+    // dscale sums dS against the cosines q^ k^. Where the scale allows, they are read off
+    // the logits before the bias, (scale q^) k^ = scale cos, and the sum is divided by
+    // the scale at the end; near 0 or float32's limits, scale q^ or dS * logit would
+    // lose precision or overflow, and the cosines get a product of their own.
+    const bool cos_from_logits = dscale_sum && std::fabs(scale) >= 0x1p-60f && std::fabs(scale) <= 0x1p60f;
     float *cos = s.cos.data(), *probs = s.probs.data(), *dprobs = s.dprobs.data();
+    float *logits = cos_from_logits ? cos : probs;
     const PackedKeysValues &packed = layout.packed;
     for (int64_t tile = chunk.first_tile; tile < end_tile; ++tile) {
         const int64_t first_key = tile * kKeyTile;
         const int keys = int(std::min<int64_t>(kKeyTile, p.nk - first_key));
-        kernels.matmul(cos, kKeyTile, queries, padded_d, 1, packed.transposed_tile(packed.keys_transposed, bh, tile),
-                       packed.ldb, packed.transposed_panel(), rows, kKeyTile, int(d), false);
+        const float *keys_transposed = packed.transposed_tile(packed.keys_transposed, bh, tile);
+        // The logits as the forward forms them (see the file comment), then P.
+        kernels.matmul(logits, kKeyTile, scaled_queries, padded_d, 1, keys_transposed, packed.ldb,
+                       packed.transposed_panel(), rows, kKeyTile, int(d), false);
+        if (p.bias.present())
+            add_bias_tile(p, batch, head, first_row, rows, first_key, keys, logits, probs, s.bias_row.data());
         const float *key_bias = nullptr;
         if (p.mask.present()) {
             fill_key_bias(p, batch, first_key, keys, s.key_bias.data());
             key_bias = s.key_bias.data();
         }
         for (int r = 0; r < rows; ++r) s.limit[size_t(r)] = visible_keys(p, first_row + r, first_key, keys);
-        if (p.bias.present()) {
-            // Logits with the bias, then P from them.
-            const View &bias = p.bias;
-            for (int r = 0; r < rows; ++r) {
-                const int64_t index = bias.offset(batch, head, first_row + r, first_key);
-                float *logit_row = probs + r * kKeyTile;
-                const float *cos_row = cos + r * kKeyTile;
-                if (bias.stride[3] == 0) {
-                    const float value = load_element(bias.data, index, bias.dtype);
-                    for (int j = 0; j < keys; ++j) logit_row[j] = cos_row[j] * scale + value;
-                } else {
-                    load_row(bias.data, index, bias.dtype, keys, s.bias_row.data());
-                    for (int j = 0; j < keys; ++j) logit_row[j] = cos_row[j] * scale + s.bias_row[size_t(j)];
-                }
-            }
-            kernels.exp_rows(probs, probs, kKeyTile, rows, keys, 1.f, s.lse.data(), s.limit.data(), key_bias, nullptr);
-        } else {
-            kernels.exp_rows(probs, cos, kKeyTile, rows, keys, scale, s.lse.data(), s.limit.data(), key_bias,
-                             nullptr);
-        }
+        kernels.exp_rows(probs, p.bias.present() ? probs : logits, kKeyTile, rows, keys, 1.f, s.lse.data(),
+                         s.limit.data(), key_bias, nullptr);
+        if (dscale_sum && !cos_from_logits)
+            kernels.matmul(cos, kKeyTile, queries, padded_d, 1, keys_transposed, packed.ldb,
+                           packed.transposed_panel(), rows, kKeyTile, int(d), false);
         // dP = dO V^T, then dS = P (dP - delta) in place.
         kernels.matmul(dprobs, kKeyTile, dout, padded_d, 1, packed.transposed_tile(packed.values_transposed, bh, tile),
                        packed.ldb, packed.transposed_panel(), rows, kKeyTile, int(d), false);
-        kernels.softmax_grad_rows(dprobs, probs, cos, kKeyTile, rows, keys, s.delta.data(),
+        kernels.softmax_grad_rows(dprobs, probs, dscale_sum ? cos : nullptr, kKeyTile, rows, keys, s.delta.data(),
                                   dscale_sum ? s.ds_dot_cos.data() : nullptr);
-        if (layout.dbias_sum) {
-            const int64_t slot =
-                ((layout.slots_b > 1 ? batch : 0) * layout.slots_h + (layout.slots_h > 1 ? kv_head : 0)) *
-                    layout.slots_split +
-                (layout.slots_split > 1 ? visit.split : 0);
-            float *sum = layout.dbias_sum + slot * layout.dbias_numel;
-            for (int r = 0; r < rows; ++r)
-                for (int j = 0; j < keys; ++j)
-                    sum[dbias_index(p.bias, batch, head, first_row + r, first_key + j)] += dprobs[r * kKeyTile + j];
-        }
+        if (unit) add_dbias_tile(layout.dbias, *unit, head % p.heads_per_kv(), first_row, rows, first_key, keys, dprobs);
         const int64_t chunk_key = first_key - chunk.first_key;
         // dv += P^T dO ; dq^ += dS k^ ; dk^ += dS^T (scale q^)
         kernels.matmul(s.dv.data() + chunk_key * padded_d, padded_d, probs, 1, kKeyTile, dout, padded_d, kPanelWidth,
                        keys, int(padded_d), rows, true);
-        kernels.matmul(dq, padded_d, dprobs, kKeyTile, 1, packed.row_tile(packed.key_rows, bh, tile), packed.ldb,
-                       packed.row_panel, rows, int(padded_d), keys, true);
+        // dq^ over the keys the last row sees; row by row where a key hidden from some
+        // rows holds a non-finite value (as the forward's P V).
+        const float *key_rows = packed.row_tile(packed.key_rows, bh, tile);
+        const int depth = s.limit[size_t(rows - 1)];
+        if (rows_need_own_depth(s.limit.data(), rows, key_rows, packed.ldb, packed.row_panel, d)) {
+            for (int r = 0; r < rows; ++r)
+                if (s.limit[size_t(r)] > 0)
+                    kernels.matmul(dq + r * padded_d, padded_d, dprobs + r * kKeyTile, kKeyTile, 1, key_rows,
+                                   packed.ldb, packed.row_panel, 1, int(padded_d), s.limit[size_t(r)], true);
+        } else if (depth > 0) {
+            kernels.matmul(dq, padded_d, dprobs, kKeyTile, 1, key_rows, packed.ldb, packed.row_panel, rows,
+                           int(padded_d), depth, true);
+        }
         kernels.matmul(s.dk.data() + chunk_key * padded_d, padded_d, dprobs, 1, kKeyTile, scaled_queries, padded_d,
                        kPanelWidth, keys, int(padded_d), rows, true);
     }
     if (dscale_sum && compute)
-        for (int r = 0; r < rows; ++r) *dscale_sum += s.ds_dot_cos[size_t(r)];
+        for (int r = 0; r < rows; ++r)
+            *dscale_sum += cos_from_logits ? s.ds_dot_cos[size_t(r)] / scale : s.ds_dot_cos[size_t(r)];
 
     for (int r = 0; r < rows; ++r) {
         float *dq_row = dq + r * padded_d;
@@ -271,10 +373,10 @@ void backward_query_tile(const Problem &p, const BackwardLayout &layout, const T
     }
 }
 
-// One kv head of one batch, one key range: chunk by chunk, every query head sharing it,
-// every query tile; then the chunk's dk and dv are complete and written.
+// One kv head of one batch, one key range: chunk by chunk, every query tile, every
+// query head sharing the kv head; then the chunk's dk and dv are complete and written.
 void backward_item(const Problem &p, const BackwardLayout &layout, const TileKernels &kernels, int64_t item,
-                   BackwardScratch &s) {
+                   BackwardScratch &s, std::atomic<int64_t> *dbias_turns) {
     const int64_t split = item % layout.key_splits;
     const int64_t bh = item / layout.key_splits;
     const int64_t batch = bh / p.hk, kv_head = bh % p.hk;
@@ -287,20 +389,41 @@ void backward_item(const Problem &p, const BackwardLayout &layout, const TileKer
                                                : nullptr;
     if (dscale_sums) std::fill(dscale_sums, dscale_sums + heads_per_kv, 0.f);
 
+    // The dbias unit: per query tile of a chunk, per chunk (bias broadcast over the rows)
+    // or for the whole item (over the keys).
+    const DbiasLayout &db = layout.dbias;
+    DbiasUnit unit = {s.dbias_unit.data(), 0, 0};
+    const DbiasUnit *dbias_unit = db.present ? &unit : nullptr;
+    const bool unit_per_tile = db.present && !db.over_keys && !db.over_rows;
+    const bool unit_per_chunk = db.present && !db.over_keys && db.over_rows;
+    auto clear_unit = [&] { std::fill(unit.data, unit.data + db.unit_size(), 0.f); };
+    if (db.present && db.over_keys) clear_unit();
+
     // An empty range still visits once, so that dq is written (zero) and nothing is missed.
     int64_t first_tile = range.first_tile;
+    int64_t chunk_index = 0;
     do {
         const KeyRange chunk = tile_range(p, first_tile, std::min(first_tile + layout.tiles_per_chunk, range.end_tile));
         const Visit visit = {split, first_tile == range.first_tile, chunk.end_tile >= range.end_tile};
         const int64_t keys = chunk.end_key - chunk.first_key;
         std::fill(s.dk.data(), s.dk.data() + keys * padded_d, 0.f);
         std::fill(s.dv.data(), s.dv.data() + keys * padded_d, 0.f);
-        for (int64_t g = 0; g < heads_per_kv; ++g) {
-            const int64_t head = kv_head * heads_per_kv + g;
-            for (int64_t tile = 0; tile < query_tiles; ++tile)
-                backward_query_tile(p, layout, kernels, batch, head, chunk, visit, tile * kQueryTile, s,
-                                    dscale_sums ? dscale_sums + g : nullptr);
+        unit.first_key = chunk.first_key;
+        if (unit_per_chunk) clear_unit();
+        for (int64_t tile = 0; tile < query_tiles; ++tile) {
+            const int64_t first_row = tile * kQueryTile;
+            if (unit_per_tile) {
+                unit.first_row = first_row;
+                clear_unit();
+            }
+            for (int64_t g = 0; g < heads_per_kv; ++g)
+                backward_query_tile(p, layout, kernels, batch, kv_head * heads_per_kv + g, chunk, visit, first_row, s,
+                                    dscale_sums ? dscale_sums + g : nullptr, dbias_unit);
+            if (unit_per_tile)
+                flush_dbias_unit(p, layout, dbias_turns, item, chunk_index * db.query_tiles + tile, unit,
+                                 std::min<int64_t>(kQueryTile, p.nq - first_row), keys);
         }
+        if (unit_per_chunk) flush_dbias_unit(p, layout, dbias_turns, item, chunk_index, unit, 1, keys);
         for (int64_t j = 0; j < keys; ++j) {
             const int64_t key = chunk.first_key + j;
             const float *dk_hat = s.dk.data() + j * padded_d;
@@ -315,7 +438,12 @@ void backward_item(const Problem &p, const BackwardLayout &layout, const TileKer
             store_row(p.dv.data, p.dv.offset(batch, kv_head, key, 0), p.dv.dtype, p.d, s.dv.data() + j * padded_d);
         }
         first_tile = chunk.end_tile;
+        ++chunk_index;
     } while (first_tile < range.end_tile);
+    if (db.present && db.over_keys) {
+        unit.first_row = unit.first_key = 0;
+        flush_dbias_unit(p, layout, dbias_turns, item, 0, unit, db.over_rows ? 1 : p.nq, 1);
+    }
 }
 
 // dq when the keys were split: the ranges' dq^ in split order, then scale and l2norm.
@@ -330,21 +458,6 @@ void finish_dq_row(const Problem &p, const BackwardLayout &layout, int64_t item,
     }
     if (p.l2norm) load_normalized_row(p, p.q, batch, head, row, true, layout.packed.padded_d, q_hat.data(), norms.data());
     store_dq_row(p, batch, head, row, head_scale(p, head), sum.data(), q_hat.data(), norms.data(), dq.data());
-}
-
-void finish_dbias(const Problem &p, const BackwardLayout &layout, int threads) {
-    const View &dbias = p.dbias;
-    const int64_t rows = dbias.shape[0] * dbias.shape[1] * dbias.shape[2], cols = dbias.shape[3];
-    const int64_t slots = layout.slots_b * layout.slots_h * layout.slots_split;
-    parallel_for(rows, threads, [&](int64_t row, int) {
-        const int64_t i2 = row % dbias.shape[2], i1 = row / dbias.shape[2] % dbias.shape[1];
-        const int64_t i0 = row / (dbias.shape[2] * dbias.shape[1]);
-        for (int64_t j = 0; j < cols; ++j) {
-            float total = 0.f;
-            for (int64_t slot = 0; slot < slots; ++slot) total += layout.dbias_sum[slot * layout.dbias_numel + row * cols + j];
-            store_element(dbias.data, dbias.offset(i0, i1, i2, j), dbias.dtype, total);
-        }
-    });
 }
 
 void finish_dscale(const Problem &p, const BackwardLayout &layout) {
@@ -378,15 +491,18 @@ fcsa_status cpu_backward(const Problem &p, void *workspace) {
     const int64_t padded_d = layout.packed.padded_d;
 
     pack_keys_values(p, layout.packed, threads);
-    if (layout.dbias_sum)
-        std::fill(layout.dbias_sum,
-                  layout.dbias_sum + layout.slots_b * layout.slots_h * layout.slots_split * layout.dbias_numel, 0.f);
 
     const int64_t chunk_keys = std::min<int64_t>(layout.tiles_per_chunk * kKeyTile, std::max<int64_t>(p.nk, 1));
+    const DbiasLayout &db = layout.dbias;
     std::vector<std::unique_ptr<BackwardScratch>> scratch(static_cast<size_t>(threads));
-    for (auto &s : scratch) s.reset(new BackwardScratch(padded_d, chunk_keys, p.groups));
+    for (auto &s : scratch) s.reset(new BackwardScratch(padded_d, chunk_keys, p.groups, db.present ? db.unit_size() : 0));
+    // One turn counter per unit of each group of items that share dbias elements.
+    std::vector<std::atomic<int64_t>> dbias_turns(size_t(db.group_size > 1 ? items / db.group_size * db.units : 0));
+    for (std::atomic<int64_t> &turn : dbias_turns) turn.store(0, std::memory_order_relaxed);
+    // Nothing in an item throws (its memory is all allocated above), so no item waits
+    // for a turn that an item stopped by an exception would never give.
     parallel_for(items, threads, [&](int64_t item, int worker) {
-        backward_item(p, layout, kernels, item, *scratch[size_t(worker)]);
+        backward_item(p, layout, kernels, item, *scratch[size_t(worker)], dbias_turns.data());
     });
 
     if (layout.key_splits > 1) {
@@ -405,7 +521,6 @@ fcsa_status cpu_backward(const Problem &p, void *workspace) {
                            dqs[size_t(worker)]);
         });
     }
-    if (layout.dbias_sum) finish_dbias(p, layout, threads);
     if (layout.dscale_partial) finish_dscale(p, layout);
     return FCSA_STATUS_SUCCESS;
 }

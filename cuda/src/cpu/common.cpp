@@ -47,6 +47,51 @@ float constant_offset(const Problem &p, float scale) {
     return offset;
 }
 
+namespace {
+
+float sum_of_squares(const float *x, int64_t count) {
+    // Eight interleaved partial sums: a single running sum is one long chain of
+    // dependent adds, which made normalizing K and Q a visible share of short calls.
+    float partial[8] = {};
+    int64_t t = 0;
+    for (; t + 8 <= count; t += 8)
+        for (int lane = 0; lane < 8; ++lane) partial[lane] += x[t + lane] * x[t + lane];
+    for (; t < count; ++t) partial[t % 8] += x[t] * x[t];
+    return ((partial[0] + partial[4]) + (partial[1] + partial[5])) +
+           ((partial[2] + partial[6]) + (partial[3] + partial[7]));
+}
+
+// Divides x[0, count) by max(||x||, epsilon) and returns ||x||, without overflow: when
+// the float32 sum of squares overflows (from |x| of about 1.8e19 on), x is first scaled
+// by the power of two that brings its largest magnitude into [1/2, 1), exactly. The
+// returned norm is then inf where it exceeds float32's range (the l2norm backward
+// divides by it: the gradient it gives is below float32's range too). Underflow needs
+// no care: squares that underflow make a norm far below epsilon, which is clamped
+// whatever its value.
+float normalize_group(float *x, int64_t count) {
+    const float squares = sum_of_squares(x, count);
+    if (squares <= std::numeric_limits<float>::max()) {
+        const float norm = std::sqrt(squares);
+        const float denominator = std::max(norm, kNormEpsilon);
+        for (int64_t t = 0; t < count; ++t) x[t] /= denominator;
+        return norm;
+    }
+    float largest = 0.f;
+    for (int64_t t = 0; t < count; ++t) largest = std::max(largest, std::fabs(x[t])); // NaN passed over
+    int exponent = 0;
+    float unit = 1.f;
+    if (largest <= std::numeric_limits<float>::max()) { // else an inf in x: NaN follows, as it should
+        std::frexp(largest, &exponent);
+        unit = std::ldexp(1.f, -exponent);
+    }
+    for (int64_t t = 0; t < count; ++t) x[t] *= unit;
+    const float scaled_norm = std::sqrt(sum_of_squares(x, count));
+    for (int64_t t = 0; t < count; ++t) x[t] /= scaled_norm;
+    return std::ldexp(scaled_norm, exponent);
+}
+
+} // namespace
+
 void load_normalized_row(const Problem &p, const View &view, int64_t batch, int64_t head, int64_t row,
                          bool l2norm, int64_t padded_d, float *dst, float *norms) {
     const int64_t d = p.d;
@@ -55,19 +100,7 @@ void load_normalized_row(const Problem &p, const View &view, int64_t batch, int6
     if (!l2norm) return;
     const int64_t group_size = d / p.groups;
     for (int32_t g = 0; g < p.groups; ++g) {
-        float *chunk = dst + g * group_size;
-        // Eight interleaved partial sums: a single running sum is one long chain of
-        // dependent adds, which made normalizing K and Q a visible share of short calls.
-        float partial[8] = {};
-        int64_t t = 0;
-        for (; t + 8 <= group_size; t += 8)
-            for (int lane = 0; lane < 8; ++lane) partial[lane] += chunk[t + lane] * chunk[t + lane];
-        for (; t < group_size; ++t) partial[t % 8] += chunk[t] * chunk[t];
-        const float squares = ((partial[0] + partial[4]) + (partial[1] + partial[5])) +
-                              ((partial[2] + partial[6]) + (partial[3] + partial[7]));
-        const float norm = std::sqrt(squares);
-        const float denominator = std::max(norm, kNormEpsilon);
-        for (int64_t t = 0; t < group_size; ++t) chunk[t] /= denominator;
+        const float norm = normalize_group(dst + g * group_size, group_size);
         if (norms) norms[g] = norm;
     }
 }
@@ -84,15 +117,60 @@ void l2norm_backward_row(const float *x_hat, const float *dx_hat, const float *n
         }
         float dot = 0.f;
         for (int64_t t = begin; t < end; ++t) dot += x_hat[t] * dx_hat[t];
+        if (!std::isfinite(dot) && std::all_of(dx_hat + begin, dx_hat + end, [](float v) { return v == 0.f; })) {
+            // No gradient in, none out, whatever x^ holds (a hidden key's may be NaN).
+            std::fill(dx + begin, dx + end, 0.f);
+            continue;
+        }
         for (int64_t t = begin; t < end; ++t) dx[t] = (dx_hat[t] - x_hat[t] * dot) / norms[g];
     }
 }
 
 void fill_key_bias(const Problem &p, int64_t batch, int64_t first_key, int keys, float *key_bias) {
-    const uint8_t *mask = static_cast<const uint8_t *>(p.mask.data);
     const float hidden = -std::numeric_limits<float>::infinity();
-    for (int j = 0; j < keys; ++j) key_bias[j] = mask[p.mask.offset(batch, 0, 0, first_key + j)] ? 0.f : hidden;
+    for (int j = 0; j < keys; ++j) key_bias[j] = masked_out(p, batch, first_key + j) ? hidden : 0.f;
     for (int j = keys; j < kKeyTile; ++j) key_bias[j] = hidden;
+}
+
+void add_bias_tile(const Problem &p, int64_t batch, int64_t head, int64_t first_row, int rows, int64_t first_key,
+                   int keys, const float *logits, float *biased, float *bias_row) {
+    const View &bias = p.bias;
+    for (int r = 0; r < rows; ++r) {
+        const int64_t index = bias.offset(batch, head, first_row + r, first_key);
+        const float *row = logits + int64_t(r) * kKeyTile;
+        float *out = biased + int64_t(r) * kKeyTile;
+        if (bias.stride[3] == 0) {
+            const float value = load_element(bias.data, index, bias.dtype);
+            for (int j = 0; j < keys; ++j) out[j] = row[j] + value;
+        } else {
+            load_row(bias.data, index, bias.dtype, keys, bias_row);
+            for (int j = 0; j < keys; ++j) out[j] = row[j] + bias_row[j];
+        }
+    }
+}
+
+namespace {
+
+bool all_finite(const float *x, int64_t count) {
+    uint32_t finite = 1; // no early exit: the loop vectorizes
+    for (int64_t t = 0; t < count; ++t) finite &= (float_bits(x[t]) & 0x7f800000u) != 0x7f800000u;
+    return finite != 0;
+}
+
+} // namespace
+
+bool rows_need_own_depth(const int *limit, int rows, const float *b, int64_t ldb, int64_t b_panel, int64_t cols) {
+    const int first = limit[0], last = limit[rows - 1];
+    if (first >= last) return false;
+    if (b_panel == kPanelWidth) { // row-major B: rows of `cols` values, ldb apart
+        for (int k = first; k < last; ++k)
+            if (!all_finite(b + k * ldb, cols)) return true;
+        return false;
+    }
+    // Packed panels (ldb = kPanelWidth): the rows [first, last) of a panel are contiguous.
+    for (int64_t n = 0; n < cols; n += kPanelWidth)
+        if (!all_finite(b + (n / kPanelWidth) * b_panel + first * ldb, (last - first) * ldb)) return true;
+    return false;
 }
 
 PackedKeysValues packing_for(const Problem &p) {
@@ -142,18 +220,25 @@ void pack_keys_values(const Problem &p, const PackedKeysValues &packed, int thre
         float *value_rows = offset(packed.value_rows, packed.row_tile_size(), item);
         for (int64_t j = 0; j < kKeyTile; ++j) {
             const int64_t key = first + j;
+            // A key the mask hides is packed as zeros (and a norm of 0): whatever it holds,
+            // NaN and inf included, it then adds nothing to any product.
+            const bool zero = j >= count || masked_out(p, batch, key);
             if (keys_wanted) {
-                if (j == count) std::fill(row.begin(), row.end(), 0.f);
-                if (j < count) {
+                if (zero) {
+                    std::fill(row.begin(), row.end(), 0.f);
+                    std::fill(norms.begin(), norms.end(), 0.f);
+                } else {
                     load_normalized_row(p, p.k, batch, kv_head, key, p.l2norm, padded_d, row.data(), norms.data());
-                    if (packed.key_norms && p.l2norm)
-                        std::copy(norms.begin(), norms.end(), packed.key_norms + (bh * p.nk + key) * p.groups);
                 }
+                if (packed.key_norms && p.l2norm && j < count)
+                    std::copy(norms.begin(), norms.end(), packed.key_norms + (bh * p.nk + key) * p.groups);
                 scatter(j, keys_t, key_rows);
             }
             if (values_wanted) {
-                if (j == count) std::fill(row.begin(), row.end(), 0.f);
-                if (j < count) load_normalized_row(p, p.v, batch, kv_head, key, false, padded_d, row.data(), nullptr);
+                if (zero)
+                    std::fill(row.begin(), row.end(), 0.f);
+                else
+                    load_normalized_row(p, p.v, batch, kv_head, key, false, padded_d, row.data(), nullptr);
                 scatter(j, values_t, value_rows);
             }
         }

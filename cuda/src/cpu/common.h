@@ -62,18 +62,39 @@ float constant_offset(const Problem &p, float scale);
 
 // Reads row `row` of the (b, head, row, :) slice of `view` as float32 into dst[0, d),
 // zero-filling dst[d, padded_d). With l2norm, normalizes each group and writes its
-// norm (before clamping) to norms[0, groups).
+// norm (before clamping) to norms[0, groups). Norms of any size are taken without
+// overflow; a norm beyond float32's range is written as inf.
 void load_normalized_row(const Problem &p, const View &view, int64_t batch, int64_t head, int64_t row,
                          bool l2norm, int64_t padded_d, float *dst, float *norms);
 
 // The l2norm backward for one row, per group: dx = (dx^ - x^ <x^, dx^>) / norm, and
-// dx = dx^ / epsilon where the norm was clamped to epsilon.
+// dx = dx^ / epsilon where the norm was clamped to epsilon; dx = 0 where dx^ is all 0.
 void l2norm_backward_row(const float *x_hat, const float *dx_hat, const float *norms, int64_t d, int32_t groups,
                          float *dx);
 
+// True when the mask hides key `key` of batch `batch`.
+inline bool masked_out(const Problem &p, int64_t batch, int64_t key) {
+    return p.mask.present() && !static_cast<const uint8_t *>(p.mask.data)[p.mask.offset(batch, 0, 0, key)];
+}
+
 // key_bias[j] = 0 for a key the mask lets through, -inf for one it hides (and for the
-// columns past `keys`, up to kKeyTile).
+// columns past `keys`, up to kKeyTile): the col_bias of the tile kernels.
 void fill_key_bias(const Problem &p, int64_t batch, int64_t first_key, int keys, float *key_bias);
+
+// biased = logits + bias[batch, head, rows, keys], tiles of rows of kKeyTile (biased
+// may be logits); bias_row is scratch of kKeyTile floats. The forward and the backward
+// form their logits alike: the backward's must equal the forward's bit for bit (see
+// backward.cpp).
+void add_bias_tile(const Problem &p, int64_t batch, int64_t head, int64_t first_row, int rows, int64_t first_key,
+                   int keys, const float *logits, float *biased, float *bias_row);
+
+// A product P B, with P a tile whose row r has weights for keys [0, limit[r]) only
+// (limit non-decreasing, as causality makes it), normally runs over the keys the last
+// row sees. True when it must run row by row instead, each row over its own keys: when
+// a key that some rows see and others do not (a causal diagonal tile) has a row of B
+// holding inf or NaN, which the rows that do not see it would meet with a weight of 0.
+// B is read as the tile matmul reads it (tile_kernels.h), `cols` columns.
+bool rows_need_own_depth(const int *limit, int rows, const float *b, int64_t ldb, int64_t b_panel, int64_t cols);
 
 // The keys row `row` sees in the tile starting at first_key (of `keys` keys): causal
 // hides those after row + (nk - nq). 0 when it sees none.
@@ -85,7 +106,8 @@ inline int visible_keys(const Problem &p, int64_t row, int64_t first_key, int ke
 
 // K (normalized) and V in float32 for all batches and kv heads, cut into tiles of
 // kKeyTile keys and laid out as the tile matmuls read them: in panels of kPanelWidth
-// columns (tile_kernels.h), each read front to back. Padding is zero.
+// columns (tile_kernels.h), each read front to back. Padding is zero, and so are the
+// keys and values of keys the mask hides.
 struct PackedKeysValues {
     int64_t d = 0;
     int64_t key_tiles = 0; // ceil(nk / kKeyTile)

@@ -33,7 +33,8 @@ int64_t query_tile_rows(int64_t nq) {
 struct ForwardLayout {
     PackedKeysValues packed;
     // V is read in place (no packed copy) when it already is what P V reads: float32
-    // rows of whole vectors (d % 8 == 0, so no column past d is touched).
+    // rows of whole vectors (d % 8 == 0, so no column past d is touched), and no mask
+    // (packing zeroes the values of hidden keys, which may hold NaN or inf).
     bool values_in_place = false;
     size_t bytes = 0;
 };
@@ -45,7 +46,7 @@ ForwardLayout forward_layout(const Problem &p, void *workspace) {
     packed = packing_for(p);
     const int64_t tiles = p.b * p.hk * packed.key_tiles;
     packed.keys_transposed = carver.take(tiles * packed.transposed_tile_size());
-    layout.values_in_place = p.v.dtype == FCSA_DTYPE_FLOAT32 && p.d % 8 == 0;
+    layout.values_in_place = p.v.dtype == FCSA_DTYPE_FLOAT32 && p.d % 8 == 0 && !p.mask.present();
     if (!layout.values_in_place) packed.value_rows = carver.take(tiles * packed.row_tile_size());
     layout.bytes = carver.bytes_needed();
     return layout;
@@ -62,23 +63,6 @@ struct ForwardScratch {
     std::vector<float> row_sum, row_max, tile_max, offset, rescale, key_bias, bias_row;
     std::vector<int> limit;
 };
-
-// Adds bias[batch, head, rows, keys] to a logit tile.
-void add_bias_tile(const Problem &p, int64_t batch, int64_t head, int64_t first_row, int rows, int64_t first_key,
-                   int keys, float *logits, float *bias_row) {
-    const View &bias = p.bias;
-    for (int r = 0; r < rows; ++r) {
-        const int64_t index = bias.offset(batch, head, first_row + r, first_key);
-        float *row = logits + int64_t(r) * kKeyTile;
-        if (bias.stride[3] == 0) {
-            const float value = load_element(bias.data, index, bias.dtype);
-            for (int j = 0; j < keys; ++j) row[j] += value;
-        } else {
-            load_row(bias.data, index, bias.dtype, keys, bias_row);
-            for (int j = 0; j < keys; ++j) row[j] += bias_row[j];
-        }
-    }
-}
 
 void forward_tile(const Problem &p, const ForwardLayout &layout, const TileKernels &kernels, int64_t batch,
                   int64_t head, int64_t first_row, int64_t tile_rows, ForwardScratch &scratch) {
@@ -118,7 +102,7 @@ void forward_tile(const Problem &p, const ForwardLayout &layout, const TileKerne
         kernels.matmul(logits, kKeyTile, queries, padded_d, 1, packed.transposed_tile(packed.keys_transposed, bh, tile),
                        packed.ldb, packed.transposed_panel(), rows, kKeyTile, int(d), false);
         if (p.bias.present())
-            add_bias_tile(p, batch, head, first_row, rows, first_key, keys, logits, scratch.bias_row.data());
+            add_bias_tile(p, batch, head, first_row, rows, first_key, keys, logits, logits, scratch.bias_row.data());
         const float *key_bias = nullptr;
         if (p.mask.present()) {
             fill_key_bias(p, batch, first_key, keys, scratch.key_bias.data());
@@ -146,13 +130,29 @@ void forward_tile(const Problem &p, const ForwardLayout &layout, const TileKerne
         }
         kernels.exp_rows(logits, logits, kKeyTile, rows, keys, 1.f, scratch.offset.data(), scratch.limit.data(),
                           key_bias, scratch.row_sum.data());
+        // out += P V over the keys the last row sees: no key hidden from every row of the
+        // tile enters the product, so none of its values (NaN or inf included) can meet
+        // a weight of 0. Keys hidden from some rows only: see rows_need_own_depth.
+        const float *values;
+        int64_t ldv, v_panel;
         if (layout.values_in_place) {
-            const float *values = static_cast<const float *>(p.v.data) + p.v.offset(batch, kv_head, first_key, 0);
-            kernels.matmul(output, padded_d, logits, kKeyTile, 1, values, p.v.stride[2], kPanelWidth, rows,
-                           int(padded_d), keys, true);
+            values = static_cast<const float *>(p.v.data) + p.v.offset(batch, kv_head, first_key, 0);
+            ldv = p.v.stride[2];
+            v_panel = kPanelWidth;
         } else {
-            kernels.matmul(output, padded_d, logits, kKeyTile, 1, packed.row_tile(packed.value_rows, bh, tile),
-                           packed.ldb, packed.row_panel, rows, int(padded_d), keys, true);
+            values = packed.row_tile(packed.value_rows, bh, tile);
+            ldv = packed.ldb;
+            v_panel = packed.row_panel;
+        }
+        const int depth = scratch.limit[size_t(rows - 1)];
+        if (rows_need_own_depth(scratch.limit.data(), rows, values, ldv, v_panel, d)) {
+            for (int r = 0; r < rows; ++r)
+                if (scratch.limit[size_t(r)] > 0)
+                    kernels.matmul(output + r * padded_d, padded_d, logits + r * kKeyTile, kKeyTile, 1, values, ldv,
+                                   v_panel, 1, int(padded_d), scratch.limit[size_t(r)], true);
+        } else if (depth > 0) {
+            kernels.matmul(output, padded_d, logits, kKeyTile, 1, values, ldv, v_panel, rows, int(padded_d), depth,
+                           true);
         }
     }
 

@@ -28,20 +28,22 @@ struct TileKernels {
                    const float *b, int64_t ldb, int64_t b_panel, int rows, int cols, int depth,
                    bool accumulate);
 
-    // p[r][j] = exp(s[r][j] * s_scale + col_bias[j] - offset[r]) for j < cols; col_bias
-    // (optional) is 0 or -inf per column; entries with j >= limit[r] (limit optional)
-    // and entries below exp(-87) become exactly 0. `p` may be `s`. When row_sum is
-    // given, row_sum[r] += sum_j p[r][j].
+    // p[r][j] = exp(s[r][j] * s_scale - offset[r]) for j < cols. Hidden entries become
+    // exactly 0 whatever s holds (NaN and inf included): the columns whose col_bias
+    // (optional) is -inf rather than 0, and j >= limit[r] (limit optional). Entries below
+    // exp(-87) become 0 too. `p` may be `s`. When row_sum is given, row_sum[r] += sum_j
+    // p[r][j].
     void (*exp_rows)(float *p, const float *s, int64_t ld, int rows, int cols, float s_scale,
                      const float *offset, const int *limit, const float *col_bias, float *row_sum);
 
-    // row_max[r] = max over the visible entries (as in exp_rows) of s[r][j] + col_bias[j];
-    // -inf when the row sees nothing.
+    // row_max[r] = max of s[r][j] over the visible entries (as in exp_rows); -inf when the
+    // row sees nothing. NaN entries are passed over.
     void (*max_rows)(const float *s, int64_t ld, int rows, int cols, const int *limit,
                      const float *col_bias, float *row_max);
 
     // The softmax backward: dp[r][j] <- p[r][j] * (dp[r][j] - delta[r]) (then dS), and,
-    // when ds_dot_cos is given, ds_dot_cos[r] += sum_j dS[r][j] * cos[r][j].
+    // when ds_dot_cos is given, ds_dot_cos[r] += sum_j dS[r][j] * cos[r][j]. Where p is 0,
+    // dS is 0 and adds nothing, whatever dp and cos hold there.
     void (*softmax_grad_rows)(float *dp, const float *p, const float *cos, int64_t ld, int rows,
                               int cols, const float *delta, float *ds_dot_cos);
 

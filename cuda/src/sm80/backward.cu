@@ -221,9 +221,7 @@ template <typename T> __global__ void __launch_bounds__(kPassThreads) prepass_ke
             const T *q = a.q.row<T>(batch, head, i);
             float sum_sq = 0.f;
             for (int c = lane; c < a.d; c += 32) sum_sq = fmaf(common::to_float(q[c]), common::to_float(q[c]), sum_sq);
-            inv_norm = common::safe_inverse_norm<T, float>(warp_sum(sum_sq), 32, [&](auto f) {
-                for (int c = lane; c < a.d; c += 32) f(common::to_float(q[c]));
-            });
+            inv_norm = common::safe_inverse_norm<T, float>(warp_sum(sum_sq), q, 0, 0, a.d, lane, 32);
         }
         if (lane == 0) {
             const float lse = a.lse[batch * a.lse_stride[0] + head * a.lse_stride[1] + i * a.lse_stride[2]];
@@ -269,18 +267,8 @@ template <typename T> __global__ void __launch_bounds__(kPassThreads) prepass_ve
         dot = lanes_sum(dot, lanes.width);
         float inv_norm = 0.f;
         if (a.q_inv_norm != nullptr)
-            inv_norm = common::safe_inverse_norm<T, float>(lanes_sum(sum_sq, lanes.width), lanes.width, [&](auto f) {
-#pragma unroll
-                for (int m = 0; m < chunks_per_lane<T>(); ++m) {
-                    const int c = lanes.sub + lanes.width * m;
-                    if (here && c < lanes.chunks) {
-                        float fq[E];
-                        load_chunk(a.q.row<T>(batch, head, i), c, fq);
-#pragma unroll
-                        for (int e = 0; e < E; ++e) f(fq[e]);
-                    }
-                }
-            });
+            inv_norm = common::safe_inverse_norm<T, float>(lanes_sum(sum_sq, lanes.width), a.q.row<T>(batch, head, i),
+                                                           0, 0, here ? a.d : 0, lanes.sub, lanes.width);
         if (here && lanes.sub == 0) {
             const float lse = a.lse[batch * a.lse_stride[0] + head * a.lse_stride[1] + i * a.lse_stride[2]];
             a.lse_out[row] = lse == -INFINITY ? INFINITY : lse; // as prepass_kernel
@@ -336,7 +324,8 @@ __global__ void __launch_bounds__(kPassThreads) finish_rows_vector_kernel(const 
                 for (int e = 0; e < E; ++e) x[m][e] = dy[m][e] = 0.f;
             }
         }
-        if (a.l2norm) l2norm_backward_lanes<kPer, E>(x, dy, lanes.width, a.dx_hat_scaled);
+        if (a.l2norm)
+            l2norm_backward_lanes<T, kPer, E>(x, dy, lanes.width, a.dx_hat_scaled, x_row, here ? a.d : 0, lanes.sub);
         T *out = a.out.row<T>(batch, head, i);
 #pragma unroll
         for (int m = 0; m < kPer; ++m) {

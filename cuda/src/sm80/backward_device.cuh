@@ -59,10 +59,12 @@ __device__ __forceinline__ void element_groups(int d, int groups, int lane, int 
 }
 
 // The inverse norm of each element's group, 1 / max(||x_group||, eps), for a row held
-// as in WarpRow. Every lane of the warp must call it.
-template <int kMaxD>
+// as in WarpRow (x_row: the same row in memory, d elements, for the rescaled norm of
+// l2norm.cuh). Every lane of the warp must call it.
+template <typename T, int kMaxD>
 __device__ __forceinline__ void group_inverse_norms(const float (&x)[WarpRow<kMaxD>::kPerLane],
                                                     const int (&group)[WarpRow<kMaxD>::kPerLane], int groups,
+                                                    const T *x_row, int d, int lane,
                                                     float (&inv)[WarpRow<kMaxD>::kPerLane],
                                                     bool (&clamped)[WarpRow<kMaxD>::kPerLane]) {
     constexpr int kPer = WarpRow<kMaxD>::kPerLane;
@@ -71,16 +73,8 @@ __device__ __forceinline__ void group_inverse_norms(const float (&x)[WarpRow<kMa
 #pragma unroll
         for (int m = 0; m < kPer; ++m)
             if (group[m] == g) sum_sq = fmaf(x[m], x[m], sum_sq);
-        sum_sq = warp_sum(sum_sq);
-        float norm = sqrtf(sum_sq);
-        if (common::any_norm_overflow<float>(sum_sq)) { // entries beyond ~1e19 (l2norm.cuh)
-            const float rescaled = common::rescaled_norm(32, [&](auto f) {
-#pragma unroll
-                for (int m = 0; m < kPer; ++m)
-                    if (group[m] == g) f(x[m]);
-            });
-            if (isinf(sum_sq)) norm = rescaled;
-        }
+        const int group_size = d / groups;
+        const float norm = common::safe_norm<T>(warp_sum(sum_sq), x_row, 0, g * group_size, group_size, lane, 32);
 #pragma unroll
         for (int m = 0; m < kPer; ++m)
             if (group[m] == g) {
@@ -111,7 +105,7 @@ __device__ __forceinline__ void l2norm_backward_row(const T *x_row, const float 
         element_groups<kMaxD>(d, groups, lane, group);
         float inv[kPer], xhat_dot[kPer];
         bool clamped[kPer];
-        group_inverse_norms<kMaxD>(x, group, groups, inv, clamped);
+        group_inverse_norms<T, kMaxD>(x, group, groups, x_row, d, lane, inv, clamped);
         // <x^, dx^> per group = inv * <x, dx^>.
         for (int g = 0; g < groups; ++g) {
             float dot = 0.f;
@@ -144,10 +138,11 @@ __device__ __forceinline__ void l2norm_backward_row(const T *x_row, const float 
 // l2norm_backward_row for one group, the row spread over `width` lanes (aligned groups of
 // the warp), each holding kPer pieces of E elements of x (the raw row) and dy (dx^),
 // zeros where the row has none. dy becomes dx (scaled as there). Every lane of the warp
-// must call it. <x^, dx^> is formed as <x, dx^> / ||x||.
-template <int kPer, int E>
+// must call it. <x^, dx^> is formed as <x, dx^> / ||x||. x_row, d: the row in memory
+// (d = 0 where the lane has none), for the rescaled norm of l2norm.cuh.
+template <typename T, int kPer, int E>
 __device__ __forceinline__ void l2norm_backward_lanes(const float (&x)[kPer][E], float (&dy)[kPer][E], int width,
-                                                      bool scaled) {
+                                                      bool scaled, const T *x_row, int d, int sub) {
     float sum_sq = 0.f, dot = 0.f;
 #pragma unroll
     for (int m = 0; m < kPer; ++m)
@@ -156,17 +151,7 @@ __device__ __forceinline__ void l2norm_backward_lanes(const float (&x)[kPer][E],
             sum_sq = fmaf(x[m][e], x[m][e], sum_sq);
             dot = fmaf(x[m][e], dy[m][e], dot);
         }
-    sum_sq = lanes_sum(sum_sq, width);
-    float norm = sqrtf(sum_sq);
-    if (common::any_norm_overflow<float>(sum_sq)) { // entries beyond ~1e19 (l2norm.cuh)
-        const float rescaled = common::rescaled_norm(width, [&](auto f) {
-#pragma unroll
-            for (int m = 0; m < kPer; ++m)
-#pragma unroll
-                for (int e = 0; e < E; ++e) f(x[m][e]);
-        });
-        if (isinf(sum_sq)) norm = rescaled;
-    }
+    const float norm = common::safe_norm<T>(lanes_sum(sum_sq, width), x_row, 0, 0, d, sub, width);
     const float inv = 1.f / fmaxf(norm, kNormEpsilon);
     const bool clamped = !(norm >= kNormEpsilon);
     const float xhat_dot = lanes_sum(dot, width) * inv, post = scaled ? 1.f : inv;

@@ -77,17 +77,9 @@ __global__ void __launch_bounds__(kKeyNormThreads)
 #pragma unroll
             for (int e = 0; e < E; ++e) sum_sq = fmaf(f[e], f[e], sum_sq);
         }
-        auto for_elements = [&](auto f) {
-#pragma unroll
-            for (int m = 0; m < kPer; ++m) {
-                float x[E];
-                chunk_to_float<T>(raw[pass][m], x);
-#pragma unroll
-                for (int e = 0; e < E; ++e) f(x[e]);
-            }
-        };
-        const float inv = safe_inverse_norm<T>(lanes_sum(sum_sq, width), width, for_elements);
         const int j = first_key + pass * rows_per_pass;
+        const float inv = safe_inverse_norm<T>(lanes_sum(sum_sq, width), keys + int64_t(j) * stride_row, 0, 0,
+                                               j < nk ? d : 0, sub, width);
         if (j < padded_nk && sub == 0)
             inv_norm[int64_t(slab) * padded_nk + j] = j < nk ? inv : 0.f; // zeros: padding
     }
