@@ -38,54 +38,67 @@ template <typename T> __device__ __forceinline__ float inverse_norm(float sum_sq
 // ~1.8e19 on, which bf16 and float32 hold (ElementTraits::kSquaresOverflow): the l2norm
 // would then make x^ = 0. Such a row's norm is taken again, from memory, with the row
 // scaled by 2^-e, 2^e above its largest magnitude (an exact scaling: nothing overflows,
-// nothing that matters underflows). Columns [col0, col0 + cols) of row `row` of a tile
-// in layout L (ContiguousRow: a row pointer), spread over aligned groups of `width`
-// lanes, lane `sub` taking columns sub, sub + width, ... (cols = 0: a lane with no row).
-// Out of line, so that the loops around the norms keep their registers for the common
-// path; every lane of the warp calls it (it holds shuffles).
+// nothing that matters underflows): columns [col0, col0 + cols) of row `row` of a tile
+// in layout L (ContiguousRow: a row pointer), by each lane that needs it, alone (no
+// shuffles, no vote, no call: the common path pays one compare, and the loops around
+// the norms keep their registers).
 template <typename T, class L>
-__device__ __noinline__ float rescaled_row_norm(const T *tile, int row, int col0, int cols, int sub, int width) {
+__device__ __forceinline__ float rescaled_row_norm(const T *tile, int row, int col0, int cols) {
     float top = 0.f;
-    for (int c = sub; c < cols; c += width) top = fmaxf(top, fabsf(to_float(tile[L::offset(row, col0 + c)])));
+    for (int c = 0; c < cols; ++c) top = fmaxf(top, fabsf(to_float(tile[L::offset(row, col0 + c)])));
     int e;
-    frexpf(lanes_max(top, width), &e); // largest < 2^e
+    frexpf(top, &e); // largest < 2^e
     float sum = 0.f;
-    for (int c = sub; c < cols; c += width) {
+    for (int c = 0; c < cols; ++c) {
         const float y = ldexpf(to_float(tile[L::offset(row, col0 + c)]), -e);
         sum = fmaf(y, y, sum);
     }
-    return ldexpf(sqrtf(lanes_sum(sum, width)), e);
+    return ldexpf(sqrtf(sum), e);
 }
 
-// Whether any row of the warp needs rescaled_row_norm, from each lane's reduced sum of
-// squares (one vote: the whole cost on the common path).
-template <typename T> __device__ __forceinline__ bool any_norm_overflow(float sum_sq) {
+// Whether a row's sum of squares overflowed (never for float16).
+template <typename T> __device__ __forceinline__ bool norm_overflowed(float sum_sq) {
     if constexpr (!ElementTraits<T>::kSquaresOverflow) return false;
-    else return __any_sync(0xffffffffu, isinf(sum_sq));
+    else return isinf(sum_sq);
 }
 
-// norm = sqrt(sum_sq), rescaled where sum_sq overflowed (arguments as rescaled_row_norm).
-template <typename T, class L = ContiguousRow>
-__device__ __forceinline__ float safe_norm(float sum_sq, const T *tile, int row, int col0, int cols, int sub,
-                                           int width) {
-    float norm = sqrtf(sum_sq);
-    if (any_norm_overflow<T>(sum_sq)) {
-        const float rescaled = rescaled_row_norm<T, L>(tile, row, col0, cols, sub, width);
-        if (isinf(sum_sq)) norm = rescaled;
-    }
-    return norm;
-}
-
-// inverse_norm<Precision>(sum_sq), rescaled where sum_sq overflowed.
+// inverse_norm<Precision>(sum_sq), rescaled where sum_sq overflowed. For the passes
+// around the kernels; the tile normalizations inside them use the out-of-line fix below.
 template <typename T, typename Precision = T, class L = ContiguousRow>
-__device__ __forceinline__ float safe_inverse_norm(float sum_sq, const T *tile, int row, int col0, int cols, int sub,
-                                                   int width) {
-    float inv = inverse_norm<Precision>(sum_sq);
-    if (any_norm_overflow<T>(sum_sq)) {
-        const float norm = rescaled_row_norm<T, L>(tile, row, col0, cols, sub, width);
-        if (isinf(sum_sq)) inv = 1.f / fmaxf(norm, kNormEpsilon);
+__device__ __forceinline__ float safe_inverse_norm(float sum_sq, const T *tile, int row, int col0, int cols) {
+    if (norm_overflowed<T>(sum_sq)) return 1.f / fmaxf(rescaled_row_norm<T, L>(tile, row, col0, cols), kNormEpsilon);
+    return inverse_norm<Precision>(sum_sq);
+}
+
+// Inside the kernels a normalization leaves a row whose sum overflowed as it was (and
+// notes it in a per-lane bit mask); after the tile one warp vote decides whether any such
+// row needs these (serial, one lane a row, out of line: the kernels' registers stay with
+// their common path).
+template <typename T, class L>
+__device__ __noinline__ float rescaled_inverse_norm(const T *tile, int row, int col0, int cols) {
+    return 1.f / fmaxf(rescaled_row_norm<T, L>(tile, row, col0, cols), kNormEpsilon);
+}
+template <typename T, class L>
+__device__ __noinline__ void rescale_row(T *tile, int row, int col0, int cols, float multiplier) {
+    const float factor = 1.f / fmaxf(rescaled_row_norm<T, L>(tile, row, col0, cols), kNormEpsilon) * multiplier;
+    for (int c = 0; c < cols; ++c) {
+        T &x = tile[L::offset(row, col0 + c)];
+        x = from_float<T>(to_float(x) * factor);
     }
-    return inv;
+}
+
+// Runs fix(k) for each bit k of `overflowed` when any lane of the warp has one (every
+// lane of the warp calls it); the warp's shared-memory accesses are ordered around it.
+template <typename T, class Fix> __device__ __forceinline__ void fix_overflowed(uint32_t overflowed, Fix fix) {
+    if constexpr (ElementTraits<T>::kSquaresOverflow) {
+        if (__any_sync(0xffffffffu, overflowed != 0u)) {
+            __syncwarp();
+#pragma unroll 1
+            for (int k = 0; k < 32; ++k)
+                if ((overflowed >> k) & 1u) fix(k);
+            __syncwarp();
+        }
+    }
 }
 
 template <class Layout, int kThreads, typename T>
@@ -136,8 +149,15 @@ __device__ __forceinline__ void l2norm_rows(T *tile, int rows, int d, int groups
             }
         }
         sum_sq = lanes_sum(sum_sq, lanes);
-const float inv = safe_inverse_norm<T, T, Layout>(sum_sq, tile, row, col0, active ? group_size : 0, sub, lanes);
+        const float inv = inverse_norm<T>(sum_sq);
         if (!active) continue;
+        if (norm_overflowed<T>(sum_sq)) { // (uniform over the pair's lanes: none writes it)
+            if (sub == 0) {
+                if (scale_in_place) rescale_row<T, Layout>(tile, row, col0, group_size, multiplier);
+                if (inv_norms != nullptr) inv_norms[pair] = rescaled_inverse_norm<T, Layout>(tile, row, col0, group_size);
+            }
+            continue;
+        }
         if (inv_norms != nullptr && sub == 0) inv_norms[pair] = inv;
         if (scale_in_place) {
             const float factor = inv * multiplier;
@@ -182,22 +202,32 @@ template <typename T, int kRows, int kCols, int kThreads> struct RowNorms {
 
     static_assert(kRows % kRowsPerPass == 0, "every lane runs the same rows loop (shuffles)");
 
-    // 1 / max(||row||, eps) of row `row` of `tile` (its first d columns) from a lane's
-    // per-position partial sums of squares: the positions summed as a tree, then the
-    // row's lanes combined by shuffles.
-    __device__ __forceinline__ static float row_inverse_norm(float (&partial)[L::kChunk], const T *tile, int row,
-                                                             int d, int sub) {
+    static constexpr int kPasses = kRows / kRowsPerPass; // rows per lane
+    static_assert(kPasses <= 32, "one bit per row of a lane (fix_overflowed)");
+
+    // 1 / max(||row||, eps) from a lane's per-position partial sums of squares: the
+    // positions summed as a tree, then the row's lanes combined by shuffles. -1 where
+    // the sum overflowed (the row then waits for fix_overflowed).
+    __device__ __forceinline__ static float row_inverse_norm(float (&partial)[L::kChunk]) {
 #pragma unroll
         for (int width = L::kChunk / 2; width > 0; width /= 2)
 #pragma unroll
             for (int e = 0; e < width; ++e) partial[e] += partial[e + width];
-        return safe_inverse_norm<T, T, L>(lanes_sum(partial[0], kLanesPerRow), tile, row, 0, d, sub, kLanesPerRow);
+        const float sum_sq = lanes_sum(partial[0], kLanesPerRow);
+        return norm_overflowed<T>(sum_sq) ? -1.f : inverse_norm<T>(sum_sq);
     }
+    // The row of pass k of this lane.
+    __device__ __forceinline__ static int pass_row(int tid, int k) { return tid / kLanesPerRow + k * kRowsPerPass; }
 
-    template <class Finish> __device__ __forceinline__ static void run(const T *tile, int d, int tid, Finish finish) {
+    // finish(row, sub, inv) for every row, inv = -1 where the row's sum overflowed; returns
+    // those rows' bits (pass k: bit k) in the row's first lane.
+    template <class Finish>
+    __device__ __forceinline__ static uint32_t run(const T *tile, int d, int tid, Finish finish) {
         const int sub = tid % kLanesPerRow;
+        uint32_t overflowed = 0u;
 #pragma unroll
-        for (int row = tid / kLanesPerRow; row < kRows; row += kRowsPerPass) {
+        for (int k = 0; k < kPasses; ++k) {
+            const int row = pass_row(tid, k);
             float partial[L::kChunk];
 #pragma unroll
             for (int e = 0; e < L::kChunk; ++e) partial[e] = 0.f;
@@ -210,26 +240,25 @@ template <typename T, int kRows, int kCols, int kThreads> struct RowNorms {
                     for (int e = 0; e < L::kChunk; ++e) partial[e] = fmaf(f[e], f[e], partial[e]);
                 }
             }
-            finish(row, sub, row_inverse_norm(partial, tile, row, d, sub));
+            const float inv = row_inverse_norm(partial);
+            if (inv < 0.f && sub == 0) overflowed |= 1u << k;
+            finish(row, sub, inv);
         }
+        return overflowed;
     }
 };
 
 // inv[r] = 1 / max(||row r||, 1e-12) for every row r of the tile (RowNorms).
 template <typename T, int kRows, int kCols, int kThreads>
 __device__ __forceinline__ void row_inverse_norms(const T *tile, int d, float *inv, int tid) {
-    RowNorms<T, kRows, kCols, kThreads>::run(tile, d, tid, [&](int row, int sub, float row_inv) {
+    using N = RowNorms<T, kRows, kCols, kThreads>;
+    const uint32_t overflowed = N::run(tile, d, tid, [&](int row, int sub, float row_inv) {
         if (sub == 0) inv[row] = row_inv;
     });
-}
-
-// The inverse norms of rows 16 * block .. + 15 of a tile whose sums of squares overflowed,
-// rescaled (two lanes a row).
-template <typename T, int kCols, class L>
-__device__ __forceinline__ void rescaled_block_norms(const T *tile, float *inv, int block, int lane) {
-    const int row = 16 * block + lane / 2;
-    const float norm = rescaled_row_norm<T, L>(tile, row, 0, kCols, lane % 2, 2);
-    if (lane % 2 == 0) inv[row] = 1.f / fmaxf(norm, kNormEpsilon);
+    fix_overflowed<T>(overflowed, [&](int k) {
+        const int row = N::pass_row(tid, k);
+        inv[row] = rescaled_inverse_norm<T, typename N::L>(tile, row, 0, d);
+    });
 }
 
 // row_inverse_norms for a 16-bit tile on the tensor cores: each warp takes 16-row blocks
@@ -243,7 +272,9 @@ template <typename T, int kRows, int kCols, int kWarps, class L = PaddedTile<T, 
 __device__ __forceinline__ void row_inverse_norms_mma(const T *tile, float *inv, int warp, int lane) {
     static_assert(ElementTraits<T>::kIs16Bit && kRows % 16 == 0 && kCols % 16 == 0, "16-bit 16 x 16 blocks");
     constexpr int kBlocks = kRows / 16;
+    static_assert(2 * ((kBlocks + kWarps - 1) / kWarps) <= 32, "one bit per row (fix_overflowed)");
     const int g = lane >> 2, t = lane & 3;
+    uint32_t overflowed = 0u; // rows whose sums overflowed: block i's low (bit 2i) and high
 #pragma unroll
     for (int i = 0; i < (kBlocks + kWarps - 1) / kWarps; ++i) {
         const int block = warp + i * kWarps;
@@ -270,13 +301,17 @@ __device__ __forceinline__ void row_inverse_norms_mma(const T *tile, float *inv,
         const bool odd = g & 1;
         const float low_sum = odd ? low[0].x[1] + low[1].x[1] : low[0].x[0] + low[1].x[0];
         const float high_sum = odd ? high[0].x[3] + high[1].x[3] : high[0].x[2] + high[1].x[2];
-        if (any_norm_overflow<T>(diagonal ? low_sum + high_sum : 0.f)) {
-            rescaled_block_norms<T, kCols, L>(tile, inv, block, lane);
-        } else if (diagonal) {
+        if (diagonal) {
             inv[16 * block + g] = inverse_norm<T>(low_sum);
             inv[16 * block + 8 + g] = inverse_norm<T>(high_sum);
+            if (norm_overflowed<T>(low_sum)) overflowed |= 1u << (2 * i);
+            if (norm_overflowed<T>(high_sum)) overflowed |= 1u << (2 * i + 1);
         }
     }
+    fix_overflowed<T>(overflowed, [&](int k) {
+        const int row = 16 * (warp + k / 2 * kWarps) + g + 8 * (k % 2);
+        inv[row] = rescaled_inverse_norm<T, L>(tile, row, 0, kCols);
+    });
 }
 
 // Every row of the tile divided by max(||row||, 1e-12) in place (one group per row):
@@ -291,8 +326,10 @@ __device__ __forceinline__ void normalize_rows(T *tile, int d, int tid, float mu
     if (ElementTraits<T>::kIs16Bit && d == kCols && N::L::kChunksPerRow % N::kLanesPerRow == 0) {
         constexpr int kChunk = N::L::kChunk;
         const int sub = tid % N::kLanesPerRow;
+        uint32_t overflowed = 0u;
 #pragma unroll
-        for (int row = tid / N::kLanesPerRow; row < kRows; row += N::kRowsPerPass) {
+        for (int k = 0; k < N::kPasses; ++k) {
+            const int row = N::pass_row(tid, k);
             float f[N::kChunksPerLane][kChunk], partial[kChunk];
 #pragma unroll
             for (int e = 0; e < kChunk; ++e) partial[e] = 0.f;
@@ -302,7 +339,9 @@ __device__ __forceinline__ void normalize_rows(T *tile, int d, int tid, float mu
 #pragma unroll
                 for (int e = 0; e < kChunk; ++e) partial[e] = fmaf(f[i][e], f[i][e], partial[e]);
             }
-            const float row_inv = N::row_inverse_norm(partial, tile, row, d, sub) * multiplier;
+            const float inv = N::row_inverse_norm(partial);
+            if (inv < 0.f && sub == 0) overflowed |= 1u << k;
+            const float row_inv = inv < 0.f ? 1.f : inv * multiplier; // an overflowed row stays as it was
 #pragma unroll
             for (int i = 0; i < N::kChunksPerLane; ++i) {
 #pragma unroll
@@ -310,10 +349,13 @@ __device__ __forceinline__ void normalize_rows(T *tile, int d, int tid, float mu
                 *reinterpret_cast<uint4 *>(tile + N::chunk_offset(row, sub, i)) = float_to_chunk<T>(f[i]);
             }
         }
+        fix_overflowed<T>(overflowed, [&](int k) {
+            rescale_row<T, typename N::L>(tile, N::pass_row(tid, k), 0, d, multiplier);
+        });
         return;
     }
-    N::run(tile, d, tid, [&](int row, int sub, float inv) {
-        const float row_inv = inv * multiplier;
+    const uint32_t overflowed = N::run(tile, d, tid, [&](int row, int sub, float inv) {
+        const float row_inv = inv < 0.f ? 1.f : inv * multiplier; // an overflowed row stays as it was
 #pragma unroll
         for (int i = 0; i < N::kChunksPerLane; ++i) {
             if (N::chunk_used(sub, i, d)) {
@@ -325,6 +367,9 @@ __device__ __forceinline__ void normalize_rows(T *tile, int d, int tid, float mu
                 *chunk = float_to_chunk<T>(f);
             }
         }
+    });
+    fix_overflowed<T>(overflowed, [&](int k) {
+        rescale_row<T, typename N::L>(tile, N::pass_row(tid, k), 0, d, multiplier);
     });
 }
 

@@ -20,13 +20,6 @@ __device__ __forceinline__ float lanes_sum(float x, int width) {
     return x;
 }
 
-// The maximum over aligned groups of `width` lanes, in every lane of each.
-__device__ __forceinline__ float lanes_max(float x, int width) {
-#pragma unroll
-    for (int offset = width / 2; offset > 0; offset /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, offset));
-    return x;
-}
-
 struct RowLanes {
     int width;      // lanes per row
     int chunks;     // 16-byte chunks per row

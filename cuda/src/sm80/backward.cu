@@ -221,7 +221,7 @@ template <typename T> __global__ void __launch_bounds__(kPassThreads) prepass_ke
             const T *q = a.q.row<T>(batch, head, i);
             float sum_sq = 0.f;
             for (int c = lane; c < a.d; c += 32) sum_sq = fmaf(common::to_float(q[c]), common::to_float(q[c]), sum_sq);
-            inv_norm = common::safe_inverse_norm<T, float>(warp_sum(sum_sq), q, 0, 0, a.d, lane, 32);
+            inv_norm = common::safe_inverse_norm<T, float>(warp_sum(sum_sq), q, 0, 0, a.d);
         }
         if (lane == 0) {
             const float lse = a.lse[batch * a.lse_stride[0] + head * a.lse_stride[1] + i * a.lse_stride[2]];
@@ -268,7 +268,7 @@ template <typename T> __global__ void __launch_bounds__(kPassThreads) prepass_ve
         float inv_norm = 0.f;
         if (a.q_inv_norm != nullptr)
             inv_norm = common::safe_inverse_norm<T, float>(lanes_sum(sum_sq, lanes.width), a.q.row<T>(batch, head, i),
-                                                           0, 0, here ? a.d : 0, lanes.sub, lanes.width);
+                                                           0, 0, here ? a.d : 0);
         if (here && lanes.sub == 0) {
             const float lse = a.lse[batch * a.lse_stride[0] + head * a.lse_stride[1] + i * a.lse_stride[2]];
             a.lse_out[row] = lse == -INFINITY ? INFINITY : lse; // as prepass_kernel
@@ -325,7 +325,7 @@ __global__ void __launch_bounds__(kPassThreads) finish_rows_vector_kernel(const 
             }
         }
         if (a.l2norm)
-            l2norm_backward_lanes<T, kPer, E>(x, dy, lanes.width, a.dx_hat_scaled, x_row, here ? a.d : 0, lanes.sub);
+            l2norm_backward_lanes<T, kPer, E>(x, dy, lanes.width, a.dx_hat_scaled, x_row, here ? a.d : 0);
         T *out = a.out.row<T>(batch, head, i);
 #pragma unroll
         for (int m = 0; m < kPer; ++m) {

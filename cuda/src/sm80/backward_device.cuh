@@ -74,11 +74,16 @@ __device__ __forceinline__ void group_inverse_norms(const float (&x)[WarpRow<kMa
         for (int m = 0; m < kPer; ++m)
             if (group[m] == g) sum_sq = fmaf(x[m], x[m], sum_sq);
         const int group_size = d / groups;
-        const float norm = common::safe_norm<T>(warp_sum(sum_sq), x_row, 0, g * group_size, group_size, lane, 32);
+        sum_sq = warp_sum(sum_sq);
+        const float norm = sqrtf(sum_sq); // inf where the sum overflowed: not clamped
+        const float group_inv = common::norm_overflowed<T>(sum_sq)
+                                    ? common::rescaled_inverse_norm<T, common::ContiguousRow>(x_row, 0, g * group_size,
+                                                                                              group_size)
+                                    : 1.f / fmaxf(norm, kNormEpsilon);
 #pragma unroll
         for (int m = 0; m < kPer; ++m)
             if (group[m] == g) {
-                inv[m] = 1.f / fmaxf(norm, kNormEpsilon);
+                inv[m] = group_inv;
                 clamped[m] = !(norm >= kNormEpsilon);
             }
     }
@@ -142,7 +147,7 @@ __device__ __forceinline__ void l2norm_backward_row(const T *x_row, const float 
 // (d = 0 where the lane has none), for the rescaled norm of l2norm.cuh.
 template <typename T, int kPer, int E>
 __device__ __forceinline__ void l2norm_backward_lanes(const float (&x)[kPer][E], float (&dy)[kPer][E], int width,
-                                                      bool scaled, const T *x_row, int d, int sub) {
+                                                      bool scaled, const T *x_row, int d) {
     float sum_sq = 0.f, dot = 0.f;
 #pragma unroll
     for (int m = 0; m < kPer; ++m)
@@ -151,8 +156,11 @@ __device__ __forceinline__ void l2norm_backward_lanes(const float (&x)[kPer][E],
             sum_sq = fmaf(x[m][e], x[m][e], sum_sq);
             dot = fmaf(x[m][e], dy[m][e], dot);
         }
-    const float norm = common::safe_norm<T>(lanes_sum(sum_sq, width), x_row, 0, 0, d, sub, width);
-    const float inv = 1.f / fmaxf(norm, kNormEpsilon);
+    sum_sq = lanes_sum(sum_sq, width);
+    const float norm = sqrtf(sum_sq); // inf where the sum overflowed: not clamped
+    const float inv = common::norm_overflowed<T>(sum_sq)
+                          ? common::rescaled_inverse_norm<T, common::ContiguousRow>(x_row, 0, 0, d)
+                          : 1.f / fmaxf(norm, kNormEpsilon);
     const bool clamped = !(norm >= kNormEpsilon);
     const float xhat_dot = lanes_sum(dot, width) * inv, post = scaled ? 1.f : inv;
 #pragma unroll

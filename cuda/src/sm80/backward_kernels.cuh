@@ -454,7 +454,7 @@ __device__ __forceinline__ void finish_dk_rows(const Params &p, const float *sta
             for (int b = 0; b < kBatch; ++b) {
                 const int r = tid / kWidth + (pass0 + b) * kRowsPerPass;
                 l2norm_backward_lanes<T, kPer, E>(x[b], dy[b], kWidth, false, p.k.row<T>(batch, kv, j0 + r),
-                                                  r < keys ? p.d : 0, sub);
+                                                  r < keys ? p.d : 0);
                 if (r < keys) {
                     T *out = p.dk.row<T>(batch, kv, j0 + r);
 #pragma unroll

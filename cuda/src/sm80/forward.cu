@@ -79,7 +79,7 @@ __global__ void __launch_bounds__(kKeyNormThreads)
         }
         const int j = first_key + pass * rows_per_pass;
         const float inv = safe_inverse_norm<T>(lanes_sum(sum_sq, width), keys + int64_t(j) * stride_row, 0, 0,
-                                               j < nk ? d : 0, sub, width);
+                                               j < nk ? d : 0);
         if (j < padded_nk && sub == 0)
             inv_norm[int64_t(slab) * padded_nk + j] = j < nk ? inv : 0.f; // zeros: padding
     }
