@@ -39,9 +39,9 @@ template <typename T> __device__ __forceinline__ float inverse_norm(float sum_sq
 // would then make x^ = 0. Such a row's norm is taken again, from memory, with the row
 // scaled by 2^-e, 2^e above its largest magnitude (an exact scaling: nothing overflows,
 // nothing that matters underflows): columns [col0, col0 + cols) of row `row` of a tile
-// in layout L (ContiguousRow: a row pointer), by each lane that needs it, alone (no
-// shuffles, no vote, no call: the common path pays one compare, and the loops around
-// the norms keep their registers).
+// in layout L (ContiguousRow: a row pointer), by one lane alone (no shuffles). The passes
+// around the kernels call it inline (safe_inverse_norm); the kernels' tile normalizations
+// through the out-of-line helpers below, so that their main loops keep their registers.
 template <typename T, class L>
 __device__ __forceinline__ float rescaled_row_norm(const T *tile, int row, int col0, int cols) {
     float top = 0.f;
@@ -152,9 +152,9 @@ __device__ __forceinline__ void l2norm_rows(T *tile, int rows, int d, int groups
         const float inv = inverse_norm<T>(sum_sq);
         if (!active) continue;
         if (norm_overflowed<T>(sum_sq)) { // (uniform over the pair's lanes: none writes it)
-            if (sub == 0) {
-                if (scale_in_place) rescale_row<T, Layout>(tile, row, col0, group_size, multiplier);
+            if (sub == 0) { // (the inverse norm first: rescale_row overwrites the row)
                 if (inv_norms != nullptr) inv_norms[pair] = rescaled_inverse_norm<T, Layout>(tile, row, col0, group_size);
+                if (scale_in_place) rescale_row<T, Layout>(tile, row, col0, group_size, multiplier);
             }
             continue;
         }
