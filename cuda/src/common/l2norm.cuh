@@ -39,21 +39,18 @@ template <typename T> __device__ __forceinline__ float inverse_norm(float sum_sq
 // would then make x^ = 0. Such a row's norm is taken again, from memory, with the row
 // scaled by 2^-e, 2^e above its largest magnitude (an exact scaling: nothing overflows,
 // nothing that matters underflows): columns [col0, col0 + cols) of row `row` of a tile
-// in layout L (ContiguousRow: a row pointer), by one lane alone (no shuffles). The passes
-// around the kernels call it inline (safe_inverse_norm); the kernels' tile normalizations
-// through the out-of-line helpers below, so that their main loops keep their registers.
+// in layout L (ContiguousRow: a row pointer), by one lane alone (no shuffles).
 template <typename T, class L>
-__device__ __forceinline__ float rescaled_row_norm(const T *tile, int row, int col0, int cols) {
+__device__ __forceinline__ float rescaled_sum_of_squares(const T *tile, int row, int col0, int cols, int &e) {
     float top = 0.f;
     for (int c = 0; c < cols; ++c) top = fmaxf(top, fabsf(to_float(tile[L::offset(row, col0 + c)])));
-    int e;
     frexpf(top, &e); // largest < 2^e
     float sum = 0.f;
     for (int c = 0; c < cols; ++c) {
         const float y = ldexpf(to_float(tile[L::offset(row, col0 + c)]), -e);
         sum = fmaf(y, y, sum);
     }
-    return ldexpf(sqrtf(sum), e);
+    return sum; // the norm is 2^e sqrt(sum), which may itself exceed float32's range
 }
 
 // Whether a row's sum of squares overflowed (never for float16).
@@ -62,29 +59,34 @@ template <typename T> __device__ __forceinline__ bool norm_overflowed(float sum_
     else return isinf(sum_sq);
 }
 
-// inverse_norm<Precision>(sum_sq), rescaled where sum_sq overflowed. For the passes
-// around the kernels; the tile normalizations inside them use the out-of-line fix below.
-template <typename T, typename Precision = T, class L = ContiguousRow>
-__device__ __forceinline__ float safe_inverse_norm(float sum_sq, const T *tile, int row, int col0, int cols) {
-    if (norm_overflowed<T>(sum_sq)) return 1.f / fmaxf(rescaled_row_norm<T, L>(tile, row, col0, cols), kNormEpsilon);
-    return inverse_norm<Precision>(sum_sq);
-}
-
-// Inside the kernels a normalization leaves a row whose sum overflowed as it was (and
-// notes it in a per-lane bit mask); after the tile one warp vote decides whether any such
-// row needs these (serial, one lane a row, out of line: the kernels' registers stay with
-// their common path).
+// Out of line (the callers' registers stay with their common path), for a row whose
+// float32 sum of squares overflowed (its norm is above 1e19: far from the 1e-12 clamp).
+// 1 / ||row||, as 2^-e / sqrt(sum): it may be subnormal, the norm need not be finite.
 template <typename T, class L>
 __device__ __noinline__ float rescaled_inverse_norm(const T *tile, int row, int col0, int cols) {
-    return 1.f / fmaxf(rescaled_row_norm<T, L>(tile, row, col0, cols), kNormEpsilon);
+    int e;
+    const float sum = rescaled_sum_of_squares<T, L>(tile, row, col0, cols, e);
+    return ldexpf(1.f / sqrtf(sum), -e);
 }
+// The row times multiplier / ||row||, in place: (2^-e x) (multiplier / sqrt(sum)).
 template <typename T, class L>
 __device__ __noinline__ void rescale_row(T *tile, int row, int col0, int cols, float multiplier) {
-    const float factor = 1.f / fmaxf(rescaled_row_norm<T, L>(tile, row, col0, cols), kNormEpsilon) * multiplier;
+    int e;
+    const float factor = multiplier / sqrtf(rescaled_sum_of_squares<T, L>(tile, row, col0, cols, e));
     for (int c = 0; c < cols; ++c) {
         T &x = tile[L::offset(row, col0 + c)];
-        x = from_float<T>(to_float(x) * factor);
+        x = from_float<T>(ldexpf(to_float(x), -e) * factor);
     }
+}
+
+// inverse_norm<Precision>(sum_sq), rescaled where sum_sq overflowed (the passes around
+// the kernels). Inside the kernels a normalization leaves a row whose sum overflowed as
+// it was and notes it in a per-lane bit mask; after the tile one warp vote decides whether
+// any such row needs the fix (fix_overflowed).
+template <typename T, typename Precision = T, class L = ContiguousRow>
+__device__ __forceinline__ float safe_inverse_norm(float sum_sq, const T *tile, int row, int col0, int cols) {
+    return norm_overflowed<T>(sum_sq) ? rescaled_inverse_norm<T, L>(tile, row, col0, cols)
+                                      : inverse_norm<Precision>(sum_sq);
 }
 
 // Runs fix(k) for each bit k of `overflowed` when any lane of the warp has one (every

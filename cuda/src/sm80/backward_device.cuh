@@ -64,7 +64,7 @@ __device__ __forceinline__ void element_groups(int d, int groups, int lane, int 
 template <typename T, int kMaxD>
 __device__ __forceinline__ void group_inverse_norms(const float (&x)[WarpRow<kMaxD>::kPerLane],
                                                     const int (&group)[WarpRow<kMaxD>::kPerLane], int groups,
-                                                    const T *x_row, int d, int lane,
+                                                    const T *x_row, int d,
                                                     float (&inv)[WarpRow<kMaxD>::kPerLane],
                                                     bool (&clamped)[WarpRow<kMaxD>::kPerLane]) {
     constexpr int kPer = WarpRow<kMaxD>::kPerLane;
@@ -110,7 +110,7 @@ __device__ __forceinline__ void l2norm_backward_row(const T *x_row, const float 
         element_groups<kMaxD>(d, groups, lane, group);
         float inv[kPer], xhat_dot[kPer];
         bool clamped[kPer];
-        group_inverse_norms<T, kMaxD>(x, group, groups, x_row, d, lane, inv, clamped);
+        group_inverse_norms<T, kMaxD>(x, group, groups, x_row, d, inv, clamped);
         // <x^, dx^> per group = inv * <x, dx^>.
         for (int g = 0; g < groups; ++g) {
             float dot = 0.f;

@@ -44,10 +44,10 @@ namespace fcsa {
 namespace sm80 {
 
 // Zeros the rows of a V tile (keys j0 ..) whose keys the mask hides: P is 0 there, and
-// 0 * (a NaN or inf in v) must not reach O. Out of line: the main loop keeps its
-// registers for the common path (this runs on partly masked tiles only).
+// 0 * (a NaN or inf in v) must not reach O. Runs on partly masked tiles only. (Out of
+// line, its call in the main loop had the general d = 128 kernel spill 3x as much.)
 template <typename T, int D, int kThreads, class KTile>
-__device__ __noinline__ void zero_masked_value_rows(T *sV, const ForwardParams &p, int bi, int j0, int keys_here,
+__device__ __forceinline__ void zero_masked_value_rows(T *sV, const ForwardParams &p, int bi, int j0, int keys_here,
                                                     int tid) {
     constexpr int kChunk = KTile::kChunk, kChunksPerRow = D / kChunk;
     for (int c = tid; c < keys_here * kChunksPerRow; c += kThreads) {
@@ -239,7 +239,8 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
         __syncthreads(); // K tile ready; every warp is done with the previous V tile
         // V rows of keys past the last row's causal reach stay zero (load_tile fills what
         // it does not copy): P is 0 there, and 0 * (a NaN or inf in v) must not reach O.
-        const int reach = p.causal ? m0 + rows_here - 1 + causal_offset - j0 : BN; // keys [0, reach] seen
+        // Keys j0 .. j0 + reach are seen by some row of the CTA.
+        const int reach = p.causal ? m0 + rows_here - 1 + causal_offset - j0 : BN;
         load_tile<T, BN, D, kThreads, KTile, C::kWholeTileCopies>(sV, key_rows(p.v, p.v_stride, j0), p.v_stride[2],
                                                                    min(keys_here, reach + 1), d, p.vec_v, tid);
         cp_async_commit();
