@@ -67,6 +67,7 @@ __global__ void __launch_bounds__(kKeyNormThreads)
                                                 : make_uint4(0u, 0u, 0u, 0u);
         }
     }
+    uint32_t overflowed = 0u;
 #pragma unroll
     for (int pass = 0; pass < kKeyNormPasses; ++pass) {
         float sum_sq = 0.f;
@@ -77,11 +78,19 @@ __global__ void __launch_bounds__(kKeyNormThreads)
 #pragma unroll
             for (int e = 0; e < E; ++e) sum_sq = fmaf(f[e], f[e], sum_sq);
         }
+        sum_sq = lanes_sum(sum_sq, width);
         const int j = first_key + pass * rows_per_pass;
-        const float inv = safe_inverse_norm<T>(lanes_sum(sum_sq, width), keys + int64_t(j) * stride_row, 0, 0,
-                                               j < nk ? d : 0);
-        if (j < padded_nk && sub == 0)
-            inv_norm[int64_t(slab) * padded_nk + j] = j < nk ? inv : 0.f; // zeros: padding
+        if (norm_overflowed<T>(sum_sq)) overflowed |= 1u << pass; // (rows past nk are zeros)
+        else if (j < padded_nk && sub == 0)
+            inv_norm[int64_t(slab) * padded_nk + j] = j < nk ? inverse_norm<T>(sum_sq) : 0.f; // zeros: padding
+    }
+    // Keys whose sums of squares overflowed, after the loads' registers are free (l2norm.cuh).
+#pragma unroll 1
+    for (int pass = 0; pass < kKeyNormPasses; ++pass) {
+        const int j = first_key + pass * rows_per_pass;
+        if (((overflowed >> pass) & 1u) && sub == 0)
+            inv_norm[int64_t(slab) * padded_nk + j] =
+                rescaled_inverse_norm<T, ContiguousRow>(keys + int64_t(j) * stride_row, 0, 0, d);
     }
 }
 
