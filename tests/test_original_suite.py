@@ -108,30 +108,28 @@ def grad_equal(q_len, causal, mask, attn_bias, dim_v):
         assert allclose(plain_grad, t.grad, atol=1e-4)
 
 
-@VALUE_DIM
-@BIAS
-@CASES
+def original_cases(test):
+    """The original's parameters: causal or a mask or neither, a bias or none, and here
+    v's head dim, q's or its own."""
+    return VALUE_DIM(BIAS(CASES(test)))
+
+
+@original_cases
 def test_output_equal(causal, mask, attn_bias, dim_v):
     output_equal(SEQ, causal, mask, attn_bias, dim_v)
 
 
-@VALUE_DIM
-@BIAS
-@CASES
+@original_cases
 def test_grad_equal(causal, mask, attn_bias, dim_v):
     grad_equal(SEQ, causal, mask, attn_bias, dim_v)
 
 
-@VALUE_DIM
-@BIAS
-@CASES
+@original_cases
 def test_output_equal_cross_attn(causal, mask, attn_bias, dim_v):
     output_equal(CROSS_SEQ, causal, mask, attn_bias, dim_v)
 
 
-@VALUE_DIM
-@BIAS
-@CASES
+@original_cases
 def test_grad_equal_cross_attn(causal, mask, attn_bias, dim_v):
     grad_equal(CROSS_SEQ, causal, mask, attn_bias, dim_v)
 
