@@ -109,8 +109,9 @@ def check_attention(tensors, dtype, device, run=default_run, *, grad=True, bias_
             return fcsa.flash_cosine_sim_attention(*args, deterministic=deterministic,
                                                    **kwargs)
 
-    # The output has q's shape.
-    dout = torch.randn(tensors["q"].shape).to(device=device, dtype=dtype) if grad else None
+    # The output has q's shape but for the head dim, v's.
+    out_shape = (*tensors["q"].shape[:-1], tensors["v"].shape[-1])
+    dout = torch.randn(out_shape).to(device=device, dtype=dtype) if grad else None
     got = attention_results(flash, run, low, dout)
     ref = attention_results(fcsa.plain_cosine_sim_attention, run, ref_in,
                             None if dout is None else dout.double().cpu())

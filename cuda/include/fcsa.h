@@ -8,6 +8,9 @@
  *     s_ij  = scale_h * <l2norm(q_i), l2norm(k_j)> + bias_ij
  *     out_i = sum_j exp(s_ij) v_j / sum_j exp(s_ij)      over the visible keys j
  *
+ * q and k share a head dim d; v has a head dim d_v of its own (d_v = d is the common
+ * case), and out takes v's.
+ *
  * Conventions
  *  - Every function returns an fcsa_status. On failure nothing has been written to any
  *    output, and fcsa_last_error_message() (thread-local) says what was wrong.
@@ -21,8 +24,9 @@
  *    count and the bytes it spans, (1 + sum of (shape_i - 1) * stride_i) * element size,
  *    must fit in int64_t, and data plus that span must not pass the end of the address
  *    space. The products the backends size their work by are bounded too: b*h*nq*d,
- *    b*hk*nk*d and, with a bias, b*h*nq*nk may not exceed 2^58, nor b*h*nq*nk without
- *    one 2^62 (nq, nk and d rounded up to a multiple of 256 first, a 0 counted as 1).
+ *    b*hk*nk*d, b*h*nq*d_v, b*hk*nk*d_v and, with a bias, b*h*nq*nk may not exceed
+ *    2^58, nor b*h*nq*nk without one 2^62 (nq, nk, d and d_v rounded up to a multiple
+ *    of 256 first, a 0 counted as 1).
  *    A call beyond these is refused with FCSA_STATUS_INVALID_ARGUMENT and a message
  *    naming the tensor. A failed size query leaves *workspace_bytes as it was.
  *  - Memory: outputs (out and lse in the forward; dq, dk, dv, dbias and dscale in the
@@ -166,8 +170,11 @@ FCSA_API void fcsa_options_init(fcsa_options *options);
 /*
  * Shapes (all tensors on one device; q, k, v, out, dout, dq, dk, dv of one dtype,
  * except that out may be float32 whatever q's dtype):
- *   q, out, dout, dq : (b, h, nq, d)
- *   k, v, dk, dv     : (b, hk, nk, d)   h % hk == 0 (hk < h: kv heads shared)
+ *   q, dq            : (b, h, nq, d)
+ *   k, dk            : (b, hk, nk, d)   h % hk == 0 (hk < h: kv heads shared)
+ *   v, dv            : (b, hk, nk, d_v) the value head dim d_v >= 1 is v's own: it
+ *                      may differ from d (the GPU backend needs d_v == d for now)
+ *   out, dout        : (b, h, nq, d_v)
  *   mask             : (b, nk) bool, nonzero = the key may be attended; optional
  *   bias, dbias      : 4-D, each dim equal to (b, h, nq, nk)'s or 1 (broadcast);
  *                      dtype of q or float32; optional. dbias has bias' shape and

@@ -372,16 +372,27 @@ fcsa_status check_common(const fcsa_options &options, const CommonTensors &in, P
     if (!product_fits(p.b, p.hk, p.nk, p.d, kMaxElements)) return too_large("k", k, "b * hk * nk * d", 58);
     if (!product_fits(p.b, p.h, p.nq, p.nk, kMaxScoreElements))
         return too_large("k", k, "b * h * nq * nk (with q's b, h and nq)", 62);
+    // v is k's shape but for its last dim, the value head dim d_v, which may differ from d.
     FCSA_RETURN_IF_ERROR(check_descriptor("v", v, 4, 4));
     FCSA_RETURN_IF_ERROR(check_dtype("v", v, p.dtype, " (like q)"));
-    FCSA_RETURN_IF_ERROR(check_shape("v", v, k.shape, 4, " (like k)"));
+    if (v.shape[0] != k.shape[0] || v.shape[1] != k.shape[1] || v.shape[2] != k.shape[2] || v.shape[3] < 1) {
+        return set_error(FCSA_STATUS_INVALID_ARGUMENT,
+                         "v: expected shape (%lld, %lld, %lld, d_v) (k's but for the head dim, d_v >= 1), got %s",
+                         (long long)k.shape[0], (long long)k.shape[1], (long long)k.shape[2],
+                         shape_string(v).c_str());
+    }
+    p.d_v = v.shape[3];
+    if (!product_fits(p.b, p.hk, p.nk, p.d_v, kMaxElements)) return too_large("v", v, "b * hk * nk * d_v", 58);
+    if (!product_fits(p.b, p.h, p.nq, p.d_v, kMaxElements))
+        return too_large("v", v, "b * h * nq * d_v (with q's b, h and nq)", 58);
+    const int64_t out_shape[4] = {p.b, p.h, p.nq, p.d_v};
     FCSA_RETURN_IF_ERROR(check_descriptor("out", out, 4, 4));
     // out may be float32 for float16/bfloat16 q: the forward then keeps it unrounded, and
     // the backward's delta = <dO, O> is taken from it (see fcsa.h).
     if (out.dtype != p.dtype && out.dtype != FCSA_DTYPE_FLOAT32)
         return set_error(FCSA_STATUS_INVALID_DTYPE, "out: expected dtype %s (like q) or float32, got %s",
                          dtype_name(p.dtype), dtype_name(out.dtype));
-    FCSA_RETURN_IF_ERROR(check_shape("out", out, q.shape, 4, " (like q)"));
+    FCSA_RETURN_IF_ERROR(check_shape("out", out, out_shape, 4, " (q's but for v's head dim)"));
     FCSA_RETURN_IF_ERROR(check_same_device("k", k, p));
     FCSA_RETURN_IF_ERROR(check_same_device("v", v, p));
     FCSA_RETURN_IF_ERROR(check_same_device("out", out, p));
@@ -608,7 +619,7 @@ fcsa_status validate_backward(const fcsa_options *given_options, const fcsa_back
     FCSA_RETURN_IF_ERROR(require("dq", tensors->dq));
     FCSA_RETURN_IF_ERROR(require("dk", tensors->dk));
     FCSA_RETURN_IF_ERROR(require("dv", tensors->dv));
-    const fcsa_tensor &q = *tensors->q, &k = *tensors->k;
+    const fcsa_tensor &q = *tensors->q, &k = *tensors->k, &v = *tensors->v, &out = *tensors->out;
     struct Gradient {
         const char *name;
         const fcsa_tensor *tensor;
@@ -616,10 +627,10 @@ fcsa_status validate_backward(const fcsa_options *given_options, const fcsa_back
         const char *why;
         View *view;
     };
-    const Gradient gradients[] = {{"dout", tensors->dout, &q, " (like q)", &p.dout},
+    const Gradient gradients[] = {{"dout", tensors->dout, &out, " (like out)", &p.dout},
                                   {"dq", tensors->dq, &q, " (like q)", &p.dq},
                                   {"dk", tensors->dk, &k, " (like k)", &p.dk},
-                                  {"dv", tensors->dv, &k, " (like k)", &p.dv}};
+                                  {"dv", tensors->dv, &v, " (like v)", &p.dv}};
     for (const Gradient &g : gradients) {
         FCSA_RETURN_IF_ERROR(check_descriptor(g.name, *g.tensor, 4, 4));
         FCSA_RETURN_IF_ERROR(check_dtype(g.name, *g.tensor, p.dtype, " (like q)"));

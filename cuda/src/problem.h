@@ -6,9 +6,9 @@
 // re-check anything. Absent optional tensors have data == nullptr.
 //
 // What else a backend may rely on: strides are >= 0; no output shares memory with an
-// input, another output or itself; and b*h*nq*d, b*hk*nk*d and, with a bias,
-// b*h*nq*nk are at most 2^58 (b*h*nq*nk at most 2^62 without one), each with nq, nk
-// and d rounded up to a multiple of 256 and a 0 counted as 1. Float32 arrays of such
+// input, another output or itself; and b*h*nq*d, b*hk*nk*d (each also with d_v) and,
+// with a bias, b*h*nq*nk are at most 2^58 (b*h*nq*nk at most 2^62 without one), each
+// with nq, nk, d and d_v rounded up to a multiple of 256 and a 0 counted as 1. Float32 arrays of such
 // products take at most 2^60 bytes, so workspace sizes summed from a few of them in
 // int64_t or size_t cannot overflow.
 #pragma once
@@ -33,8 +33,9 @@ struct View {
 };
 
 struct Problem {
-    // Sizes. h % hk == 0; query head hq reads kv head hq / (h / hk).
-    int64_t b = 0, h = 0, hk = 0, nq = 0, nk = 0, d = 0;
+    // Sizes. h % hk == 0; query head hq reads kv head hq / (h / hk). d is the head dim
+    // of q and k, d_v that of v (and so of out, dout and dv); they may differ.
+    int64_t b = 0, h = 0, hk = 0, nq = 0, nk = 0, d = 0, d_v = 0;
     int32_t dtype = FCSA_DTYPE_FLOAT32; // q, k, v, out, dout, dq, dk, dv
     int32_t device_type = FCSA_DEVICE_CPU;
     int32_t device_index = 0;
@@ -48,8 +49,10 @@ struct Problem {
     int32_t num_threads = 0;
 
     // Forward inputs and outputs; the views' shapes:
-    View q, out, dout, dq;    // (b, h, nq, d)
-    View k, v, dk, dv;        // (b, hk, nk, d)
+    View q, dq;               // (b, h, nq, d)
+    View out, dout;           // (b, h, nq, d_v)
+    View k, dk;               // (b, hk, nk, d)
+    View v, dv;               // (b, hk, nk, d_v)
     View lse;                 // (b, h, nq, 1), float32
     View mask;                // (b, 1, 1, nk), bool; stride 0 on the middle dims
     View bias, dbias;         // each dim full or 1 (stride 0 there); dbias has bias' shape

@@ -2,8 +2,11 @@
 
 Every accepted call is brought to one form before anything runs:
 
-    q (b, h, nq, d), k and v (b, hk, nk, d), mask (b, nk) bool, bias 4-D with each dim
-    equal to (b, h, nq, nk)'s or 1, scale a float or a tensor of shape () or (h,)
+    q (b, h, nq, d), k (b, hk, nk, d), v (b, hk, nk, d_v), mask (b, nk) bool, bias 4-D
+    with each dim equal to (b, h, nq, nk)'s or 1, scale a float or a tensor of shape ()
+    or (h,)
+
+v's head dim d_v is its own: it may differ from q's and k's d, and the output takes it.
 
 All reshapes are views, so autograd carries gradients back to the caller's shapes.
 Errors name the argument: TypeError for a wrong type or dtype, ValueError for a wrong
@@ -29,7 +32,7 @@ FLOAT32_OVERFLOW = 2.0**128 - 2.0**103
 class Inputs(NamedTuple):
     q: Tensor                 # (b, h, nq, d)
     k: Tensor                 # (b, hk, nk, d)
-    v: Tensor                 # (b, hk, nk, d)
+    v: Tensor                 # (b, hk, nk, d_v)
     mask: Optional[Tensor]    # (b, nk), bool
     bias: Optional[Tensor]    # 4-D, broadcastable to (b, h, nq, nk)
     scale: Optional[Tensor]   # () or (h,), as given
@@ -123,9 +126,9 @@ def canonical_inputs(q, k, v, mask, attn_bias, scale, groups, attn_bias_batch_di
             expected = ("3-D (batch * heads, seq, dim) like q" if merged else
                         "4-D (batch, kv_heads, seq, dim) or 3-D (batch, seq, dim)")
             raise ValueError(f"{name} must be {expected}, got shape {_shape(t)}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got k {_shape(k)} "
-                         f"and v {_shape(v)}")
+    if k.shape[:-1] != v.shape[:-1]:
+        raise ValueError(f"k and v must have the same shape but for the head dim (the "
+                         f"last), got k {_shape(k)} and v {_shape(v)}")
 
     # Views in the canonical form; 3-D k and v are single-headed.
     if merged:
@@ -137,9 +140,11 @@ def canonical_inputs(q, k, v, mask, attn_bias, scale, groups, attn_bias_batch_di
     if k.shape[0] != b:
         raise ValueError(f"k and v have batch size {k.shape[0]} but q has {b}")
     if k.shape[3] != d:
-        raise ValueError(f"k and v have head dim {k.shape[3]} but q has {d}")
+        raise ValueError(f"k has head dim {k.shape[3]} but q has {d}")
     if d < 1:
         raise ValueError(f"q must have a head dim of at least 1, got shape {_shape(q)}")
+    if v.shape[3] < 1:
+        raise ValueError(f"v must have a head dim of at least 1, got shape {_shape(v)}")
     if hk < 1 or h % hk != 0:
         raise ValueError(f"q's {h} heads must be a multiple of k's and v's {hk} heads")
 

@@ -80,16 +80,21 @@ def _out_dtype(q: Tensor, float32_out: bool) -> torch.dtype:
     return torch.float32 if float32_out else q.dtype
 
 
+def _out_shape(q: Tensor, v: Tensor):
+    """(b, h, nq, d_v): q's shape with v's head dim."""
+    return (*q.shape[:-1], v.shape[-1])
+
+
 @torch.library.custom_op("fcsa::forward", mutates_args=())
 def forward_op(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
                bias: Optional[Tensor], scale: Optional[Tensor], scale_value: float,
                groups: int, causal: bool, l2norm_qk: bool, deterministic: bool,
                need_lse: bool, float32_out: bool) -> Tuple[Tensor, Tensor]:
-    """out (b, h, nq, d), in q's dtype or, with float32_out, in float32 (unrounded: the
-    backward then takes delta = <dO, O> from it), and lse (b, h, nq) float32; lse is
-    (0,) when need_lse is False."""
+    """out (b, h, nq, d_v), v's head dim, in q's dtype or, with float32_out, in float32
+    (unrounded: the backward then takes delta = <dO, O> from it), and lse (b, h, nq)
+    float32; lse is (0,) when need_lse is False."""
     b, h, nq, _ = q.shape
-    out = torch.empty(q.shape, dtype=_out_dtype(q, float32_out), device=q.device)
+    out = torch.empty(_out_shape(q, v), dtype=_out_dtype(q, float32_out), device=q.device)
     lse = torch.empty((b, h, nq) if need_lse else (0,), dtype=torch.float32, device=q.device)
     tensors = dict(q=describe(q), k=describe(k), v=describe(v), mask=describe(mask),
                    bias=describe(bias), scale=describe(scale), out=describe(out),
@@ -103,7 +108,7 @@ def forward_op(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
 def _forward_fake(q, k, v, mask, bias, scale, scale_value, groups, causal, l2norm_qk,
                   deterministic, need_lse, float32_out):
     b, h, nq, _ = q.shape
-    out = q.new_empty(q.shape, dtype=_out_dtype(q, float32_out))
+    out = q.new_empty(_out_shape(q, v), dtype=_out_dtype(q, float32_out))
     lse = q.new_empty((b, h, nq) if need_lse else (0,), dtype=torch.float32)
     return out, lse
 
@@ -131,7 +136,7 @@ def backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Te
                 need_dscale: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """dq, dk, dv, and dbias (bias' shape) and dscale (scale's shape) when asked for,
     else tensors of shape (0,) in their place. out is the forward's, in q's dtype or
-    float32; dout is in q's dtype."""
+    float32; dout is in q's dtype; both have v's head dim."""
     dq, dk, dv, dbias, dscale = _backward_outputs(q, k, v, bias, scale, need_dbias,
                                                   need_dscale, torch.empty)
     tensors = dict(q=describe(q), k=describe(k), v=describe(v), mask=describe(mask),

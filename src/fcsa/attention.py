@@ -12,7 +12,8 @@ L2NORM_EPS = 1e-12
 
 
 def flash_cosine_sim_attention(q, k, v, mask=None, attn_bias=None, scale=8, groups=1,
-                               causal=False, l2norm_qk=True, attn_bias_batch_dim=False, *,
+                               causal=False, l2norm_qk=True, attn_bias_batch_dim=False,
+                               use_triton=False, sequence_parallel=False, *,
                                return_lse=False, deterministic=False):
     """Fused cosine-similarity attention.
 
@@ -21,8 +22,10 @@ def flash_cosine_sim_attention(q, k, v, mask=None, attn_bias=None, scale=8, grou
 
     Args:
         q: (b, h, nq, d), or (B, nq, d) with batch and heads merged.
-        k, v: (b, hk, nk, d) with h % hk == 0, or (b, nk, d) single-headed; (B, nk, d)
+        k: (b, hk, nk, d) with h % hk == 0, or (b, nk, d) single-headed; (B, nk, d)
             with a 3-D q. Same dtype as q: float32, float16 or bfloat16.
+        v: k's shape but for the head dim d_v, which is its own (it may differ from
+            d; the output takes it). Same dtype as q.
         mask: bool (b, nk), True where a key may be attended.
         attn_bias: (h, nq, nk); (b, nq, nk) with attn_bias_batch_dim=True; or 4-D
             broadcastable to (b, h, nq, nk). q's dtype or float32.
@@ -33,17 +36,23 @@ def flash_cosine_sim_attention(q, k, v, mask=None, attn_bias=None, scale=8, grou
         l2norm_qk: normalize q and k inside the kernel (False: they come normalized).
         return_lse: also return lse = log sum_j exp(s_ij), float32 (b, h, nq) or
             (B, nq), -inf for a row that sees no key. It carries no gradient.
+        use_triton, sequence_parallel: accepted for compatibility with the original
+            package's 0.2 releases, and ignored: fcsa has one fused implementation per
+            device, and its backward needs no choice of parallelization.
         deterministic: make the backward bitwise reproducible.
-        The flags (causal, l2norm_qk, attn_bias_batch_dim, return_lse, deterministic)
-        take a bool, a numpy bool or 0/1; anything else is a TypeError.
+        The flags (causal, l2norm_qk, attn_bias_batch_dim, use_triton,
+        sequence_parallel, return_lse, deterministic) take a bool, a numpy bool or 0/1;
+        anything else is a TypeError.
 
     Returns:
-        out, of q's shape and dtype; or (out, lse) when return_lse. The gradient is of
+        out, of q's shape but for the head dim, v's (d_v), and q's dtype; or (out, lse)
+        when return_lse. The gradient is of
         first order only: a backward with create_graph=True raises NotImplementedError.
     """
     causal, l2norm_qk, attn_bias_batch_dim, return_lse, deterministic = check_flags(
         causal=causal, l2norm_qk=l2norm_qk, attn_bias_batch_dim=attn_bias_batch_dim,
         return_lse=return_lse, deterministic=deterministic)
+    check_flags(use_triton=use_triton, sequence_parallel=sequence_parallel)  # no-ops
     x = canonical_inputs(q, k, v, mask, attn_bias, scale, groups, attn_bias_batch_dim,
                          KERNEL_DTYPES)
     if x.q.device.type not in ("cpu", "cuda"):

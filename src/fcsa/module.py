@@ -16,7 +16,9 @@ class CosineSimAttention(nn.Module):
     Args:
         dim: model width of x.
         heads: query heads.
-        dim_head: width of each head.
+        dim_head: width of each head of the queries and keys.
+        dim_head_v: width of each value head (and so of the attention's output per
+            head); None: dim_head.
         kv_heads: key/value heads (grouped-query attention); None: heads. Must divide
             heads; 1 is single-headed key/values.
         scale: the logit scale (temperature), a number finite in float32.
@@ -29,19 +31,22 @@ class CosineSimAttention(nn.Module):
     """
 
     def __init__(self, dim, *, heads=8, dim_head=64, kv_heads=None, scale=8.0,
-                 learned_scale=False, causal=False, groups=1, dim_context=None):
+                 learned_scale=False, causal=False, groups=1, dim_context=None,
+                 dim_head_v=None):
         super().__init__()
         causal, learned_scale = check_flags(causal=causal, learned_scale=learned_scale)
         scale = check_scale_value("scale", scale, "a number")
         kv_heads = heads if kv_heads is None else kv_heads
         if kv_heads < 1 or heads % kv_heads != 0:
             raise ValueError(f"kv_heads ({kv_heads}) must divide heads ({heads})")
+        dim_head_v = dim_head if dim_head_v is None else dim_head_v
         self.heads, self.kv_heads, self.dim_head = heads, kv_heads, dim_head
+        self.dim_head_v = dim_head_v
         self.causal, self.groups = causal, groups
         dim_context = dim if dim_context is None else dim_context
         self.to_q = nn.Linear(dim, heads * dim_head, bias=False)
-        self.to_kv = nn.Linear(dim_context, 2 * kv_heads * dim_head, bias=False)
-        self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
+        self.to_kv = nn.Linear(dim_context, kv_heads * (dim_head + dim_head_v), bias=False)
+        self.to_out = nn.Linear(heads * dim_head_v, dim, bias=False)
         if learned_scale:
             self.scale = nn.Parameter(torch.full((heads,), scale))
         else:
@@ -55,15 +60,16 @@ class CosineSimAttention(nn.Module):
         m = context.shape[1]
         # (b, n, heads * dim_head) -> (b, heads, n, dim_head): views, no copies.
         q = self.to_q(x).view(b, n, self.heads, self.dim_head).transpose(1, 2)
-        k, v = self.to_kv(context).chunk(2, dim=-1)
+        k, v = self.to_kv(context).split(
+            [self.kv_heads * self.dim_head, self.kv_heads * self.dim_head_v], dim=-1)
         k = k.reshape(b, m, self.kv_heads, self.dim_head).transpose(1, 2)
-        v = v.reshape(b, m, self.kv_heads, self.dim_head).transpose(1, 2)
+        v = v.reshape(b, m, self.kv_heads, self.dim_head_v).transpose(1, 2)
         out = flash_cosine_sim_attention(q, k, v, mask=mask, attn_bias=attn_bias,
                                          scale=self.scale, groups=self.groups,
                                          causal=self.causal)
-        out = out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head)
+        out = out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head_v)
         return self.to_out(out)
 
     def extra_repr(self):
         return (f"heads={self.heads}, kv_heads={self.kv_heads}, dim_head={self.dim_head}, "
-                f"causal={self.causal}, groups={self.groups}")
+                f"dim_head_v={self.dim_head_v}, causal={self.causal}, groups={self.groups}")

@@ -77,7 +77,7 @@ struct BackwardLayout {
     int64_t tiles_per_split = 0; // key tiles per range
     int64_t tiles_per_chunk = 1; // key tiles per chunk
     // dq^ (without the scale) summed over the key chunks seen so far, per key range:
-    // [split][b][h][nq][padded_d]; absent when every query row sees all its keys at once.
+    // [split][b][h][nq][padded d]; absent when every query row sees all its keys at once.
     float *dq_partial = nullptr;
     DbiasLayout dbias;
     float *dscale_partial = nullptr; // [b][hk][split][heads_per_kv]
@@ -90,19 +90,20 @@ BackwardLayout backward_layout(const Problem &p, void *workspace) {
     PackedKeysValues &packed = layout.packed;
     packed = packing_for(p);
     const int64_t tiles = p.b * p.hk * packed.key_tiles;
-    packed.keys_transposed = carver.take(tiles * packed.transposed_tile_size());
-    packed.key_rows = carver.take(tiles * packed.row_tile_size());
+    packed.keys_transposed = carver.take(tiles * packed.keys.transposed_tile_size());
+    packed.key_rows = carver.take(tiles * packed.keys.row_tile_size());
     packed.key_norms = carver.take(p.l2norm ? p.b * p.hk * p.nk * p.groups : 0);
-    packed.values_transposed = carver.take(tiles * packed.transposed_tile_size());
+    packed.values_transposed = carver.take(tiles * packed.values.transposed_tile_size());
 
-    const int64_t dq_floats = p.b * p.h * p.nq * packed.padded_d;
+    const int64_t dq_floats = p.b * p.h * p.nq * packed.keys.padded;
     int64_t splits = 1;
     if (p.b * p.hk < kTargetItems) splits = ceil_div(kTargetItems, std::max<int64_t>(p.b * p.hk, 1));
     splits = std::min(splits, std::max<int64_t>(packed.key_tiles, 1));
     if (dq_floats > 0) splits = std::min(splits, std::max<int64_t>(1, kPartialBudgetBytes / (dq_floats * 4)));
     layout.tiles_per_split = ceil_div(packed.key_tiles, splits);
     layout.key_splits = packed.key_tiles > 0 ? ceil_div(packed.key_tiles, layout.tiles_per_split) : 1;
-    layout.tiles_per_chunk = std::max<int64_t>(1, kChunkBytes / (2 * kKeyTile * packed.padded_d * 4));
+    layout.tiles_per_chunk =
+        std::max<int64_t>(1, kChunkBytes / (kKeyTile * (packed.keys.padded + packed.values.padded) * 4));
     if (layout.tiles_per_split > layout.tiles_per_chunk || layout.key_splits > 1)
         layout.dq_partial = carver.take(layout.key_splits * dq_floats);
 
@@ -134,12 +135,15 @@ BackwardLayout backward_layout(const Problem &p, void *workspace) {
 }
 
 struct BackwardScratch {
-    BackwardScratch(int64_t padded_d, int64_t chunk_keys, int32_t groups, int64_t dbias_unit_size)
+    // row: a row of out (d_v) or of the l2norm backward (d).
+    BackwardScratch(int64_t padded_d, int64_t padded_d_v, int64_t chunk_keys, int32_t groups,
+                    int64_t dbias_unit_size)
         : queries(size_t(kQueryTile * padded_d)), scaled_queries(size_t(kQueryTile * padded_d)),
-          dout(size_t(kQueryTile * padded_d)), dq(size_t(kQueryTile * padded_d)),
+          dout(size_t(kQueryTile * padded_d_v)), dq(size_t(kQueryTile * padded_d)),
           cos(size_t(kQueryTile * kKeyTile)), probs(size_t(kQueryTile * kKeyTile)),
           dprobs(size_t(kQueryTile * kKeyTile)), dk(size_t(chunk_keys * padded_d)),
-          dv(size_t(chunk_keys * padded_d)), row(size_t(padded_d)), key_hat(size_t(padded_d)),
+          dv(size_t(chunk_keys * padded_d_v)), row(size_t(std::max(padded_d, padded_d_v))),
+          key_hat(size_t(padded_d)),
           query_norms(size_t(kQueryTile * groups)), lse(kQueryTile), delta(kQueryTile), ds_dot_cos(kQueryTile),
           key_bias(kKeyTile), bias_row(kKeyTile), limit(kQueryTile), dbias_unit(size_t(dbias_unit_size)) {}
     FloatBuffer queries, scaled_queries, dout, dq, cos, probs, dprobs, dk, dv, row, key_hat, query_norms;
@@ -170,7 +174,7 @@ KeyRange split_range(const Problem &p, const BackwardLayout &layout, int64_t spl
 
 float *dq_partial_row(const Problem &p, const BackwardLayout &layout, int64_t split, int64_t batch, int64_t head,
                       int64_t row) {
-    return layout.dq_partial + (((split * p.b + batch) * p.h + head) * p.nq + row) * layout.packed.padded_d;
+    return layout.dq_partial + (((split * p.b + batch) * p.h + head) * p.nq + row) * layout.packed.keys.padded;
 }
 
 // Writes dq of one row from dq^ (without the scale) and q^.
@@ -254,7 +258,8 @@ struct Visit {
 void backward_query_tile(const Problem &p, const BackwardLayout &layout, const TileKernels &kernels, int64_t batch,
                          int64_t head, const KeyRange &chunk, Visit visit, int64_t first_row, BackwardScratch &s,
                          float *dscale_sum, const DbiasUnit *unit) {
-    const int64_t d = p.d, padded_d = layout.packed.padded_d;
+    const int64_t d = p.d, padded_d = layout.packed.keys.padded;
+    const int64_t d_v = p.d_v, padded_d_v = layout.packed.values.padded;
     const int rows = int(std::min<int64_t>(kQueryTile, p.nq - first_row));
     const int64_t kv_head = head / p.heads_per_kv();
     const int64_t bh = batch * p.hk + kv_head;
@@ -293,11 +298,11 @@ void backward_query_tile(const Problem &p, const BackwardLayout &layout, const T
             std::fill(dq_row, dq_row + padded_d, 0.f);
         if (!compute) continue;
         for (int64_t t = 0; t < padded_d; ++t) scaled_queries[r * padded_d + t] = q_row[t] * scale;
-        float *do_row = dout + r * padded_d;
-        load_normalized_row(p, p.dout, batch, head, row_index, false, padded_d, do_row, nullptr);
-        load_normalized_row(p, p.out, batch, head, row_index, false, padded_d, s.row.data(), nullptr);
+        float *do_row = dout + r * padded_d_v;
+        load_padded_row(p.dout, batch, head, row_index, d_v, padded_d_v, do_row);
+        load_padded_row(p.out, batch, head, row_index, d_v, padded_d_v, s.row.data());
         float delta = 0.f;
-        for (int64_t t = 0; t < d; ++t) delta += do_row[t] * s.row[size_t(t)];
+        for (int64_t t = 0; t < d_v; ++t) delta += do_row[t] * s.row[size_t(t)];
         s.delta[size_t(r)] = delta;
         const float lse = static_cast<const float *>(p.lse.data)[p.lse.offset(batch, head, row_index, 0)];
         // A row that saw no key (lse = -inf) gets offset +inf: P = 0, no gradient.
@@ -316,10 +321,10 @@ void backward_query_tile(const Problem &p, const BackwardLayout &layout, const T
     for (int64_t tile = chunk.first_tile; tile < end_tile; ++tile) {
         const int64_t first_key = tile * kKeyTile;
         const int keys = int(std::min<int64_t>(kKeyTile, p.nk - first_key));
-        const float *keys_transposed = packed.transposed_tile(packed.keys_transposed, bh, tile);
+        const float *keys_transposed = packed.transposed_keys(bh, tile);
         // The logits as the forward forms them (see the file comment), then P.
         kernels.matmul(logits, kKeyTile, scaled_queries, padded_d, 1, keys_transposed, packed.ldb,
-                       packed.transposed_panel(), rows, kKeyTile, int(d), false);
+                       packed.keys.transposed_panel(), rows, kKeyTile, int(d), false);
         if (p.bias.present())
             add_bias_tile(p, batch, head, first_row, rows, first_key, keys, logits, probs, s.bias_row.data());
         const float *key_bias = nullptr;
@@ -332,20 +337,20 @@ void backward_query_tile(const Problem &p, const BackwardLayout &layout, const T
                          s.limit.data(), key_bias, nullptr);
         if (dscale_sum && !cos_from_logits)
             kernels.matmul(cos, kKeyTile, queries, padded_d, 1, keys_transposed, packed.ldb,
-                           packed.transposed_panel(), rows, kKeyTile, int(d), false);
+                           packed.keys.transposed_panel(), rows, kKeyTile, int(d), false);
         // dP = dO V^T, then dS = P (dP - delta) in place.
-        kernels.matmul(dprobs, kKeyTile, dout, padded_d, 1, packed.transposed_tile(packed.values_transposed, bh, tile),
-                       packed.ldb, packed.transposed_panel(), rows, kKeyTile, int(d), false);
+        kernels.matmul(dprobs, kKeyTile, dout, padded_d_v, 1, packed.transposed_values(bh, tile), packed.ldb,
+                       packed.values.transposed_panel(), rows, kKeyTile, int(d_v), false);
         kernels.softmax_grad_rows(dprobs, probs, dscale_sum ? cos : nullptr, kKeyTile, rows, keys, s.delta.data(),
                                   dscale_sum ? s.ds_dot_cos.data() : nullptr);
         if (unit) add_dbias_tile(layout.dbias, *unit, head % p.heads_per_kv(), first_row, rows, first_key, keys, dprobs);
         const int64_t chunk_key = first_key - chunk.first_key;
         // dv += P^T dO ; dq^ += dS k^ ; dk^ += dS^T (scale q^)
-        kernels.matmul(s.dv.data() + chunk_key * padded_d, padded_d, probs, 1, kKeyTile, dout, padded_d, kPanelWidth,
-                       keys, int(padded_d), rows, true);
+        kernels.matmul(s.dv.data() + chunk_key * padded_d_v, padded_d_v, probs, 1, kKeyTile, dout, padded_d_v,
+                       kPanelWidth, keys, int(padded_d_v), rows, true);
         // dq^ over the keys the last row sees; row by row where a key hidden from some
         // rows holds a non-finite value (as the forward's P V).
-        const float *key_rows = packed.row_tile(packed.key_rows, bh, tile);
+        const float *key_rows = packed.key_row_tile(bh, tile);
         const int depth = s.limit[size_t(rows - 1)];
         if (rows_need_own_depth(s.limit.data(), rows, key_rows, packed.ldb, packed.row_panel, d)) {
             for (int r = 0; r < rows; ++r)
@@ -381,7 +386,7 @@ void backward_item(const Problem &p, const BackwardLayout &layout, const TileKer
     const int64_t bh = item / layout.key_splits;
     const int64_t batch = bh / p.hk, kv_head = bh % p.hk;
     const KeyRange range = split_range(p, layout, split);
-    const int64_t padded_d = layout.packed.padded_d;
+    const int64_t padded_d = layout.packed.keys.padded, padded_d_v = layout.packed.values.padded;
     const int64_t heads_per_kv = p.heads_per_kv();
     const int64_t query_tiles = ceil_div(p.nq, kQueryTile);
 
@@ -407,7 +412,7 @@ void backward_item(const Problem &p, const BackwardLayout &layout, const TileKer
         const Visit visit = {split, first_tile == range.first_tile, chunk.end_tile >= range.end_tile};
         const int64_t keys = chunk.end_key - chunk.first_key;
         std::fill(s.dk.data(), s.dk.data() + keys * padded_d, 0.f);
-        std::fill(s.dv.data(), s.dv.data() + keys * padded_d, 0.f);
+        std::fill(s.dv.data(), s.dv.data() + keys * padded_d_v, 0.f);
         unit.first_key = chunk.first_key;
         if (unit_per_chunk) clear_unit();
         for (int64_t tile = 0; tile < query_tiles; ++tile) {
@@ -435,7 +440,8 @@ void backward_item(const Problem &p, const BackwardLayout &layout, const TileKer
                 result = s.row.data();
             }
             store_row(p.dk.data, p.dk.offset(batch, kv_head, key, 0), p.dk.dtype, p.d, result);
-            store_row(p.dv.data, p.dv.offset(batch, kv_head, key, 0), p.dv.dtype, p.d, s.dv.data() + j * padded_d);
+            store_row(p.dv.data, p.dv.offset(batch, kv_head, key, 0), p.dv.dtype, p.d_v,
+                      s.dv.data() + j * padded_d_v);
         }
         first_tile = chunk.end_tile;
         ++chunk_index;
@@ -456,7 +462,8 @@ void finish_dq_row(const Problem &p, const BackwardLayout &layout, int64_t item,
         const float *partial = dq_partial_row(p, layout, split, batch, head, row);
         for (int64_t t = 0; t < p.d; ++t) sum[size_t(t)] += partial[t];
     }
-    if (p.l2norm) load_normalized_row(p, p.q, batch, head, row, true, layout.packed.padded_d, q_hat.data(), norms.data());
+    if (p.l2norm)
+        load_normalized_row(p, p.q, batch, head, row, true, layout.packed.keys.padded, q_hat.data(), norms.data());
     store_dq_row(p, batch, head, row, head_scale(p, head), sum.data(), q_hat.data(), norms.data(), dq.data());
 }
 
@@ -488,14 +495,16 @@ fcsa_status cpu_backward(const Problem &p, void *workspace) {
     const TileKernels &kernels = tile_kernels();
     const int64_t items = p.b * p.hk * layout.key_splits;
     const int threads = resolve_thread_count(p.num_threads, std::max<int64_t>(items, 1));
-    const int64_t padded_d = layout.packed.padded_d;
+    const int64_t padded_d = layout.packed.keys.padded;
 
     pack_keys_values(p, layout.packed, threads);
 
     const int64_t chunk_keys = std::min<int64_t>(layout.tiles_per_chunk * kKeyTile, std::max<int64_t>(p.nk, 1));
     const DbiasLayout &db = layout.dbias;
     std::vector<std::unique_ptr<BackwardScratch>> scratch(static_cast<size_t>(threads));
-    for (auto &s : scratch) s.reset(new BackwardScratch(padded_d, chunk_keys, p.groups, db.present ? db.unit_size() : 0));
+    for (auto &s : scratch)
+        s.reset(new BackwardScratch(padded_d, layout.packed.values.padded, chunk_keys, p.groups,
+                                    db.present ? db.unit_size() : 0));
     // One turn counter per unit of each group of items that share dbias elements.
     std::vector<std::atomic<int64_t>> dbias_turns(size_t(db.group_size > 1 ? items / db.group_size * db.units : 0));
     for (std::atomic<int64_t> &turn : dbias_turns) turn.store(0, std::memory_order_relaxed);

@@ -92,11 +92,16 @@ float normalize_group(float *x, int64_t count) {
 
 } // namespace
 
+void load_padded_row(const View &view, int64_t batch, int64_t head, int64_t row, int64_t width,
+                     int64_t padded_width, float *dst) {
+    load_row(view.data, view.offset(batch, head, row, 0), view.dtype, width, dst);
+    std::fill(dst + width, dst + padded_width, 0.f);
+}
+
 void load_normalized_row(const Problem &p, const View &view, int64_t batch, int64_t head, int64_t row,
                          bool l2norm, int64_t padded_d, float *dst, float *norms) {
     const int64_t d = p.d;
-    load_row(view.data, view.offset(batch, head, row, 0), view.dtype, d, dst);
-    std::fill(dst + d, dst + padded_d, 0.f);
+    load_padded_row(view, batch, head, row, d, padded_d, dst);
     if (!l2norm) return;
     const int64_t group_size = d / p.groups;
     for (int32_t g = 0; g < p.groups; ++g) {
@@ -173,23 +178,35 @@ bool rows_need_own_depth(const int *limit, int rows, const float *b, int64_t ldb
     return false;
 }
 
+namespace {
+
+PackedWidth packed_width(int64_t width) {
+    PackedWidth packed;
+    packed.width = width;
+    packed.padded = round_up(width, 8);
+    packed.panels = ceil_div(width, kPanelWidth);
+    return packed;
+}
+
+} // namespace
+
 PackedKeysValues packing_for(const Problem &p) {
     PackedKeysValues packed;
-    packed.d = p.d;
+    packed.keys = packed_width(p.d);
+    packed.values = packed_width(p.d_v);
     packed.key_tiles = ceil_div(p.nk, kKeyTile);
-    packed.padded_d = round_up(p.d, 8);
-    packed.panels = ceil_div(p.d, kPanelWidth);
     return packed;
 }
 
 void PackedKeysValues::read_key_row(int64_t bh, int64_t key, float *dst) const {
-    const float *tile = row_tile(key_rows, bh, key / kKeyTile);
+    const float *tile = key_row_tile(bh, key / kKeyTile);
     const int64_t j = key % kKeyTile;
-    for (int64_t t = 0; t < d; ++t) dst[t] = tile[(t / kPanelWidth) * row_panel + j * kPanelWidth + t % kPanelWidth];
+    for (int64_t t = 0; t < keys.width; ++t)
+        dst[t] = tile[(t / kPanelWidth) * row_panel + j * kPanelWidth + t % kPanelWidth];
 }
 
 void pack_keys_values(const Problem &p, const PackedKeysValues &packed, int threads) {
-    const int64_t d = p.d, padded_d = packed.padded_d, key_tiles = packed.key_tiles;
+    const int64_t key_tiles = packed.key_tiles;
     const int64_t tiles = p.b * p.hk * key_tiles;
     const bool keys_wanted = packed.keys_transposed || packed.key_rows || packed.key_norms;
     const bool values_wanted = packed.values_transposed || packed.value_rows;
@@ -197,27 +214,29 @@ void pack_keys_values(const Problem &p, const PackedKeysValues &packed, int thre
         const int64_t bh = item / key_tiles, tile = item % key_tiles;
         const int64_t batch = bh / p.hk, kv_head = bh % p.hk;
         const int64_t first = tile * kKeyTile, count = std::min<int64_t>(kKeyTile, p.nk - first);
-        // One row of K or V, zero-padded to whole panels; rows past nk stay all zero.
-        std::vector<float> row(static_cast<size_t>(packed.panels * kPanelWidth));
+        // One row of K and one of V, zero-padded to whole panels; rows past nk stay all zero.
+        std::vector<float> key_row(static_cast<size_t>(packed.keys.panels * kPanelWidth));
+        std::vector<float> value_row(static_cast<size_t>(packed.values.panels * kPanelWidth));
         std::vector<float> norms(static_cast<size_t>(p.groups));
-        // Scatters `row` into a transposed and a row tile. Plain copies without per-element
-        // tests: the packing runs on every call and counted at short sequences.
-        auto scatter = [&](int64_t j, float *transposed, float *rows) {
+        // Scatters a row of `shape` into a transposed and a row tile. Plain copies without
+        // per-element tests: the packing runs on every call and counted at short sequences.
+        auto scatter = [&](const PackedWidth &shape, const std::vector<float> &row, int64_t j, float *transposed,
+                           float *rows) {
             if (transposed) {
-                float *column = transposed + (j / kPanelWidth) * packed.transposed_panel() + j % kPanelWidth;
-                for (int64_t t = 0; t < d; ++t) column[t * kPanelWidth] = row[size_t(t)];
+                float *column = transposed + (j / kPanelWidth) * shape.transposed_panel() + j % kPanelWidth;
+                for (int64_t t = 0; t < shape.width; ++t) column[t * kPanelWidth] = row[size_t(t)];
             }
             if (rows) {
-                for (int64_t panel = 0; panel < packed.panels; ++panel)
-                    std::memcpy(rows + panel * packed.row_panel + j * kPanelWidth, row.data() + panel * kPanelWidth,
-                                kPanelWidth * sizeof(float));
+                for (int64_t panel = 0; panel < shape.panels; ++panel)
+                    std::memcpy(rows + panel * PackedWidth::row_panel + j * kPanelWidth,
+                                row.data() + panel * kPanelWidth, kPanelWidth * sizeof(float));
             }
         };
         auto offset = [](float *base, int64_t size, int64_t index) { return base ? base + index * size : nullptr; };
-        float *keys_t = offset(packed.keys_transposed, packed.transposed_tile_size(), item);
-        float *values_t = offset(packed.values_transposed, packed.transposed_tile_size(), item);
-        float *key_rows = offset(packed.key_rows, packed.row_tile_size(), item);
-        float *value_rows = offset(packed.value_rows, packed.row_tile_size(), item);
+        float *keys_t = offset(packed.keys_transposed, packed.keys.transposed_tile_size(), item);
+        float *values_t = offset(packed.values_transposed, packed.values.transposed_tile_size(), item);
+        float *key_rows = offset(packed.key_rows, packed.keys.row_tile_size(), item);
+        float *value_rows = offset(packed.value_rows, packed.values.row_tile_size(), item);
         for (int64_t j = 0; j < kKeyTile; ++j) {
             const int64_t key = first + j;
             // A key the mask hides is packed as zeros (and a norm of 0): whatever it holds,
@@ -225,21 +244,22 @@ void pack_keys_values(const Problem &p, const PackedKeysValues &packed, int thre
             const bool zero = j >= count || masked_out(p, batch, key);
             if (keys_wanted) {
                 if (zero) {
-                    std::fill(row.begin(), row.end(), 0.f);
+                    std::fill(key_row.begin(), key_row.end(), 0.f);
                     std::fill(norms.begin(), norms.end(), 0.f);
                 } else {
-                    load_normalized_row(p, p.k, batch, kv_head, key, p.l2norm, padded_d, row.data(), norms.data());
+                    load_normalized_row(p, p.k, batch, kv_head, key, p.l2norm, packed.keys.padded, key_row.data(),
+                                        norms.data());
                 }
                 if (packed.key_norms && p.l2norm && j < count)
                     std::copy(norms.begin(), norms.end(), packed.key_norms + (bh * p.nk + key) * p.groups);
-                scatter(j, keys_t, key_rows);
+                scatter(packed.keys, key_row, j, keys_t, key_rows);
             }
             if (values_wanted) {
                 if (zero)
-                    std::fill(row.begin(), row.end(), 0.f);
+                    std::fill(value_row.begin(), value_row.end(), 0.f);
                 else
-                    load_normalized_row(p, p.v, batch, kv_head, key, false, padded_d, row.data(), nullptr);
-                scatter(j, values_t, value_rows);
+                    load_padded_row(p.v, batch, kv_head, key, p.d_v, packed.values.padded, value_row.data());
+                scatter(packed.values, value_row, j, values_t, value_rows);
             }
         }
     });

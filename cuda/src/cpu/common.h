@@ -60,7 +60,12 @@ float head_scale(const Problem &p, int64_t head);
 // bounded (and that offset is safe), else a negative value meaning "running max".
 float constant_offset(const Problem &p, float scale);
 
-// Reads row `row` of the (b, head, row, :) slice of `view` as float32 into dst[0, d),
+// Reads row `row` of the (b, head, row, :) slice of `view`, `width` values, as float32
+// into dst[0, width), zero-filling dst[width, padded_width).
+void load_padded_row(const View &view, int64_t batch, int64_t head, int64_t row, int64_t width,
+                     int64_t padded_width, float *dst);
+
+// Reads row `row` of the (b, head, row, :) slice of q or k as float32 into dst[0, d),
 // zero-filling dst[d, padded_d). With l2norm, normalizes each group and writes its
 // norm (before clamping) to norms[0, groups). Norms of any size are taken without
 // overflow; a norm beyond float32's range is written as inf.
@@ -104,38 +109,51 @@ inline int visible_keys(const Problem &p, int64_t row, int64_t first_key, int ke
     return int(std::max<int64_t>(visible, 0));
 }
 
+// The width of one packed operand, K (q/k's head dim d) or V (v's head dim d_v).
+struct PackedWidth {
+    int64_t width = 0;  // d or d_v
+    int64_t padded = 0; // width rounded up to a multiple of 8
+    int64_t panels = 0; // panels of a row tile: ceil(width / kPanelWidth)
+
+    static constexpr int64_t row_panel = int64_t(kKeyTile) * kPanelWidth;
+    int64_t transposed_panel() const { return width * kPanelWidth; }
+    int64_t transposed_tile_size() const { return width * kKeyTile; }
+    int64_t row_tile_size() const { return panels * row_panel; }
+};
+
 // K (normalized) and V in float32 for all batches and kv heads, cut into tiles of
 // kKeyTile keys and laid out as the tile matmuls read them: in panels of kPanelWidth
 // columns (tile_kernels.h), each read front to back. Padding is zero, and so are the
-// keys and values of keys the mask hides.
+// keys and values of keys the mask hides. K is d wide, V d_v.
 struct PackedKeysValues {
-    int64_t d = 0;
+    PackedWidth keys, values;
     int64_t key_tiles = 0; // ceil(nk / kKeyTile)
-    int64_t padded_d = 0;  // d rounded up to a multiple of 8
-    int64_t panels = 0;    // panels of a row tile: ceil(d / kPanelWidth)
-    // Transposed tiles, [b][hk][key tile][key panel][d][kPanelWidth]: B of Q K^T (keys)
-    // and of dO V^T (values).
+    // Transposed tiles, [b][hk][key tile][key panel][width][kPanelWidth]: B of Q K^T
+    // (keys) and of dO V^T (values).
     float *keys_transposed = nullptr;
     float *values_transposed = nullptr;
-    // Row tiles, [b][hk][key tile][d panel][kKeyTile][kPanelWidth]: B of P V (values)
-    // and of dS K (keys).
+    // Row tiles, [b][hk][key tile][width panel][kKeyTile][kPanelWidth]: B of P V
+    // (values) and of dS K (keys).
     float *key_rows = nullptr;
     float *value_rows = nullptr;
     // [b][hk][nk][groups]: the key norms, for the l2norm backward.
     float *key_norms = nullptr;
 
     static constexpr int64_t ldb = kPanelWidth;
-    int64_t transposed_panel() const { return d * kPanelWidth; }
-    static constexpr int64_t row_panel = int64_t(kKeyTile) * kPanelWidth;
-    int64_t transposed_tile_size() const { return d * kKeyTile; }
-    int64_t row_tile_size() const { return panels * row_panel; }
+    static constexpr int64_t row_panel = PackedWidth::row_panel;
 
     // bh = batch * hk + kv head
-    const float *transposed_tile(const float *base, int64_t bh, int64_t tile) const {
-        return base + (bh * key_tiles + tile) * transposed_tile_size();
+    const float *transposed_keys(int64_t bh, int64_t tile) const {
+        return keys_transposed + (bh * key_tiles + tile) * keys.transposed_tile_size();
     }
-    const float *row_tile(const float *base, int64_t bh, int64_t tile) const {
-        return base + (bh * key_tiles + tile) * row_tile_size();
+    const float *transposed_values(int64_t bh, int64_t tile) const {
+        return values_transposed + (bh * key_tiles + tile) * values.transposed_tile_size();
+    }
+    const float *key_row_tile(int64_t bh, int64_t tile) const {
+        return key_rows + (bh * key_tiles + tile) * keys.row_tile_size();
+    }
+    const float *value_row_tile(int64_t bh, int64_t tile) const {
+        return value_rows + (bh * key_tiles + tile) * values.row_tile_size();
     }
     // Copies key `key` of key_rows (d values) to dst.
     void read_key_row(int64_t bh, int64_t key, float *dst) const;

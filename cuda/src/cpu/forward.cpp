@@ -1,6 +1,6 @@
 // forward.cpp: the CPU forward. Fused and tiled: one work item is a tile of query rows
 // of one head; it streams over the key tiles, keeping only a (rows x keys) logit tile
-// and a (rows x d) output accumulator. K (normalized) and V are converted to float32
+// and a (rows x d_v) output accumulator. K (normalized) and V are converted to float32
 // once per call into the workspace, in the layouts the tile kernels read (V only when
 // it is not float32 already: packing is a fixed cost that shows at short sequences).
 #include <algorithm>
@@ -33,7 +33,7 @@ int64_t query_tile_rows(int64_t nq) {
 struct ForwardLayout {
     PackedKeysValues packed;
     // V is read in place (no packed copy) when it already is what P V reads: float32
-    // rows of whole vectors (d % 8 == 0, so no column past d is touched), and no mask
+    // rows of whole vectors (d_v % 8 == 0, so no column past d_v is touched), and no mask
     // (packing zeroes the values of hidden keys, which may hold NaN or inf).
     bool values_in_place = false;
     size_t bytes = 0;
@@ -45,18 +45,18 @@ ForwardLayout forward_layout(const Problem &p, void *workspace) {
     PackedKeysValues &packed = layout.packed;
     packed = packing_for(p);
     const int64_t tiles = p.b * p.hk * packed.key_tiles;
-    packed.keys_transposed = carver.take(tiles * packed.transposed_tile_size());
-    layout.values_in_place = p.v.dtype == FCSA_DTYPE_FLOAT32 && p.d % 8 == 0 && !p.mask.present();
-    if (!layout.values_in_place) packed.value_rows = carver.take(tiles * packed.row_tile_size());
+    packed.keys_transposed = carver.take(tiles * packed.keys.transposed_tile_size());
+    layout.values_in_place = p.v.dtype == FCSA_DTYPE_FLOAT32 && p.d_v % 8 == 0 && !p.mask.present();
+    if (!layout.values_in_place) packed.value_rows = carver.take(tiles * packed.values.row_tile_size());
     layout.bytes = carver.bytes_needed();
     return layout;
 }
 
 // Scratch of one worker thread, reused across its work items.
 struct ForwardScratch {
-    explicit ForwardScratch(int64_t padded_d)
+    ForwardScratch(int64_t padded_d, int64_t padded_d_v)
         : queries(size_t(kForwardQueryTile * padded_d)), logits(size_t(kForwardQueryTile * kKeyTile)),
-          output(size_t(kForwardQueryTile * padded_d)), row_sum(kForwardQueryTile), row_max(kForwardQueryTile),
+          output(size_t(kForwardQueryTile * padded_d_v)), row_sum(kForwardQueryTile), row_max(kForwardQueryTile),
           tile_max(kForwardQueryTile), offset(kForwardQueryTile), rescale(kForwardQueryTile), key_bias(kKeyTile),
           bias_row(kKeyTile), limit(kForwardQueryTile) {}
     FloatBuffer queries, logits, output;
@@ -66,7 +66,8 @@ struct ForwardScratch {
 
 void forward_tile(const Problem &p, const ForwardLayout &layout, const TileKernels &kernels, int64_t batch,
                   int64_t head, int64_t first_row, int64_t tile_rows, ForwardScratch &scratch) {
-    const int64_t d = p.d, padded_d = layout.packed.padded_d;
+    const int64_t d = p.d, padded_d = layout.packed.keys.padded;
+    const int64_t d_v = p.d_v, padded_d_v = layout.packed.values.padded;
     const int rows = int(std::min<int64_t>(tile_rows, p.nq - first_row));
     const int64_t kv_head = head / p.heads_per_kv();
     const int64_t bh = batch * p.hk + kv_head;
@@ -84,7 +85,7 @@ void forward_tile(const Problem &p, const ForwardLayout &layout, const TileKerne
     }
 
     float *output = scratch.output.data();
-    std::fill(output, output + rows * padded_d, 0.f);
+    std::fill(output, output + rows * padded_d_v, 0.f);
     std::fill(scratch.row_sum.begin(), scratch.row_sum.end(), 0.f);
     std::fill(scratch.row_max.begin(), scratch.row_max.end(), -infinity);
     std::fill(scratch.offset.begin(), scratch.offset.end(), fixed_offset);
@@ -99,8 +100,8 @@ void forward_tile(const Problem &p, const ForwardLayout &layout, const TileKerne
         const int64_t first_key = tile * kKeyTile;
         const int keys = int(std::min<int64_t>(kKeyTile, p.nk - first_key));
         const PackedKeysValues &packed = layout.packed;
-        kernels.matmul(logits, kKeyTile, queries, padded_d, 1, packed.transposed_tile(packed.keys_transposed, bh, tile),
-                       packed.ldb, packed.transposed_panel(), rows, kKeyTile, int(d), false);
+        kernels.matmul(logits, kKeyTile, queries, padded_d, 1, packed.transposed_keys(bh, tile), packed.ldb,
+                       packed.keys.transposed_panel(), rows, kKeyTile, int(d), false);
         if (p.bias.present())
             add_bias_tile(p, batch, head, first_row, rows, first_key, keys, logits, logits, scratch.bias_row.data());
         const float *key_bias = nullptr;
@@ -126,7 +127,7 @@ void forward_tile(const Problem &p, const ForwardLayout &layout, const TileKerne
                 scratch.row_sum[size_t(r)] *= factor;
                 any_rescale |= factor != 1.f;
             }
-            if (any_rescale) kernels.scale_rows(output, padded_d, rows, int(padded_d), scratch.rescale.data());
+            if (any_rescale) kernels.scale_rows(output, padded_d_v, rows, int(padded_d_v), scratch.rescale.data());
         }
         kernels.exp_rows(logits, logits, kKeyTile, rows, keys, 1.f, scratch.offset.data(), scratch.limit.data(),
                           key_bias, scratch.row_sum.data());
@@ -140,29 +141,29 @@ void forward_tile(const Problem &p, const ForwardLayout &layout, const TileKerne
             ldv = p.v.stride[2];
             v_panel = kPanelWidth;
         } else {
-            values = packed.row_tile(packed.value_rows, bh, tile);
+            values = packed.value_row_tile(bh, tile);
             ldv = packed.ldb;
             v_panel = packed.row_panel;
         }
         const int depth = scratch.limit[size_t(rows - 1)];
-        if (rows_need_own_depth(scratch.limit.data(), rows, values, ldv, v_panel, d)) {
+        if (rows_need_own_depth(scratch.limit.data(), rows, values, ldv, v_panel, d_v)) {
             for (int r = 0; r < rows; ++r)
                 if (scratch.limit[size_t(r)] > 0)
-                    kernels.matmul(output + r * padded_d, padded_d, logits + r * kKeyTile, kKeyTile, 1, values, ldv,
-                                   v_panel, 1, int(padded_d), scratch.limit[size_t(r)], true);
+                    kernels.matmul(output + r * padded_d_v, padded_d_v, logits + r * kKeyTile, kKeyTile, 1, values,
+                                   ldv, v_panel, 1, int(padded_d_v), scratch.limit[size_t(r)], true);
         } else if (depth > 0) {
-            kernels.matmul(output, padded_d, logits, kKeyTile, 1, values, ldv, v_panel, rows, int(padded_d), depth,
-                           true);
+            kernels.matmul(output, padded_d_v, logits, kKeyTile, 1, values, ldv, v_panel, rows, int(padded_d_v),
+                           depth, true);
         }
     }
 
     // out = acc / sum; lse = log(sum) + offset. A row that saw no key: out 0, lse -inf.
     for (int r = 0; r < rows; ++r) {
         const float sum = scratch.row_sum[size_t(r)];
-        float *row = output + r * padded_d;
+        float *row = output + r * padded_d_v;
         const float inverse = sum > 0.f ? 1.f / sum : 0.f;
-        for (int64_t t = 0; t < d; ++t) row[t] *= inverse;
-        store_row(p.out.data, p.out.offset(batch, head, first_row + r, 0), p.out.dtype, d, row);
+        for (int64_t t = 0; t < d_v; ++t) row[t] *= inverse;
+        store_row(p.out.data, p.out.offset(batch, head, first_row + r, 0), p.out.dtype, d_v, row);
         if (p.lse.present()) {
             const float lse = sum > 0.f ? std::log(sum) + scratch.offset[size_t(r)] : -infinity;
             static_cast<float *>(p.lse.data)[p.lse.offset(batch, head, first_row + r, 0)] = lse;
@@ -186,7 +187,7 @@ fcsa_status cpu_forward(const Problem &p, void *workspace) {
     pack_keys_values(p, layout.packed, threads);
 
     std::vector<std::unique_ptr<ForwardScratch>> scratch(static_cast<size_t>(threads));
-    for (auto &s : scratch) s.reset(new ForwardScratch(layout.packed.padded_d));
+    for (auto &s : scratch) s.reset(new ForwardScratch(layout.packed.keys.padded, layout.packed.values.padded));
     // Causal tiles near the end of the sequence cost the most: hand those out first.
     parallel_for(items, threads, [&](int64_t item, int worker) {
         const int64_t tile = query_tiles - 1 - item / (p.b * p.h);

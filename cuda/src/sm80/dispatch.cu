@@ -2,11 +2,12 @@
 //
 // Requirements common to the forward and the backward: compute capability 8.0 or newer
 // (mma.sync on bf16, cp.async), a kernel image in this build that the device can load,
-// a head dim that is a multiple of 8 up to 256, float32/float16/bfloat16, lengths that
-// fit 32-bit tile indices. The forward also needs its tile's shared memory within the
-// device's per-block limit; every forward configuration is sized to fit the 99 KB that
-// the smallest of these devices offer. The backward picks its full or its compact
-// (99 KB) shapes by the same limit and checks it itself.
+// a head dim that is a multiple of 8 up to 256 (v's the same as q's and k's for now),
+// float32/float16/bfloat16, lengths that fit 32-bit tile indices. The forward also
+// needs its tile's shared memory within the device's per-block limit; every forward
+// configuration is sized to fit the 99 KB that the smallest of these devices offer. The
+// backward picks its full or its compact (99 KB) shapes by the same limit and checks it
+// itself.
 #include <cstdint>
 
 #include <cuda_runtime.h>
@@ -65,6 +66,11 @@ fcsa_status sm80_supports(const Problem &p, bool backward) {
                          "cuda-sm80 %s: head dim %lld is not supported on the GPU (a multiple of 8 from 8 to 256 "
                          "is required)",
                          direction, static_cast<long long>(p.d));
+    if (p.d_v != p.d)
+        return set_error(FCSA_STATUS_NOT_SUPPORTED,
+                         "cuda-sm80 %s: a value head dim (d_v = %lld) other than q/k's (d = %lld) is not supported on "
+                         "the GPU yet",
+                         direction, static_cast<long long>(p.d_v), static_cast<long long>(p.d));
     if (p.nq > kMaxSequence || p.nk > kMaxSequence)
         return set_error(FCSA_STATUS_NOT_SUPPORTED, "cuda-sm80 %s: sequence lengths nq = %lld, nk = %lld exceed %lld",
                          direction, static_cast<long long>(p.nq), static_cast<long long>(p.nk),

@@ -152,8 +152,17 @@ def check_validation(lib):
                                                          "4 % hk == 0", "got (2, 3, 7, 16)"],
             set_field("k", "shape", (1, 3)))
     refused(lib, "k head dim unlike q", INVALID_ARGUMENT, ["k:"], set_field("k", "shape", (3, 8)))
-    refused(lib, "v unlike k", INVALID_ARGUMENT, ["v:", "like k"], set_field("v", "shape", (2, 6)))
+    refused(lib, "v unlike k", INVALID_ARGUMENT, ["v:", "k's but for the head dim"],
+            set_field("v", "shape", (2, 6)))
+    refused(lib, "v head dim 0", INVALID_ARGUMENT, ["v:", "d_v >= 1"], set_field("v", "shape", (3, 0)))
     refused(lib, "out unlike q", INVALID_ARGUMENT, ["out:"], set_field("out", "shape", (2, 4)))
+    # v has a head dim of its own (d_v); out, dout and dv take it.
+    refused(lib, "out with q's head dim, v's another", INVALID_ARGUMENT, ["out:", "(2, 4, 5, 8)", "v's head dim"],
+            set_field("v", "shape", (3, 8)))
+    refused(lib, "dout unlike out", INVALID_ARGUMENT, ["dout:", "like out"], set_field("dout", "shape", (3, 8)),
+            backward=True)
+    refused(lib, "dv unlike v", INVALID_ARGUMENT, ["dv:", "like v"], set_field("dv", "shape", (3, 8)),
+            backward=True)
     refused(lib, "mask length", INVALID_ARGUMENT, ["mask:"], set_field("mask", "shape", (1, 6)))
     refused(lib, "bias dim neither full nor 1", INVALID_ARGUMENT, ["bias:", "broadcastable"],
             set_field("bias", "shape", (2, 3)))

@@ -122,15 +122,17 @@ class Checker:
         self.count = 0
         self.worst = {}
 
-    def case(self, name, b=2, h=4, hk=None, nq=37, nk=None, d=32, dtype=torch.float32, groups=1, causal=False,
+    def case(self, name, b=2, h=4, hk=None, nq=37, nk=None, d=32, d_v=None, dtype=torch.float32, groups=1,
+             causal=False,
              mask=False, bias_shape=None, bias_dtype=None, scale=8.0, scale_tensor=None, l2norm=True,
              magnitude=1.0, bias_magnitude=1.0, layout="contiguous", zero_rows=False, dead_rows=False,
              num_threads=0, tolerance=None):
         hk = hk or h
         nk = nk if nk is not None else nq
+        d_v = d_v or d  # v's head dim
         q = (torch.randn(b, h, nq, d) * magnitude).to(dtype)
         k = (torch.randn(b, hk, nk, d) * magnitude).to(dtype)
-        v = torch.randn(b, hk, nk, d).to(dtype)
+        v = torch.randn(b, hk, nk, d_v).to(dtype)
         if zero_rows:  # zero vectors among the queries and keys
             if nq > 1:
                 q[:, :, 1] = 0
@@ -148,7 +150,7 @@ class Checker:
         if scale_tensor is not None:
             scale_value = (torch.rand(scale_tensor) * 10 + 1).float()
         q, k, v = strided(q, layout), strided(k, layout), strided(v, layout)
-        dout = torch.randn(b, h, nq, d).to(dtype)
+        dout = torch.randn(b, h, nq, d_v).to(dtype)
 
         out, lse = fc.forward(self.lib, q, k, v, mask_t, bias_t, scale_value, groups, causal, l2norm, num_threads)
         grads = fc.backward(self.lib, q, k, v, out, dout, lse, mask_t, bias_t, scale_value, groups, causal, l2norm,
@@ -247,6 +249,14 @@ def run_cases(c, quick):
     c.case("key chunks, causal nq > nk, mask, bias (1,8,1,nk)", b=2, h=8, nq=700, nk=600, causal=True, mask=True,
            bias_shape=(1, 8, 1, 600), scale_tensor=(8,))
     c.case("key chunks, d=256, GQA hk=8 of h=16", b=1, h=16, hk=8, d=256, nq=70, nk=300, causal=True)
+    # v with a head dim of its own (d_v), wider or narrower than q's and k's.
+    for d, d_v in [(32, 64), (64, 32), (192, 128), (24, 40), (3, 17)]:
+        c.case(f"d={d} d_v={d_v} causal mask bias (h,1,nk) scale (h,)", d=d, d_v=d_v, causal=True, mask=True,
+               bias_shape=(1, 4, 1, 90), scale_tensor=(4,), nq=70, nk=90)
+    c.case("d=64 d_v=32 key splits, padded layout", b=1, h=2, hk=1, d=64, d_v=32, nq=90, nk=1500, layout="padded")
+    c.case("d=24 d_v=40 key chunks, bias (1,8,1,nk)", b=2, h=8, d=24, d_v=40, nq=100, nk=1100,
+           bias_shape=(1, 8, 1, 1100))
+    c.case("bfloat16 d=192 d_v=128 GQA", dtype=torch.bfloat16, d=192, d_v=128, hk=2, nq=100, nk=120)
     # Threads.
     for threads in (1, 3):
         c.case(f"num_threads={threads}", num_threads=threads, nq=130, nk=170, causal=True, mask=True)

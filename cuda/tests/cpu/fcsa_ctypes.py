@@ -116,7 +116,7 @@ def forward(lib, q, k, v, mask=None, bias=None, scale=8.0, groups=1, causal=Fals
     """Runs fcsa_forward; returns (out, lse)."""
     scale_t = scale if torch.is_tensor(scale) else None
     if out is None:
-        out = torch.full(q.shape, float("nan"), dtype=q.dtype)
+        out = torch.full((*q.shape[:-1], v.shape[-1]), float("nan"), dtype=q.dtype)  # v's head dim
     if lse is None and want_lse:
         lse = torch.full(q.shape[:3], float("nan"), dtype=torch.float32)
     opts = make_options(lib, 8.0 if scale_t is not None else float(scale), groups, causal, l2norm, num_threads)
