@@ -220,6 +220,11 @@ template <typename T, int kRows, int kCols, int kThreads> struct RowNorms {
     }
     // The row of pass k of this lane.
     __device__ __forceinline__ static int pass_row(int tid, int k) { return tid / kLanesPerRow + k * kRowsPerPass; }
+    // The rows of `overflowed` (left as they were) scaled by multiplier / their norm.
+    __device__ __forceinline__ static void rescale_overflowed(T *tile, int d, int tid, float multiplier,
+                                                              uint32_t overflowed) {
+        fix_overflowed<T>(overflowed, [&](int k) { rescale_row<T, L>(tile, pass_row(tid, k), 0, d, multiplier); });
+    }
 
     // finish(row, sub, inv) for every row, inv = -1 where the row's sum overflowed; returns
     // those rows' bits (pass k: bit k) in the row's first lane.
@@ -351,9 +356,7 @@ __device__ __forceinline__ void normalize_rows(T *tile, int d, int tid, float mu
                 *reinterpret_cast<uint4 *>(tile + N::chunk_offset(row, sub, i)) = float_to_chunk<T>(f[i]);
             }
         }
-        fix_overflowed<T>(overflowed, [&](int k) {
-            rescale_row<T, typename N::L>(tile, N::pass_row(tid, k), 0, d, multiplier);
-        });
+        N::rescale_overflowed(tile, d, tid, multiplier, overflowed);
         return;
     }
     const uint32_t overflowed = N::run(tile, d, tid, [&](int row, int sub, float inv) {
@@ -370,9 +373,7 @@ __device__ __forceinline__ void normalize_rows(T *tile, int d, int tid, float mu
             }
         }
     });
-    fix_overflowed<T>(overflowed, [&](int k) {
-        rescale_row<T, typename N::L>(tile, N::pass_row(tid, k), 0, d, multiplier);
-    });
+    N::rescale_overflowed(tile, d, tid, multiplier, overflowed);
 }
 
 // The first `rows` rows of a padded kRows x kCols tile l2-normalized in place per group

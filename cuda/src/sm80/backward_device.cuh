@@ -76,10 +76,7 @@ __device__ __forceinline__ void group_inverse_norms(const float (&x)[WarpRow<kMa
         const int group_size = d / groups;
         sum_sq = warp_sum(sum_sq);
         const float norm = sqrtf(sum_sq); // inf where the sum overflowed: not clamped
-        const float group_inv = common::norm_overflowed<T>(sum_sq)
-                                    ? common::rescaled_inverse_norm<T, common::ContiguousRow>(x_row, 0, g * group_size,
-                                                                                              group_size)
-                                    : 1.f / fmaxf(norm, kNormEpsilon);
+        const float group_inv = common::safe_inverse_norm<T, float>(sum_sq, x_row, 0, g * group_size, group_size);
 #pragma unroll
         for (int m = 0; m < kPer; ++m)
             if (group[m] == g) {
@@ -158,9 +155,7 @@ __device__ __forceinline__ void l2norm_backward_lanes(const float (&x)[kPer][E],
         }
     sum_sq = lanes_sum(sum_sq, width);
     const float norm = sqrtf(sum_sq); // inf where the sum overflowed: not clamped
-    const float inv = common::norm_overflowed<T>(sum_sq)
-                          ? common::rescaled_inverse_norm<T, common::ContiguousRow>(x_row, 0, 0, d)
-                          : 1.f / fmaxf(norm, kNormEpsilon);
+    const float inv = common::safe_inverse_norm<T, float>(sum_sq, x_row, 0, 0, d);
     const bool clamped = !(norm >= kNormEpsilon);
     const float xhat_dot = lanes_sum(dot, width) * inv, post = scaled ? 1.f : inv;
 #pragma unroll
