@@ -150,7 +150,10 @@ typedef struct fcsa_tensor {
 typedef enum fcsa_backend {
     FCSA_BACKEND_AUTO = 0,     /* chosen from the tensors' device and its capability */
     FCSA_BACKEND_CPU = 1,
-    FCSA_BACKEND_CUDA_SM80 = 2 /* portable tensor-core path: sm_80 and newer */
+    FCSA_BACKEND_CUDA_SM80 = 2, /* portable tensor-core path: sm_80 and newer */
+    FCSA_BACKEND_CUDA_SM90 = 3  /* Hopper path (wgmma, TMA): compute capability 9.0, forward of the
+                                   common case; AUTO takes it where it applies (unless the
+                                   environment sets FCSA_DISABLE_SM90=1) and sm80 elsewhere */
 } fcsa_backend;
 
 typedef struct fcsa_options {
@@ -231,7 +234,7 @@ FCSA_API fcsa_status fcsa_backward(const fcsa_options *options,
                                    void *workspace, size_t workspace_bytes, void *stream);
 
 /* The backend that ran the last successful forward or backward on this thread
- * (an fcsa_backend value other than AUTO), and its name ("cpu", "cuda-sm80"). */
+ * (an fcsa_backend value other than AUTO), and its name ("cpu", "cuda-sm80", "cuda-sm90"). */
 FCSA_API int fcsa_last_backend(void);
 FCSA_API const char *fcsa_backend_name(int backend);
 

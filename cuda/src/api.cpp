@@ -6,6 +6,7 @@
 #include <cstdarg>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <initializer_list>
@@ -121,10 +122,10 @@ fcsa_status read_options(const fcsa_options *given, fcsa_options *options) {
     if (options->groups < 1)
         return set_error(FCSA_STATUS_INVALID_ARGUMENT, "options.groups: expected at least 1, got %d", options->groups);
     if (options->backend != FCSA_BACKEND_AUTO && options->backend != FCSA_BACKEND_CPU &&
-        options->backend != FCSA_BACKEND_CUDA_SM80)
+        options->backend != FCSA_BACKEND_CUDA_SM80 && options->backend != FCSA_BACKEND_CUDA_SM90)
         return set_error(FCSA_STATUS_INVALID_ARGUMENT,
-                         "options.backend: expected FCSA_BACKEND_AUTO (0), FCSA_BACKEND_CPU (1) or "
-                         "FCSA_BACKEND_CUDA_SM80 (2), got %d",
+                         "options.backend: expected FCSA_BACKEND_AUTO (0), FCSA_BACKEND_CPU (1), "
+                         "FCSA_BACKEND_CUDA_SM80 (2) or FCSA_BACKEND_CUDA_SM90 (3), got %d",
                          options->backend);
     if (options->num_threads < 0)
         return set_error(FCSA_STATUS_INVALID_ARGUMENT, "options.num_threads: expected 0 (all) or more, got %d",
@@ -693,9 +694,10 @@ bool nothing_to_write(const Problem &p, bool backward) {
 
 fcsa_status choose_backend(const fcsa_options &options, const Problem &p, int *backend) {
     if (p.device_type == FCSA_DEVICE_CPU) {
-        if (options.backend == FCSA_BACKEND_CUDA_SM80)
-            return set_error(FCSA_STATUS_NOT_SUPPORTED,
-                             "options.backend: FCSA_BACKEND_CUDA_SM80 needs CUDA tensors, got tensors on cpu");
+        if (options.backend == FCSA_BACKEND_CUDA_SM80 || options.backend == FCSA_BACKEND_CUDA_SM90)
+            return set_error(FCSA_STATUS_NOT_SUPPORTED, "options.backend: %s needs CUDA tensors, got tensors on cpu",
+                             options.backend == FCSA_BACKEND_CUDA_SM80 ? "FCSA_BACKEND_CUDA_SM80"
+                                                                       : "FCSA_BACKEND_CUDA_SM90");
         *backend = FCSA_BACKEND_CPU;
         return FCSA_STATUS_SUCCESS;
     }
@@ -714,6 +716,13 @@ fcsa_status choose_backend(const fcsa_options &options, const Problem &p, int *b
 }
 
 #if defined(FCSA_WITH_CUDA)
+// FCSA_DISABLE_SM90=1 keeps AUTO on the portable path (to compare the two, or to work
+// around a problem in the Hopper one).
+bool sm90_disabled() {
+    const char *value = std::getenv("FCSA_DISABLE_SM90");
+    return value != nullptr && value[0] != '\0' && std::strcmp(value, "0") != 0;
+}
+
 // Makes the tensors' device current for the call and restores the caller's after it.
 class DeviceGuard {
   public:
@@ -773,11 +782,25 @@ fcsa_status attention(bool backward, const fcsa_options &options, const Problem 
     DeviceGuard guard;
     FCSA_RETURN_IF_ERROR(guard.enter(p.device_index));
     FCSA_RETURN_IF_ERROR(sm80_supports(p, backward));
-    const size_t bytes = backward ? sm80_backward_workspace(p) : sm80_forward_workspace(p);
+    backend = FCSA_BACKEND_CUDA_SM80;
+    if (options.backend == FCSA_BACKEND_CUDA_SM90 && backward)
+        return set_error(FCSA_STATUS_NOT_SUPPORTED, "options.backend: cuda-sm90 has no backward yet");
+    if (!backward && (options.backend == FCSA_BACKEND_CUDA_SM90 ||
+                      (options.backend == FCSA_BACKEND_AUTO && !sm90_disabled()))) {
+        const fcsa_status status = sm90_forward_supports(p);
+        if (status == FCSA_STATUS_SUCCESS) backend = FCSA_BACKEND_CUDA_SM90;
+        else if (options.backend == FCSA_BACKEND_CUDA_SM90) return status;
+    }
+    const bool hopper = backend == FCSA_BACKEND_CUDA_SM90;
+    const size_t bytes = backward ? sm80_backward_workspace(p)
+                         : hopper ? sm90_forward_workspace(p)
+                                  : sm80_forward_workspace(p);
     if (needed) *needed = bytes;
     if (!run) return FCSA_STATUS_SUCCESS;
     FCSA_RETURN_IF_ERROR(check_workspace(workspace, workspace_bytes, bytes));
-    FCSA_RETURN_IF_ERROR(backward ? sm80_backward(p, workspace, stream) : sm80_forward(p, workspace, stream));
+    FCSA_RETURN_IF_ERROR(backward ? sm80_backward(p, workspace, stream)
+                         : hopper ? sm90_forward(p, workspace, stream)
+                                  : sm80_forward(p, workspace, stream));
     last_backend = backend;
     return FCSA_STATUS_SUCCESS;
 #else
@@ -972,6 +995,7 @@ FCSA_API const char *fcsa_backend_name(int backend) {
     case FCSA_BACKEND_AUTO: return "auto";
     case FCSA_BACKEND_CPU: return "cpu";
     case FCSA_BACKEND_CUDA_SM80: return "cuda-sm80";
+    case FCSA_BACKEND_CUDA_SM90: return "cuda-sm90";
     default: return "unknown";
     }
 }

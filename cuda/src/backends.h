@@ -37,6 +37,13 @@ size_t sm80_forward_workspace(const Problem &p);
 size_t sm80_backward_workspace(const Problem &p);
 fcsa_status sm80_forward(const Problem &p, void *workspace, void *stream);
 fcsa_status sm80_backward(const Problem &p, void *workspace, void *stream);
+
+// ---- Hopper backend (sm90/): compute capability 9.0 with sm_90a code in the build; the
+// forward of the common case (sm90_forward_supports says which, else NOT_SUPPORTED
+// with the reason). Everything it does not cover runs on sm80/.
+fcsa_status sm90_forward_supports(const Problem &p);
+size_t sm90_forward_workspace(const Problem &p);
+fcsa_status sm90_forward(const Problem &p, void *workspace, void *stream);
 #endif
 
 } // namespace fcsa

@@ -496,6 +496,7 @@ static bool run_case(const Case &cs, uint64_t seed) {
     p.nq = nq;
     p.nk = nk;
     p.d = d;
+    p.d_v = d;
     p.dtype = cs.dtype;
     p.device_type = FCSA_DEVICE_CUDA;
     p.scale = cs.scale;
@@ -789,7 +790,7 @@ static void time_shape(int dtype, int64_t n, int64_t d, bool causal, bool determ
     // lse = log(n) + scale keeps P = exp(s - lse) below 1 for random data.
     fill_random(lse, size_t(b * h * n), FCSA_DTYPE_FLOAT32, g_seed + 9, std::log(double(n)) + 10.0, 0.1);
     Problem p;
-    p.b = b; p.h = h; p.hk = h; p.nq = n; p.nk = n; p.d = d;
+    p.b = b; p.h = h; p.hk = h; p.nq = n; p.nk = n; p.d = d; p.d_v = d;
     p.dtype = dtype; p.device_type = FCSA_DEVICE_CUDA; p.causal = causal;
     p.scale = g_time_l2norm ? 10.f : float(1.0 / std::sqrt(double(d))); // bounded logits either way
     p.deterministic = deterministic;

@@ -88,5 +88,5 @@ def compiled_sm_targets() -> tuple:
 
 
 def last_backend() -> str:
-    """The backend that ran this thread's last successful call: "cpu" or "cuda-sm80"."""
+    """The backend that ran this thread's last successful call: "cpu", "cuda-sm80" or "cuda-sm90"."""
     return _lib.last_backend()

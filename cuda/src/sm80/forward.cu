@@ -9,90 +9,24 @@
 #include <cuda_runtime.h>
 
 #include "../backends.h"
-#include "../common/l2norm.cuh"
-#include "../common/row_lanes.cuh"
+#include "../common/key_norm.cuh"
 #include "forward.cuh"
 
 namespace fcsa {
 namespace sm80 {
 namespace {
 
-// ---- the key-norm pass
+// ---- the key-norm pass (common/key_norm.cuh)
 //
-// With one l2norm group, k enters the forward as a factor 1 / ||k_j|| per column of S.
-// Every query tile would compute those norms again for each key tile it reads: on the
-// H100 that cost the kernel 9% at d = 128 and 5% at d = 64 (n = 16k, notes v7). Where
-// many query tiles read each key, one pass over k computes them once instead: one float
-// per key into the workspace (30 us for the benchmark shapes' 67 MB of k). No normalized
-// copy of k is ever written. It pays from 16 query tiles of 128 rows per key: nq >= 2048,
-// twice that with causal (half the tiles see a given key). Below, it measured -6% to +1%.
+// On the H100, computing the key norms in the kernel per key tile cost 9% at d = 128
+// and 5% at d = 64 (n = 16k, notes v7). The pass pays from 16 query tiles of 128 rows
+// per key: nq >= 2048, twice that with causal (half the tiles see a given key). Below,
+// it measured -6% to +1%.
 constexpr int64_t kKeyNormPassMinQueries = 2048;
-constexpr int kKeyNormThreads = 256;
-constexpr int kKeyNormPasses = 4; // rows per lane group
 
 // Floats per (batch, kv head) row of the result: nk padded to a multiple of 64 (the
 // widest key tile), so that the kernel copies whole tiles' worth.
 int64_t key_norm_stride(const Problem &p) { return (p.nk + 63) / 64 * 64; }
-
-// Blocks of the key-norm pass per (batch, kv head).
-template <typename T> int64_t key_norm_blocks_per_row(const Problem &p) {
-    const int64_t keys_per_block =
-        kKeyNormPasses * kKeyNormThreads / common::row_lane_width(int(p.d) / common::Chunk<T>::N);
-    return (key_norm_stride(p) + keys_per_block - 1) / keys_per_block;
-}
-
-// Each lane group (RowLanes' widths) takes kKeyNormPasses rows of a (batch, kv head),
-// and loads all of their chunks before it sums any: 4 to 8 loads in flight per thread.
-// A block's rows are consecutive keys of one (batch, kv head), with no 64-bit division
-// per row (the first version, a row at a time through for_lane_rows, ran at 1.2 TB/s).
-template <typename T>
-__global__ void __launch_bounds__(kKeyNormThreads)
-    key_norm_kernel(const T *k, int64_t stride_b, int64_t stride_h, int64_t stride_row, int kv_heads, int nk,
-                    int padded_nk, int key_blocks, int d, float *inv_norm) {
-    using namespace common;
-    constexpr int E = Chunk<T>::N, kPer = chunks_per_lane<T>();
-    const int chunks = d / E, width = row_lane_width(chunks), sub = threadIdx.x % width;
-    const int rows_per_pass = kKeyNormThreads / width;
-    const int slab = blockIdx.x / key_blocks;
-    const int first_key = (blockIdx.x % key_blocks) * rows_per_pass * kKeyNormPasses + threadIdx.x / width;
-    const T *keys = k + (slab / kv_heads) * stride_b + (slab % kv_heads) * stride_h;
-    uint4 raw[kKeyNormPasses][kPer]; // 16-byte chunks as loaded: 4 registers each
-#pragma unroll
-    for (int pass = 0; pass < kKeyNormPasses; ++pass) {
-        const int j = first_key + pass * rows_per_pass;
-#pragma unroll
-        for (int m = 0; m < kPer; ++m) {
-            const int c = sub + width * m;
-            raw[pass][m] = j < nk && c < chunks ? *reinterpret_cast<const uint4 *>(keys + j * stride_row + c * E)
-                                                : make_uint4(0u, 0u, 0u, 0u);
-        }
-    }
-    uint32_t overflowed = 0u;
-#pragma unroll
-    for (int pass = 0; pass < kKeyNormPasses; ++pass) {
-        float sum_sq = 0.f;
-#pragma unroll
-        for (int m = 0; m < kPer; ++m) {
-            float f[E];
-            chunk_to_float<T>(raw[pass][m], f);
-#pragma unroll
-            for (int e = 0; e < E; ++e) sum_sq = fmaf(f[e], f[e], sum_sq);
-        }
-        sum_sq = lanes_sum(sum_sq, width);
-        const int j = first_key + pass * rows_per_pass;
-        if (norm_overflowed<T>(sum_sq)) overflowed |= 1u << pass; // (rows past nk are zeros)
-        else if (j < padded_nk && sub == 0)
-            inv_norm[int64_t(slab) * padded_nk + j] = j < nk ? inverse_norm<T>(sum_sq) : 0.f; // zeros: padding
-    }
-    // Keys whose sums of squares overflowed, after the loads' registers are free (l2norm.cuh).
-#pragma unroll 1
-    for (int pass = 0; pass < kKeyNormPasses; ++pass) {
-        const int j = first_key + pass * rows_per_pass;
-        if (((overflowed >> pass) & 1u) && sub == 0)
-            inv_norm[int64_t(slab) * padded_nk + j] =
-                rescaled_inverse_norm<T, ContiguousRow>(keys + int64_t(j) * stride_row, 0, 0, d);
-    }
-}
 
 // Rows of q/k/v/out may be read with 16-byte vectors when the base pointer and every
 // stride except the contiguous last one are multiples of 16 bytes.
@@ -156,23 +90,13 @@ bool key_norm_pass(const Problem &p) {
            rows_16byte_aligned(p.k, element_bytes);
 }
 
-template <typename T> fcsa_status run_key_norm_pass(const Problem &p, float *inv_norm, cudaStream_t stream) {
-    const int64_t key_blocks = key_norm_blocks_per_row<T>(p);
-    key_norm_kernel<T><<<unsigned(p.b * p.hk * key_blocks), kKeyNormThreads, 0, stream>>>(
-        static_cast<const T *>(p.k.data), p.k.stride[0], p.k.stride[1], p.k.stride[2], int(p.hk), int(p.nk),
-        int(key_norm_stride(p)), int(key_blocks), int(p.d), inv_norm);
-    const cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess)
-        return set_error(FCSA_STATUS_CUDA_ERROR, "cuda-sm80 forward: key-norm pass launch failed: %s",
-                         cudaGetErrorString(err));
-    return FCSA_STATUS_SUCCESS;
-}
-
 template <typename T, int D> fcsa_status run(const Problem &p, void *workspace, cudaStream_t stream) {
     ForwardParams params = make_params(p, ForwardConfig<T, D>::kBlockM);
     if (key_norm_pass(p)) {
         float *inv_norm = static_cast<float *>(workspace);
-        if (const fcsa_status st = run_key_norm_pass<T>(p, inv_norm, stream)) return st;
+        if (const fcsa_status st = common::run_key_norm_pass<T>(p, inv_norm, key_norm_stride(p), stream,
+                                                                      "cuda-sm80 forward"))
+            return st;
         params.k_inv_norm = inv_norm;
         params.k_inv_norm_stride = key_norm_stride(p);
     }

@@ -1,0 +1,178 @@
+// forward.cu: the Hopper forward's host side: whether it covers a problem, its tensor
+// maps, the key-norm pass and the launch. No allocation, no synchronization: safe in
+// graph capture (the tensor maps travel by value in the kernel's parameters).
+#include <cmath>
+#include <cstdint>
+
+#include <cuda.h>
+#include <cudaTypedefs.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "../backends.h"
+#include "../common/key_norm.cuh"
+#include "../common/numeric.cuh"
+#include "forward.cuh"
+
+namespace fcsa {
+namespace sm90 {
+namespace {
+
+constexpr int64_t kMaxSequence = (int64_t(1) << 31) - 1024;
+
+// 1 / ||k_j|| rows padded to whole key tiles: the kernel copies a tile's worth at once.
+int64_t key_norm_stride(const Problem &p) {
+    constexpr int BN = ForwardConfig<__half, 128>::kBlockN;
+    return (p.nk + BN - 1) / BN * BN;
+}
+
+// cuTensorMapEncodeTiled from the driver, found through the runtime (fcsa links the
+// static runtime, never libcuda itself). Null when the driver lacks it.
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+    static const PFN_cuTensorMapEncodeTiled_v12000 encoder = [] {
+        void *fn = nullptr;
+        cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+        if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found) !=
+                cudaSuccess ||
+            found != cudaDriverEntryPointSuccess) {
+            cudaGetLastError();
+            return PFN_cuTensorMapEncodeTiled_v12000(nullptr);
+        }
+        return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+    }();
+    return encoder;
+}
+
+// Whether TMA can read `view` (b, heads, rows, d) as tiles: a 16-byte-aligned base,
+// contiguous rows, every other stride a multiple of 16 bytes, and no broadcast (stride
+// 0) over a dimension of more than one element.
+bool tma_readable(const View &view) {
+    if (reinterpret_cast<uintptr_t>(view.data) % 16 != 0 || view.stride[3] != 1) return false;
+    for (int i = 0; i < 3; ++i) {
+        if ((view.stride[i] * 2) % 16 != 0 || view.stride[i] * 2 >= (int64_t(1) << 40)) return false;
+        if (view.shape[i] > 1 && view.stride[i] == 0) return false;
+    }
+    return true;
+}
+
+// The map of (d, rows, heads, b) with boxes of 64 columns by box_rows rows, 128-byte
+// swizzle, zeros outside the tensor. Dimensions of one element get the stride of a
+// packed layout (TMA wants a valid one; it is never stepped).
+fcsa_status encode_map(CUtensorMap *map, const View &view, int32_t dtype, int box_rows) {
+    cuuint64_t dims[4] = {cuuint64_t(view.shape[3]), cuuint64_t(view.shape[2]), cuuint64_t(view.shape[1]),
+                          cuuint64_t(view.shape[0])};
+    cuuint64_t strides[3];
+    int64_t packed = view.shape[3] * 2;
+    for (int i = 0; i < 3; ++i) {
+        const int64_t stride = view.stride[2 - i] * 2;
+        strides[i] = cuuint64_t(view.shape[2 - i] > 1 ? stride : (packed + 15) / 16 * 16);
+        packed = int64_t(strides[i]) * view.shape[2 - i];
+    }
+    cuuint32_t box[4] = {64, cuuint32_t(box_rows), 1, 1};
+    cuuint32_t element_strides[4] = {1, 1, 1, 1};
+    const CUresult result = tensor_map_encoder()(
+        map, dtype == FCSA_DTYPE_BFLOAT16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4,
+        view.data, dims, strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+        CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    if (result != CUDA_SUCCESS)
+        return set_error(FCSA_STATUS_CUDA_ERROR, "cuda-sm90 forward: cuTensorMapEncodeTiled failed (error %d)",
+                         int(result));
+    return FCSA_STATUS_SUCCESS;
+}
+
+template <typename T> bool compiled(int64_t d) {
+    return forward_head_dim_bucket(d) == 64 ? forward_compiled<T, 64>() : forward_compiled<T, 128>();
+}
+
+template <typename T> size_t smem_bytes(int64_t d) {
+    return forward_head_dim_bucket(d) == 64 ? ForwardConfig<T, 64>::kSmemBytes : ForwardConfig<T, 128>::kSmemBytes;
+}
+
+template <typename T, int D> fcsa_status run(const Problem &p, void *workspace, cudaStream_t stream) {
+    using C = ForwardConfig<T, D>;
+    ForwardParams f{};
+    if (const fcsa_status st = encode_map(&f.q_map, p.q, p.dtype, C::kBlockM)) return st;
+    if (const fcsa_status st = encode_map(&f.k_map, p.k, p.dtype, C::kBlockN)) return st;
+    if (const fcsa_status st = encode_map(&f.v_map, p.v, p.dtype, C::kBlockN)) return st;
+    f.out = p.out.data;
+    f.lse = static_cast<float *>(p.lse.data);
+    for (int i = 0; i < 3; ++i) {
+        f.out_stride[i] = p.out.stride[i];
+        f.lse_stride[i] = p.lse.stride[i];
+    }
+    float *inv_norm = static_cast<float *>(workspace);
+    f.k_inv_norm = inv_norm;
+    f.k_inv_norm_stride = key_norm_stride(p);
+    f.batch = int(p.b);
+    f.heads = int(p.h);
+    f.heads_per_kv = int(p.heads_per_kv());
+    f.nq = int(p.nq);
+    f.nk = int(p.nk);
+    f.d = int(p.d);
+    f.num_m_tiles = int((p.nq + C::kBlockM - 1) / C::kBlockM);
+    f.scale = p.scale;
+    f.causal = p.causal;
+    f.vec_out = reinterpret_cast<uintptr_t>(p.out.data) % 16 == 0 && (p.out.stride[0] * 2) % 16 == 0 &&
+                (p.out.stride[1] * 2) % 16 == 0 && (p.out.stride[2] * 2) % 16 == 0;
+    if (const fcsa_status st =
+            common::run_key_norm_pass<T>(p, inv_norm, key_norm_stride(p), stream, "cuda-sm90 forward"))
+        return st;
+    return launch_forward<T, D>(f, stream);
+}
+
+template <typename T> fcsa_status run_bucket(const Problem &p, void *workspace, cudaStream_t stream) {
+    return forward_head_dim_bucket(p.d) == 64 ? run<T, 64>(p, workspace, stream) : run<T, 128>(p, workspace, stream);
+}
+
+} // namespace
+} // namespace sm90
+
+fcsa_status sm90_forward_supports(const Problem &p) {
+    auto refuse = [](const char *why) {
+        return set_error(FCSA_STATUS_NOT_SUPPORTED, "cuda-sm90 forward: %s", why);
+    };
+    int major = 0, minor = 0;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, p.device_index) != cudaSuccess ||
+        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, p.device_index) != cudaSuccess) {
+        cudaGetLastError();
+        return refuse("cannot query the device");
+    }
+    if (major != 9 || minor != 0) return refuse("needs a compute capability 9.0 device (H100, H200)");
+    if (p.dtype != FCSA_DTYPE_FLOAT16 && p.dtype != FCSA_DTYPE_BFLOAT16) return refuse("needs float16 or bfloat16");
+    const bool bf16 = p.dtype == FCSA_DTYPE_BFLOAT16;
+    if (p.d < 8 || p.d > 128 || p.d % 8 != 0 || p.d_v != p.d)
+        return refuse("needs a head dim that is a multiple of 8 up to 128, the same for q, k and v");
+    if (!(bf16 ? sm90::compiled<__nv_bfloat16>(p.d) : sm90::compiled<__half>(p.d)))
+        return refuse("this build has no sm_90a code");
+    if (!p.l2norm || p.groups != 1 || p.bias.present() || p.mask.present() || p.scale_t.present())
+        return refuse("covers l2norm_qk with one group, no bias, no key mask and a scale given as a number");
+    if (p.out.dtype != p.dtype) return refuse("writes out in the inputs' dtype only");
+    const float range = bf16 ? sm90::ForwardConfig<__nv_bfloat16, 128>::kBoundedRange
+                             : sm90::ForwardConfig<__half, 128>::kBoundedRange;
+    if (2.f * std::fabs(p.scale) * common::kLog2e > range)
+        return refuse("the scale is too large for probabilities without a running maximum in this dtype");
+    if (p.nk < 1 || p.nq > sm90::kMaxSequence || p.nk > sm90::kMaxSequence || p.b * p.h > INT32_MAX ||
+        p.b * p.hk * (sm90::key_norm_stride(p) / 64) > INT32_MAX)
+        return refuse("sequence lengths or batch * heads out of range");
+    if (!sm90::tma_readable(p.q) || !sm90::tma_readable(p.k) || !sm90::tma_readable(p.v))
+        return refuse("q, k and v need 16-byte-aligned bases and strides and contiguous rows");
+    const size_t smem = bf16 ? sm90::smem_bytes<__nv_bfloat16>(p.d) : sm90::smem_bytes<__half>(p.d);
+    if (int64_t(smem) > sm80_shared_memory_limit(p.device_index)) return refuse("needs more shared memory");
+    if (sm90::tensor_map_encoder() == nullptr) return refuse("the driver has no cuTensorMapEncodeTiled");
+    return FCSA_STATUS_SUCCESS;
+}
+
+size_t sm90_forward_workspace(const Problem &p) {
+    if (p.b == 0 || p.h == 0 || p.nq == 0) return 0;
+    return size_t(p.b * p.hk * sm90::key_norm_stride(p)) * sizeof(float);
+}
+
+fcsa_status sm90_forward(const Problem &p, void *workspace, void *stream) {
+    if (p.b == 0 || p.h == 0 || p.nq == 0) return FCSA_STATUS_SUCCESS;
+    const cudaStream_t s = static_cast<cudaStream_t>(stream);
+    return p.dtype == FCSA_DTYPE_BFLOAT16 ? sm90::run_bucket<__nv_bfloat16>(p, workspace, s)
+                                          : sm90::run_bucket<__half>(p, workspace, s);
+}
+
+} // namespace fcsa

@@ -1,0 +1,77 @@
+// forward.cuh: the Hopper forward (sm_90a): parameters, tile shapes and the entry points
+// each instantiation file defines.
+//
+// One kernel template, forward_kernel<T, D> (forward_kernel.cuh), for float16 and
+// bfloat16 with the head dim zero-padded to a bucket D of 64 or 128 (TMA fills the
+// columns past d with zeros). It covers the common case: l2-normalized q and k with one
+// group, no bias or key mask, a scale given as a number, causal or not, grouped-query
+// kv, any 16-byte-aligned strides. Everything else runs on the portable path (sm80/).
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include <cuda.h>
+#include <cuda_runtime.h>
+
+#include "../common/sm90/wgmma.cuh"
+#include "fcsa.h"
+
+namespace fcsa {
+namespace sm90 {
+
+struct ForwardParams {
+    // q (d, nq, h, b), k and v (d, nk, hk, b): boxes of 64 columns by a tile's rows.
+    CUtensorMap q_map, k_map, v_map;
+    void *out;
+    float *lse;               // optional
+    const float *k_inv_norm;  // 1 / ||k_j||, [batch][kv head][k_inv_norm_stride] (the key-norm pass)
+    int64_t k_inv_norm_stride;
+    int64_t out_stride[3];    // batch, head, row (elements)
+    int64_t lse_stride[3];
+    int batch, heads, heads_per_kv, nq, nk, d, num_m_tiles;
+    float scale;
+    bool causal, vec_out;
+};
+
+// Three warpgroups: a producer (one thread issues every TMA copy) and two consumers of
+// 64 query rows each. K and V stream through kStages buffers each; 1 / ||k_j|| of a
+// tile arrives with its K.
+template <typename T, int D> struct ForwardConfig {
+    static_assert(D == 64 || D == 128, "head-dim buckets of the Hopper forward");
+    static constexpr int kConsumers = 2;
+    static constexpr int kThreads = 128 * (1 + kConsumers);
+    static constexpr int kBlockM = 64 * kConsumers;
+    static constexpr int kBlockN = 128;
+    static constexpr int kStages = D == 64 ? 4 : 2;
+    // setmaxnreg budgets: 128 * 40 + 256 * 232 = 64512 of the 65536 registers.
+    static constexpr int kProducerRegisters = 40;
+    static constexpr int kConsumerRegisters = 232;
+
+    // p = 2^(x - offset), offset = bound - kExpShift, lies in [2^(kExpShift - 2 bound),
+    // 2^kExpShift]: float16 probabilities stay normal for 2 bound <= kBoundedRange
+    // (base 2), the same rule as the portable path's.
+    static constexpr float kExpShift = std::is_same<T, __half>::value ? 15.f : 0.f;
+    static constexpr float kBoundedRange = std::is_same<T, __half>::value ? 29.f : 100.f;
+
+    using QTile = common::sm90::SwizzledTile128<T, kBlockM, D>;
+    using KTile = common::sm90::SwizzledTile128<T, kBlockN, D>;
+    static constexpr int kOffsetK = QTile::kBytes;
+    static constexpr int kOffsetV = kOffsetK + kStages * KTile::kBytes;
+    static constexpr int kOffsetKInv = kOffsetV + kStages * KTile::kBytes;
+    static constexpr int kOffsetBarriers = kOffsetKInv + kStages * kBlockN * 4;
+    static constexpr int kBarriers = 1 + 4 * kStages; // Q full; K and V full and empty per stage
+    // + 1024: the kernel aligns the dynamic shared memory's start to the swizzle's 1024 bytes.
+    static constexpr int kSmemBytes = kOffsetBarriers + kBarriers * 8 + 1024;
+    static_assert(kOffsetK % 1024 == 0 && kOffsetV % 1024 == 0, "swizzled tiles start on 1024-byte atoms");
+};
+
+// Launches the kernel for one (T, D); defined in forward_<dtype>_d<D>.cu.
+template <typename T, int D> fcsa_status launch_forward(const ForwardParams &params, cudaStream_t stream);
+// Whether this build holds the kernel's sm_90a code (a build without 90a has an empty one).
+template <typename T, int D> bool forward_compiled();
+
+inline int forward_head_dim_bucket(int64_t d) { return d <= 64 ? 64 : 128; }
+
+} // namespace sm90
+} // namespace fcsa

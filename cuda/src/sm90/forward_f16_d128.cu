@@ -1,0 +1,4 @@
+// forward_f16_d128.cu: the Hopper forward kernel for __half inputs and head dims in the 128 bucket.
+#include "forward_kernel.cuh"
+
+FCSA_INSTANTIATE_SM90_FORWARD(__half, 128)

@@ -1,0 +1,328 @@
+// forward_kernel.cuh: the Hopper forward kernel: TMA, mbarriers, warp specialization
+// and wgmma.
+//
+// One CTA per (query tile of 128 rows, head, batch), query tiles in reverse so that
+// causal's long tiles start first. Three warpgroups:
+//   producer  one thread issues every copy: the Q tile once, then per key tile K (with
+//             its 1 / ||k_j|| from the key-norm pass) and V into a ring of kStages
+//             buffers, each completing on its "full" mbarrier, each reused once every
+//             consumer warp has arrived on its "empty" one.
+//   consumers two warpgroups of 64 query rows. The prologue l2-normalizes their Q rows
+//             in shared memory with scale * log2(e) folded in (the portable path's
+//             arithmetic), so a logit costs one FMA: x = (q^ . k) / ||k_j||. Then per key
+//             tile: S = Q K^T on wgmma from shared memory; p = 2^(x - offset) in place,
+//             with no running maximum (cosine-sim logits are bounded by |scale|), so O
+//             is never rescaled; O += P V on wgmma with P from registers. The next
+//             tile's S is issued before this tile's P V, so the exponentials of one run
+//             while the tensor cores work on the other.
+//   epilogue  O / rowsum -> shared (the warpgroup's own Q rows) -> global (16-byte
+//             stores), lse = ln(rowsum) + offset ln 2.
+#pragma once
+
+#include <cmath>
+
+#include "../backends.h"
+#include "../common/l2norm.cuh"
+#include "../common/numeric.cuh"
+#include "../common/sm90/barrier.cuh"
+#include "../common/sm90/tma.cuh"
+#include "../common/sm90/wgmma.cuh"
+#include "forward.cuh"
+
+namespace fcsa {
+namespace sm90 {
+
+// The kernel's body exists only in the sm_90a compilation (wgmma and setmaxnreg); other
+// targets of a multi-target build get an empty kernel that the host never launches
+// (forward_compiled says which).
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define FCSA_SM90_DEVICE_CODE 1
+#endif
+
+template <typename T, int D>
+__global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads, 1)
+    forward_kernel(const __grid_constant__ ForwardParams p) {
+#if defined(FCSA_SM90_DEVICE_CODE)
+    using namespace common;
+    using namespace common::sm90;
+    using C = ForwardConfig<T, D>;
+    using QTile = typename C::QTile;
+    using KTile = typename C::KTile;
+    constexpr int BM = C::kBlockM, BN = C::kBlockN, kStages = C::kStages;
+
+    extern __shared__ uint8_t smem_unaligned[];
+    uint8_t *smem = reinterpret_cast<uint8_t *>((reinterpret_cast<uintptr_t>(smem_unaligned) + 1023) & ~uintptr_t(1023));
+    T *sQ = reinterpret_cast<T *>(smem);
+    T *sK = reinterpret_cast<T *>(smem + C::kOffsetK);
+    T *sV = reinterpret_cast<T *>(smem + C::kOffsetV);
+    float *sKInv = reinterpret_cast<float *>(smem + C::kOffsetKInv);
+    uint64_t *q_full = reinterpret_cast<uint64_t *>(smem + C::kOffsetBarriers);
+    uint64_t *k_full = q_full + 1, *v_full = k_full + kStages;
+    uint64_t *k_empty = v_full + kStages, *v_empty = k_empty + kStages;
+
+    // ---- which tile: query tiles fastest (in reverse), then heads, then batch
+    const int m_tile = p.num_m_tiles - 1 - int(blockIdx.x % unsigned(p.num_m_tiles));
+    const int bh = int(blockIdx.x / unsigned(p.num_m_tiles));
+    const int hq = bh % p.heads, bi = bh / p.heads;
+    const int kvh = hq / p.heads_per_kv;
+    const int m0 = m_tile * BM;
+
+    // ---- key tiles [0, tiles): causal stops after the last row's diagonal
+    const int causal_offset = p.nk - p.nq; // row i sees keys j <= i + causal_offset
+    int tiles = (p.nk + BN - 1) / BN;
+    if (p.causal) {
+        const int last_key = min(m0 + BM, p.nq) - 1 + causal_offset;
+        tiles = last_key < 0 ? 0 : min(tiles, last_key / BN + 1);
+    }
+
+    const int warpgroup = threadIdx.x / 128;
+    if (threadIdx.x == 0) {
+        mbarrier_init(q_full, 1);
+        for (int s = 0; s < kStages; ++s) {
+            mbarrier_init(&k_full[s], 1);
+            mbarrier_init(&v_full[s], 1);
+            mbarrier_init(&k_empty[s], 4 * C::kConsumers); // one arrival per consumer warp
+            mbarrier_init(&v_empty[s], 4 * C::kConsumers);
+        }
+        mbarrier_init_fence();
+    }
+    __syncthreads();
+
+    if (warpgroup == 0) {
+        // ================================================================ producer
+        warpgroup_registers_release<C::kProducerRegisters>();
+        if (threadIdx.x != 0) return;
+        tma_prefetch_map(&p.q_map);
+        tma_prefetch_map(&p.k_map);
+        tma_prefetch_map(&p.v_map);
+        mbarrier_arrive_expect_tx(q_full, QTile::kBytes);
+#pragma unroll
+        for (int cb = 0; cb < D / 64; ++cb) tma_load_4d(sQ + cb * BM * 64, &p.q_map, q_full, cb * 64, m0, hq, bi);
+        const float *key_inv_norms = p.k_inv_norm + (int64_t(bi) * (p.heads / p.heads_per_kv) + kvh) * p.k_inv_norm_stride;
+        for (int t = 0; t < tiles; ++t) {
+            const int s = t % kStages;
+            const uint32_t round = t / kStages;
+            const int j0 = t * BN;
+            if (round > 0) mbarrier_wait(&k_empty[s], (round - 1) & 1);
+            mbarrier_arrive_expect_tx(&k_full[s], KTile::kBytes + BN * 4);
+#pragma unroll
+            for (int cb = 0; cb < D / 64; ++cb)
+                tma_load_4d(sK + s * (BN * D) + cb * BN * 64, &p.k_map, &k_full[s], cb * 64, j0, kvh, bi);
+            bulk_load(sKInv + s * BN, key_inv_norms + j0, BN * 4, &k_full[s]);
+            if (round > 0) mbarrier_wait(&v_empty[s], (round - 1) & 1);
+            mbarrier_arrive_expect_tx(&v_full[s], KTile::kBytes);
+#pragma unroll
+            for (int cb = 0; cb < D / 64; ++cb)
+                tma_load_4d(sV + s * (BN * D) + cb * BN * 64, &p.v_map, &v_full[s], cb * 64, j0, kvh, bi);
+        }
+        return;
+    }
+
+    // ==================================================================== consumers
+    warpgroup_registers_claim<C::kConsumerRegisters>();
+    const int consumer = warpgroup - 1;
+    const int tid = threadIdx.x % 128, warp = tid / 32, lane = tid % 32;
+    const int g = lane / 4, t4 = lane % 4;
+    const int r0 = 64 * consumer;               // this warpgroup's rows of the tile
+    const int row_a = m0 + r0 + 16 * warp + g;  // the thread's two accumulator rows
+    const int row_b = row_a + 8;
+    const int barrier_id = 1 + consumer;        // named barrier of this warpgroup
+
+    const float scale = p.scale;
+    const float scale_log2 = scale * kLog2e;
+    const float offset = fabsf(scale) * kLog2e - C::kExpShift;
+
+    // ---- prologue: q^ * scale * log2(e) in place, then visible to the tensor cores
+    mbarrier_wait(q_full, 0);
+    l2norm_rows<QTile, 128, T>(sQ + r0 * 64, 64, p.d, 1, nullptr, true, tid, scale_log2);
+    fence_async_shared();
+    named_barrier_sync(barrier_id, 128);
+
+    const uint32_t q_base = shared_address(sQ);
+    const uint32_t k_base = shared_address(sK), v_base = shared_address(sV);
+
+    float o[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+    float s[BN / 2];
+    uint32_t pf[BN / 16][4];
+    float sum_a = 0.f, sum_b = 0.f;
+
+    auto issue_scores = [&](int stage) {
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk)
+            Wgmma<T, BN>::template ss<0>(s, QTile::k_major(q_base, r0, kk * 16),
+                                         KTile::k_major(k_base + stage * KTile::kBytes, 0, kk * 16), kk > 0);
+        wgmma_commit();
+    };
+    auto issue_pv = [&](int stage) {
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk)
+            Wgmma<T, D>::template rs<1>(o, pf[kk], KTile::mn_major(v_base + stage * KTile::kBytes, kk * 16), 1);
+        wgmma_commit();
+    };
+    // p = 2^(x - offset) in place; keys past nk or past a row's causal reach give 0.
+    auto exponentials = [&](int t, int stage) {
+        const int j0 = t * BN;
+        const bool masked = j0 + BN > p.nk || (p.causal && j0 + BN - 1 > m0 + r0 + causal_offset);
+        const float *inv = sKInv + stage * BN + 2 * t4;
+        if (!masked) {
+#pragma unroll
+            for (int j = 0; j < BN / 8; ++j) {
+                const float2 f = *reinterpret_cast<const float2 *>(inv + 8 * j);
+                s[4 * j + 0] = exp2_approx(fmaf(s[4 * j + 0], f.x, -offset));
+                s[4 * j + 1] = exp2_approx(fmaf(s[4 * j + 1], f.y, -offset));
+                s[4 * j + 2] = exp2_approx(fmaf(s[4 * j + 2], f.x, -offset));
+                s[4 * j + 3] = exp2_approx(fmaf(s[4 * j + 3], f.y, -offset));
+                sum_a += s[4 * j + 0] + s[4 * j + 1];
+                sum_b += s[4 * j + 2] + s[4 * j + 3];
+            }
+        } else {
+            const int reach_a = p.causal ? min(p.nk, row_a + causal_offset + 1) : p.nk; // keys j < reach
+            const int reach_b = p.causal ? min(p.nk, row_b + causal_offset + 1) : p.nk;
+#pragma unroll
+            for (int j = 0; j < BN / 8; ++j) {
+                const float2 f = *reinterpret_cast<const float2 *>(inv + 8 * j);
+                const int key = j0 + 8 * j + 2 * t4;
+                s[4 * j + 0] = key < reach_a ? exp2_approx(fmaf(s[4 * j + 0], f.x, -offset)) : 0.f;
+                s[4 * j + 1] = key + 1 < reach_a ? exp2_approx(fmaf(s[4 * j + 1], f.y, -offset)) : 0.f;
+                s[4 * j + 2] = key < reach_b ? exp2_approx(fmaf(s[4 * j + 2], f.x, -offset)) : 0.f;
+                s[4 * j + 3] = key + 1 < reach_b ? exp2_approx(fmaf(s[4 * j + 3], f.y, -offset)) : 0.f;
+                sum_a += s[4 * j + 0] + s[4 * j + 1];
+                sum_b += s[4 * j + 2] + s[4 * j + 3];
+            }
+        }
+    };
+    // The accumulator layout of S is the A fragment layout of P V (wgmma.cuh).
+    auto pack_probabilities = [&]() {
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) pf[kk][r] = pack_float2<T>(s[8 * kk + 2 * r], s[8 * kk + 2 * r + 1]);
+    };
+    auto release = [&](uint64_t *bar) {
+        __syncwarp();
+        if (lane == 0) mbarrier_arrive(bar);
+    };
+
+    // ---- main loop: S(t) is issued before P(t - 1) V(t - 1)
+    if (tiles > 0) {
+        mbarrier_wait(&k_full[0], 0);
+        issue_scores(0);
+        wgmma_wait<0>();
+        wgmma_fence_operands(s);
+        exponentials(0, 0);
+        release(&k_empty[0]);
+        pack_probabilities();
+    }
+    for (int t = 1; t < tiles; ++t) {
+        const int stage = t % kStages, previous = (t - 1) % kStages;
+        mbarrier_wait(&k_full[stage], (t / kStages) & 1);
+        issue_scores(stage);
+        mbarrier_wait(&v_full[previous], ((t - 1) / kStages) & 1);
+        issue_pv(previous);
+        wgmma_wait<1>(); // S(t) is done; P(t - 1) V(t - 1) may still run
+        wgmma_fence_operands(s);
+        exponentials(t, stage);
+        release(&k_empty[stage]);
+        wgmma_wait<0>();
+        wgmma_fence_operands(o);
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) asm volatile("" : "+r"(pf[kk][r])); // P was read until here
+        release(&v_empty[previous]);
+        pack_probabilities();
+    }
+    if (tiles > 0) {
+        const int last = (tiles - 1) % kStages;
+        mbarrier_wait(&v_full[last], ((tiles - 1) / kStages) & 1);
+        issue_pv(last);
+        wgmma_wait<0>();
+        wgmma_fence_operands(o);
+        release(&v_empty[last]);
+    }
+
+    // ---- epilogue: lse, O / rowsum staged in this warpgroup's rows of sQ, then global
+    sum_a = quad_sum(sum_a);
+    sum_b = quad_sum(sum_b);
+    const float inv_a = sum_a > 0.f ? reciprocal_approx(sum_a) : 0.f; // no visible key: out = 0
+    const float inv_b = sum_b > 0.f ? reciprocal_approx(sum_b) : 0.f;
+    if (p.lse != nullptr && t4 == 0) {
+        float *lse = p.lse + bi * p.lse_stride[0] + hq * p.lse_stride[1];
+        if (row_a < p.nq) lse[int64_t(row_a) * p.lse_stride[2]] = sum_a > 0.f ? (offset + log2_approx(sum_a)) * kLn2 : -INFINITY;
+        if (row_b < p.nq) lse[int64_t(row_b) * p.lse_stride[2]] = sum_b > 0.f ? (offset + log2_approx(sum_b)) * kLn2 : -INFINITY;
+    }
+    named_barrier_sync(barrier_id, 128); // every product that read these Q rows is done
+    const int srow_a = r0 + 16 * warp + g;
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) {
+        const int col = 8 * j + 2 * t4;
+        *reinterpret_cast<uint32_t *>(sQ + QTile::offset(srow_a, col)) = pack_float2<T>(o[4 * j] * inv_a, o[4 * j + 1] * inv_a);
+        *reinterpret_cast<uint32_t *>(sQ + QTile::offset(srow_a + 8, col)) =
+            pack_float2<T>(o[4 * j + 2] * inv_b, o[4 * j + 3] * inv_b);
+    }
+    named_barrier_sync(barrier_id, 128);
+    T *out = static_cast<T *>(p.out) + bi * p.out_stride[0] + hq * p.out_stride[1];
+    constexpr int kChunks = D / 8;
+    for (int c = tid; c < 64 * kChunks; c += 128) {
+        const int r = c / kChunks, col = (c % kChunks) * 8;
+        const int i = m0 + r0 + r;
+        if (i >= p.nq || col >= p.d) continue;
+        const uint4 chunk = *reinterpret_cast<const uint4 *>(sQ + QTile::offset(r0 + r, col));
+        T *dst = out + int64_t(i) * p.out_stride[2] + col;
+        if (p.vec_out) {
+            *reinterpret_cast<uint4 *>(dst) = chunk;
+        } else {
+            const T *e = reinterpret_cast<const T *>(&chunk);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) dst[k] = e[k];
+        }
+    }
+#endif
+}
+
+template <typename T, int D> bool forward_compiled() {
+#if defined(FCSA_SM90A_TARGET)
+    // The image the device loads is the sm_90a one (a 9.0 device never loads a newer one).
+    cudaFuncAttributes attributes;
+    if (cudaFuncGetAttributes(&attributes, forward_kernel<T, D>) != cudaSuccess) {
+        cudaGetLastError();
+        return false;
+    }
+    return attributes.binaryVersion == 90;
+#else
+    return false; // no sm_90a compilation: every image of the kernel is empty
+#endif
+}
+
+template <typename T, int D> fcsa_status launch_forward(const ForwardParams &params, cudaStream_t stream) {
+    using C = ForwardConfig<T, D>;
+    const int64_t ctas = int64_t(params.num_m_tiles) * params.heads * params.batch;
+    if (ctas <= 0) return FCSA_STATUS_SUCCESS;
+    if (ctas > int64_t(INT32_MAX))
+        return set_error(FCSA_STATUS_NOT_SUPPORTED,
+                         "cuda-sm90 forward: batch * heads * ceil(nq / %d) = %lld exceeds the grid limit", C::kBlockM,
+                         static_cast<long long>(ctas));
+    auto kernel = forward_kernel<T, D>;
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes);
+    if (err != cudaSuccess)
+        return set_error(FCSA_STATUS_CUDA_ERROR, "cuda-sm90 forward: setting %d bytes of shared memory: %s",
+                         C::kSmemBytes, cudaGetErrorString(err));
+    kernel<<<unsigned(ctas), C::kThreads, C::kSmemBytes, stream>>>(params);
+    err = cudaGetLastError();
+    if (err != cudaSuccess)
+        return set_error(FCSA_STATUS_CUDA_ERROR, "cuda-sm90 forward: kernel launch failed: %s",
+                         cudaGetErrorString(err));
+    return FCSA_STATUS_SUCCESS;
+}
+
+} // namespace sm90
+} // namespace fcsa
+
+// Instantiates the forward for one (T, D); used once per forward_<dtype>_d<D>.cu.
+#define FCSA_INSTANTIATE_SM90_FORWARD(T, D)                                                                   \
+    template fcsa_status fcsa::sm90::launch_forward<T, D>(const fcsa::sm90::ForwardParams &, cudaStream_t);  \
+    template bool fcsa::sm90::forward_compiled<T, D>();

@@ -1,0 +1,102 @@
+"""The Hopper forward (cuda/src/sm90): on a compute capability 9.0 GPU with a build
+that holds sm_90a code, the calls it covers run there (fcsa.last_backend() says
+"cuda-sm90"), agree with the float64 reference as closely as the portable path does,
+and feed the backward (which takes their out and lse); the calls it does not cover,
+and every call under FCSA_DISABLE_SM90=1, run on the portable path."""
+
+import os
+
+import pytest
+import torch
+
+import fcsa
+from helpers import check_attention, dtype_id, qkv, random_mask, with_kwargs
+
+pytestmark = pytest.mark.cuda
+
+
+def hopper_available():
+    return (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+            and 90 in fcsa.compiled_sm_targets())
+
+
+needs_hopper = pytest.mark.skipif(not hopper_available(),
+                                  reason="needs an sm_90 GPU and a build with sm_90a code")
+
+
+def forward_backend(q, k, v, **kwargs):
+    with torch.no_grad():
+        fcsa.flash_cosine_sim_attention(q, k, v, **kwargs)
+    return fcsa.last_backend()
+
+
+@needs_hopper
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("d", [16, 40, 64, 72, 128])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("nq,nk", [(1, 1), (65, 129), (129, 65), (200, 385), (300, 300)])
+def test_matches_reference(dtype, d, causal, nq, nk):
+    tensors = qkv(2, 4, nq, nk, d, hk=2)
+    assert forward_backend(*(t.cuda().to(dtype) for t in tensors.values()), causal=causal) == "cuda-sm90"
+    # Gradients too: the portable backward runs on the Hopper forward's out and lse.
+    check_attention(tensors, dtype, "cuda", with_kwargs(causal=causal, return_lse=True))
+
+
+@needs_hopper
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
+def test_long_sequences_and_layouts(dtype):
+    # Many turns of the K/V ring; (b, n, h, d) memory layout as after a projection;
+    # single-headed kv.
+    q = torch.randn(1, 1500, 8, 128, device="cuda", dtype=dtype).transpose(1, 2)
+    k = torch.randn(1, 3000, 1, 128, device="cuda", dtype=dtype).transpose(1, 2)
+    v = torch.randn(1, 3000, 1, 128, device="cuda", dtype=dtype).transpose(1, 2)
+    for causal in (False, True):
+        assert forward_backend(q, k, v, causal=causal) == "cuda-sm90"
+        tensors = {"q": q.float().cpu(), "k": k.float().cpu(), "v": v.float().cpu()}
+        check_attention(tensors, dtype, "cuda", with_kwargs(causal=causal), grad=False)
+
+
+@needs_hopper
+def test_every_element_written():
+    q, k, v = (torch.randn(3, 2, 333, 72, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((3, 2, 333), float("nan"), device="cuda")
+    with torch.no_grad():
+        got, got_lse = fcsa.flash_cosine_sim_attention(q, k, v, causal=True, return_lse=True)
+    assert fcsa.last_backend() == "cuda-sm90"
+    out.copy_(got), lse.copy_(got_lse)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+
+
+@needs_hopper
+def test_declined_calls_run_on_the_portable_path(monkeypatch):
+    q, k, v = (torch.randn(2, 2, 100, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    assert forward_backend(q, k, v) == "cuda-sm90"
+    assert forward_backend(q, k, v, mask=random_mask(2, 100).cuda()) == "cuda-sm80"
+    assert forward_backend(q, k, v, attn_bias=torch.randn(2, 100, 100, device="cuda",
+                                                          dtype=torch.bfloat16)) == "cuda-sm80"
+    assert forward_backend(q, k, v, l2norm_qk=False) == "cuda-sm80"
+    assert forward_backend(q, k, v, groups=2) == "cuda-sm80"
+    assert forward_backend(q.float(), k.float(), v.float()) == "cuda-sm80"
+    assert forward_backend(q, k, v, scale=40) == "cuda-sm80"  # beyond the fixed offset's range
+    # the backward of a call is always the portable one today
+    qg = q.clone().requires_grad_()
+    fcsa.flash_cosine_sim_attention(qg, k, v).sum().backward()
+    assert fcsa.last_backend() == "cuda-sm80"
+    monkeypatch.setenv("FCSA_DISABLE_SM90", "1")
+    assert forward_backend(q, k, v) == "cuda-sm80"
+
+
+@needs_hopper
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
+def test_agrees_with_portable_path(dtype, monkeypatch):
+    q, k, v = (torch.randn(2, 4, 517, 128, device="cuda", dtype=dtype) for _ in range(3))
+    with torch.no_grad():
+        hopper = fcsa.flash_cosine_sim_attention(q, k, v, causal=True, return_lse=True)
+        assert fcsa.last_backend() == "cuda-sm90"
+        monkeypatch.setenv("FCSA_DISABLE_SM90", "1")
+        portable = fcsa.flash_cosine_sim_attention(q, k, v, causal=True, return_lse=True)
+        assert fcsa.last_backend() == "cuda-sm80"
+    tol = 2e-3 if dtype == torch.float16 else 1.6e-2
+    torch.testing.assert_close(hopper[0], portable[0], atol=tol, rtol=0)
+    torch.testing.assert_close(hopper[1], portable[1], atol=tol, rtol=0)
