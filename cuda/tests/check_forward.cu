@@ -681,9 +681,13 @@ int main(int argc, char **argv) {
                 for (bool causal : {false, true}) {
                     printf("%-6s %-4d %-7s", dtype_name(dt), d, causal ? "yes" : "no");
                     for (int n : ns) {
+                        setenv("FCSA_SM90_PINGPONG", "1", 1);
                         const double hopper = time_forward(buffers, dt, n, d, causal, 10, true);
+                        setenv("FCSA_SM90_PINGPONG", "0", 1);
+                        const double hopper_np = time_forward(buffers, dt, n, d, causal, 10, true);
+                        unsetenv("FCSA_SM90_PINGPONG");
                         const double portable = time_forward(buffers, dt, n, d, causal, 10, false);
-                        printf("  %5.1f (%5.1f)", hopper, portable);
+                        printf("  %5.1f/%5.1f (%5.1f)", hopper, hopper_np, portable);
                         fflush(stdout);
                     }
                     printf("\n");

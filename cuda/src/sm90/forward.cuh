@@ -31,7 +31,7 @@ struct ForwardParams {
     int64_t lse_stride[3];
     int batch, heads, heads_per_kv, nq, nk, d, num_m_tiles;
     float scale;
-    bool causal, vec_out;
+    bool causal, vec_out, ping_pong;
 };
 
 // Three warpgroups: a producer (one thread issues every TMA copy) and two consumers of
@@ -44,9 +44,9 @@ template <typename T, int D> struct ForwardConfig {
     static constexpr int kBlockM = 64 * kConsumers;
     static constexpr int kBlockN = 128;
     static constexpr int kStages = D == 64 ? 4 : 2;
-    // setmaxnreg budgets: 128 * 40 + 256 * 232 = 64512 of the 65536 registers.
-    static constexpr int kProducerRegisters = 40;
-    static constexpr int kConsumerRegisters = 232;
+    // setmaxnreg budgets: 128 * 56 + 256 * 224 = 64512 of the 65536 registers.
+    static constexpr int kProducerRegisters = 56;
+    static constexpr int kConsumerRegisters = 224;
 
     // p = 2^(x - offset), offset = bound - kExpShift, lies in [2^(kExpShift - 2 bound),
     // 2^kExpShift]: float16 probabilities stay normal for 2 bound <= kBoundedRange

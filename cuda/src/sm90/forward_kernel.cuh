@@ -3,10 +3,10 @@
 //
 // One CTA per (query tile of 128 rows, head, batch), query tiles in reverse so that
 // causal's long tiles start first. Three warpgroups:
-//   producer  one thread issues every copy: the Q tile once, then per key tile K (with
-//             its 1 / ||k_j|| from the key-norm pass) and V into a ring of kStages
-//             buffers, each completing on its "full" mbarrier, each reused once every
-//             consumer warp has arrived on its "empty" one.
+//   producer  one thread issues every copy: the Q tile once, then per key tile K (its
+//             warp copying 1 / ||k_j|| from the key-norm pass beside it) and V into a
+//             ring of kStages buffers, each completing on its "full" mbarrier, each
+//             reused once the consumers have arrived on its "empty" one.
 //   consumers two warpgroups of 64 query rows. The prologue l2-normalizes their Q rows
 //             in shared memory with scale * log2(e) folded in (the portable path's
 //             arithmetic), so a logit costs one FMA: x = (q^ . k) / ||k_j||. Then per key
@@ -14,7 +14,8 @@
 //             with no running maximum (cosine-sim logits are bounded by |scale|), so O
 //             is never rescaled; O += P V on wgmma with P from registers. The next
 //             tile's S is issued before this tile's P V, so the exponentials of one run
-//             while the tensor cores work on the other.
+//             while the tensor cores work on the other, and the two warpgroups take
+//             turns issuing (ping-pong, where it measured faster).
 //   epilogue  O / rowsum -> shared (the warpgroup's own Q rows) -> global (16-byte
 //             stores), lse = ln(rowsum) + offset ln 2.
 #pragma once
@@ -79,10 +80,10 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads, 1)
     if (threadIdx.x == 0) {
         mbarrier_init(q_full, 1);
         for (int s = 0; s < kStages; ++s) {
-            mbarrier_init(&k_full[s], 1);
+            mbarrier_init(&k_full[s], 1 + 32); // the TMA's expect_tx, the 1 / ||k|| copy's lanes
             mbarrier_init(&v_full[s], 1);
-            mbarrier_init(&k_empty[s], 4 * C::kConsumers); // one arrival per consumer warp
-            mbarrier_init(&v_empty[s], 4 * C::kConsumers);
+            mbarrier_init(&k_empty[s], 128 * C::kConsumers); // every consumer thread reads 1 / ||k||
+            mbarrier_init(&v_empty[s], 4 * C::kConsumers);   // one arrival per consumer warp
         }
         mbarrier_init_fence();
     }
@@ -90,30 +91,45 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads, 1)
 
     if (warpgroup == 0) {
         // ================================================================ producer
+        // Warp 0: lane 0 issues the TMA copies; all 32 lanes copy a key tile's 1 / ||k||
+        // (512 bytes) with ordinary loads and stores, so that everything the consumers'
+        // threads read (not their tensor cores) is written by the generic proxy too.
         warpgroup_registers_release<C::kProducerRegisters>();
-        if (threadIdx.x != 0) return;
-        tma_prefetch_map(&p.q_map);
-        tma_prefetch_map(&p.k_map);
-        tma_prefetch_map(&p.v_map);
-        mbarrier_arrive_expect_tx(q_full, QTile::kBytes);
+        if (threadIdx.x >= 32) return;
+        const int lane = threadIdx.x;
+        if (lane == 0) {
+            tma_prefetch_map(&p.q_map);
+            tma_prefetch_map(&p.k_map);
+            tma_prefetch_map(&p.v_map);
+            mbarrier_arrive_expect_tx(q_full, QTile::kBytes);
 #pragma unroll
-        for (int cb = 0; cb < D / 64; ++cb) tma_load_4d(sQ + cb * BM * 64, &p.q_map, q_full, cb * 64, m0, hq, bi);
-        const float *key_inv_norms = p.k_inv_norm + (int64_t(bi) * (p.heads / p.heads_per_kv) + kvh) * p.k_inv_norm_stride;
+            for (int cb = 0; cb < D / 64; ++cb)
+                tma_load_4d(sQ + cb * BM * 64, &p.q_map, q_full, cb * 64, m0, hq, bi);
+        }
+        const float *key_inv_norms =
+            p.k_inv_norm + (int64_t(bi) * (p.heads / p.heads_per_kv) + kvh) * p.k_inv_norm_stride;
         for (int t = 0; t < tiles; ++t) {
             const int s = t % kStages;
             const uint32_t round = t / kStages;
             const int j0 = t * BN;
             if (round > 0) mbarrier_wait(&k_empty[s], (round - 1) & 1);
-            mbarrier_arrive_expect_tx(&k_full[s], KTile::kBytes + BN * 4);
+            if (lane == 0) {
+                mbarrier_arrive_expect_tx(&k_full[s], KTile::kBytes);
 #pragma unroll
-            for (int cb = 0; cb < D / 64; ++cb)
-                tma_load_4d(sK + s * (BN * D) + cb * BN * 64, &p.k_map, &k_full[s], cb * 64, j0, kvh, bi);
-            bulk_load(sKInv + s * BN, key_inv_norms + j0, BN * 4, &k_full[s]);
+                for (int cb = 0; cb < D / 64; ++cb)
+                    tma_load_4d(sK + s * (BN * D) + cb * BN * 64, &p.k_map, &k_full[s], cb * 64, j0, kvh, bi);
+            }
+            static_assert(BN == 32 * 4, "one float4 of 1 / ||k|| per lane");
+            reinterpret_cast<float4 *>(sKInv + s * BN)[lane] =
+                __ldg(reinterpret_cast<const float4 *>(key_inv_norms + j0) + lane);
+            mbarrier_arrive(&k_full[s]);
             if (round > 0) mbarrier_wait(&v_empty[s], (round - 1) & 1);
-            mbarrier_arrive_expect_tx(&v_full[s], KTile::kBytes);
+            if (lane == 0) {
+                mbarrier_arrive_expect_tx(&v_full[s], KTile::kBytes);
 #pragma unroll
-            for (int cb = 0; cb < D / 64; ++cb)
-                tma_load_4d(sV + s * (BN * D) + cb * BN * 64, &p.v_map, &v_full[s], cb * 64, j0, kvh, bi);
+                for (int cb = 0; cb < D / 64; ++cb)
+                    tma_load_4d(sV + s * (BN * D) + cb * BN * 64, &p.v_map, &v_full[s], cb * 64, j0, kvh, bi);
+            }
         }
         return;
     }
@@ -127,6 +143,16 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads, 1)
     const int row_a = m0 + r0 + 16 * warp + g;  // the thread's two accumulator rows
     const int row_b = row_a + 8;
     const int barrier_id = 1 + consumer;        // named barrier of this warpgroup
+    // Ping-pong: the two consumers take turns issuing their products (named barriers 3
+    // and 4), so that one's exponentials run while the tensor cores work for the other.
+    const int my_turn = 3 + consumer, their_turn = 4 - consumer;
+    auto take_turn = [&]() {
+        if (p.ping_pong) named_barrier_sync(my_turn, 256);
+    };
+    auto pass_turn = [&]() {
+        if (p.ping_pong) named_barrier_arrive(their_turn, 256);
+    };
+    if (consumer == 1) pass_turn(); // the first turn is consumer 0's
 
     const float scale = p.scale;
     const float scale_log2 = scale * kLog2e;
@@ -202,48 +228,63 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads, 1)
 #pragma unroll
             for (int r = 0; r < 4; ++r) pf[kk][r] = pack_float2<T>(s[8 * kk + 2 * r], s[8 * kk + 2 * r + 1]);
     };
-    auto release = [&](uint64_t *bar) {
-        __syncwarp();
-        if (lane == 0) mbarrier_arrive(bar);
+    // After the reads of a buffer: one arrival per thread where threads read it (1 / ||k||),
+    // one per warp where only the tensor cores did.
+    auto release = [&](uint64_t *bar, bool thread_reads) {
+        if (thread_reads) {
+            mbarrier_arrive(bar);
+        } else {
+            __syncwarp();
+            if (lane == 0) mbarrier_arrive(bar);
+        }
     };
 
     // ---- main loop: S(t) is issued before P(t - 1) V(t - 1)
     if (tiles > 0) {
         mbarrier_wait(&k_full[0], 0);
+        take_turn();
         issue_scores(0);
+        pass_turn();
         wgmma_wait<0>();
         wgmma_fence_operands(s);
         exponentials(0, 0);
-        release(&k_empty[0]);
+        release(&k_empty[0], true);
         pack_probabilities();
     }
     for (int t = 1; t < tiles; ++t) {
         const int stage = t % kStages, previous = (t - 1) % kStages;
         mbarrier_wait(&k_full[stage], (t / kStages) & 1);
-        issue_scores(stage);
         mbarrier_wait(&v_full[previous], ((t - 1) / kStages) & 1);
+        take_turn();
+        issue_scores(stage);
         issue_pv(previous);
+        pass_turn();
         wgmma_wait<1>(); // S(t) is done; P(t - 1) V(t - 1) may still run
         wgmma_fence_operands(s);
         exponentials(t, stage);
-        release(&k_empty[stage]);
+        release(&k_empty[stage], true);
         wgmma_wait<0>();
         wgmma_fence_operands(o);
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk)
 #pragma unroll
             for (int r = 0; r < 4; ++r) asm volatile("" : "+r"(pf[kk][r])); // P was read until here
-        release(&v_empty[previous]);
+        release(&v_empty[previous], false);
         pack_probabilities();
     }
     if (tiles > 0) {
         const int last = (tiles - 1) % kStages;
         mbarrier_wait(&v_full[last], ((tiles - 1) / kStages) & 1);
+        take_turn();
         issue_pv(last);
+        pass_turn();
         wgmma_wait<0>();
         wgmma_fence_operands(o);
-        release(&v_empty[last]);
+        release(&v_empty[last], false);
     }
+    // Consumer 1's last pass_turn is never taken: consumer 0 takes it, so that no named
+    // barrier is left half-arrived.
+    if (consumer == 0) take_turn();
 
     // ---- epilogue: lse, O / rowsum staged in this warpgroup's rows of sQ, then global
     sum_a = quad_sum(sum_a);
