@@ -400,18 +400,18 @@ __device__ __forceinline__ void start_query_tiles(const Params &p, const KeyQuer
 template <typename T, int DC, int kThreads>
 __device__ __forceinline__ void write_zero_grads(const Params &p, int64_t batch, int64_t kv, int64_t j0, int keys,
                                                  int col0, int tid) {
-    const int cols_k = p.d - col0 < DC ? p.d - col0 : DC, cols_v = p.d_v - col0 < DC ? p.d_v - col0 : DC;
-    if (cols_v > 0)
-        for (int e = tid; e < keys * cols_v; e += kThreads)
-            p.dv.row<T>(batch, kv, j0 + e / cols_v)[col0 + e % cols_v] = common::from_float<T>(0.f);
-    if (cols_k > 0)
-        for (int e = tid; e < keys * cols_k; e += kThreads) {
-            const int r = e / cols_k, c = col0 + e % cols_k;
-            if (p.dk_acc != nullptr)
-                p.dk_acc[((batch * p.hk + kv) * p.nk + j0 + r) * p.d + c] = 0.f;
-            else
-                p.dk.row<T>(batch, kv, j0 + r)[c] = common::from_float<T>(0.f);
-        }
+    const int width = p.d > p.d_v ? p.d : p.d_v; // one pass over the wider's columns
+    const int cols = width - col0 < DC ? width - col0 : DC;
+    if (cols <= 0) return;
+    for (int e = tid; e < keys * cols; e += kThreads) {
+        const int r = e / cols, c = col0 + e % cols;
+        if (c < p.d_v) p.dv.row<T>(batch, kv, j0 + r)[c] = common::from_float<T>(0.f);
+        if (c >= p.d) continue;
+        if (p.dk_acc != nullptr)
+            p.dk_acc[((batch * p.hk + kv) * p.nk + j0 + r) * p.d + c] = 0.f;
+        else
+            p.dk.row<T>(batch, kv, j0 + r)[c] = common::from_float<T>(0.f);
+    }
 }
 
 // dK of keys [j0, j0 + keys) through the l2norm backward, from dK^ staged in shared
