@@ -210,6 +210,16 @@ def test_masked_values_contribute_nothing_on_cuda(d, d_v, dtype, poison):
     assert (got[3].masked_select(hidden.cuda()) == 0).all()
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("d,d_v,named", [(32, 12, "value head dim 12"), (32, 264, "value head dim 264"),
+                                         (12, 32, "head dim 12")])
+def test_head_dims_the_gpu_does_not_run(d, d_v, named):
+    """Each head dim a multiple of 8 up to 256 on the GPU; another is refused, named."""
+    q, k, v = (t.cuda() for t in tensors(d, d_v).values())
+    with pytest.raises(NotImplementedError, match=named):
+        fcsa.flash_cosine_sim_attention(q, k, v)
+
+
 def test_plain_reference_takes_its_value_head_dim():
     q, k, v = (t.double() for t in tensors(24, 40).values())
     out = fcsa.plain_cosine_sim_attention(q, k, v, causal=True)
