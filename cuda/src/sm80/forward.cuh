@@ -53,7 +53,7 @@ struct ForwardParams {
 // from shared memory feeds two products (one would leave the tensor cores waiting on
 // shared-memory bandwidth); with D <= 64 the warp also keeps its Q rows in registers.
 // (192, 128) takes two blocks too: its O and S accumulators are (128, 128)'s, only its
-// Q tile is wider (92 KB of shared memory in all).
+// Q tile is wider (91 KB of shared memory in all).
 // DV <= D: the epilogue stages O in the warp's own rows of the Q tile.
 template <typename T, int D, int DV = D> struct ForwardConfig {
     static_assert(DV <= D && DV % 32 == 0, "v's bucket is at most q's (out is staged in Q's rows)");
