@@ -31,6 +31,7 @@ OPCHECK_CASES = {
     "single_kv_head": dict(hk=1, mask=False),
     "bfloat16_float32_out": dict(dtype=torch.bfloat16, float32_out=True),
     "value_head_dim": dict(d_v=24),
+    "value_head_dim_bfloat16_float32_out": dict(dtype=torch.bfloat16, float32_out=True, d_v=40),
 }
 
 
