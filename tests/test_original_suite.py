@@ -7,7 +7,7 @@ written in the original's style: flash against plain, both in float32, with the
 original's tolerance. Its cases take q and k of head dim 32 and v of 64 (the original
 computes softmax(scale q^ k^T) v with v of its own width), batch 2, 4 heads, sequences
 of 127, self and cross attention, causal, masks and biases, outputs and gradients:
-4 tests of 12 cases each, 48 in all. The original's 0.2 releases also take
+4 tests of 12 cases each, 48 in all, on the CPU and (as the original ran them) on CUDA. The original's 0.2 releases also take
 `use_triton` and `sequence_parallel`, which fcsa accepts and ignores.
 """
 
@@ -62,23 +62,24 @@ CROSS_SEQ = 63  # the queries' length in the cross-attention cases
 CASES = pytest.mark.parametrize("causal,mask", [(True, False), (False, True), (False, False)])
 BIAS = pytest.mark.parametrize("attn_bias", [True, False])
 VALUE_DIM = pytest.mark.parametrize("dim_v", [DIM, DIM_V])
+DEVICE = pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 
 
-def inputs(q_len, dim_v, mask, attn_bias, requires_grad=False):
-    q = torch.randn(BATCH, HEADS, q_len, DIM)
-    k = torch.randn(BATCH, HEADS, SEQ, DIM)
-    v = torch.randn(BATCH, HEADS, SEQ, dim_v)
-    mask = torch.randint(0, 2, (BATCH, SEQ)).bool() if mask else None
-    attn_bias = torch.randn(HEADS, q_len, SEQ) if attn_bias else None
+def inputs(q_len, dim_v, mask, attn_bias, requires_grad=False, device="cpu"):
+    q = torch.randn(BATCH, HEADS, q_len, DIM, device=device)
+    k = torch.randn(BATCH, HEADS, SEQ, DIM, device=device)
+    v = torch.randn(BATCH, HEADS, SEQ, dim_v, device=device)
+    mask = torch.randint(0, 2, (BATCH, SEQ), device=device).bool() if mask else None
+    attn_bias = torch.randn(HEADS, q_len, SEQ, device=device) if attn_bias else None
     tensors = [q, k, v] + ([attn_bias] if attn_bias is not None else [])
     for t in tensors:
         t.requires_grad_(requires_grad)
     return q, k, v, mask, attn_bias
 
 
-def output_equal(q_len, causal, mask, attn_bias, dim_v):
+def output_equal(q_len, causal, mask, attn_bias, dim_v, device):
     flash_cosine_sim_attention, plain_cosine_sim_attention = original()
-    q, k, v, mask, attn_bias = inputs(q_len, dim_v, mask, attn_bias)
+    q, k, v, mask, attn_bias = inputs(q_len, dim_v, mask, attn_bias, device=device)
     plain_output = plain_cosine_sim_attention(q, k, v, causal=causal, mask=mask,
                                               attn_bias=attn_bias)
     flash_output = flash_cosine_sim_attention(q, k, v, causal=causal, mask=mask,
@@ -88,9 +89,9 @@ def output_equal(q_len, causal, mask, attn_bias, dim_v):
     assert allclose(plain_output, flash_output)
 
 
-def grad_equal(q_len, causal, mask, attn_bias, dim_v):
+def grad_equal(q_len, causal, mask, attn_bias, dim_v, device):
     flash_cosine_sim_attention, plain_cosine_sim_attention = original()
-    q, k, v, mask, attn_bias = inputs(q_len, dim_v, mask, attn_bias, requires_grad=True)
+    q, k, v, mask, attn_bias = inputs(q_len, dim_v, mask, attn_bias, requires_grad=True, device=device)
     leaves = [t for t in (q, k, v, attn_bias) if t is not None]
 
     plain_output = plain_cosine_sim_attention(q, k, v, causal=causal, mask=mask,
@@ -110,28 +111,28 @@ def grad_equal(q_len, causal, mask, attn_bias, dim_v):
 
 def original_cases(test):
     """The original's parameters: causal or a mask or neither, a bias or none, and here
-    v's head dim, q's or its own."""
-    return VALUE_DIM(BIAS(CASES(test)))
+    v's head dim, q's or its own, and the device."""
+    return DEVICE(VALUE_DIM(BIAS(CASES(test))))
 
 
 @original_cases
-def test_output_equal(causal, mask, attn_bias, dim_v):
-    output_equal(SEQ, causal, mask, attn_bias, dim_v)
+def test_output_equal(causal, mask, attn_bias, dim_v, device):
+    output_equal(SEQ, causal, mask, attn_bias, dim_v, device)
 
 
 @original_cases
-def test_grad_equal(causal, mask, attn_bias, dim_v):
-    grad_equal(SEQ, causal, mask, attn_bias, dim_v)
+def test_grad_equal(causal, mask, attn_bias, dim_v, device):
+    grad_equal(SEQ, causal, mask, attn_bias, dim_v, device)
 
 
 @original_cases
-def test_output_equal_cross_attn(causal, mask, attn_bias, dim_v):
-    output_equal(CROSS_SEQ, causal, mask, attn_bias, dim_v)
+def test_output_equal_cross_attn(causal, mask, attn_bias, dim_v, device):
+    output_equal(CROSS_SEQ, causal, mask, attn_bias, dim_v, device)
 
 
 @original_cases
-def test_grad_equal_cross_attn(causal, mask, attn_bias, dim_v):
-    grad_equal(CROSS_SEQ, causal, mask, attn_bias, dim_v)
+def test_grad_equal_cross_attn(causal, mask, attn_bias, dim_v, device):
+    grad_equal(CROSS_SEQ, causal, mask, attn_bias, dim_v, device)
 
 
 # ---------------------------------------------------------------- 0.2's keyword arguments

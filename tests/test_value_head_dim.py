@@ -11,7 +11,7 @@ import torch
 import fcsa
 from fcsa import _lib
 from fcsa._ops import describe
-from helpers import check_attention, random_mask, with_kwargs
+from helpers import DTYPES, check_attention, dtype_id, random_mask, with_kwargs
 
 # (d, d_v): wider and narrower values, the MLA shape, and widths that are not a
 # multiple of 16 (the width of the CPU kernels' panels).
@@ -39,6 +39,8 @@ def feature_case(feature, d, d_v):
         t["attn_bias"] = torch.randn(H, NQ, NK)
     elif feature == "bias_broadcast":
         t["attn_bias"] = torch.randn(B, 1, 1, NK)
+    elif feature == "bias_per_query":  # broadcast over the keys: dbias sums each row
+        t["attn_bias"] = torch.randn(1, H, NQ, 1)
     elif feature == "gqa":
         t = tensors(d, d_v, hk=2)
     elif feature == "single_kv":
@@ -64,12 +66,13 @@ def feature_case(feature, d, d_v):
     return t, with_kwargs(**kwargs)
 
 
-FEATURES = ["causal", "cross_causal", "mask", "bias", "bias_broadcast", "gqa", "single_kv",
-            "scale_tensor", "groups", "lse", "merged", "everything"]
+FEATURES = ["causal", "cross_causal", "mask", "bias", "bias_broadcast", "bias_per_query", "gqa",
+            "single_kv", "scale_tensor", "groups", "lse", "merged", "everything"]
+HEAD_DIM_IDS = [f"d{a}_dv{b}" for a, b in HEAD_DIMS]
 
 
 @pytest.mark.parametrize("feature", FEATURES)
-@pytest.mark.parametrize("d,d_v", HEAD_DIMS, ids=[f"d{a}_dv{b}" for a, b in HEAD_DIMS])
+@pytest.mark.parametrize("d,d_v", HEAD_DIMS, ids=HEAD_DIM_IDS)
 def test_value_head_dim_on_cpu(d, d_v, feature):
     t, run = feature_case(feature, d, d_v)
     got = check_attention(t, torch.float32, "cpu", run)
@@ -84,7 +87,7 @@ def test_value_head_dim_16_bit_on_cpu(d, d_v, dtype):
     check_attention(t, dtype, "cpu", run)
 
 
-@pytest.mark.parametrize("d,d_v", HEAD_DIMS, ids=[f"d{a}_dv{b}" for a, b in HEAD_DIMS])
+@pytest.mark.parametrize("d,d_v", HEAD_DIMS, ids=HEAD_DIM_IDS)
 def test_value_head_dim_deterministic(d, d_v):
     t, run = feature_case("everything", d, d_v)
     t.pop("scale")
@@ -106,10 +109,114 @@ def test_value_head_dim_keys_split_and_chunked(d, d_v):
     check_attention(t, torch.float32, "cpu", with_kwargs(causal=True))
 
 
+# ---------------------------------------------------------------- CUDA
+#
+# The GPU forward runs (d, d_v) in the smallest instantiated (D, DV) that covers it:
+# (B, B) for each head-dim bucket B, and (192, 128) (the MLA shape, its own kernel); the
+# backward in the bucket of the wider of the two. The narrower is zero-padded.
+
 @pytest.mark.cuda
-def test_value_head_dim_is_not_supported_on_cuda_yet():
-    q, k, v = (t.cuda() for t in tensors(32, 64).values())
-    with pytest.raises(NotImplementedError, match="value head dim"):
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("feature", FEATURES)
+@pytest.mark.parametrize("d,d_v", HEAD_DIMS, ids=HEAD_DIM_IDS)
+def test_value_head_dim_on_cuda(d, d_v, feature, dtype):
+    t, run = feature_case(feature, d, d_v)
+    got = check_attention(t, dtype, "cuda", run)
+    assert got["out"].shape[-1] == d_v and got["dv"].shape[-1] == d_v
+    assert got["dq"].shape[-1] == d and got["dk"].shape[-1] == d
+
+
+# Pairs routed to padded instantiations: (192, 128) for a narrower d and d_v, (256, 256)
+# for d_v beyond 128 with d in the 192 bucket, unequal widths in the backward's split
+# head dim (256: two column halves, one with no column of the narrower tensor), and
+# the extremes.
+ROUTED_HEAD_DIMS = [(136, 64), (200, 128), (184, 136), (256, 128), (96, 200), (8, 256), (256, 8), (40, 96)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("feature", ["causal", "everything"])
+@pytest.mark.parametrize("d,d_v", ROUTED_HEAD_DIMS, ids=[f"d{a}_dv{b}" for a, b in ROUTED_HEAD_DIMS])
+def test_value_head_dim_routed_on_cuda(d, d_v, feature, dtype):
+    t, run = feature_case(feature, d, d_v)
+    check_attention(t, dtype, "cuda", run)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("feature", ["everything", "bias_broadcast", "bias_per_query"])
+@pytest.mark.parametrize("d,d_v", HEAD_DIMS, ids=HEAD_DIM_IDS)
+def test_value_head_dim_deterministic_on_cuda(d, d_v, feature, dtype):
+    """deterministic=True: bitwise the same gradients twice (dbias by the kernels' fixed
+    orders: stored as is, owned keys, owned query rows), and right."""
+    t, run = feature_case(feature, d, d_v)
+    results = []
+    for _ in range(2):
+        torch.manual_seed(1)  # the same dout both times
+        results.append(check_attention(t, dtype, "cuda", run, deterministic=True))
+    got, again = results
+    for name in got:
+        assert torch.equal(got[name], again[name]), name
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("d,d_v", [(192, 128), (32, 64), (64, 32)], ids=["d192_dv128", "d32_dv64", "d64_dv32"])
+def test_value_head_dim_long_queries_on_cuda(d, d_v, causal, dtype):
+    """Many query and key tiles, and from 2048 queries (4096 with causal) the forward's
+    key-norm pass; grouped kv and a key count that is no multiple of a tile (causal:
+    the first rows see no key)."""
+    nq, nk = (4100, 3001) if causal else (2100, 1001)
+    t = {"q": torch.randn(1, 2, nq, d), "k": torch.randn(1, 1, nk, d), "v": torch.randn(1, 1, nk, d_v)}
+    check_attention(t, dtype, "cuda", with_kwargs(causal=causal))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("d,d_v", HEAD_DIMS + [(256, 128)], ids=HEAD_DIM_IDS + ["d256_dv128"])
+def test_value_head_dim_small_shared_memory_gpus(d, d_v, dtype, deterministic, monkeypatch):
+    """The 99 KB of shared memory per block of sm_86, sm_89 and sm_120: the backward's
+    compact shapes (the forward's fit it as they are)."""
+    monkeypatch.setenv("FCSA_MAX_SHARED_MEMORY", str(99 * 1024))
+    t, run = feature_case("everything", d, d_v)
+    check_attention(t, dtype, "cuda", run, deterministic=deterministic)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("d,d_v", HEAD_DIMS, ids=HEAD_DIM_IDS)
+def test_masked_values_contribute_nothing_on_cuda(d, d_v, dtype, poison):
+    """v's rows of masked keys holding NaN or inf: every result is that of zeros there
+    (V's tile rows of masked keys are zeroed in the kernels), and their dv is 0."""
+    b, h, n = 2, 2, 300
+    q, k = torch.randn(b, h, n, d), torch.randn(b, h, n, d)
+    v = torch.randn(b, h, n, d_v)
+    mask = random_mask(b, n)
+    hidden = ~mask[:, None, :, None]
+    dout = torch.randn(b, h, n, d_v, device="cuda", dtype=dtype)
+
+    def results(fill):
+        leaves = [x.to("cuda", dtype).requires_grad_() for x in (q, k, v.masked_fill(hidden, fill))]
+        out = fcsa.flash_cosine_sim_attention(*leaves, mask=mask.cuda(), deterministic=True)
+        return [out] + list(torch.autograd.grad(out, leaves, dout))
+
+    got, ref = results(poison), results(0.0)
+    for name, g, r in zip(["out", "dq", "dk", "dv"], got, ref):
+        assert torch.isfinite(g).all(), name
+        torch.testing.assert_close(g, r, msg=name)
+    assert (got[3].masked_select(hidden.cuda()) == 0).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("d,d_v,named", [(32, 12, "value head dim 12"), (32, 264, "value head dim 264"),
+                                         (12, 32, "head dim 12")])
+def test_head_dims_the_gpu_does_not_run(d, d_v, named):
+    """Each head dim a multiple of 8 up to 256 on the GPU; another is refused, named."""
+    q, k, v = (t.cuda() for t in tensors(d, d_v).values())
+    with pytest.raises(NotImplementedError, match=named):
         fcsa.flash_cosine_sim_attention(q, k, v)
 
 

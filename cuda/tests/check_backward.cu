@@ -175,6 +175,7 @@ struct Case {
     std::string name;
     int dtype = FCSA_DTYPE_BFLOAT16;
     int64_t b = 2, h = 4, hk = 4, nq = 100, nk = 150, d = 64;
+    int64_t d_v = 0;                   // v's (out's, dout's, dv's) head dim; 0: d
     int groups = 1;
     bool causal = false, l2norm = true, deterministic = false;
     float scale = 8.f;
@@ -241,6 +242,7 @@ static Reference reference(const Case &cs, const std::vector<double> &q, const s
                            const std::vector<double> &mask, const std::vector<double> &bias,
                            const std::vector<double> &scales) {
     const int64_t b = cs.b, h = cs.h, hk = cs.hk, nq = cs.nq, nk = cs.nk, d = cs.d, hpk = h / hk;
+    const int64_t dv = cs.d_v > 0 ? cs.d_v : d;
     const int groups = cs.groups;
     const bool has_bias = cs.bias_shape[0] != 0;
     const int64_t *bs = cs.bias_shape;
@@ -249,11 +251,11 @@ static Reference reference(const Case &cs, const std::vector<double> &q, const s
                (bs[3] == 1 ? 0 : j);
     };
     Reference r;
-    r.out.assign(size_t(b * h * nq * d), 0);
+    r.out.assign(size_t(b * h * nq * dv), 0);
     r.lse.assign(size_t(b * h * nq), 0);
     r.dq.assign(size_t(b * h * nq * d), 0);
     r.dk.assign(size_t(b * hk * nk * d), 0);
-    r.dv.assign(size_t(b * hk * nk * d), 0);
+    r.dv.assign(size_t(b * hk * nk * dv), 0);
     r.dq_abs.assign(r.dq.size(), 0);
     r.dk_abs.assign(r.dk.size(), 0);
     r.dv_abs.assign(r.dv.size(), 0);
@@ -304,26 +306,28 @@ static Reference reference(const Case &cs, const std::vector<double> &q, const s
                 const int64_t row = (ib * h + hq) * nq + i;
                 r.lse[size_t(row)] = sum > 0 ? mx + std::log(sum) : -INFINITY;
                 for (int64_t j = 0; j < nk; ++j) p[j] = sum > 0 ? p[j] / sum : 0;
-                double *o = &r.out[size_t(row * d)];
+                double *o = &r.out[size_t(row * dv)];
                 for (int64_t j = 0; j < nk; ++j)
                     if (p[j] != 0)
-                        for (int64_t c = 0; c < d; ++c) o[c] += p[j] * v[size_t(((ib * hk + g) * nk + j) * d + c)];
-                const double *dor = &dout[size_t(row * d)];
+                        for (int64_t c = 0; c < dv; ++c) o[c] += p[j] * v[size_t(((ib * hk + g) * nk + j) * dv + c)];
+                const double *dor = &dout[size_t(row * dv)];
                 double delta = 0; // from out as the forward stores it
-                for (int64_t c = 0; c < d; ++c) delta += dor[c] * round_to(o[c], cs.dtype);
+                for (int64_t c = 0; c < dv; ++c) delta += dor[c] * round_to(o[c], cs.dtype);
                 std::fill(dqhat.begin(), dqhat.end(), 0.0);
                 std::fill(dqhat_abs.begin(), dqhat_abs.end(), 0.0);
                 for (int64_t j = 0; j < nk; ++j) {
                     if (p[j] == 0) continue;
-                    const double *vr = &v[size_t(((ib * hk + g) * nk + j) * d)];
+                    const double *vr = &v[size_t(((ib * hk + g) * nk + j) * dv)];
                     double dp = 0;
-                    for (int64_t c = 0; c < d; ++c) dp += dor[c] * vr[c];
+                    for (int64_t c = 0; c < dv; ++c) dp += dor[c] * vr[c];
                     const double ds = p[j] * (dp - delta), ds_abs = p[j] * (std::fabs(dp) + std::fabs(delta));
-                    double *dvr = &r.dv[size_t(((ib * hk + g) * nk + j) * d)];
-                    double *dvr_abs = &r.dv_abs[size_t(((ib * hk + g) * nk + j) * d)];
-                    for (int64_t c = 0; c < d; ++c) {
+                    double *dvr = &r.dv[size_t(((ib * hk + g) * nk + j) * dv)];
+                    double *dvr_abs = &r.dv_abs[size_t(((ib * hk + g) * nk + j) * dv)];
+                    for (int64_t c = 0; c < dv; ++c) {
                         dvr[c] += p[j] * dor[c];
                         dvr_abs[c] += p[j] * std::fabs(dor[c]);
+                    }
+                    for (int64_t c = 0; c < d; ++c) {
                         dqhat[c] += scale * ds * khat[j * d + c];
                         dqhat_abs[c] += std::fabs(scale) * ds_abs * std::fabs(khat[j * d + c]);
                         dkhat[j * d + c] += scale * ds * qhat[c];
@@ -423,6 +427,7 @@ static bool run_case(const Case &cs, uint64_t seed) {
     std::mt19937_64 rng(seed);
     std::normal_distribution<double> normal(0.0, 1.0);
     const int64_t b = cs.b, h = cs.h, hk = cs.hk, nq = cs.nq, nk = cs.nk, d = cs.d;
+    const int64_t dv = cs.d_v > 0 ? cs.d_v : d;
     const bool has_bias = cs.bias_shape[0] != 0;
     auto randn = [&](int64_t n, double sd) {
         std::vector<double> x(static_cast<size_t>(n));
@@ -432,21 +437,22 @@ static bool run_case(const Case &cs, uint64_t seed) {
 
     DeviceTensor tq, tk, tv, tout, tdout, tdq, tdk, tdv, tlse, tmask, tbias, tdbias, tscale, tdscale;
     const int64_t qshape[4] = {b, h, nq, d}, kshape[4] = {b, hk, nk, d};
+    const int64_t oshape[4] = {b, h, nq, dv}, vshape[4] = {b, hk, nk, dv};
     tq.create(cs.dtype, qshape, cs.layout);
     tk.create(cs.dtype, kshape, cs.layout);
-    tv.create(cs.dtype, kshape, cs.layout);
-    tout.create(cs.dtype, qshape, cs.layout);
-    tdout.create(cs.dtype, qshape, cs.layout);
+    tv.create(cs.dtype, vshape, cs.layout);
+    tout.create(cs.dtype, oshape, cs.layout);
+    tdout.create(cs.dtype, oshape, cs.layout);
     tdq.create(cs.dtype, qshape, cs.layout);
     tdk.create(cs.dtype, kshape, cs.layout);
-    tdv.create(cs.dtype, kshape, cs.layout);
+    tdv.create(cs.dtype, vshape, cs.layout);
     const int64_t lshape[4] = {b, h, nq, 1};
     tlse.create(FCSA_DTYPE_FLOAT32, lshape, kContiguous);
 
     const std::vector<double> q = tq.upload(randn(b * h * nq * d, cs.input_scale));
     const std::vector<double> k = tk.upload(randn(b * hk * nk * d, cs.input_scale));
-    const std::vector<double> v = tv.upload(randn(b * hk * nk * d, 1.0));
-    const std::vector<double> dout = tdout.upload(randn(b * h * nq * d, 1.0));
+    const std::vector<double> v = tv.upload(randn(b * hk * nk * dv, 1.0));
+    const std::vector<double> dout = tdout.upload(randn(b * h * nq * dv, 1.0));
 
     std::vector<double> mask;
     if (cs.mask) {
@@ -496,7 +502,7 @@ static bool run_case(const Case &cs, uint64_t seed) {
     p.nq = nq;
     p.nk = nk;
     p.d = d;
-    p.d_v = d;
+    p.d_v = dv;
     p.dtype = cs.dtype;
     p.device_type = FCSA_DEVICE_CUDA;
     p.scale = cs.scale;
@@ -632,6 +638,15 @@ static std::vector<Case> sweep(bool quick) {
         c.name = "quick bf16 d256 groups 2 deterministic";
         c.b = 1; c.h = 2; c.hk = 2; c.nq = 40; c.nk = 70; c.d = 256; c.groups = 2; c.deterministic = true;
         add(c);
+        c = Case{};
+        c.name = "quick bf16 d192 dv128 causal mask dscale";
+        c.b = 1; c.h = 2; c.hk = 1; c.nq = 90; c.nk = 150; c.d = 192; c.d_v = 128;
+        c.causal = true; c.mask = 1; c.scale_kind = kScalePerHead;
+        add(c);
+        c = Case{};
+        c.name = "quick f16 d32 dv64 (shared-scores kernel)";
+        c.dtype = FCSA_DTYPE_FLOAT16; c.b = 1; c.h = 2; c.hk = 1; c.nq = 90; c.nk = 150; c.d = 32; c.d_v = 64;
+        add(c);
         return cases;
     }
     const int dtypes[3] = {FCSA_DTYPE_FLOAT32, FCSA_DTYPE_FLOAT16, FCSA_DTYPE_BFLOAT16};
@@ -730,6 +745,25 @@ static std::vector<Case> sweep(bool quick) {
         c.name = named("%s det gqa causal nq>nk", dtype_name(dt));
         add(c);
     }
+    // v's own head dim: the kernels run in the bucket of the wider, the other zero-padded;
+    // at 256 the head dim's two column halves (one with no column of d = 96).
+    const int64_t value_dims[][2] = {{32, 64}, {64, 32}, {192, 128}, {24, 40}, {96, 200}, {256, 8}};
+    for (int dt : dtypes)
+        for (const auto &dims : value_dims) {
+            Case c;
+            c.dtype = dt; c.d = dims[0]; c.d_v = dims[1];
+            c.name = named("%s d%lld dv%lld", dtype_name(dt), (long long)dims[0], (long long)dims[1]);
+            add(c);
+            c.h = 4; c.hk = 2; c.causal = true; c.mask = 2; c.scale_kind = kScalePerHead; c.groups = 2;
+            c.bias_shape[0] = 2; c.bias_shape[1] = 4; c.bias_shape[2] = 100; c.bias_shape[3] = 150;
+            c.name = named("%s d%lld dv%lld everything", dtype_name(dt), (long long)dims[0], (long long)dims[1]);
+            add(c);
+            c.deterministic = true; c.causal = false; c.layout = kPaddedRows;
+            c.bias_shape[0] = 1; c.bias_shape[1] = 4; c.bias_shape[2] = 100; c.bias_shape[3] = 1;
+            c.name = named("%s d%lld dv%lld det unaligned bias (1,h,nq,1)", dtype_name(dt), (long long)dims[0],
+                           (long long)dims[1]);
+            add(c);
+        }
     // Edge sizes.
     for (int dt : dtypes) {
         Case c;

@@ -134,6 +134,7 @@ struct Case {
     std::string name;
     int dtype = FCSA_DTYPE_BFLOAT16;
     int b = 2, h = 4, hk = 4, nq = 77, nk = 93, d = 64;
+    int d_v = 0;               // v's (and out's) head dim; 0: d
     int groups = 1;
     bool causal = false, l2norm = true, lse = true;
     int mask = 0;              // 0 none, 1 random keys, 2 padding (prefix visible), 3 padding with one batch fully hidden
@@ -159,11 +160,11 @@ static double tolerance(int dtype) {
 
 static Result run_case(const Case &c) {
     Result res;
-    const int64_t b = c.b, h = c.h, hk = c.hk, nq = c.nq, nk = c.nk, d = c.d;
+    const int64_t b = c.b, h = c.h, hk = c.hk, nq = c.nq, nk = c.nk, d = c.d, dv = c.d_v > 0 ? c.d_v : c.d;
     Tensor q = make_tensor(c.dtype, b, h, nq, d, c.layout);
     Tensor k = make_tensor(c.dtype, b, hk, nk, d, c.layout);
-    Tensor v = make_tensor(c.dtype, b, hk, nk, d, c.layout);
-    Tensor out = make_tensor(c.dtype, b, h, nq, d, c.layout);
+    Tensor v = make_tensor(c.dtype, b, hk, nk, dv, c.layout);
+    Tensor out = make_tensor(c.dtype, b, h, nq, dv, c.layout);
     Tensor lse = make_tensor(FCSA_DTYPE_FLOAT32, b, h, nq, 1, kContiguous);
     fill_uniform(q, -c.magnitude, c.magnitude);
     fill_uniform(k, -c.magnitude, c.magnitude);
@@ -220,7 +221,7 @@ static Result run_case(const Case &c) {
     }
 
     Problem p;
-    p.b = b, p.h = h, p.hk = hk, p.nq = nq, p.nk = nk, p.d = d, p.d_v = d;
+    p.b = b, p.h = h, p.hk = hk, p.nq = nq, p.nk = nk, p.d = d, p.d_v = dv;
     p.dtype = c.dtype;
     p.device_type = FCSA_DEVICE_CUDA;
     p.device_index = 0;
@@ -270,7 +271,7 @@ static Result run_case(const Case &c) {
     const int64_t group_size = d / c.groups;
     const int64_t per_kv = h / hk;
     std::vector<double> kn(static_cast<size_t>(nk * d)), qn(static_cast<size_t>(d));
-    std::vector<double> logits(static_cast<size_t>(nk)), ref(static_cast<size_t>(d));
+    std::vector<double> logits(static_cast<size_t>(nk)), ref(static_cast<size_t>(dv));
     std::vector<char> written(out.elements, 0);
     double err2 = 0, ref2 = 0;
     auto normalize = [&](std::vector<double> &x, int64_t offset) {
@@ -316,11 +317,11 @@ static Result run_case(const Case &c) {
                         if (logits[j] == -INFINITY) continue;
                         const double pj = std::exp(logits[j] - mx);
                         sum += pj;
-                        for (int64_t e = 0; e < d; ++e) ref[e] += pj * v.get(bi, kvh, j, e);
+                        for (int64_t e = 0; e < dv; ++e) ref[e] += pj * v.get(bi, kvh, j, e);
                     }
                 const bool empty = sum == 0;
                 const double ref_lse = empty ? -INFINITY : mx + std::log(sum);
-                for (int64_t e = 0; e < d; ++e) {
+                for (int64_t e = 0; e < dv; ++e) {
                     const double r = empty ? 0.0 : ref[e] / sum;
                     const int64_t o = bi * out.stride[0] + hi * out.stride[1] + i * out.stride[2] + e;
                     written[o] = 1;
@@ -400,6 +401,8 @@ static std::vector<Case> sweep(bool quick) {
             add(c, "quick groups unaligned d128");
             c.groups = 1, c.layout = kContiguous, c.nq = 2050, c.nk = 130, c.mask = 1;
             add(c, "quick key-norm pass + mask d128");
+            c.nq = 150, c.d = 192, c.d_v = 128, c.causal = true, c.bias = 1;
+            add(c, "quick causal+mask+bias d192 dv128");
         }
         return cases;
     }
@@ -503,6 +506,21 @@ static std::vector<Case> sweep(bool quick) {
         add(c, "unaligned rows, nq 2048 (norms in the kernel)");
         c.layout = kContiguous, c.magnitude = 1e-20;
         add(c, "key-norm pass tiny inputs");
+        // v's own head dim: (192, 128) runs its own kernel, other pairs padded to the
+        // wider bucket; masked V rows, unaligned rows and float bias among them.
+        const int value_dims[][2] = {{192, 128}, {32, 64}, {64, 32}, {24, 40}, {136, 64}, {96, 200}, {8, 256}};
+        for (const auto &dims : value_dims) {
+            const std::string tag = " d" + std::to_string(dims[0]) + " dv" + std::to_string(dims[1]);
+            c = Case();
+            c.dtype = dt, c.d = dims[0], c.d_v = dims[1];
+            add(c, "plain" + tag);
+            c.causal = true, c.mask = 1, c.bias = 3, c.bias_f32 = true, c.scale_tensor = 1, c.hk = 2;
+            add(c, "causal+mask+bias+scale gqa" + tag);
+            c.causal = false, c.mask = 2, c.bias = 0, c.scale_tensor = 0, c.groups = 2, c.layout = kPaddedRows;
+            add(c, "mask groups unaligned" + tag);
+            c.groups = 1, c.mask = 0, c.layout = kContiguous, c.b = 1, c.nq = 2050, c.nk = 301;
+            add(c, "key-norm pass" + tag);
+        }
     }
     return cases;
 }
@@ -608,25 +626,26 @@ struct TimingBuffers {
     }
 };
 
-static double time_forward(const TimingBuffers &buf, int dtype, int n, int d, bool causal, int reps,
+// FLOPs counted as 2 b h nq nk (d + d_v) (S = Q K^T and O = P V), halved with causal.
+static double time_forward(const TimingBuffers &buf, int dtype, int n, int d, int d_v, bool causal, int reps,
                            bool sm90 = false) {
-    const int64_t b = 16384 / n, h = 2048 / d;
+    const int64_t b = 16384 / n, h = 2048 / std::max(d, d_v);
     Problem p;
-    p.b = b, p.h = h, p.hk = h, p.nq = n, p.nk = n, p.d = d, p.d_v = d, p.dtype = dtype;
+    p.b = b, p.h = h, p.hk = h, p.nq = n, p.nk = n, p.d = d, p.d_v = d_v, p.dtype = dtype;
     p.device_type = FCSA_DEVICE_CUDA;
     p.scale = 10.f;
     p.causal = causal;
     p.q = contiguous_view(buf.q, dtype, b, h, n, d);
     p.k = contiguous_view(buf.k, dtype, b, h, n, d);
-    p.v = contiguous_view(buf.v, dtype, b, h, n, d);
-    p.out = contiguous_view(buf.out, dtype, b, h, n, d);
+    p.v = contiguous_view(buf.v, dtype, b, h, n, d_v);
+    p.out = contiguous_view(buf.out, dtype, b, h, n, d_v);
     p.lse = contiguous_view(buf.lse, FCSA_DTYPE_FLOAT32, b, h, n, 1);
     if (forward_supports(p, sm90) != FCSA_STATUS_SUCCESS) return 0.0;
     void *workspace = nullptr;
     if (const size_t bytes = forward_workspace(p, sm90)) CUDA_CHECK(cudaMalloc(&workspace, bytes));
     const double median = median_launch_ms([&] { return forward(p, workspace, sm90); }, reps);
     CUDA_CHECK(cudaFree(workspace));
-    double flops = 4.0 * b * h * double(n) * n * d;
+    double flops = 2.0 * b * h * double(n) * n * (d + d_v);
     if (causal) flops /= 2;
     return flops / (median * 1e-3) / 1e12;
 }
@@ -644,7 +663,7 @@ int main(int argc, char **argv) {
             rng.seed(seed);
             const TimingBuffers buffers(dt);
             printf("%s d=%d n=%d causal=%d: %.1f TFLOP/s\n", dtype_name(dt), d, n, causal,
-                   time_forward(buffers, dt, n, d, causal != 0, 5, g_sm90));
+                   time_forward(buffers, dt, n, d, d, causal != 0, 5, g_sm90));
             return 0;
         }
     }
@@ -662,8 +681,9 @@ int main(int argc, char **argv) {
             ++skipped;
             continue;
         }
-        printf("%-4s %-5s d=%-3d b=%d h=%d hk=%d nq=%-3d nk=%-3d %-42s rel_l2 %.2e max %.2e lse %.2e %s\n",
-               r.pass ? "PASS" : "FAIL", dtype_name(c.dtype), c.d, c.b, c.h, c.hk, c.nq, c.nk, c.name.c_str(),
+        printf("%-4s %-5s d=%-3d dv=%-3d b=%d h=%d hk=%d nq=%-3d nk=%-3d %-42s rel_l2 %.2e max %.2e lse %.2e %s\n",
+               r.pass ? "PASS" : "FAIL", dtype_name(c.dtype), c.d, c.d_v > 0 ? c.d_v : c.d, c.b, c.h, c.hk, c.nq, c.nk,
+               c.name.c_str(),
                r.rel_l2, r.max_err, r.lse_err, r.why.c_str());
         failures += !r.pass;
     }
@@ -682,11 +702,11 @@ int main(int argc, char **argv) {
                     printf("%-6s %-4d %-7s", dtype_name(dt), d, causal ? "yes" : "no");
                     for (int n : ns) {
                         setenv("FCSA_SM90_PINGPONG", "1", 1);
-                        const double hopper = time_forward(buffers, dt, n, d, causal, 10, true);
+                        const double hopper = time_forward(buffers, dt, n, d, d, causal, 10, true);
                         setenv("FCSA_SM90_PINGPONG", "0", 1);
-                        const double hopper_np = time_forward(buffers, dt, n, d, causal, 10, true);
+                        const double hopper_np = time_forward(buffers, dt, n, d, d, causal, 10, true);
                         unsetenv("FCSA_SM90_PINGPONG");
-                        const double portable = time_forward(buffers, dt, n, d, causal, 10, false);
+                        const double portable = time_forward(buffers, dt, n, d, d, causal, 10, false);
                         printf("  %5.1f/%5.1f (%5.1f)", hopper, hopper_np, portable);
                         fflush(stdout);
                     }
@@ -694,21 +714,27 @@ int main(int argc, char **argv) {
                 }
         }
     } else if (timing) {
-        printf("\nforward TFLOP/s (batch = 16384/n, heads = 2048/d, median of 10 after 3 warm-ups)\n");
-        printf("%-6s %-4s %-7s %8s %8s %8s %8s %8s %8s\n", "dtype", "d", "causal", "512", "1k", "2k", "4k", "8k", "16k");
+        printf("\nforward TFLOP/s (batch = 16384/n, heads = 2048/max(d, d_v), median of 10 after 3 warm-ups)\n");
+        printf("%-6s %-7s %-7s %8s %8s %8s %8s %8s %8s\n", "dtype", "d/d_v", "causal", "512", "1k", "2k", "4k", "8k",
+               "16k");
         const int ns[6] = {512, 1024, 2048, 4096, 8192, 16384};
+        // (192, 128), the MLA shape, against (128, 128): issue #21's bar is 15% per FLOP.
+        const int dims[3][2] = {{64, 64}, {128, 128}, {192, 128}};
         for (int dt : {FCSA_DTYPE_BFLOAT16, FCSA_DTYPE_FLOAT16, FCSA_DTYPE_FLOAT32}) {
             const TimingBuffers buffers(dt);
-            for (int d : {64, 128})
+            for (const auto &dd : dims)
                 for (bool causal : {false, true}) {
-                    if (dt == FCSA_DTYPE_FLOAT32 && causal) continue;
-                    printf("%-6s %-4d %-7s", dtype_name(dt), d, causal ? "yes" : "no");
+                    const int d = dd[0], d_v = dd[1];
+                    if (dt == FCSA_DTYPE_FLOAT32 && (causal || d != d_v)) continue;
+                    const std::string name = std::to_string(d) + "/" + std::to_string(d_v);
+                    printf("%-6s %-7s %-7s", dtype_name(dt), name.c_str(), causal ? "yes" : "no");
                     for (int n : ns) {
                         if (dt == FCSA_DTYPE_FLOAT32 && n > 4096) {
                             printf(" %8s", "-");
                             continue;
                         }
-                        printf(" %8.1f", time_forward(buffers, dt, n, d, causal, dt == FCSA_DTYPE_FLOAT32 ? 5 : 10));
+                        printf(" %8.1f",
+                               time_forward(buffers, dt, n, d, d_v, causal, dt == FCSA_DTYPE_FLOAT32 ? 5 : 10));
                         fflush(stdout);
                     }
                     printf("\n");

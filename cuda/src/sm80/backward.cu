@@ -61,6 +61,13 @@ int head_dim_bucket(int32_t dtype, int64_t d) {
     return 256;
 }
 
+// The bucket of a problem: one that covers both q/k's d and v's d_v, the narrower
+// zero-padded to it (the tile kernels take a single width; 0: d or d_v fits none).
+int head_dim_bucket(const Problem &p) {
+    if (head_dim_bucket(p.dtype, p.d) == 0 || head_dim_bucket(p.dtype, p.d_v) == 0) return 0;
+    return head_dim_bucket(p.dtype, p.d > p.d_v ? p.d : p.d_v);
+}
+
 template <typename T, bool kCompact> LaunchShape shape_for(int bucket) {
     switch (bucket) {
     case 32: return launch_shape<T, 32, kCompact>();
@@ -104,7 +111,7 @@ struct Plan {
 // else the compact ones (the caller checks that those fit).
 Plan plan_workspace(const Problem &p, int smem_limit) {
     Plan plan;
-    plan.bucket = head_dim_bucket(p.dtype, p.d);
+    plan.bucket = head_dim_bucket(p);
     if (plan.bucket == 0) return plan;
     plan.shape = shape_for(p.dtype, plan.bucket, false);
     if (smem_needed(plan.shape) > smem_limit) {
@@ -189,7 +196,7 @@ OutRows out_rows_of(const View &v, size_t elem) {
 
 struct PrepassArgs {
     int64_t b, h, nq;
-    int32_t d;
+    int32_t d, d_v; // q's head dim (its norm), out's and dout's (delta)
     Rows out, dout, q;
     bool out_f32; // out in float32 for 16-bit inputs (the forward's unrounded O)
     const float *lse;
@@ -210,10 +217,10 @@ template <typename T> __global__ void __launch_bounds__(kPassThreads) prepass_ke
         float dot = 0.f;
         if (a.out_f32) {
             const float *o = a.out.row<float>(batch, head, i);
-            for (int c = lane; c < a.d; c += 32) dot = fmaf(o[c], common::to_float(dout[c]), dot);
+            for (int c = lane; c < a.d_v; c += 32) dot = fmaf(o[c], common::to_float(dout[c]), dot);
         } else {
             const T *o = a.out.row<T>(batch, head, i);
-            for (int c = lane; c < a.d; c += 32) dot = fmaf(common::to_float(o[c]), common::to_float(dout[c]), dot);
+            for (int c = lane; c < a.d_v; c += 32) dot = fmaf(common::to_float(o[c]), common::to_float(dout[c]), dot);
         }
         dot = warp_sum(dot);
         float inv_norm = 0.f;
@@ -242,7 +249,9 @@ template <typename T> __global__ void __launch_bounds__(kPassThreads) prepass_ke
 // common/row_lanes.cuh).
 template <typename T> __global__ void __launch_bounds__(kPassThreads) prepass_vector_kernel(const PrepassArgs a) {
     constexpr int E = common::Chunk<T>::N;
-    const RowLanes lanes = row_lanes<T>(a.d);
+    // Lanes sized for the wider of q's and out's rows; each array reads its own chunks.
+    const RowLanes lanes = row_lanes<T>(a.d > a.d_v ? a.d : a.d_v);
+    const int chunks_out = a.d_v / E, chunks_q = a.d / E;
     for_lane_rows(lanes, a.h, a.nq, a.b * a.h * a.nq, [&](int64_t row, bool here, int64_t batch, int64_t head,
                                                           int64_t i) {
         const T *o = a.out.row<T>(batch, head, i), *dout = a.dout.row<T>(batch, head, i);
@@ -250,18 +259,18 @@ template <typename T> __global__ void __launch_bounds__(kPassThreads) prepass_ve
 #pragma unroll
         for (int m = 0; m < chunks_per_lane<T>(); ++m) {
             const int c = lanes.sub + lanes.width * m;
-            if (here && c < lanes.chunks) {
+            if (here && c < chunks_out) {
                 float fo[E], fd[E];
                 load_chunk(o, c, fo);
                 load_chunk(dout, c, fd);
 #pragma unroll
                 for (int e = 0; e < E; ++e) dot = fmaf(fo[e], fd[e], dot);
-                if (a.q_inv_norm != nullptr) {
-                    float fq[E];
-                    load_chunk(a.q.row<T>(batch, head, i), c, fq);
+            }
+            if (here && c < chunks_q && a.q_inv_norm != nullptr) {
+                float fq[E];
+                load_chunk(a.q.row<T>(batch, head, i), c, fq);
 #pragma unroll
-                    for (int e = 0; e < E; ++e) sum_sq = fmaf(fq[e], fq[e], sum_sq);
-                }
+                for (int e = 0; e < E; ++e) sum_sq = fmaf(fq[e], fq[e], sum_sq);
             }
         }
         dot = lanes_sum(dot, lanes.width);
@@ -477,6 +486,7 @@ template <typename T> fcsa_status backward(const Problem &pr, const Plan &plan, 
     pre.h = pr.h;
     pre.nq = pr.nq;
     pre.d = int32_t(pr.d);
+    pre.d_v = int32_t(pr.d_v);
     pre.out_f32 = pr.out.dtype == FCSA_DTYPE_FLOAT32 && pr.dtype != FCSA_DTYPE_FLOAT32;
     pre.out = rows_of(pr.out, pre.out_f32 ? 4 : elem);
     pre.dout = rows_of(pr.dout, elem);
@@ -489,8 +499,8 @@ template <typename T> fcsa_status backward(const Problem &pr, const Plan &plan, 
     const int64_t query_rows = pr.b * pr.h * pr.nq;
     // (A float32 out takes the warp-per-row kernel: the 16-byte one reads out in T.)
     if (!pre.out_f32 && pre.out.aligned16 && pre.dout.aligned16 && (pre.q_inv_norm == nullptr || pre.q.aligned16))
-        prepass_vector_kernel<T><<<pass_blocks(query_rows, vector_rows_per_block(pr.d, elem)), kPassThreads, 0,
-                                   stream>>>(pre);
+        prepass_vector_kernel<T><<<pass_blocks(query_rows, vector_rows_per_block(pr.d > pr.d_v ? pr.d : pr.d_v, elem)),
+                                   kPassThreads, 0, stream>>>(pre);
     else
         prepass_kernel<T><<<pass_blocks(query_rows, kPassThreads / 32), kPassThreads, 0, stream>>>(pre);
     if (fcsa_status s = check_launch(cudaGetLastError(), "prepass kernel")) return s;
@@ -503,6 +513,7 @@ template <typename T> fcsa_status backward(const Problem &pr, const Plan &plan, 
     p.nq = pr.nq;
     p.nk = pr.nk;
     p.d = int32_t(pr.d);
+    p.d_v = int32_t(pr.d_v);
     p.groups = pr.groups;
     p.heads_per_kv = int32_t(pr.h / pr.hk);
     p.causal = pr.causal;
@@ -627,10 +638,10 @@ fcsa_status sm80_backward(const Problem &p, void *workspace, void *stream_ptr) {
     cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
     if (p.dtype != FCSA_DTYPE_FLOAT32 && p.dtype != FCSA_DTYPE_FLOAT16 && p.dtype != FCSA_DTYPE_BFLOAT16)
         return set_error(FCSA_STATUS_NOT_SUPPORTED, "sm80 backward: unsupported dtype %d", int(p.dtype));
-    if (head_dim_bucket(p.dtype, p.d) == 0)
+    if (head_dim_bucket(p) == 0)
         return set_error(FCSA_STATUS_NOT_SUPPORTED,
-                         "sm80 backward: head dim %lld is not a multiple of 8 in [8, %d]", (long long)p.d,
-                         kMaxHeadDim);
+                         "sm80 backward: head dims d = %lld, d_v = %lld are not both multiples of 8 in [8, %d]",
+                         (long long)p.d, (long long)p.d_v, kMaxHeadDim);
 
     // Nothing to attend to (or nobody attending): every gradient is zero.
     if (p.b == 0 || p.h == 0 || p.nq == 0 || p.nk == 0) {
@@ -644,9 +655,9 @@ fcsa_status sm80_backward(const Problem &p, void *workspace, void *stream_ptr) {
     const Plan plan = plan_workspace(p, smem_limit);
     if (smem_needed(plan.shape) > smem_limit)
         return set_error(FCSA_STATUS_NOT_SUPPORTED,
-                         "sm80 backward: head dim %lld needs %d bytes of shared memory per block, CUDA device %d "
-                         "allows %d",
-                         (long long)p.d, smem_needed(plan.shape), int(p.device_index), smem_limit);
+                         "sm80 backward: head dims d = %lld, d_v = %lld need %d bytes of shared memory per block, "
+                         "CUDA device %d allows %d",
+                         (long long)p.d, (long long)p.d_v, smem_needed(plan.shape), int(p.device_index), smem_limit);
 
     char *ws = static_cast<char *>(workspace);
     switch (p.dtype) {

@@ -313,7 +313,7 @@ __device__ __forceinline__ void issue_key_tiles(const Params &p, T *k, T *v, int
                                                 int keys, int tid) {
     common::load_tile<T, kKeys, D, kThreads>(k, p.k.row<T>(batch, kv, j0), p.k.stride_row, keys, p.d,
                                              p.k.aligned16, tid);
-    common::load_tile<T, kKeys, D, kThreads>(v, p.v.row<T>(batch, kv, j0), p.v.stride_row, keys, p.d,
+    common::load_tile<T, kKeys, D, kThreads>(v, p.v.row<T>(batch, kv, j0), p.v.stride_row, keys, p.d_v,
                                              p.v.aligned16, tid);
 }
 
@@ -348,7 +348,7 @@ __device__ __forceinline__ void issue_query_stage(const Params &p, const KeyQuer
     common::load_tile<T, BR, S::D, S::kThreads>(s.q + stage * S::QTile::kElements, p.q.row<T>(batch, head, i0),
                                                 p.q.stride_row, rows, p.d, p.q.aligned16, tid);
     common::load_tile<T, BR, S::D, S::kThreads>(s.dout + stage * S::QTile::kElements,
-                                                p.dout.row<T>(batch, head, i0), p.dout.stride_row, rows, p.d,
+                                                p.dout.row<T>(batch, head, i0), p.dout.stride_row, rows, p.d_v,
                                                 p.dout.aligned16, tid);
     const int64_t row_base = (batch * p.h + head) * p.nq + i0;
     const int arrays = p.q_inv_norm != nullptr ? 3 : 2;
@@ -396,15 +396,17 @@ __device__ __forceinline__ void start_query_tiles(const Params &p, const KeyQuer
 }
 
 // dK and dV of keys [j0, j0 + keys), columns [col0, col0 + DC), set to zero: a key tile
-// whose every key is hidden passes no gradient to them.
+// whose every key is hidden passes no gradient to them. (dK has d columns, dV d_v.)
 template <typename T, int DC, int kThreads>
 __device__ __forceinline__ void write_zero_grads(const Params &p, int64_t batch, int64_t kv, int64_t j0, int keys,
                                                  int col0, int tid) {
-    const int cols = p.d - col0 < DC ? p.d - col0 : DC;
+    const int width = p.d > p.d_v ? p.d : p.d_v; // one pass over the wider's columns
+    const int cols = width - col0 < DC ? width - col0 : DC;
     if (cols <= 0) return;
     for (int e = tid; e < keys * cols; e += kThreads) {
         const int r = e / cols, c = col0 + e % cols;
-        p.dv.row<T>(batch, kv, j0 + r)[c] = common::from_float<T>(0.f);
+        if (c < p.d_v) p.dv.row<T>(batch, kv, j0 + r)[c] = common::from_float<T>(0.f);
+        if (c >= p.d) continue;
         if (p.dk_acc != nullptr)
             p.dk_acc[((batch * p.hk + kv) * p.nk + j0 + r) * p.d + c] = 0.f;
         else
@@ -739,7 +741,7 @@ template <typename T, class S, bool kGeneral> struct MainKernel {
 #pragma unroll
                 for (int n = 0; n < NC8; ++n) {
                     const int c = col0 + 8 * n + 2 * t;
-                    if (c < p.d) {
+                    if (c < p.d_v) {
                         dv_row[c] = common::from_float<T>(dv[kt][n].x[2 * half]);
                         dv_row[c + 1] = common::from_float<T>(dv[kt][n].x[2 * half + 1]);
                     }
@@ -822,7 +824,7 @@ template <typename T, class S> struct DqKernel {
         common::load_tile<T, BC, D, S::kThreads>(s.k + stage * S::KTile::kElements, p.k.row<T>(batch, kv, j0),
                                                  p.k.stride_row, keys, p.d, p.k.aligned16, tid);
         common::load_tile<T, BC, D, S::kThreads>(s.v + stage * S::KTile::kElements, p.v.row<T>(batch, kv, j0),
-                                                 p.v.stride_row, keys, p.d, p.v.aligned16, tid);
+                                                 p.v.stride_row, keys, p.d_v, p.v.aligned16, tid);
         for (int c = tid; c < BC; c += S::kThreads) s.key_ok[stage * BC + c] = key_unmasked(p, batch, j0 + c);
     }
 
@@ -865,7 +867,7 @@ template <typename T, class S> struct DqKernel {
         common::load_tile<T, BR, D, S::kThreads>(s.q, p.q.row<T>(batch, head, i0), p.q.stride_row, rows, p.d,
                                                  p.q.aligned16, tid);
         common::load_tile<T, BR, D, S::kThreads>(s.dout, p.dout.row<T>(batch, head, i0), p.dout.stride_row, rows,
-                                                 p.d, p.dout.aligned16, tid);
+                                                 p.d_v, p.dout.aligned16, tid);
         const int64_t row_base = (batch * p.h + head) * p.nq + i0;
         for (int r = tid; r < BR; r += S::kThreads) {
             s.lse[r] = r < rows ? p.lse[row_base + r] : __int_as_float(0x7f800000);

@@ -61,7 +61,9 @@ struct OutRows {
 struct Params {
     // Sizes.
     int64_t b = 0, h = 0, hk = 0, nq = 0, nk = 0;
-    int32_t d = 0, groups = 1;
+    // d: q's and k's head dim; d_v: v's (and dout's, dv's). The kernels' bucket covers
+    // both, each zero-padded to it (backward.cu, head_dim_bucket).
+    int32_t d = 0, d_v = 0, groups = 1;
     int32_t heads_per_kv = 1;
     bool causal = false;
     bool l2norm = true;

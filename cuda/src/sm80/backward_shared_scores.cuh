@@ -282,8 +282,9 @@ template <typename T, class S, bool kMasked> struct SharedScoresKernel {
                         f(grad_key0 + 16 * m + g + 8 * half, grad_col0 + 8 * n + 2 * t, acc[m][n].x[2 * half],
                           acc[m][n].x[2 * half + 1]);
         };
-        auto store_rows = [&](const OutRows &out, float a, float b, int r, int c) {
-            if (r < keys && c < p.d) {
+        // (cols: dV's d_v or dK's d.)
+        auto store_rows = [&](const OutRows &out, int cols, float a, float b, int r, int c) {
+            if (r < keys && c < cols) {
                 T *row = out.row<T>(batch, kv, j0 + r);
                 if (out.aligned16) {
                     *reinterpret_cast<uint32_t *>(row + c) = common::pack_float2<T>(a, b);
@@ -293,9 +294,9 @@ template <typename T, class S, bool kMasked> struct SharedScoresKernel {
                 }
             }
         };
-        for_each_pair(dv, [&](int r, int c, float a, float b) { store_rows(p.dv, a, b, r, c); });
+        for_each_pair(dv, [&](int r, int c, float a, float b) { store_rows(p.dv, p.d_v, a, b, r, c); });
         if (!p.l2norm) {
-            for_each_pair(dk, [&](int r, int c, float a, float b) { store_rows(p.dk, a, b, r, c); });
+            for_each_pair(dk, [&](int r, int c, float a, float b) { store_rows(p.dk, p.d, a, b, r, c); });
             return;
         }
         __syncthreads(); // every warp is done with the K and V tiles

@@ -2,7 +2,7 @@
 //
 // Requirements common to the forward and the backward: compute capability 8.0 or newer
 // (mma.sync on bf16, cp.async), a kernel image in this build that the device can load,
-// a head dim that is a multiple of 8 up to 256 (v's the same as q's and k's for now),
+// head dims that are multiples of 8 up to 256 (q's and k's d, and v's d_v, which may differ),
 // float32/float16/bfloat16, lengths that fit 32-bit tile indices. The forward also
 // needs its tile's shared memory within the device's per-block limit; every forward
 // configuration is sized to fit the 99 KB that the smallest of these devices offer. The
@@ -66,11 +66,11 @@ fcsa_status sm80_supports(const Problem &p, bool backward) {
                          "cuda-sm80 %s: head dim %lld is not supported on the GPU (a multiple of 8 from 8 to 256 "
                          "is required)",
                          direction, static_cast<long long>(p.d));
-    if (p.d_v != p.d)
+    if (p.d_v < 8 || p.d_v > 256 || p.d_v % 8 != 0)
         return set_error(FCSA_STATUS_NOT_SUPPORTED,
-                         "cuda-sm80 %s: a value head dim (d_v = %lld) other than q/k's (d = %lld) is not supported on "
-                         "the GPU yet",
-                         direction, static_cast<long long>(p.d_v), static_cast<long long>(p.d));
+                         "cuda-sm80 %s: value head dim %lld is not supported on the GPU (a multiple of 8 from 8 to "
+                         "256 is required)",
+                         direction, static_cast<long long>(p.d_v));
     if (p.nq > kMaxSequence || p.nk > kMaxSequence)
         return set_error(FCSA_STATUS_NOT_SUPPORTED, "cuda-sm80 %s: sequence lengths nq = %lld, nk = %lld exceed %lld",
                          direction, static_cast<long long>(p.nq), static_cast<long long>(p.nk),
@@ -79,12 +79,13 @@ fcsa_status sm80_supports(const Problem &p, bool backward) {
         return set_error(FCSA_STATUS_NOT_SUPPORTED, "cuda-sm80 %s: batch * heads = %lld exceeds 2^31 - 1", direction,
                          static_cast<long long>(p.b * p.h));
     if (!backward) {
-        const size_t needed = sm80::forward_smem_bytes(p.dtype, p.d);
+        const size_t needed = sm80::forward_smem_bytes(p.dtype, p.d, p.d_v);
         if (needed > size_t(smem_optin))
             return set_error(FCSA_STATUS_NOT_SUPPORTED,
-                             "cuda-sm80 forward: head dim %lld needs %zu bytes of shared memory per block; CUDA "
-                             "device %d offers %d",
-                             static_cast<long long>(p.d), needed, int(p.device_index), smem_optin);
+                             "cuda-sm80 forward: head dims d = %lld, d_v = %lld need %zu bytes of shared memory per "
+                             "block; CUDA device %d offers %d",
+                             static_cast<long long>(p.d), static_cast<long long>(p.d_v), needed,
+                             int(p.device_index), smem_optin);
     }
     return FCSA_STATUS_SUCCESS;
 }

@@ -1,6 +1,7 @@
 // forward.cu: the portable CUDA forward's host side. Turns a validated Problem into
-// ForwardParams and launches the kernel instantiated for its dtype and head-dim bucket
-// (forward_<dtype>_d<D>.cu), after the key-norm pass where that applies. No allocation,
+// ForwardParams and launches the kernel instantiated for its dtype and head-dim buckets
+// (forward_<dtype>_d<D>[_v<DV>].cu, forward_buckets), after the key-norm pass where that
+// applies. No allocation,
 // no synchronization: safe in graph capture.
 #include <cstdint>
 
@@ -65,6 +66,7 @@ ForwardParams make_params(const Problem &p, int block_m) {
     f.nq = int(p.nq);
     f.nk = int(p.nk);
     f.d = int(p.d);
+    f.d_v = int(p.d_v);
     f.groups = p.groups;
     f.num_m_tiles = int((p.nq + block_m - 1) / block_m);
     f.scale = p.scale;
@@ -90,8 +92,8 @@ bool key_norm_pass(const Problem &p) {
            rows_16byte_aligned(p.k, element_bytes);
 }
 
-template <typename T, int D> fcsa_status run(const Problem &p, void *workspace, cudaStream_t stream) {
-    ForwardParams params = make_params(p, ForwardConfig<T, D>::kBlockM);
+template <typename T, int D, int DV> fcsa_status run(const Problem &p, void *workspace, cudaStream_t stream) {
+    ForwardParams params = make_params(p, ForwardConfig<T, D, DV>::kBlockM);
     if (key_norm_pass(p)) {
         float *inv_norm = static_cast<float *>(workspace);
         if (const fcsa_status st = common::run_key_norm_pass<T>(p, inv_norm, key_norm_stride(p), stream,
@@ -100,22 +102,26 @@ template <typename T, int D> fcsa_status run(const Problem &p, void *workspace, 
         params.k_inv_norm = inv_norm;
         params.k_inv_norm_stride = key_norm_stride(p);
     }
-    return launch_forward<T, D>(params, stream);
+    return launch_forward<T, D, DV>(params, stream);
 }
 
 template <typename T> fcsa_status run_bucket(const Problem &p, void *workspace, cudaStream_t stream) {
-    switch (forward_head_dim_bucket(p.d)) {
-    case 32: return run<T, 32>(p, workspace, stream);
-    case 64: return run<T, 64>(p, workspace, stream);
-    case 96: return run<T, 96>(p, workspace, stream);
-    case 128: return run<T, 128>(p, workspace, stream);
-    case 192: return run<T, 192>(p, workspace, stream);
-    default: return run<T, 256>(p, workspace, stream);
+    const ForwardBuckets buckets = forward_buckets(p.d, p.d_v);
+    if (buckets.d != buckets.d_v) return run<T, 192, 128>(p, workspace, stream); // the one unequal pair
+    switch (buckets.d) {
+    case 32: return run<T, 32, 32>(p, workspace, stream);
+    case 64: return run<T, 64, 64>(p, workspace, stream);
+    case 96: return run<T, 96, 96>(p, workspace, stream);
+    case 128: return run<T, 128, 128>(p, workspace, stream);
+    case 192: return run<T, 192, 192>(p, workspace, stream);
+    default: return run<T, 256, 256>(p, workspace, stream);
     }
 }
 
-template <typename T> size_t smem_bucket(int64_t d) {
-    switch (forward_head_dim_bucket(d)) {
+template <typename T> size_t smem_bucket(int64_t d, int64_t d_v) {
+    const ForwardBuckets buckets = forward_buckets(d, d_v);
+    if (buckets.d != buckets.d_v) return ForwardConfig<T, 192, 128>::kSmemBytes;
+    switch (buckets.d) {
     case 32: return ForwardConfig<T, 32>::kSmemBytes;
     case 64: return ForwardConfig<T, 64>::kSmemBytes;
     case 96: return ForwardConfig<T, 96>::kSmemBytes;
@@ -127,11 +133,11 @@ template <typename T> size_t smem_bucket(int64_t d) {
 
 } // namespace
 
-size_t forward_smem_bytes(int32_t dtype, int64_t d) {
+size_t forward_smem_bytes(int32_t dtype, int64_t d, int64_t d_v) {
     switch (dtype) {
-    case FCSA_DTYPE_FLOAT32: return smem_bucket<float>(d);
-    case FCSA_DTYPE_FLOAT16: return smem_bucket<__half>(d);
-    case FCSA_DTYPE_BFLOAT16: return smem_bucket<__nv_bfloat16>(d);
+    case FCSA_DTYPE_FLOAT32: return smem_bucket<float>(d, d_v);
+    case FCSA_DTYPE_FLOAT16: return smem_bucket<__half>(d, d_v);
+    case FCSA_DTYPE_BFLOAT16: return smem_bucket<__nv_bfloat16>(d, d_v);
     default: return 0;
     }
 }

@@ -46,32 +46,34 @@ namespace sm80 {
 // Zeros the rows of a V tile (keys j0 ..) whose keys the mask hides: P is 0 there, and
 // 0 * (a NaN or inf in v) must not reach O. Runs on partly masked tiles only. (Out of
 // line, its call in the main loop had the general d = 128 kernel spill 3x as much.)
-template <typename T, int D, int kThreads, class KTile>
+template <typename T, int DV, int kThreads, class VTile>
 __device__ __forceinline__ void zero_masked_value_rows(T *sV, const ForwardParams &p, int bi, int j0, int keys_here,
                                                     int tid) {
-    constexpr int kChunk = KTile::kChunk, kChunksPerRow = D / kChunk;
+    constexpr int kChunk = VTile::kChunk, kChunksPerRow = DV / kChunk;
     for (int c = tid; c < keys_here * kChunksPerRow; c += kThreads) {
         const int r = c / kChunksPerRow;
         if (p.mask[bi * p.mask_stride[0] + int64_t(j0 + r) * p.mask_stride[1]] == 0)
-            *reinterpret_cast<uint4 *>(sV + KTile::chunk_offset(r, (c % kChunksPerRow) * kChunk)) =
+            *reinterpret_cast<uint4 *>(sV + VTile::chunk_offset(r, (c % kChunksPerRow) * kChunk)) =
                 make_uint4(0u, 0u, 0u, 0u);
     }
 }
 
 // kGeneral = false compiles the common case alone (bounded logits, no bias, no key mask:
 // see plain_forward below); its registers then go to the products, not to the state of
-// paths it never takes.
-template <typename T, int D, bool kGeneral>
-__global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
+// paths it never takes. D: q's and k's head-dim bucket, DV: v's (and out's).
+template <typename T, int D, int DV, bool kGeneral>
+__global__ void __launch_bounds__(ForwardConfig<T, D, DV>::kThreads)
     forward_kernel(const __grid_constant__ ForwardParams p) {
     using namespace common;
-    using C = ForwardConfig<T, D>;
+    using C = ForwardConfig<T, D, DV>;
     constexpr int BM = C::kBlockM, BN = C::kBlockN, kThreads = C::kThreads;
     constexpr int kM = C::kMBlocks;  // m16 blocks per warp
     constexpr int kSBlocks = BN / 8; // n8 blocks of S per warp
-    constexpr int kOBlocks = D / 8;  // n8 blocks of O per warp
-    using KTile = typename C::KTile; // K and V
-    constexpr int QS = C::QTile::kStride, KS = KTile::kStride;
+    constexpr int kOBlocks = DV / 8; // n8 blocks of O per warp
+    using KTile = typename C::KTile;
+    using VTile = typename C::VTile;
+    constexpr int QS = C::QTile::kStride, KS = KTile::kStride, VS = VTile::kStride;
+    constexpr int OS = C::OTile::kStride; // out's staging rows (in the Q tile)
     constexpr float kInf = INFINITY;
 
     extern __shared__ __align__(128) unsigned char smem[];
@@ -241,8 +243,8 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
         // it does not copy): P is 0 there, and 0 * (a NaN or inf in v) must not reach O.
         // Keys j0 .. j0 + reach are seen by some row of the CTA.
         const int reach = p.causal ? m0 + rows_here - 1 + causal_offset - j0 : BN;
-        load_tile<T, BN, D, kThreads, KTile, C::kWholeTileCopies>(sV, key_rows(p.v, p.v_stride, j0), p.v_stride[2],
-                                                                   min(keys_here, reach + 1), d, p.vec_v, tid);
+        load_tile<T, BN, DV, kThreads, VTile, C::kWholeTileCopies>(sV, key_rows(p.v, p.v_stride, j0), p.v_stride[2],
+                                                                    min(keys_here, reach + 1), p.d_v, p.vec_v, tid);
         cp_async_commit();
         if (p.l2norm) {
             if (p.groups == 1) {
@@ -307,7 +309,7 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
         cp_async_wait<0>();
         __syncthreads(); // V tile ready; K buffer free; the 1/||k|| factors visible
         if (kGeneral && tile_partly_masked(tile)) { // masked keys' V rows zeroed likewise
-            zero_masked_value_rows<T, D, kThreads, KTile>(sV, p, bi, j0, keys_here, tid);
+            zero_masked_value_rows<T, DV, kThreads, VTile>(sV, p, bi, j0, keys_here, tid);
             __syncthreads();
         }
         // Logit factors per n8 block of S: 1 / ||k_j|| per column for groups == 1 (else
@@ -468,7 +470,7 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
                     for (int step = 0; step < kSteps; ++step) {
                         const int i = 2 * step;
                         FragB16 b[2];
-                        load_b16_kn(b, sV, KTile{}, kk * 16, i * 8, lane);
+                        load_b16_kn(b, sV, VTile{}, kk * 16, i * 8, lane);
 #pragma unroll
                         for (int mb = 0; mb < kM; ++mb) {
                             mma_m16n8k16<T>(o[mb][i], p_frag[mb][kk], b[0]);
@@ -501,7 +503,7 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
 #pragma unroll
                 for (int i = 0; i < kOBlocks; ++i) {
                     FragBTf32 b_big, b_small;
-                    load_b_tf32_kn_permuted(b_big, b_small, sV, KS, kk * 8, i * 8, lane);
+                    load_b_tf32_kn_permuted(b_big, b_small, sV, VS, kk * 8, i * 8, lane);
 #pragma unroll
                     for (int mb = 0; mb < kM; ++mb)
                         mma_m16n8k8_3xtf32(o[mb][i], a_big[mb], a_small[mb], b_big, b_small);
@@ -534,7 +536,7 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
 #pragma unroll
             for (int n = 0; n < kOBlocks; ++n) {
                 const int col = n * 8 + 2 * t4;
-                if (col >= d) continue;
+                if (col >= p.d_v) continue;
                 const int e0 = 2 * (h % 2);
                 float *dst = out_f + int64_t(i) * p.out_stride[2] + col;
                 dst[0] = o[h / 2][n].x[e0] * inv_sum[h];
@@ -545,40 +547,42 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
     }
     T *out = static_cast<T *>(p.out) + bi * p.out_stride[0] + hq * p.out_stride[1] +
              int64_t(m0 + warp_row0) * p.out_stride[2];
-    T *staging = sQ + warp_row0 * QS; // only this warp ever read these rows of sQ
+    // Only this warp ever read these rows of sQ; rows of out (stride OS <= QS) fit in them.
+    T *staging = sQ + warp_row0 * QS;
 #pragma unroll
     for (int h = 0; h < kRows; ++h)
 #pragma unroll
         for (int i = 0; i < kOBlocks; ++i) {
             const int e0 = 2 * (h % 2);
-            T *dst = staging + (16 * (h / 2) + g + 8 * (h % 2)) * QS + i * 8 + 2 * t4;
+            T *dst = staging + (16 * (h / 2) + g + 8 * (h % 2)) * OS + i * 8 + 2 * t4;
             const float lo = o[h / 2][i].x[e0] * inv_sum[h], hi = o[h / 2][i].x[e0 + 1] * inv_sum[h];
             if constexpr (C::k16Bit) *reinterpret_cast<uint32_t *>(dst) = pack_float2<T>(lo, hi);
             else *reinterpret_cast<float2 *>(dst) = make_float2(lo, hi);
         }
     __syncwarp();
-    store_tile<T, C::kRowsPerWarp, D, 32>(out, p.out_stride[2], staging,
-                                          rows_here - warp_row0, d, p.vec_out, lane);
+    store_tile<T, C::kRowsPerWarp, DV, 32>(out, p.out_stride[2], staging,
+                                           rows_here - warp_row0, p.d_v, p.vec_out, lane);
 }
 
 // Whether the kernel without the general paths covers these parameters: no bias, no key
 // mask, and logits bounded tightly enough for the fixed offset with the host's scale.
-template <typename T, int D> bool plain_forward(const ForwardParams &p) {
-    using C = ForwardConfig<T, D>;
+template <typename T, int D, int DV> bool plain_forward(const ForwardParams &p) {
+    using C = ForwardConfig<T, D, DV>;
     const float bound_log2 = fabsf(p.scale) * float(p.groups) * common::kLog2e;
     return p.bias == nullptr && p.mask == nullptr && p.scale_t == nullptr && !p.out_f32 && p.logits_bounded &&
            2.f * bound_log2 <= C::kBoundedRange;
 }
 
-template <typename T, int D> fcsa_status launch_forward(const ForwardParams &params, cudaStream_t stream) {
-    using C = ForwardConfig<T, D>;
+template <typename T, int D, int DV> fcsa_status launch_forward(const ForwardParams &params, cudaStream_t stream) {
+    using C = ForwardConfig<T, D, DV>;
     const int64_t ctas = int64_t(params.num_m_tiles) * params.heads * params.batch;
     if (ctas <= 0) return FCSA_STATUS_SUCCESS;
     if (ctas > int64_t(INT32_MAX))
         return set_error(FCSA_STATUS_NOT_SUPPORTED,
                          "cuda-sm80 forward: batch * heads * ceil(nq / %d) = %lld exceeds the grid limit",
                          C::kBlockM, static_cast<long long>(ctas));
-    auto kernel = plain_forward<T, D>(params) ? forward_kernel<T, D, false> : forward_kernel<T, D, true>;
+    auto kernel =
+        plain_forward<T, D, DV>(params) ? forward_kernel<T, D, DV, false> : forward_kernel<T, D, DV, true>;
     if (C::kSmemBytes > 48 * 1024) {
         const cudaError_t err =
             cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes);
@@ -597,6 +601,8 @@ template <typename T, int D> fcsa_status launch_forward(const ForwardParams &par
 } // namespace sm80
 } // namespace fcsa
 
-// Instantiates launch_forward for one (T, D); used once per forward_<dtype>_d<D>.cu.
-#define FCSA_INSTANTIATE_FORWARD(T, D)                                                                  \
-    template fcsa_status fcsa::sm80::launch_forward<T, D>(const fcsa::sm80::ForwardParams &, cudaStream_t);
+// Instantiates launch_forward for one (T, D, DV); used once per forward_<dtype>_d<D>.cu
+// (DV == D) and forward_<dtype>_d<D>_v<DV>.cu.
+#define FCSA_INSTANTIATE_FORWARD_DV(T, D, DV)                                                           \
+    template fcsa_status fcsa::sm80::launch_forward<T, D, DV>(const fcsa::sm80::ForwardParams &, cudaStream_t);
+#define FCSA_INSTANTIATE_FORWARD(T, D) FCSA_INSTANTIATE_FORWARD_DV(T, D, D)
