@@ -1,0 +1,473 @@
+// decode_kernel.cuh: KV-cache attention for short queries (decoding), split over the keys.
+//
+// Decoding reads every key and value of the cache once per step and computes little
+// with them, so the kernel is built for memory bandwidth, not for the tensor cores:
+//  - split-KV: each (sequence, kv head, block of query rows) is cut into `splits`
+//    ranges of keys, one CTA each, so that even one sequence fills the GPU. Each CTA
+//    writes a partial (out, lse); combine_kernel merges them exactly by their lse
+//    (SPEC.md). With one split the CTA writes out and lse itself.
+//  - grouped-query packing: the query heads that share a kv head, and the rows of a
+//    short query, are the rows of one CTA ("packed rows", head-major), so K and V are
+//    read once per kv head, not once per query head.
+//  - K and V tiles stream into shared memory with 16-byte cp.async, kStages deep,
+//    rows located through the block table when the cache is paged.
+//  - per tile: key norms, scores (float FMA), an online softmax with a running maximum
+//    (exact for any logits, l2norm or not), then out += P V. Every product is float32.
+// append_kernel writes the new keys into the cache first, on the same stream.
+#pragma once
+
+#include <cstdint>
+#include <cuda_runtime.h>
+
+#include "../common/copy.cuh"
+#include "../common/numeric.cuh"
+
+namespace fcsa {
+namespace sm80 {
+namespace decode {
+
+constexpr int kThreads = 128;
+constexpr int kWarps = kThreads / 32;
+constexpr int kBlockRows = 32; // packed query rows per CTA, at most
+constexpr int kMaxSplits = 128;
+constexpr int kStages = 2; // K/V tiles in flight per CTA; two CTAs per SM keep ~64 KB loading
+
+// The tile shapes of one dtype and head-dim bound D (d <= D, d % 8 == 0).
+template <typename T, int D> struct Tile {
+    static constexpr int kChunk = 16 / int(sizeof(T));          // elements per 16-byte load
+    static constexpr int kKeys = 16384 / (D * int(sizeof(T)));  // keys per tile: 16 KB of K
+    static constexpr int kRowStride = D + kChunk;               // + 16 bytes: rows start on distinct banks
+    static constexpr int kColumnChunks = D / 4;                 // P V: a thread owns 4 columns ...
+    static constexpr int kSlots = kThreads / kColumnChunks;     // ... of every kSlots-th row
+    static constexpr int kRowsPerThread = kBlockRows / kSlots;
+    static constexpr int kLoadColumns = D / kChunk;             // 16-byte chunks of a row
+    static constexpr int kLoadRowStep = kThreads / kLoadColumns;
+    static_assert(kKeys >= 16 && kKeys % 16 == 0, "tile keys");
+    static_assert(kThreads % kColumnChunks == 0 && kThreads % kLoadColumns == 0, "thread layout");
+
+    // Shared memory: [kStages][K, V][kKeys][kRowStride] of T, then float: q [rows][D],
+    // scores [rows][kKeys], inverse key norms [kKeys][groups], max, sum, rescale [rows].
+    static constexpr size_t kv_bytes() { return size_t(kStages) * 2 * kKeys * kRowStride * sizeof(T); }
+    static size_t smem_bytes(int rows, int groups) {
+        return kv_bytes() + sizeof(float) * (size_t(rows) * D + size_t(rows) * kKeys + size_t(kKeys) * groups +
+                                             3 * size_t(rows));
+    }
+};
+
+struct Params {
+    const void *q;
+    int64_t q_stride[3]; // b, head, row (elements; the head dim is contiguous)
+    void *out;
+    int64_t out_stride[3];
+    float *lse; // nullptr: not wanted
+    int64_t lse_stride[3];
+    const float *scale_t; // nullptr: `scale` for every head
+    int64_t scale_stride;
+    float scale;
+
+    const void *k_cache, *v_cache;
+    int64_t k_stride[3], v_stride[3]; // slot (batch or block), kv head, row
+    const void *k_new, *v_new;        // nullptr: nothing appended
+    int64_t k_new_stride[3], v_new_stride[3];
+    const int32_t *cache_seqlens; // nullptr: every sequence full
+    const int32_t *block_table;   // nullptr: contiguous cache
+    int64_t block_table_stride;
+    int page_size;  // paged: keys per block; contiguous: n_max
+    int capacity;   // keys a sequence can hold
+    int num_blocks; // paged: blocks in the cache
+    int nq_new;
+
+    int b, h, hk, nq, d, groups;
+    int group;      // h / hk: query heads per kv head
+    int rows;       // group * nq: packed rows per kv head
+    int block_rows; // packed rows per CTA: min(rows, kBlockRows)
+    int row_blocks; // ceil(rows / block_rows)
+    int splits;
+    bool causal, l2norm;
+
+    float *partial_out; // [splits][b * h * nq][d], when splits > 1
+    float *partial_lse; // [splits][b * h * nq]
+};
+
+// ---------------------------------------------------------------- small helpers
+
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, offset));
+    return x;
+}
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
+    return x;
+}
+
+// The keys sequence b attends to: its cached keys and the new ones. Clamped into
+// [0, capacity], so that lengths the caller got wrong cannot make a kernel read or
+// write outside the cache (the library checks them only when they are host memory).
+__device__ __forceinline__ int sequence_keys(const Params &p, int b) {
+    if (!p.cache_seqlens) return p.capacity;
+    const int64_t keys = int64_t(p.cache_seqlens[b]) + p.nq_new;
+    return int(keys < 0 ? 0 : keys > p.capacity ? p.capacity : keys);
+}
+
+// Where key `key` of sequence b lies: the cache's slot (batch or block) and row. False
+// for a block number outside the cache (the key is then treated as zeros).
+__device__ __forceinline__ bool locate(const Params &p, int b, int key, int64_t &slot, int64_t &row) {
+    if (!p.block_table) {
+        slot = b;
+        row = key;
+        return true;
+    }
+    const int32_t block = p.block_table[int64_t(b) * p.block_table_stride + key / p.page_size];
+    slot = block;
+    row = key % p.page_size;
+    return block >= 0 && block < p.num_blocks;
+}
+
+// 1 / max(||x||, 1e-12) over x = get(0 .. n-1), in float32. A sum of squares that
+// overflows (entries from ~1.8e19 on) is taken again with x scaled by 2^-e, 2^e above
+// its largest magnitude: an exact scaling, so rows of any finite norm keep their
+// direction, as the CPU backend's.
+template <class Get> __device__ __forceinline__ float inverse_norm(int n, Get get) {
+    float sum = 0.f;
+    for (int i = 0; i < n; ++i) {
+        const float x = get(i);
+        sum = fmaf(x, x, sum);
+    }
+    if (!isinf(sum)) return 1.f / fmaxf(sqrtf(sum), 1e-12f);
+    float top = 0.f;
+    for (int i = 0; i < n; ++i) top = fmaxf(top, fabsf(get(i)));
+    int e;
+    frexpf(top, &e);
+    float scaled = 0.f;
+    for (int i = 0; i < n; ++i) {
+        const float y = ldexpf(get(i), -e);
+        scaled = fmaf(y, y, scaled);
+    }
+    return ldexpf(1.f / sqrtf(scaled), -e);
+}
+
+// Four consecutive elements of a shared-memory row as float.
+template <typename T> __device__ __forceinline__ void load4(const T *src, float (&v)[4]) {
+    if constexpr (sizeof(T) == 4) {
+        const float4 x = *reinterpret_cast<const float4 *>(src);
+        v[0] = x.x, v[1] = x.y, v[2] = x.z, v[3] = x.w;
+    } else {
+        const uint2 x = *reinterpret_cast<const uint2 *>(src);
+        const float2 lo = common::unpack_float2<T>(x.x), hi = common::unpack_float2<T>(x.y);
+        v[0] = lo.x, v[1] = lo.y, v[2] = hi.x, v[3] = hi.y;
+    }
+}
+
+// ---------------------------------------------------------------- append
+
+// One CTA per new key (b, kv head, t): copies it and its value to key cache_seqlens[b]
+// + t of the sequence. Element by element: a few rows, any alignment.
+template <typename T> __global__ void __launch_bounds__(kThreads) append_kernel(const Params p) {
+    const int64_t item = blockIdx.x;
+    const int t = int(item % p.nq_new);
+    const int g = int(item / p.nq_new % p.hk);
+    const int b = int(item / (int64_t(p.nq_new) * p.hk));
+    const int64_t key = int64_t(p.cache_seqlens[b]) + t;
+    if (key < 0 || key >= p.capacity) return;
+    int64_t slot, row;
+    if (!locate(p, b, int(key), slot, row)) return;
+    const T *k_src = static_cast<const T *>(p.k_new) + b * p.k_new_stride[0] + g * p.k_new_stride[1] +
+                     t * p.k_new_stride[2];
+    const T *v_src = static_cast<const T *>(p.v_new) + b * p.v_new_stride[0] + g * p.v_new_stride[1] +
+                     t * p.v_new_stride[2];
+    T *k_dst = const_cast<T *>(static_cast<const T *>(p.k_cache)) + slot * p.k_stride[0] + g * p.k_stride[1] +
+               row * p.k_stride[2];
+    T *v_dst = const_cast<T *>(static_cast<const T *>(p.v_cache)) + slot * p.v_stride[0] + g * p.v_stride[1] +
+               row * p.v_stride[2];
+    for (int e = threadIdx.x; e < p.d; e += kThreads) {
+        k_dst[e] = k_src[e];
+        v_dst[e] = v_src[e];
+    }
+}
+
+// ---------------------------------------------------------------- split attention
+
+// Grid: x = (b, kv head, row block), y = split. See the file comment.
+template <typename T, int D> __global__ void __launch_bounds__(kThreads) decode_kernel(const Params p) {
+    using Shape = Tile<T, D>;
+    constexpr int KT = Shape::kKeys, RS = Shape::kRowStride, CH = Shape::kChunk;
+    constexpr float kInf = __builtin_huge_valf();
+
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T *kv_s = reinterpret_cast<T *>(smem_raw);
+    float *q_s = reinterpret_cast<float *>(smem_raw + Shape::kv_bytes());
+    float *score_s = q_s + p.block_rows * D;
+    float *inv_s = score_s + p.block_rows * KT;
+    float *max_s = inv_s + KT * p.groups;
+    float *sum_s = max_s + p.block_rows;
+    float *alpha_s = sum_s + p.block_rows;
+
+    const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+    const int unit = blockIdx.x, split = blockIdx.y;
+    const int row_block = unit % p.row_blocks;
+    const int g = unit / p.row_blocks % p.hk;
+    const int b = unit / (p.row_blocks * p.hk);
+    const int first_row = row_block * p.block_rows;
+    const int rows = min(p.block_rows, p.rows - first_row);
+    const int keys = sequence_keys(p, b);
+    const int d = p.d, groups = p.groups, group_size = d / groups;
+
+    // Packed row r of this CTA: query head g * group + R / nq, row R % nq (R = first_row + r).
+    // Causal, aligned to the end of the sequence: row i sees keys [0, i + keys - nq + 1).
+    auto visible_end = [&](int r) {
+        const int i = (first_row + r) % p.nq;
+        return p.causal ? max(0, min(keys, i + keys - p.nq + 1)) : keys;
+    };
+    int end = 0;
+    for (int r = 0; r < rows; ++r) end = max(end, visible_end(r));
+    // This split's keys: equal parts of whole tiles.
+    const int part = ((end + p.splits - 1) / p.splits + KT - 1) / KT * KT;
+    const int k0 = min(end, split * part), k1 = min(end, k0 + part);
+    const int tiles = (k1 - k0 + KT - 1) / KT;
+
+    // Queries: normalized per group, times the head's scale, in float.
+    const T *q = static_cast<const T *>(p.q);
+    for (int idx = tid; idx < rows * d; idx += kThreads) {
+        const int r = idx / d, e = idx % d, packed = first_row + r;
+        const int head = g * p.group + packed / p.nq, i = packed % p.nq;
+        q_s[r * D + e] = common::to_float(q[b * p.q_stride[0] + head * p.q_stride[1] + i * p.q_stride[2] + e]);
+    }
+    if (tid < rows) {
+        max_s[tid] = -kInf;
+        sum_s[tid] = 0.f;
+    }
+    __syncthreads();
+    for (int idx = tid; idx < rows * groups; idx += kThreads) {
+        const int r = idx / groups, gi = idx % groups;
+        const int head = g * p.group + (first_row + r) / p.nq;
+        float *x = q_s + r * D + gi * group_size;
+        float multiplier = p.scale_t ? p.scale_t[head * p.scale_stride] : p.scale;
+        if (p.l2norm) multiplier *= inverse_norm(group_size, [&](int i) { return x[i]; });
+        for (int i = 0; i < group_size; ++i) x[i] *= multiplier;
+    }
+
+    // Tile t of this split into stage `stage`; rows past k1, or in a block outside the
+    // cache, are zero-filled.
+    const T *k_cache = static_cast<const T *>(p.k_cache), *v_cache = static_cast<const T *>(p.v_cache);
+    const int load_column = tid % Shape::kLoadColumns, load_row = tid / Shape::kLoadColumns;
+    auto load_tile = [&](int t, int stage) {
+        T *k_tile = kv_s + stage * 2 * KT * RS, *v_tile = k_tile + KT * RS;
+        const int column = load_column * CH;
+        if (column >= d) return;
+        for (int j = load_row; j < KT; j += Shape::kLoadRowStep) {
+            const int key = k0 + t * KT + j;
+            int64_t slot = 0, row = 0;
+            const bool valid = key < k1 && locate(p, b, key, slot, row);
+            const T *k_src = k_cache, *v_src = v_cache;
+            if (valid) {
+                k_src += slot * p.k_stride[0] + g * p.k_stride[1] + row * p.k_stride[2] + column;
+                v_src += slot * p.v_stride[0] + g * p.v_stride[1] + row * p.v_stride[2] + column;
+            }
+            common::cp_async_16(uint32_t(__cvta_generic_to_shared(k_tile + j * RS + column)), k_src, valid);
+            common::cp_async_16(uint32_t(__cvta_generic_to_shared(v_tile + j * RS + column)), v_src, valid);
+        }
+    };
+
+    // P V: this thread's 4 columns of rows slot, slot + kSlots, ...
+    const int column = tid % Shape::kColumnChunks * 4, slot = tid / Shape::kColumnChunks;
+    float acc[Shape::kRowsPerThread][4];
+#pragma unroll
+    for (int k = 0; k < Shape::kRowsPerThread; ++k)
+#pragma unroll
+        for (int x = 0; x < 4; ++x) acc[k][x] = 0.f;
+
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) {
+        if (s < tiles) load_tile(s, s);
+        common::cp_async_commit();
+    }
+    for (int t = 0; t < tiles; ++t) {
+        // Refill the stage the previous tile used (every thread is past it: the barrier
+        // at the end of the last iteration), then wait for tile t.
+        if (t + kStages - 1 < tiles) load_tile(t + kStages - 1, (t + kStages - 1) % kStages);
+        common::cp_async_commit();
+        common::cp_async_wait<kStages - 1>();
+        __syncthreads();
+        const T *k_tile = kv_s + (t % kStages) * 2 * KT * RS, *v_tile = k_tile + KT * RS;
+        const int key0 = k0 + t * KT, count = min(KT, k1 - key0);
+
+        // 1. Inverse norms of the keys, per group.
+        if (p.l2norm) {
+            for (int idx = tid; idx < count * groups; idx += kThreads) {
+                const int j = idx / groups, gi = idx % groups;
+                const T *x = k_tile + j * RS + gi * group_size;
+                inv_s[idx] = inverse_norm(group_size, [&](int i) { return common::to_float(x[i]); });
+            }
+            __syncthreads();
+        }
+
+        // 2. Scores of the keys each row sees; -inf for the others.
+        for (int idx = tid; idx < rows * KT; idx += kThreads) {
+            const int r = idx / KT, j = idx % KT;
+            float s = -kInf;
+            if (j < count && key0 + j < visible_end(r)) {
+                const float *qr = q_s + r * D;
+                const T *kr = k_tile + j * RS;
+                if (!p.l2norm || groups == 1) {
+                    float dot = 0.f;
+                    for (int c = 0; c < d; c += CH) {
+                        float kf[CH];
+                        common::chunk_to_float<T>(*reinterpret_cast<const uint4 *>(kr + c), kf);
+#pragma unroll
+                        for (int e = 0; e < CH; e += 4) {
+                            const float4 qv = *reinterpret_cast<const float4 *>(qr + c + e);
+                            dot = fmaf(qv.x, kf[e], dot);
+                            dot = fmaf(qv.y, kf[e + 1], dot);
+                            dot = fmaf(qv.z, kf[e + 2], dot);
+                            dot = fmaf(qv.w, kf[e + 3], dot);
+                        }
+                    }
+                    s = p.l2norm ? dot * inv_s[j] : dot;
+                } else {
+                    s = 0.f;
+                    for (int gi = 0; gi < groups; ++gi) {
+                        float dot = 0.f;
+                        for (int e = gi * group_size; e < (gi + 1) * group_size; ++e)
+                            dot = fmaf(qr[e], common::to_float(kr[e]), dot);
+                        s = fmaf(dot, inv_s[j * groups + gi], s);
+                    }
+                }
+            }
+            score_s[idx] = s;
+        }
+        __syncthreads();
+
+        // 3. Online softmax, a warp per row: new maximum, weights exp(s - max), the
+        // factor that rescales what the row has summed so far.
+        constexpr int kPerLane = (KT + 31) / 32;
+        for (int r = warp; r < rows; r += kWarps) {
+            const float old_max = max_s[r];
+            float s[kPerLane], tile_max = -kInf;
+#pragma unroll
+            for (int k = 0; k < kPerLane; ++k) {
+                const int j = lane + 32 * k;
+                s[k] = j < KT ? score_s[r * KT + j] : -kInf;
+                tile_max = fmaxf(tile_max, s[k]);
+            }
+            const float new_max = fmaxf(old_max, warp_max(tile_max));
+            float sum = 0.f;
+#pragma unroll
+            for (int k = 0; k < kPerLane; ++k) {
+                const int j = lane + 32 * k;
+                const float w = new_max == -kInf ? 0.f : expf(s[k] - new_max);
+                if (j < KT) score_s[r * KT + j] = w;
+                sum += w;
+            }
+            sum = warp_sum(sum);
+            if (lane == 0) {
+                const float alpha = new_max == -kInf ? 1.f : expf(old_max - new_max);
+                max_s[r] = new_max;
+                sum_s[r] = sum_s[r] * alpha + sum;
+                alpha_s[r] = alpha;
+            }
+        }
+        __syncthreads();
+
+        // 4. out += P V. A weight of 0 is skipped, not multiplied: a key hidden from
+        // this row may hold inf or NaN, which must not reach its output.
+        if (column < d) {
+            const float *weights = score_s + slot * KT;
+#pragma unroll
+            for (int k = 0; k < Shape::kRowsPerThread; ++k) {
+                if (slot + k * Shape::kSlots < rows) {
+                    const float alpha = alpha_s[slot + k * Shape::kSlots];
+#pragma unroll
+                    for (int x = 0; x < 4; ++x) acc[k][x] *= alpha;
+                }
+            }
+            for (int j = 0; j < count; ++j) {
+                float v[4];
+                load4(v_tile + j * RS + column, v);
+#pragma unroll
+                for (int k = 0; k < Shape::kRowsPerThread; ++k) {
+                    if (slot + k * Shape::kSlots < rows) {
+                        const float w = weights[k * Shape::kSlots * KT + j];
+                        if (w != 0.f) {
+#pragma unroll
+                            for (int x = 0; x < 4; ++x) acc[k][x] = fmaf(w, v[x], acc[k][x]);
+                        }
+                    }
+                }
+            }
+        }
+        __syncthreads();
+    }
+    common::cp_async_wait<0>(); // no copy may outlive the CTA (the last groups are empty)
+
+    // Epilogue: out = acc / sum and lse = max + log(sum), or for a row that saw no key
+    // 0 and -inf; into out and lse directly, or into this split's partial result.
+    if (column >= d) return;
+    const int64_t total_rows = int64_t(p.b) * p.h * p.nq;
+#pragma unroll
+    for (int k = 0; k < Shape::kRowsPerThread; ++k) {
+        const int r = slot + k * Shape::kSlots;
+        if (r >= rows) continue;
+        const float sum = sum_s[r];
+        const float inverse = sum > 0.f ? 1.f / sum : 0.f;
+        const float lse = sum > 0.f ? max_s[r] + logf(sum) : -kInf;
+        const int packed = first_row + r;
+        const int head = g * p.group + packed / p.nq, i = packed % p.nq;
+        if (p.splits == 1) {
+            T *out = static_cast<T *>(p.out) + b * p.out_stride[0] + head * p.out_stride[1] + i * p.out_stride[2] +
+                     column;
+#pragma unroll
+            for (int x = 0; x < 4; ++x) out[x] = common::from_float<T>(acc[k][x] * inverse);
+            if (column == 0 && p.lse)
+                p.lse[b * p.lse_stride[0] + head * p.lse_stride[1] + i * p.lse_stride[2]] = lse;
+        } else {
+            const int64_t index = split * total_rows + (int64_t(b) * p.h + head) * p.nq + i;
+            *reinterpret_cast<float4 *>(p.partial_out + index * d + column) =
+                make_float4(acc[k][0] * inverse, acc[k][1] * inverse, acc[k][2] * inverse, acc[k][3] * inverse);
+            if (column == 0) p.partial_lse[index] = lse;
+        }
+    }
+}
+
+// ---------------------------------------------------------------- combine
+
+// A warp per output row: out = sum_s e^(lse_s - lse) out_s, lse = log sum_s e^lse_s.
+template <typename T> __global__ void __launch_bounds__(kThreads) combine_kernel(const Params p) {
+    constexpr float kInf = __builtin_huge_valf();
+    __shared__ float weights[kWarps][kMaxSplits];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int64_t total_rows = int64_t(p.b) * p.h * p.nq;
+    const int64_t index = int64_t(blockIdx.x) * kWarps + warp;
+    if (index >= total_rows) return; // the whole warp: only warp-level syncs follow
+
+    float top = -kInf;
+    for (int s = lane; s < p.splits; s += 32) top = fmaxf(top, p.partial_lse[s * total_rows + index]);
+    top = warp_max(top);
+    float sum = 0.f;
+    for (int s = lane; s < p.splits; s += 32) {
+        const float w = top == -kInf ? 0.f : expf(p.partial_lse[s * total_rows + index] - top);
+        weights[warp][s] = w;
+        sum += w;
+    }
+    sum = warp_sum(sum);
+    __syncwarp();
+    const float inverse = sum > 0.f ? 1.f / sum : 0.f;
+
+    const int b = int(index / (int64_t(p.h) * p.nq)), head = int(index / p.nq % p.h), i = int(index % p.nq);
+    T *out = static_cast<T *>(p.out) + b * p.out_stride[0] + head * p.out_stride[1] + i * p.out_stride[2];
+    for (int c = lane; c < p.d; c += 32) {
+        float o = 0.f;
+        for (int s = 0; s < p.splits; ++s) {
+            const float w = weights[warp][s];
+            if (w != 0.f) o = fmaf(w, p.partial_out[(s * total_rows + index) * p.d + c], o);
+        }
+        out[c] = common::from_float<T>(o * inverse);
+    }
+    if (lane == 0 && p.lse)
+        p.lse[b * p.lse_stride[0] + head * p.lse_stride[1] + i * p.lse_stride[2]] = sum > 0.f ? top + logf(sum) : -kInf;
+}
+
+} // namespace decode
+} // namespace sm80
+} // namespace fcsa
