@@ -148,6 +148,21 @@ template <class Get> __device__ __forceinline__ float inverse_norm(int n, Get ge
     return ldexpf(1.f / sqrtf(scaled), -e);
 }
 
+// inverse_norm of n elements of a shared-memory row, read 16 bytes at a time (x 16-byte
+// aligned, n a multiple of the chunk); an overflowed sum takes the rescaled path.
+template <typename T> __device__ __forceinline__ float chunked_inverse_norm(const T *x, int n) {
+    constexpr int kChunk = 16 / int(sizeof(T));
+    float sum = 0.f;
+    for (int c = 0; c < n; c += kChunk) {
+        float f[kChunk];
+        common::chunk_to_float<T>(*reinterpret_cast<const uint4 *>(x + c), f);
+#pragma unroll
+        for (int e = 0; e < kChunk; ++e) sum = fmaf(f[e], f[e], sum);
+    }
+    if (!isinf(sum)) return 1.f / fmaxf(sqrtf(sum), 1e-12f);
+    return inverse_norm(n, [&](int i) { return common::to_float(x[i]); });
+}
+
 // Four consecutive elements of a shared-memory row as float.
 template <typename T> __device__ __forceinline__ void load4(const T *src, float (&v)[4]) {
     if constexpr (sizeof(T) == 4) {
@@ -298,7 +313,9 @@ template <typename T, int D> __global__ void __launch_bounds__(kThreads) decode_
             for (int idx = tid; idx < count * groups; idx += kThreads) {
                 const int j = idx / groups, gi = idx % groups;
                 const T *x = k_tile + j * RS + gi * group_size;
-                inv_s[idx] = inverse_norm(group_size, [&](int i) { return common::to_float(x[i]); });
+                inv_s[idx] = group_size % CH == 0
+                                 ? chunked_inverse_norm(x, group_size)
+                                 : inverse_norm(group_size, [&](int i) { return common::to_float(x[i]); });
             }
             __syncthreads();
         }

@@ -1,12 +1,12 @@
 // decode_launch.cuh: planning and launching the decode kernels for one dtype; included
 // by decode_<dtype>.cu, which instantiate it.
 //
-// The split count: one wave of CTAs. With units = b * hk * row_blocks CTAs before any
-// split and `slots` CTAs resident on the whole device at once (SMs x occupancy), each
-// unit's keys are split ceil(slots / units) ways, so a single sequence still fills
-// the GPU; never into parts of fewer than two tiles of the cache's capacity (the
-// partial results and their combination would cost more than the split gains), and
-// never more than kMaxSplits ways.
+// The split count: with units = b * hk * row_blocks CTAs before any split and `slots`
+// CTAs resident on the whole device at once (SMs x occupancy), each unit's keys are
+// split into as few parts as make the CTAs fill whole waves (choose_splits), so that a
+// single sequence still fills the GPU; never into parts of fewer than two tiles of the
+// cache's capacity (the partial results and their combination would cost more than the
+// split gains), and never more than kMaxSplits ways.
 #pragma once
 
 #include <algorithm>
@@ -19,6 +19,21 @@
 namespace fcsa {
 namespace sm80 {
 namespace decode {
+
+// The fewest splits (up to `most`) whose CTAs fill their waves to 95% (CTAs of one call
+// do about equal work, so a last wave a fifth full costs the time of a full one), or
+// failing that the best-filled.
+inline int64_t choose_splits(int64_t units, int64_t slots, int64_t most) {
+    int64_t best = 1;
+    double best_fill = 0.;
+    for (int64_t s = 1; s <= most; ++s) {
+        const int64_t ctas = units * s, waves = (ctas + slots - 1) / slots;
+        const double fill = double(ctas) / double(waves * slots);
+        if (fill >= 0.95) return s;
+        if (fill > best_fill) best = s, best_fill = fill;
+    }
+    return best;
+}
 
 template <typename T, int D> fcsa_status plan_for(const KvCacheProblem &kv, Plan *plan) {
     using Shape = Tile<T, D>;
@@ -58,9 +73,8 @@ template <typename T, int D> fcsa_status plan_for(const KvCacheProblem &kv, Plan
 
     const int64_t units = p.b * p.hk * plan->row_blocks;
     const int64_t slots = int64_t(sms) * std::max(per_sm, 1);
-    int64_t splits = units >= slots ? 1 : (slots + units - 1) / units;
-    splits = std::min<int64_t>(splits, std::max<int64_t>(1, kv.capacity / (2 * Shape::kKeys)));
-    plan->splits = int(std::min<int64_t>(splits, kMaxSplits));
+    const int64_t most = std::min<int64_t>(kMaxSplits, std::max<int64_t>(1, kv.capacity / (2 * Shape::kKeys)));
+    plan->splits = int(choose_splits(units, slots, most));
     if (plan->splits > 1) {
         const int64_t total_rows = p.b * p.h * p.nq;
         // + 16: the base is aligned up to 16 bytes for the float4 stores.
