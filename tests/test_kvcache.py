@@ -6,6 +6,8 @@ checked element by element, and the slots a call may not touch are poisoned (NaN
 must come back unchanged and unread.
 """
 
+import ctypes
+
 import pytest
 import torch
 
@@ -184,6 +186,16 @@ def test_speculative_queries_over_many_splits(dtype, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("d", [64, 128])
+def test_split_keys_with_ragged_lengths(d, dtype, device):
+    # Capacity for many splits on the GPU; an empty sequence, one where most splits are
+    # empty, one that fills the cache: the combination must ignore the empty parts.
+    check_kvcache(device, dtype, b=3, h=4, hk=1, nq=3, d=d, capacity=2000,
+                  lengths=[0, 2, 1997], n_new=3, page_size=16 if d == 64 else None)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("option", ["groups", "no_l2norm", "scale_tensor", "scale_scalar_tensor",
                                     "large_scale"])
 def test_options(option, device):
@@ -348,3 +360,72 @@ def test_torch_compile_fullgraph_decode_step(device):
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(k_cache, eager_caches[0])  # the append happened in place
     torch.testing.assert_close(v_cache, eager_caches[1])
+
+
+# ---------------------------------------------------------------- the C entry points
+
+class _CTensor(ctypes.Structure):
+    _fields_ = [("data", ctypes.c_void_p), ("ndim", ctypes.c_int32), ("dtype", ctypes.c_int32),
+                ("device_type", ctypes.c_int32), ("device_index", ctypes.c_int32),
+                ("shape", ctypes.c_int64 * 4), ("strides", ctypes.c_int64 * 4)]
+
+
+class _CKvCacheTensors(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_size_t)] + [
+        (name, ctypes.POINTER(_CTensor)) for name in (
+            "q", "k_cache", "v_cache", "cache_seqlens", "block_table", "k_new", "v_new", "scale",
+            "out", "lse")]
+
+
+def _c_tensor(t):
+    data, dtype, device_type, device_index, shape, strides = _ops.describe(t)
+    c = _CTensor(data, len(shape), dtype, device_type, device_index)
+    for i, (n, s) in enumerate(zip(shape, strides)):
+        c.shape[i], c.strides[i] = n, s
+    return c
+
+
+def test_c_entry_points_refuse_bad_structs():
+    """NULL and short structs, and a missing tensor, straight through the C ABI."""
+    lib = ctypes.CDLL(fcsa.get_library())
+    lib.fcsa_last_error_message.restype = ctypes.c_char_p
+    size = ctypes.c_size_t(123)
+    q, cache, out = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 4, 8), torch.empty(1, 2, 1, 8)
+    tensors = [_c_tensor(t) for t in (q, cache, cache, out)]
+    full = _CKvCacheTensors(ctypes.sizeof(_CKvCacheTensors), ctypes.pointer(tensors[0]),
+                            ctypes.pointer(tensors[1]), ctypes.pointer(tensors[2]))
+    full.out = ctypes.pointer(tensors[3])
+
+    def message(status):
+        assert status == 2  # FCSA_STATUS_INVALID_ARGUMENT
+        return lib.fcsa_last_error_message().decode()
+
+    assert "tensors: required" in message(lib.fcsa_kvcache_forward_workspace_size(
+        None, None, ctypes.byref(size)))
+    short = _CKvCacheTensors(8)
+    assert "struct_size" in message(lib.fcsa_kvcache_forward(None, ctypes.byref(short), None,
+                                                             ctypes.c_size_t(0), None))
+    assert "workspace_bytes: required" in message(lib.fcsa_kvcache_forward_workspace_size(
+        None, ctypes.byref(full), None))
+    no_cache = _CKvCacheTensors(ctypes.sizeof(_CKvCacheTensors), ctypes.pointer(tensors[0]))
+    no_cache.out = ctypes.pointer(tensors[3])
+    assert "k_cache: required" in message(lib.fcsa_kvcache_forward(
+        None, ctypes.byref(no_cache), None, ctypes.c_size_t(0), None))
+    assert size.value == 123  # a failed query leaves it alone
+    assert lib.fcsa_kvcache_forward_workspace_size(None, ctypes.byref(full), ctypes.byref(size)) == 0
+    assert lib.fcsa_kvcache_forward(None, ctypes.byref(full), None, ctypes.c_size_t(0), None) == 0
+    ref_out, _ = reference(q, cache, cache, None, [4], torch.float64)
+    assert_bounded("out", out, ref_out, ref_out, 2e-5)
+
+
+def test_decode_benchmark_runs_on_cpu(capsys):
+    from fcsa import benchmark
+
+    assert benchmark.main(["--decode", "--case", "2,4,2,300", "--dims", "16", "--nq", "1", "2",
+                           "--paged", "16", "--runs", "2", "--warmup", "1",
+                           "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "copy bandwidth" in printed
+    for row in ("fcsa ", "fcsa paged 16", "sdpa-cos", "plain"):
+        assert row in printed
+    assert "failed" not in printed
