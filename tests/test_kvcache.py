@@ -169,10 +169,13 @@ def test_full_cache_without_seqlens(layout, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("d", [8, 64, 128, 256])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
-def test_head_dims(dtype, d, device):
-    check_kvcache(device, dtype, b=2, h=4, hk=2, nq=2, d=d, capacity=70, n_new=2,
+@pytest.mark.parametrize("d", [8, 24, 64, 128, 256])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("nq", [2, 5])
+def test_head_dims(nq, dtype, d, device):
+    # 2 x 2 packed rows per kv head take the GPU's FMA kernel, 2 x 5 its tensor cores
+    # (16-bit types); d = 8 and 24 leave part of a 16-wide tensor-core step empty.
+    check_kvcache(device, dtype, b=2, h=4, hk=2, nq=nq, d=d, capacity=70, n_new=2,
                   page_size=16)
 
 
@@ -196,14 +199,16 @@ def test_split_keys_with_ragged_lengths(d, dtype, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("nq", [1, 5])
 @pytest.mark.parametrize("option", ["groups", "no_l2norm", "scale_tensor", "scale_scalar_tensor",
                                     "large_scale"])
-def test_options(option, device):
+def test_options(option, nq, dtype, device):
     kwargs = {"groups": dict(groups=4), "no_l2norm": dict(l2norm_qk=False, scale=0.3),
               "scale_tensor": dict(scale=torch.rand(8) * 10),
               "scale_scalar_tensor": dict(scale=torch.tensor(3.5)),
               "large_scale": dict(scale=200.0)}[option]
-    check_kvcache(device, torch.float32, nq=2, n_new=1, page_size=16, **kwargs)
+    check_kvcache(device, dtype, nq=nq, n_new=1, page_size=16, **kwargs)
 
 
 def test_value_head_dim_on_cpu():

@@ -1,7 +1,7 @@
 // decode_kernel.cuh: KV-cache attention for short queries (decoding), split over the keys.
 //
 // Decoding reads every key and value of the cache once per step and computes little
-// with them, so the kernel is built for memory bandwidth, not for the tensor cores:
+// with them, so the kernels are built for memory bandwidth:
 //  - split-KV: each (sequence, kv head, block of query rows) is cut into `splits`
 //    ranges of keys, one CTA each, so that even one sequence fills the GPU. Each CTA
 //    writes a partial (out, lse); combine_kernel merges them exactly by their lse
@@ -11,8 +11,11 @@
 //    read once per kv head, not once per query head.
 //  - K and V tiles stream into shared memory with 16-byte cp.async, kStages deep,
 //    rows located through the block table when the cache is paged.
-//  - per tile: key norms, scores (float FMA), an online softmax with a running maximum
-//    (exact for any logits, l2norm or not), then out += P V. Every product is float32.
+//  - per tile: key norms, scores, an online softmax with a running maximum (exact for
+//    any logits, l2norm or not), then out += P V, accumulated in float32. The scores and
+//    P V take float FMAs in decode_kernel (few packed rows: plain decoding; float32) and
+//    the tensor cores in decode_mma_kernel (many packed rows in 16 bits: speculative
+//    decoding, chunked prefill), where FMAs would make the step compute-bound.
 // append_kernel writes the new keys into the cache first, on the same stream.
 #pragma once
 
@@ -20,6 +23,7 @@
 #include <cuda_runtime.h>
 
 #include "../common/copy.cuh"
+#include "../common/mma.cuh"
 #include "../common/numeric.cuh"
 
 namespace fcsa {
@@ -28,7 +32,8 @@ namespace decode {
 
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
-constexpr int kBlockRows = 32; // packed query rows per CTA, at most
+constexpr int kBlockRows = 32;  // packed query rows per CTA of the FMA kernel, at most
+constexpr int kFmaMaxRows = 8;  // more packed rows (16-bit types): the tensor-core kernel
 constexpr int kMaxSplits = 128;
 constexpr int kStages = 2; // K/V tiles in flight per CTA; two CTAs per SM keep ~64 KB loading
 
@@ -202,9 +207,161 @@ template <typename T> __global__ void __launch_bounds__(kThreads) append_kernel(
     }
 }
 
-// ---------------------------------------------------------------- split attention
+// ---------------------------------------------------------------- one CTA's work
 
-// Grid: x = (b, kv head, row block), y = split. See the file comment.
+// A CTA of either kernel: grid x = (b, kv head, row block), y = split. It computes the
+// packed rows [first_row, first_row + rows) of kv head g of sequence b (packed row R is
+// query head g * group + R / nq, row R % nq) over the keys [k0, k1): this split's equal
+// part, in whole tiles, of the keys its rows see.
+struct CtaWork {
+    int b, g, first_row, rows, keys, k0, k1, tiles;
+
+    template <int kKeys> __device__ __forceinline__ static CtaWork make(const Params &p) {
+        CtaWork w;
+        const int unit = blockIdx.x;
+        const int row_block = unit % p.row_blocks;
+        w.g = unit / p.row_blocks % p.hk;
+        w.b = unit / (p.row_blocks * p.hk);
+        w.first_row = row_block * p.block_rows;
+        w.rows = min(p.block_rows, p.rows - w.first_row);
+        w.keys = sequence_keys(p, w.b);
+        int end = 0;
+        for (int r = 0; r < w.rows; ++r) end = max(end, w.visible_end(p, r));
+        const int part = ((end + p.splits - 1) / p.splits + kKeys - 1) / kKeys * kKeys;
+        w.k0 = min(end, int(blockIdx.y) * part);
+        w.k1 = min(end, w.k0 + part);
+        w.tiles = (w.k1 - w.k0 + kKeys - 1) / kKeys;
+        return w;
+    }
+    // The smallest visible_end of the CTA's rows: keys from there on are hidden from some.
+    __device__ __forceinline__ int first_hidden(const Params &p) const {
+        int first = keys;
+        for (int r = 0; r < rows; ++r) first = min(first, visible_end(p, r));
+        return first;
+    }
+    __device__ __forceinline__ int head(const Params &p, int r) const { return g * p.group + (first_row + r) / p.nq; }
+    __device__ __forceinline__ int query_row(const Params &p, int r) const { return (first_row + r) % p.nq; }
+    // Causal, aligned to the end of the sequence: row i sees keys [0, i + keys - nq + 1).
+    __device__ __forceinline__ int visible_end(const Params &p, int r) const {
+        return p.causal ? max(0, min(keys, query_row(p, r) + keys - p.nq + 1)) : keys;
+    }
+    // out's and lse's row of packed row r, over all (b, h, nq).
+    __device__ __forceinline__ int64_t output_row(const Params &p, int r) const {
+        return (int64_t(b) * p.h + head(p, r)) * p.nq + query_row(p, r);
+    }
+};
+
+// The CTA's query rows, normalized per group and times their head's scale, as float
+// into q_s (row stride D); rows past w.rows (up to padded_rows) and columns past d are
+// 0. Ends with a barrier.
+template <typename T, int D>
+__device__ __forceinline__ void load_queries(const Params &p, const CtaWork &w, int padded_rows, float *q_s) {
+    const int tid = threadIdx.x, d = p.d, group_size = d / p.groups;
+    const T *q = static_cast<const T *>(p.q);
+    for (int idx = tid; idx < padded_rows * D; idx += kThreads) {
+        const int r = idx / D, e = idx % D;
+        float x = 0.f;
+        if (r < w.rows && e < d)
+            x = common::to_float(q[w.b * p.q_stride[0] + w.head(p, r) * p.q_stride[1] +
+                                   w.query_row(p, r) * p.q_stride[2] + e]);
+        q_s[idx] = x;
+    }
+    __syncthreads();
+    for (int idx = tid; idx < w.rows * p.groups; idx += kThreads) {
+        const int r = idx / p.groups, gi = idx % p.groups;
+        float *x = q_s + r * D + gi * group_size;
+        float multiplier = p.scale_t ? p.scale_t[w.head(p, r) * p.scale_stride] : p.scale;
+        if (p.l2norm) multiplier *= inverse_norm(group_size, [&](int i) { return x[i]; });
+        for (int i = 0; i < group_size; ++i) x[i] *= multiplier;
+    }
+    __syncthreads();
+}
+
+// Tile t of the CTA's keys into k_tile and v_tile (rows of kRowStride elements): rows
+// past k1, in a block outside the cache, and columns past d are zero-filled (the tensor
+// cores read whole 16-column steps).
+template <typename T, int D>
+__device__ __forceinline__ void load_kv_tile(const Params &p, const CtaWork &w, int t, T *k_tile, T *v_tile) {
+    using Shape = Tile<T, D>;
+    const T *k_cache = static_cast<const T *>(p.k_cache), *v_cache = static_cast<const T *>(p.v_cache);
+    const int column = threadIdx.x % Shape::kLoadColumns * Shape::kChunk;
+    for (int j = threadIdx.x / Shape::kLoadColumns; j < Shape::kKeys; j += Shape::kLoadRowStep) {
+        const int key = w.k0 + t * Shape::kKeys + j;
+        int64_t slot = 0, row = 0;
+        const bool valid = column < p.d && key < w.k1 && locate(p, w.b, key, slot, row);
+        const T *k_src = k_cache, *v_src = v_cache;
+        if (valid) {
+            k_src += slot * p.k_stride[0] + w.g * p.k_stride[1] + row * p.k_stride[2] + column;
+            v_src += slot * p.v_stride[0] + w.g * p.v_stride[1] + row * p.v_stride[2] + column;
+        }
+        common::cp_async_16(common::smem_address(k_tile + j * Shape::kRowStride + column), k_src, valid);
+        common::cp_async_16(common::smem_address(v_tile + j * Shape::kRowStride + column), v_src, valid);
+    }
+}
+
+// Inverse norms of the tile's first `count` keys, per group, into inv_s[key * groups + group].
+template <typename T, int D>
+__device__ __forceinline__ void key_inverse_norms(const Params &p, const T *k_tile, int count, float *inv_s) {
+    constexpr int CH = Tile<T, D>::kChunk;
+    const int group_size = p.d / p.groups;
+    for (int idx = threadIdx.x; idx < count * p.groups; idx += kThreads) {
+        const int j = idx / p.groups, gi = idx % p.groups;
+        const T *x = k_tile + j * Tile<T, D>::kRowStride + gi * group_size;
+        inv_s[idx] = group_size % CH == 0 ? chunked_inverse_norm(x, group_size)
+                                          : inverse_norm(group_size, [&](int i) { return common::to_float(x[i]); });
+    }
+}
+
+// The online softmax of one tile, a warp per row, rows [0, rows): the new running
+// maximum, the weights exp(s - max) in place of the scores (and, when weights16 is
+// given, rounded to T there too, row stride ld16), the row sums, and alpha_s[r], the
+// factor that rescales what row r has accumulated so far.
+template <int kKeys, typename T>
+__device__ __forceinline__ void online_softmax(int rows, float *score_s, float *max_s, float *sum_s, float *alpha_s,
+                                               T *weights16, int ld16) {
+    constexpr float kInf = __builtin_huge_valf();
+    constexpr int kPerLane = (kKeys + 31) / 32;
+    const int lane = threadIdx.x % 32;
+    for (int r = threadIdx.x / 32; r < rows; r += kWarps) {
+        const float old_max = max_s[r];
+        float s[kPerLane], tile_max = -kInf;
+#pragma unroll
+        for (int k = 0; k < kPerLane; ++k) {
+            const int j = lane + 32 * k;
+            s[k] = j < kKeys ? score_s[r * kKeys + j] : -kInf;
+            tile_max = fmaxf(tile_max, s[k]);
+        }
+        const float new_max = fmaxf(old_max, warp_max(tile_max));
+        float sum = 0.f;
+#pragma unroll
+        for (int k = 0; k < kPerLane; ++k) {
+            const int j = lane + 32 * k;
+            const float weight = new_max == -kInf ? 0.f : expf(s[k] - new_max);
+            if (j < kKeys) {
+                score_s[r * kKeys + j] = weight;
+                if (weights16) weights16[r * ld16 + j] = common::from_float<T>(weight);
+            }
+            sum += weight;
+        }
+        sum = warp_sum(sum);
+        if (lane == 0) {
+            const float alpha = new_max == -kInf ? 1.f : expf(old_max - new_max);
+            max_s[r] = new_max;
+            sum_s[r] = sum_s[r] * alpha + sum;
+            alpha_s[r] = alpha;
+        }
+    }
+}
+
+// A row's lse from its running maximum and sum: -inf for a row that saw no key.
+__device__ __forceinline__ float row_lse(float max, float sum) {
+    return sum > 0.f ? max + logf(sum) : -__builtin_huge_valf();
+}
+
+// ---------------------------------------------------------------- split attention, FMA
+
+// Scores and P V with float FMAs: the kernel for few packed rows (decoding with up to 8
+// query heads per kv head) and for float32.
 template <typename T, int D> __global__ void __launch_bounds__(kThreads) decode_kernel(const Params p) {
     using Shape = Tile<T, D>;
     constexpr int KT = Shape::kKeys, RS = Shape::kRowStride, CH = Shape::kChunk;
@@ -219,71 +376,14 @@ template <typename T, int D> __global__ void __launch_bounds__(kThreads) decode_
     float *sum_s = max_s + p.block_rows;
     float *alpha_s = sum_s + p.block_rows;
 
-    const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-    const int unit = blockIdx.x, split = blockIdx.y;
-    const int row_block = unit % p.row_blocks;
-    const int g = unit / p.row_blocks % p.hk;
-    const int b = unit / (p.row_blocks * p.hk);
-    const int first_row = row_block * p.block_rows;
-    const int rows = min(p.block_rows, p.rows - first_row);
-    const int keys = sequence_keys(p, b);
-    const int d = p.d, groups = p.groups, group_size = d / groups;
-
-    // Packed row r of this CTA: query head g * group + R / nq, row R % nq (R = first_row + r).
-    // Causal, aligned to the end of the sequence: row i sees keys [0, i + keys - nq + 1).
-    auto visible_end = [&](int r) {
-        const int i = (first_row + r) % p.nq;
-        return p.causal ? max(0, min(keys, i + keys - p.nq + 1)) : keys;
-    };
-    int end = 0;
-    for (int r = 0; r < rows; ++r) end = max(end, visible_end(r));
-    // This split's keys: equal parts of whole tiles.
-    const int part = ((end + p.splits - 1) / p.splits + KT - 1) / KT * KT;
-    const int k0 = min(end, split * part), k1 = min(end, k0 + part);
-    const int tiles = (k1 - k0 + KT - 1) / KT;
-
-    // Queries: normalized per group, times the head's scale, in float.
-    const T *q = static_cast<const T *>(p.q);
-    for (int idx = tid; idx < rows * d; idx += kThreads) {
-        const int r = idx / d, e = idx % d, packed = first_row + r;
-        const int head = g * p.group + packed / p.nq, i = packed % p.nq;
-        q_s[r * D + e] = common::to_float(q[b * p.q_stride[0] + head * p.q_stride[1] + i * p.q_stride[2] + e]);
-    }
+    const int tid = threadIdx.x;
+    const CtaWork w = CtaWork::make<KT>(p);
+    const int rows = w.rows, d = p.d, groups = p.groups, group_size = d / groups;
     if (tid < rows) {
         max_s[tid] = -kInf;
         sum_s[tid] = 0.f;
     }
-    __syncthreads();
-    for (int idx = tid; idx < rows * groups; idx += kThreads) {
-        const int r = idx / groups, gi = idx % groups;
-        const int head = g * p.group + (first_row + r) / p.nq;
-        float *x = q_s + r * D + gi * group_size;
-        float multiplier = p.scale_t ? p.scale_t[head * p.scale_stride] : p.scale;
-        if (p.l2norm) multiplier *= inverse_norm(group_size, [&](int i) { return x[i]; });
-        for (int i = 0; i < group_size; ++i) x[i] *= multiplier;
-    }
-
-    // Tile t of this split into stage `stage`; rows past k1, or in a block outside the
-    // cache, are zero-filled.
-    const T *k_cache = static_cast<const T *>(p.k_cache), *v_cache = static_cast<const T *>(p.v_cache);
-    const int load_column = tid % Shape::kLoadColumns, load_row = tid / Shape::kLoadColumns;
-    auto load_tile = [&](int t, int stage) {
-        T *k_tile = kv_s + stage * 2 * KT * RS, *v_tile = k_tile + KT * RS;
-        const int column = load_column * CH;
-        if (column >= d) return;
-        for (int j = load_row; j < KT; j += Shape::kLoadRowStep) {
-            const int key = k0 + t * KT + j;
-            int64_t slot = 0, row = 0;
-            const bool valid = key < k1 && locate(p, b, key, slot, row);
-            const T *k_src = k_cache, *v_src = v_cache;
-            if (valid) {
-                k_src += slot * p.k_stride[0] + g * p.k_stride[1] + row * p.k_stride[2] + column;
-                v_src += slot * p.v_stride[0] + g * p.v_stride[1] + row * p.v_stride[2] + column;
-            }
-            common::cp_async_16(uint32_t(__cvta_generic_to_shared(k_tile + j * RS + column)), k_src, valid);
-            common::cp_async_16(uint32_t(__cvta_generic_to_shared(v_tile + j * RS + column)), v_src, valid);
-        }
-    };
+    load_queries<T, D>(p, w, rows, q_s);
 
     // P V: this thread's 4 columns of rows slot, slot + kSlots, ...
     const int column = tid % Shape::kColumnChunks * 4, slot = tid / Shape::kColumnChunks;
@@ -293,30 +393,26 @@ template <typename T, int D> __global__ void __launch_bounds__(kThreads) decode_
 #pragma unroll
         for (int x = 0; x < 4; ++x) acc[k][x] = 0.f;
 
+    auto k_stage = [&](int stage) { return kv_s + stage * 2 * KT * RS; };
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
-        if (s < tiles) load_tile(s, s);
+        if (s < w.tiles) load_kv_tile<T, D>(p, w, s, k_stage(s), k_stage(s) + KT * RS);
         common::cp_async_commit();
     }
-    for (int t = 0; t < tiles; ++t) {
+    for (int t = 0; t < w.tiles; ++t) {
         // Refill the stage the previous tile used (every thread is past it: the barrier
         // at the end of the last iteration), then wait for tile t.
-        if (t + kStages - 1 < tiles) load_tile(t + kStages - 1, (t + kStages - 1) % kStages);
+        const int next = t + kStages - 1;
+        if (next < w.tiles) load_kv_tile<T, D>(p, w, next, k_stage(next % kStages), k_stage(next % kStages) + KT * RS);
         common::cp_async_commit();
         common::cp_async_wait<kStages - 1>();
         __syncthreads();
-        const T *k_tile = kv_s + (t % kStages) * 2 * KT * RS, *v_tile = k_tile + KT * RS;
-        const int key0 = k0 + t * KT, count = min(KT, k1 - key0);
+        const T *k_tile = k_stage(t % kStages), *v_tile = k_tile + KT * RS;
+        const int key0 = w.k0 + t * KT, count = min(KT, w.k1 - key0);
 
         // 1. Inverse norms of the keys, per group.
         if (p.l2norm) {
-            for (int idx = tid; idx < count * groups; idx += kThreads) {
-                const int j = idx / groups, gi = idx % groups;
-                const T *x = k_tile + j * RS + gi * group_size;
-                inv_s[idx] = group_size % CH == 0
-                                 ? chunked_inverse_norm(x, group_size)
-                                 : inverse_norm(group_size, [&](int i) { return common::to_float(x[i]); });
-            }
+            key_inverse_norms<T, D>(p, k_tile, count, inv_s);
             __syncthreads();
         }
 
@@ -324,7 +420,7 @@ template <typename T, int D> __global__ void __launch_bounds__(kThreads) decode_
         for (int idx = tid; idx < rows * KT; idx += kThreads) {
             const int r = idx / KT, j = idx % KT;
             float s = -kInf;
-            if (j < count && key0 + j < visible_end(r)) {
+            if (j < count && key0 + j < w.visible_end(p, r)) {
                 const float *qr = q_s + r * D;
                 const T *kr = k_tile + j * RS;
                 if (!p.l2norm || groups == 1) {
@@ -356,35 +452,8 @@ template <typename T, int D> __global__ void __launch_bounds__(kThreads) decode_
         }
         __syncthreads();
 
-        // 3. Online softmax, a warp per row: new maximum, weights exp(s - max), the
-        // factor that rescales what the row has summed so far.
-        constexpr int kPerLane = (KT + 31) / 32;
-        for (int r = warp; r < rows; r += kWarps) {
-            const float old_max = max_s[r];
-            float s[kPerLane], tile_max = -kInf;
-#pragma unroll
-            for (int k = 0; k < kPerLane; ++k) {
-                const int j = lane + 32 * k;
-                s[k] = j < KT ? score_s[r * KT + j] : -kInf;
-                tile_max = fmaxf(tile_max, s[k]);
-            }
-            const float new_max = fmaxf(old_max, warp_max(tile_max));
-            float sum = 0.f;
-#pragma unroll
-            for (int k = 0; k < kPerLane; ++k) {
-                const int j = lane + 32 * k;
-                const float w = new_max == -kInf ? 0.f : expf(s[k] - new_max);
-                if (j < KT) score_s[r * KT + j] = w;
-                sum += w;
-            }
-            sum = warp_sum(sum);
-            if (lane == 0) {
-                const float alpha = new_max == -kInf ? 1.f : expf(old_max - new_max);
-                max_s[r] = new_max;
-                sum_s[r] = sum_s[r] * alpha + sum;
-                alpha_s[r] = alpha;
-            }
-        }
+        // 3. The online softmax.
+        online_softmax<KT, T>(rows, score_s, max_s, sum_s, alpha_s, nullptr, 0);
         __syncthreads();
 
         // 4. out += P V. A weight of 0 is skipped, not multiplied: a key hidden from
@@ -405,10 +474,10 @@ template <typename T, int D> __global__ void __launch_bounds__(kThreads) decode_
 #pragma unroll
                 for (int k = 0; k < Shape::kRowsPerThread; ++k) {
                     if (slot + k * Shape::kSlots < rows) {
-                        const float w = weights[k * Shape::kSlots * KT + j];
-                        if (w != 0.f) {
+                        const float weight = weights[k * Shape::kSlots * KT + j];
+                        if (weight != 0.f) {
 #pragma unroll
-                            for (int x = 0; x < 4; ++x) acc[k][x] = fmaf(w, v[x], acc[k][x]);
+                            for (int x = 0; x < 4; ++x) acc[k][x] = fmaf(weight, v[x], acc[k][x]);
                         }
                     }
                 }
@@ -418,32 +487,235 @@ template <typename T, int D> __global__ void __launch_bounds__(kThreads) decode_
     }
     common::cp_async_wait<0>(); // no copy may outlive the CTA (the last groups are empty)
 
-    // Epilogue: out = acc / sum and lse = max + log(sum), or for a row that saw no key
-    // 0 and -inf; into out and lse directly, or into this split's partial result.
+    // Epilogue: into out and lse directly, or into this split's partial result.
     if (column >= d) return;
     const int64_t total_rows = int64_t(p.b) * p.h * p.nq;
 #pragma unroll
     for (int k = 0; k < Shape::kRowsPerThread; ++k) {
         const int r = slot + k * Shape::kSlots;
         if (r >= rows) continue;
-        const float sum = sum_s[r];
-        const float inverse = sum > 0.f ? 1.f / sum : 0.f;
-        const float lse = sum > 0.f ? max_s[r] + logf(sum) : -kInf;
-        const int packed = first_row + r;
-        const int head = g * p.group + packed / p.nq, i = packed % p.nq;
+        const float sum = sum_s[r], inverse = sum > 0.f ? 1.f / sum : 0.f;
+        const int64_t index = w.output_row(p, r);
         if (p.splits == 1) {
-            T *out = static_cast<T *>(p.out) + b * p.out_stride[0] + head * p.out_stride[1] + i * p.out_stride[2] +
-                     column;
+            T *out = static_cast<T *>(p.out) + w.b * p.out_stride[0] + w.head(p, r) * p.out_stride[1] +
+                     w.query_row(p, r) * p.out_stride[2] + column;
 #pragma unroll
             for (int x = 0; x < 4; ++x) out[x] = common::from_float<T>(acc[k][x] * inverse);
             if (column == 0 && p.lse)
-                p.lse[b * p.lse_stride[0] + head * p.lse_stride[1] + i * p.lse_stride[2]] = lse;
+                p.lse[w.b * p.lse_stride[0] + w.head(p, r) * p.lse_stride[1] + w.query_row(p, r) * p.lse_stride[2]] =
+                    row_lse(max_s[r], sum);
         } else {
-            const int64_t index = split * total_rows + (int64_t(b) * p.h + head) * p.nq + i;
-            *reinterpret_cast<float4 *>(p.partial_out + index * d + column) =
+            const int64_t partial = blockIdx.y * total_rows + index;
+            *reinterpret_cast<float4 *>(p.partial_out + partial * d + column) =
                 make_float4(acc[k][0] * inverse, acc[k][1] * inverse, acc[k][2] * inverse, acc[k][3] * inverse);
-            if (column == 0) p.partial_lse[index] = lse;
+            if (column == 0) p.partial_lse[partial] = row_lse(max_s[r], sum);
         }
+    }
+}
+
+// ---------------------------------------------------------------- split attention, tensor cores
+
+// The tensor-core kernel's shapes (16-bit dtypes): up to kMaxRows packed rows in m16
+// tiles, each warp a quarter of the output's columns.
+template <typename T, int D> struct MmaTile {
+    using Shape = Tile<T, D>;
+    static constexpr int kMaxRows = D == 256 ? 32 : 64; // accumulators: 64 floats a thread
+    static constexpr int kMTiles = kMaxRows / 16;
+    static constexpr int kQStride = D + Shape::kChunk;                // q in T, padded like K
+    static constexpr int kPStride = Shape::kKeys + Shape::kChunk;     // weights in T
+    static constexpr int kWarpColumns = D / kWarps;
+    static constexpr int kNBlocks = kWarpColumns / 8;
+    static_assert(kNBlocks % 2 == 0, "n8 blocks come in pairs");
+    // Shared memory: the K/V stages (q's float staging area before the first load), then
+    // q [rows][kQStride] and P [rows][kPStride] in T, scores [rows][kKeys], inverse key
+    // norms [kKeys], max, sum, rescale [rows] in float. rows: a multiple of 16.
+    static size_t smem_bytes(int rows) {
+        return Shape::kv_bytes() + sizeof(T) * size_t(rows) * (kQStride + kPStride) +
+               sizeof(float) * (size_t(rows) * Shape::kKeys + Shape::kKeys + 3 * size_t(rows));
+    }
+    static_assert(size_t(kMaxRows) * D * sizeof(float) <= Shape::kv_bytes(), "q staging fits the K/V stages");
+};
+
+// Scores and P V on the tensor cores (mma.sync m16n8k16, float accumulators): the kernel
+// for many packed rows (speculative decoding, chunked prefill, many query heads per kv
+// head) in float16 and bfloat16, with one l2norm group (or none). q, K and V enter the
+// products as stored (q rounded to T once normalized and scaled, as in the forward), the
+// key norms scale the scores afterwards, and P is rounded to T for P V.
+template <typename T, int D> __global__ void __launch_bounds__(kThreads) decode_mma_kernel(const Params p) {
+    using Shape = Tile<T, D>;
+    using M = MmaTile<T, D>;
+    constexpr int KT = Shape::kKeys, RS = Shape::kRowStride, QS = M::kQStride, PS = M::kPStride;
+    constexpr float kInf = __builtin_huge_valf();
+
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T *kv_s = reinterpret_cast<T *>(smem_raw);
+    const int padded_rows = p.block_rows; // a multiple of 16 here
+    T *q16 = reinterpret_cast<T *>(smem_raw + Shape::kv_bytes());
+    T *p16 = q16 + padded_rows * QS;
+    float *score_s = reinterpret_cast<float *>(p16 + padded_rows * PS);
+    float *inv_s = score_s + padded_rows * KT;
+    float *max_s = inv_s + KT;
+    float *sum_s = max_s + padded_rows;
+    float *alpha_s = sum_s + padded_rows;
+
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
+    const CtaWork w = CtaWork::make<KT>(p);
+    const int d = p.d, m_tiles = (w.rows + 15) / 16;
+    if (tid < padded_rows) {
+        max_s[tid] = -kInf;
+        sum_s[tid] = 0.f;
+    }
+    // q: normalized in float in the (not yet used) K/V stages, then rounded to T.
+    float *q_float = reinterpret_cast<float *>(smem_raw);
+    load_queries<T, D>(p, w, padded_rows, q_float);
+    for (int idx = tid; idx < padded_rows * D; idx += kThreads)
+        q16[idx / D * QS + idx % D] = common::from_float<T>(q_float[idx]);
+    __syncthreads(); // the staging area receives K and V next
+
+    const int first_hidden = p.causal ? w.first_hidden(p) : w.keys;
+    const int col0 = warp * M::kWarpColumns; // this warp's columns of out
+    common::FragC acc[M::kMTiles][M::kNBlocks];
+#pragma unroll
+    for (int mt = 0; mt < M::kMTiles; ++mt)
+#pragma unroll
+        for (int nb = 0; nb < M::kNBlocks; ++nb) common::clear(acc[mt][nb]);
+
+    auto k_stage = [&](int stage) { return kv_s + stage * 2 * KT * RS; };
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) {
+        if (s < w.tiles) load_kv_tile<T, D>(p, w, s, k_stage(s), k_stage(s) + KT * RS);
+        common::cp_async_commit();
+    }
+    for (int t = 0; t < w.tiles; ++t) {
+        const int next = t + kStages - 1;
+        if (next < w.tiles) load_kv_tile<T, D>(p, w, next, k_stage(next % kStages), k_stage(next % kStages) + KT * RS);
+        common::cp_async_commit();
+        common::cp_async_wait<kStages - 1>();
+        __syncthreads();
+        const T *k_tile = k_stage(t % kStages);
+        T *v_tile = k_stage(t % kStages) + KT * RS;
+        const int key0 = w.k0 + t * KT, count = min(KT, w.k1 - key0);
+
+        // 1. Key norms; and, in a tile some rows see only in part (the causal diagonal),
+        // non-finite values of the keys hidden from some rows set to 0: the tensor cores
+        // multiply them by weights of 0, which must leave those rows' outputs alone.
+        if (p.l2norm) key_inverse_norms<T, D>(p, k_tile, count, inv_s);
+        if (key0 + count > first_hidden) {
+            const int from = max(0, first_hidden - key0);
+            for (int idx = tid; idx < (count - from) * d; idx += kThreads) {
+                T &x = v_tile[(from + idx / d) * RS + idx % d];
+                if (!isfinite(common::to_float(x))) x = common::from_float<T>(0.f);
+            }
+        }
+        __syncthreads();
+
+        // 2. Scores: warp w takes the keys 16 at a time from 16 w on.
+        for (int kg = warp; kg < KT / 16; kg += kWarps) {
+            common::FragC s[M::kMTiles][2];
+#pragma unroll
+            for (int mt = 0; mt < M::kMTiles; ++mt) common::clear(s[mt][0]), common::clear(s[mt][1]);
+            for (int kk = 0; kk < d; kk += 16) { // a last step past d reads zero columns
+                common::FragB16 b[2];
+                common::load_b16_nk(b, k_tile, RS, kg * 16, kk, lane);
+#pragma unroll
+                for (int mt = 0; mt < M::kMTiles; ++mt) {
+                    if (mt < m_tiles) {
+                        common::FragA16 a;
+                        common::load_a16(a, q16, QS, mt * 16, kk, lane);
+                        common::mma_m16n8k16<T>(s[mt][0], a, b[0]);
+                        common::mma_m16n8k16<T>(s[mt][1], a, b[1]);
+                    }
+                }
+            }
+#pragma unroll
+            for (int mt = 0; mt < M::kMTiles; ++mt) {
+                if (mt >= m_tiles) continue;
+#pragma unroll
+                for (int nb = 0; nb < 2; ++nb)
+#pragma unroll
+                    for (int x = 0; x < 4; ++x) {
+                        const int r = mt * 16 + g + (x / 2) * 8, j = kg * 16 + nb * 8 + 2 * t4 + x % 2;
+                        float score = -kInf;
+                        if (r < w.rows && j < count && key0 + j < w.visible_end(p, r))
+                            score = p.l2norm ? s[mt][nb].x[x] * inv_s[j] : s[mt][nb].x[x];
+                        score_s[r * KT + j] = score;
+                    }
+            }
+        }
+        __syncthreads();
+
+        // 3. The online softmax (rows past w.rows see nothing: weights 0).
+        online_softmax<KT, T>(m_tiles * 16, score_s, max_s, sum_s, alpha_s, p16, PS);
+        __syncthreads();
+
+        // 4. out += P V, this warp's columns.
+#pragma unroll
+        for (int mt = 0; mt < M::kMTiles; ++mt) {
+            if (mt >= m_tiles) continue;
+            const float low = alpha_s[mt * 16 + g], high = alpha_s[mt * 16 + g + 8];
+#pragma unroll
+            for (int nb = 0; nb < M::kNBlocks; ++nb) {
+                acc[mt][nb].x[0] *= low, acc[mt][nb].x[1] *= low;
+                acc[mt][nb].x[2] *= high, acc[mt][nb].x[3] *= high;
+            }
+        }
+        if (col0 < d) {
+            for (int kk = 0; kk < count; kk += 16) { // keys past count: P = 0, V = 0
+                common::FragB16 b[M::kNBlocks];
+#pragma unroll
+                for (int nb = 0; nb < M::kNBlocks; nb += 2) {
+                    common::FragB16 pair[2];
+                    common::load_b16_kn(pair, v_tile, RS, kk, col0 + nb * 8, lane);
+                    b[nb] = pair[0];
+                    b[nb + 1] = pair[1];
+                }
+#pragma unroll
+                for (int mt = 0; mt < M::kMTiles; ++mt) {
+                    if (mt >= m_tiles) continue;
+                    common::FragA16 a;
+                    common::load_a16(a, p16, PS, mt * 16, kk, lane);
+#pragma unroll
+                    for (int nb = 0; nb < M::kNBlocks; ++nb) common::mma_m16n8k16<T>(acc[mt][nb], a, b[nb]);
+                }
+            }
+        }
+        __syncthreads();
+    }
+    common::cp_async_wait<0>();
+
+    // Epilogue: into out and lse directly, or into this split's partial result.
+    const int64_t total_rows = int64_t(p.b) * p.h * p.nq;
+#pragma unroll
+    for (int mt = 0; mt < M::kMTiles; ++mt) {
+        if (mt >= m_tiles) continue;
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int r = mt * 16 + g + half * 8;
+            if (r >= w.rows) continue;
+            const float sum = sum_s[r], inverse = sum > 0.f ? 1.f / sum : 0.f;
+            const int64_t partial = blockIdx.y * total_rows + w.output_row(p, r);
+            T *out = static_cast<T *>(p.out) + w.b * p.out_stride[0] + w.head(p, r) * p.out_stride[1] +
+                     w.query_row(p, r) * p.out_stride[2];
+#pragma unroll
+            for (int nb = 0; nb < M::kNBlocks; ++nb) {
+                const int column = col0 + nb * 8 + 2 * t4; // even; d is a multiple of 8
+                if (column >= d) continue;
+                const float x0 = acc[mt][nb].x[2 * half] * inverse, x1 = acc[mt][nb].x[2 * half + 1] * inverse;
+                if (p.splits == 1) {
+                    out[column] = common::from_float<T>(x0);
+                    out[column + 1] = common::from_float<T>(x1);
+                } else {
+                    *reinterpret_cast<float2 *>(p.partial_out + partial * d + column) = make_float2(x0, x1);
+                }
+            }
+        }
+    }
+    for (int r = tid; r < w.rows; r += kThreads) {
+        const float lse = row_lse(max_s[r], sum_s[r]);
+        if (p.splits > 1)
+            p.partial_lse[blockIdx.y * total_rows + w.output_row(p, r)] = lse;
+        else if (p.lse)
+            p.lse[w.b * p.lse_stride[0] + w.head(p, r) * p.lse_stride[1] + w.query_row(p, r) * p.lse_stride[2]] = lse;
     }
 }
 

@@ -35,6 +35,14 @@ inline int64_t choose_splits(int64_t units, int64_t slots, int64_t most) {
     return best;
 }
 
+// The split-attention kernel of a plan: FMA, or tensor cores (16-bit types only).
+template <typename T, int D> void (*kernel_for(bool tensor_cores))(Params) {
+    if constexpr (sizeof(T) == 2) {
+        if (tensor_cores) return decode_mma_kernel<T, D>;
+    }
+    return decode_kernel<T, D>;
+}
+
 template <typename T, int D> fcsa_status plan_for(const KvCacheProblem &kv, Plan *plan) {
     using Shape = Tile<T, D>;
     const Problem &p = kv.attention;
@@ -42,9 +50,20 @@ template <typename T, int D> fcsa_status plan_for(const KvCacheProblem &kv, Plan
     plan->head_dim_bound = D;
     const int64_t rows = p.heads_per_kv() * p.nq;
     if (rows == 0 || p.b == 0) return FCSA_STATUS_SUCCESS; // appends only
-    plan->block_rows = int(std::min<int64_t>(rows, kBlockRows));
+    // Many packed rows in 16 bits go to the tensor cores (their score and P V products
+    // would make the FMA kernel compute-bound); few, float32, or several l2norm groups
+    // (norms per group of columns) to the FMA kernel.
+    plan->tensor_cores = sizeof(T) == 2 && (p.groups == 1 || !p.l2norm) && rows > kFmaMaxRows;
+    if (plan->tensor_cores) {
+        using M = MmaTile<T, D>;
+        plan->block_rows = int(std::min<int64_t>((rows + 15) / 16 * 16, M::kMaxRows));
+        plan->smem = M::smem_bytes(plan->block_rows);
+    } else {
+        plan->block_rows = int(std::min<int64_t>(rows, kBlockRows));
+        plan->smem = Shape::smem_bytes(plan->block_rows, p.groups);
+    }
     plan->row_blocks = int((rows + plan->block_rows - 1) / plan->block_rows);
-    plan->smem = Shape::smem_bytes(plan->block_rows, p.groups);
+    const auto kernel = kernel_for<T, D>(plan->tensor_cores);
 
     int device = 0, sms = 0;
     cudaError_t err = cudaGetDevice(&device);
@@ -61,10 +80,9 @@ template <typename T, int D> fcsa_status plan_for(const KvCacheProblem &kv, Plan
                          "block; CUDA device %d offers %d",
                          (long long)p.d, int(p.groups), plan->smem, device, smem_limit);
     // Fails when this build has no code for the device: that is NOT_SUPPORTED.
-    err = cudaFuncSetAttribute(decode_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(plan->smem));
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(plan->smem));
     int per_sm = 0;
-    if (err == cudaSuccess)
-        err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, decode_kernel<T, D>, kThreads, plan->smem);
+    if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, plan->smem);
     if (err != cudaSuccess) {
         cudaGetLastError();
         return set_error(FCSA_STATUS_NOT_SUPPORTED, "cuda-sm80 kvcache: cannot run the decode kernel on CUDA device %d: %s",
@@ -140,7 +158,7 @@ fcsa_status launch_for(const KvCacheProblem &kv, const Plan &plan, void *workspa
     if (kv.appends() && new_rows > 0) append_kernel<T><<<unsigned(new_rows), kThreads, 0, stream>>>(params);
     if (plan.row_blocks > 0) {
         const dim3 grid(unsigned(p.b * p.hk * plan.row_blocks), unsigned(plan.splits));
-        decode_kernel<T, D><<<grid, kThreads, plan.smem, stream>>>(params);
+        kernel_for<T, D>(plan.tensor_cores)<<<grid, kThreads, plan.smem, stream>>>(params);
         if (plan.splits > 1)
             combine_kernel<T><<<unsigned((total_rows + kWarps - 1) / kWarps), kThreads, 0, stream>>>(params);
     }
