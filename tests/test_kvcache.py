@@ -331,14 +331,18 @@ def test_caches_overlapping_q_are_refused():
 # ---------------------------------------------------------------- torch integration
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_opcheck(device):
+@pytest.mark.parametrize("append", [False, True], ids=["read", "append"])
+def test_opcheck(append, device):
     b, h, hk, d = 2, 4, 2, 16
-    args = (torch.randn(b, h, 1, d, device=device), torch.randn(b, hk, 20, d, device=device),
-            torch.randn(b, hk, 20, d, device=device),
-            torch.tensor([5, 12], dtype=torch.int32, device=device), None,
-            torch.randn(b, hk, 1, d, device=device), torch.randn(b, hk, 1, d, device=device),
-            None, 8.0, 1, True, True, True)
-    torch.library.opcheck(torch.ops.fcsa.kvcache_forward.default, args)
+    cache = (torch.randn(b, h, 1, d, device=device), torch.randn(b, hk, 20, d, device=device),
+             torch.randn(b, hk, 20, d, device=device),
+             torch.tensor([5, 12], dtype=torch.int32, device=device), None)
+    flags = (None, 8.0, 1, True, True, True)
+    if append:
+        new = (torch.randn(b, hk, 1, d, device=device), torch.randn(b, hk, 1, d, device=device))
+        torch.library.opcheck(torch.ops.fcsa.kvcache_append_forward.default, cache + new + flags)
+    else:
+        torch.library.opcheck(torch.ops.fcsa.kvcache_forward.default, cache + flags)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -365,6 +369,13 @@ def test_torch_compile_fullgraph_decode_step(device):
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(k_cache, eager_caches[0])  # the append happened in place
     torch.testing.assert_close(v_cache, eager_caches[1])
+    # A step that reads the cache only: the same, compiled.
+    read = torch.compile(lambda q, kc, vc, n: fcsa.flash_cosine_sim_attention_with_kvcache(
+        q, kc, vc, n, block_table=table, return_lse=True), fullgraph=True, backend="aot_eager")
+    got = read(inputs[0], k_cache, v_cache, inputs[1])
+    expected = fcsa.flash_cosine_sim_attention_with_kvcache(inputs[0], k_cache, v_cache, inputs[1],
+                                                            block_table=table, return_lse=True)
+    torch.testing.assert_close(got, expected)
 
 
 # ---------------------------------------------------------------- the C entry points

@@ -233,14 +233,8 @@ def check_cache_values(cache_seqlens: Optional[Tensor], block_table: Optional[Te
                          f"expected a block of the cache, 0 to {num_blocks - 1}")
 
 
-@torch.library.custom_op("fcsa::kvcache_forward", mutates_args=("k_cache", "v_cache"))
-def kvcache_forward_op(q: Tensor, k_cache: Tensor, v_cache: Tensor,
-                       cache_seqlens: Optional[Tensor], block_table: Optional[Tensor],
-                       k_new: Optional[Tensor], v_new: Optional[Tensor],
-                       scale: Optional[Tensor], scale_value: float, groups: int,
-                       causal: bool, l2norm_qk: bool, need_lse: bool) -> Tuple[Tensor, Tensor]:
-    """Appends k_new, v_new to the caches in place (when given), then returns out
-    (b, h, nq, d_v) in q's dtype and lse (b, h, nq) float32 ((0,) without need_lse)."""
+def _kvcache_forward(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new, scale,
+                     scale_value, groups, causal, l2norm_qk, need_lse):
     b, h, nq, _ = q.shape
     out = torch.empty(_out_shape(q, v_cache), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, nq) if need_lse else (0,), dtype=torch.float32, device=q.device)
@@ -259,10 +253,45 @@ def kvcache_forward_op(q: Tensor, k_cache: Tensor, v_cache: Tensor,
     return out, lse
 
 
-@kvcache_forward_op.register_fake
-def _kvcache_forward_fake(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new,
-                          scale, scale_value, groups, causal, l2norm_qk, need_lse):
+def _kvcache_fake(q, v_cache, need_lse):
     b, h, nq, _ = q.shape
     out = q.new_empty(_out_shape(q, v_cache))
     lse = q.new_empty((b, h, nq) if need_lse else (0,), dtype=torch.float32)
     return out, lse
+
+
+# Two operators, so that a step without new keys declares no mutation: under
+# torch.compile a mutated input may be copied, and a cache is the largest tensor there is.
+@torch.library.custom_op("fcsa::kvcache_forward", mutates_args=())
+def kvcache_forward_op(q: Tensor, k_cache: Tensor, v_cache: Tensor,
+                       cache_seqlens: Optional[Tensor], block_table: Optional[Tensor],
+                       scale: Optional[Tensor], scale_value: float, groups: int, causal: bool,
+                       l2norm_qk: bool, need_lse: bool) -> Tuple[Tensor, Tensor]:
+    """out (b, h, nq, d_v) in q's dtype and lse (b, h, nq) float32 ((0,) without
+    need_lse) of q over the cache's valid keys."""
+    return _kvcache_forward(q, k_cache, v_cache, cache_seqlens, block_table, None, None, scale,
+                            scale_value, groups, causal, l2norm_qk, need_lse)
+
+
+@kvcache_forward_op.register_fake
+def _kvcache_forward_fake(q, k_cache, v_cache, cache_seqlens, block_table, scale, scale_value,
+                          groups, causal, l2norm_qk, need_lse):
+    return _kvcache_fake(q, v_cache, need_lse)
+
+
+@torch.library.custom_op("fcsa::kvcache_append_forward", mutates_args=("k_cache", "v_cache"))
+def kvcache_append_forward_op(q: Tensor, k_cache: Tensor, v_cache: Tensor,
+                              cache_seqlens: Tensor, block_table: Optional[Tensor],
+                              k_new: Tensor, v_new: Tensor, scale: Optional[Tensor],
+                              scale_value: float, groups: int, causal: bool, l2norm_qk: bool,
+                              need_lse: bool) -> Tuple[Tensor, Tensor]:
+    """Writes k_new, v_new into the caches at cache_seqlens (in place), then as
+    fcsa::kvcache_forward over the longer sequences."""
+    return _kvcache_forward(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new,
+                            scale, scale_value, groups, causal, l2norm_qk, need_lse)
+
+
+@kvcache_append_forward_op.register_fake
+def _kvcache_append_forward_fake(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new,
+                                 scale, scale_value, groups, causal, l2norm_qk, need_lse):
+    return _kvcache_fake(q, v_cache, need_lse)

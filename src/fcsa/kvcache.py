@@ -128,7 +128,11 @@ def flash_cosine_sim_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=N
         scale_t = scale_t.detach().float().contiguous()
     q, k, v = map(_ops.last_dim_contiguous, (q, k, v))
 
-    out, lse = torch.ops.fcsa.kvcache_forward(q, k_cache, v_cache, cache_seqlens, block_table,
-                                              k, v, scale_t, scale_value, int(groups), causal,
-                                              l2norm_qk, return_lse)
+    flags = (scale_value, int(groups), causal, l2norm_qk, return_lse)
+    if k is None:
+        out, lse = torch.ops.fcsa.kvcache_forward(q, k_cache, v_cache, cache_seqlens,
+                                                  block_table, scale_t, *flags)
+    else:
+        out, lse = torch.ops.fcsa.kvcache_append_forward(q, k_cache, v_cache, cache_seqlens,
+                                                         block_table, k, v, scale_t, *flags)
     return (out, lse) if return_lse else out
