@@ -11,6 +11,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include "../backends.h"
 #include "decode.cuh"
@@ -53,7 +55,13 @@ template <typename T, int D> fcsa_status plan_for(const KvCacheProblem &kv, Plan
     // Many packed rows in 16 bits go to the tensor cores (their score and P V products
     // would make the FMA kernel compute-bound); few, float32, or several l2norm groups
     // (norms per group of columns) to the FMA kernel.
-    plan->tensor_cores = sizeof(T) == 2 && (p.groups == 1 || !p.l2norm) && rows > kFmaMaxRows;
+    // FCSA_DECODE_KERNEL=fma or =mma in the environment overrides the row count's
+    // choice where both kernels can run: to test each on every shape, and to time them.
+    const bool mma_possible = sizeof(T) == 2 && (p.groups == 1 || !p.l2norm);
+    const char *forced = std::getenv("FCSA_DECODE_KERNEL");
+    plan->tensor_cores = mma_possible && rows > kFmaMaxRows;
+    if (forced && std::strcmp(forced, "fma") == 0) plan->tensor_cores = false;
+    if (forced && std::strcmp(forced, "mma") == 0) plan->tensor_cores = mma_possible;
     if (plan->tensor_cores) {
         using M = MmaTile<T, D>;
         plan->block_rows = int(std::min<int64_t>((rows + 15) / 16 * 16, M::kMaxRows));
