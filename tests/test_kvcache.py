@@ -211,6 +211,20 @@ def test_options(option, nq, dtype, device):
     check_kvcache(device, dtype, nq=nq, n_new=1, page_size=16, **kwargs)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernel", ["fma", "mma"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("nq", [1, 3, 16])
+@pytest.mark.parametrize("layout", ["contiguous", "paged16"])
+def test_each_gpu_kernel_on_every_shape(layout, nq, dtype, kernel, monkeypatch):
+    # The library picks the FMA kernel for few packed rows and the tensor cores for many;
+    # FCSA_DECODE_KERNEL forces either, so each is checked on the other's shapes too.
+    monkeypatch.setenv("FCSA_DECODE_KERNEL", kernel)
+    for d in (32, 128):
+        check_kvcache("cuda", dtype, b=3, h=8, hk=2, nq=nq, d=d, capacity=1200,
+                      page_size=LAYOUTS[layout], lengths=[0, 17, 1200 - nq], n_new=nq)
+
+
 def test_value_head_dim_on_cpu():
     check_kvcache("cpu", torch.float32, d=16, d_v=24, nq=2, n_new=2, page_size=16)
 
