@@ -58,7 +58,8 @@ def flash_cosine_sim_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=N
         return_lse: also return lse (b, h, nq), float32, -inf for a row that sees no key.
 
     Returns:
-        out (b, h, nq, d_v) in q's dtype, or (out, lse). No gradient flows through it.
+        out (b, h, nq, d_v) in q's dtype, or (out, lse). Forward only: a backward through
+        it raises (no gradient formula is registered).
 
     Bad lengths (a cache too short for the new keys) and block numbers outside the cache
     are a ValueError before anything is written (on the GPU this costs one small
