@@ -49,6 +49,7 @@ template <typename T, int D> struct Tile {
     static constexpr int kLoadRowStep = kThreads / kLoadColumns;
     static_assert(kKeys >= 16 && kKeys % 16 == 0, "tile keys");
     static_assert(kThreads % kColumnChunks == 0 && kThreads % kLoadColumns == 0, "thread layout");
+    static_assert(kThreads % kKeys == 0 && kThreads / kKeys <= 32, "key norms: whole lanes per key");
 
     // Shared memory: [kStages][K, V][kKeys][kRowStride] of T, then float: q [rows][D],
     // scores [rows][kKeys], inverse key norms [kKeys][groups], max, sum, rescale [rows].
@@ -300,9 +301,29 @@ __device__ __forceinline__ void load_kv_tile(const Params &p, const CtaWork &w, 
 }
 
 // Inverse norms of the tile's first `count` keys, per group, into inv_s[key * groups + group].
+// Called by every thread of the CTA (the one-group case shuffles within warps).
 template <typename T, int D>
 __device__ __forceinline__ void key_inverse_norms(const Params &p, const T *k_tile, int count, float *inv_s) {
     constexpr int CH = Tile<T, D>::kChunk;
+    if (p.groups == 1) {
+        // kLanes adjacent threads per key, each summing every kLanes-th chunk of the row.
+        constexpr int kLanes = kThreads / Tile<T, D>::kKeys;
+        const int j = threadIdx.x / kLanes, sub = threadIdx.x % kLanes;
+        const T *x = k_tile + j * Tile<T, D>::kRowStride;
+        float sum = 0.f;
+        for (int c = sub * CH; c < p.d; c += kLanes * CH) {
+            float f[CH];
+            common::chunk_to_float<T>(*reinterpret_cast<const uint4 *>(x + c), f);
+#pragma unroll
+            for (int e = 0; e < CH; ++e) sum = fmaf(f[e], f[e], sum);
+        }
+#pragma unroll
+        for (int offset = kLanes / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+        if (sub == 0 && j < count)
+            inv_s[j] = isinf(sum) ? inverse_norm(p.d, [&](int i) { return common::to_float(x[i]); })
+                                  : 1.f / fmaxf(sqrtf(sum), 1e-12f);
+        return;
+    }
     const int group_size = p.d / p.groups;
     for (int idx = threadIdx.x; idx < count * p.groups; idx += kThreads) {
         const int j = idx / p.groups, gi = idx % p.groups;
