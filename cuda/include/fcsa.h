@@ -124,7 +124,8 @@ typedef enum fcsa_dtype {
     FCSA_DTYPE_FLOAT32 = 0,
     FCSA_DTYPE_FLOAT16 = 1,
     FCSA_DTYPE_BFLOAT16 = 2,
-    FCSA_DTYPE_BOOL = 3 /* one byte per element, 0 or 1 */
+    FCSA_DTYPE_BOOL = 3, /* one byte per element, 0 or 1 */
+    FCSA_DTYPE_INT32 = 4 /* cache lengths and block tables (fcsa_kvcache_forward) */
 } fcsa_dtype;
 
 typedef enum fcsa_device_type {
@@ -232,6 +233,63 @@ FCSA_API fcsa_status fcsa_forward(const fcsa_options *options,
 FCSA_API fcsa_status fcsa_backward(const fcsa_options *options,
                                    const fcsa_backward_tensors *tensors,
                                    void *workspace, size_t workspace_bytes, void *stream);
+
+/* ---------------------------------------------------------------- KV-cache attention
+ *
+ * Decoding and short queries over a KV cache: the forward only, for inference. With
+ * nk_b the valid keys of sequence b (cache_seqlens[b], or the cache's capacity without
+ * cache_seqlens), plus nq_new when new keys are appended:
+ *
+ *   1. k_new and v_new (when given) are written into the cache in place, at positions
+ *      cache_seqlens[b] ... cache_seqlens[b] + nq_new - 1 of each sequence b (the caller
+ *      advances cache_seqlens afterwards);
+ *   2. out = the attention of q over the first nk_b = cache_seqlens[b] + nq_new keys of
+ *      each sequence's cache, exactly as fcsa_forward would compute it with those keys
+ *      as k and v (causal end-aligned to them: row i sees keys j <= i + nk_b - nq).
+ *
+ * Shapes (q, caches, k_new, v_new and out of one dtype; one device):
+ *   q                : (b, h, nq, d)
+ *   k_cache, v_cache : contiguous, (b, hk, n_max, d) and (b, hk, n_max, d_v), capacity
+ *                      n_max; or, with block_table, paged: (num_blocks, hk, page_size, d)
+ *                      and (num_blocks, hk, page_size, d_v), capacity max_blocks *
+ *                      page_size, key j of sequence b in block block_table[b, j /
+ *                      page_size], row j % page_size. h % hk == 0.
+ *   cache_seqlens    : int32 (b,), 0 <= cache_seqlens[b] <= capacity - nq_new; optional
+ *                      (NULL: every sequence holds `capacity` keys), required with k_new
+ *   block_table      : int32 (b, max_blocks), the blocks a sequence's keys use in
+ *                      [0, num_blocks); optional (NULL: a contiguous cache)
+ *   k_new, v_new     : (b, hk, nq_new, d) and (b, hk, nq_new, d_v); both or neither
+ *   scale            : float32 () or (h,), optional (as in fcsa_forward)
+ *   out              : (b, h, nq, d_v), written
+ *   lse              : float32 (b, h, nq), written, optional
+ * options: scale, groups, causal, l2norm_qk, backend and num_threads as in fcsa_forward.
+ *
+ * The caches are outputs when k_new is given (they must not overlap q, out, lse, the
+ * new keys or each other) and inputs otherwise. The values of cache_seqlens and of the
+ * block table entries in use are checked before any work when they are host memory
+ * (the CPU backend). On a CUDA device they are read by the kernels only, so that no
+ * call synchronizes: there the caller guarantees them (the Python layer checks them),
+ * and the kernels clamp lengths to the capacity and skip blocks outside the cache so
+ * that no memory outside the tensors is touched. The CUDA path needs d == d_v, a
+ * multiple of 8 up to 256, and 16-byte aligned cache, q and new-key rows.
+ */
+typedef struct fcsa_kvcache_tensors {
+    size_t struct_size; /* sizeof(fcsa_kvcache_tensors) */
+    const fcsa_tensor *q;
+    const fcsa_tensor *k_cache, *v_cache; /* written where k_new is given */
+    const fcsa_tensor *cache_seqlens, *block_table;
+    const fcsa_tensor *k_new, *v_new;
+    const fcsa_tensor *scale;
+    const fcsa_tensor *out; /* written */
+    const fcsa_tensor *lse; /* written, optional */
+} fcsa_kvcache_tensors;
+
+FCSA_API fcsa_status fcsa_kvcache_forward_workspace_size(const fcsa_options *options,
+                                                         const fcsa_kvcache_tensors *tensors,
+                                                         size_t *workspace_bytes);
+FCSA_API fcsa_status fcsa_kvcache_forward(const fcsa_options *options,
+                                          const fcsa_kvcache_tensors *tensors,
+                                          void *workspace, size_t workspace_bytes, void *stream);
 
 /* The backend that ran the last successful forward or backward on this thread
  * (an fcsa_backend value other than AUTO), and its name ("cpu", "cuda-sm80", "cuda-sm90"). */

@@ -18,6 +18,7 @@
 #include "backends.h"
 #include "cpu/tile_kernels.h"
 #include "fcsa.h"
+#include "kvcache.h"
 #include "problem.h"
 
 #if defined(FCSA_WITH_CUDA)
@@ -74,6 +75,7 @@ const char *dtype_name(int32_t dtype) {
     case FCSA_DTYPE_FLOAT16: return "float16";
     case FCSA_DTYPE_BFLOAT16: return "bfloat16";
     case FCSA_DTYPE_BOOL: return "bool";
+    case FCSA_DTYPE_INT32: return "int32";
     default: return "unknown";
     }
 }
@@ -158,6 +160,7 @@ bool checked_add(int64_t a, int64_t b, int64_t *result) {
 int64_t element_bytes(int32_t dtype) {
     switch (dtype) {
     case FCSA_DTYPE_FLOAT32: return 4;
+    case FCSA_DTYPE_INT32: return 4;
     case FCSA_DTYPE_BOOL: return 1;
     default: return 2;
     }
@@ -185,7 +188,7 @@ fcsa_status check_descriptor(const char *name, const fcsa_tensor &t, int min_ndi
         return set_error(FCSA_STATUS_INVALID_ARGUMENT, "%s: expected a %d-D or %d-D tensor, got ndim %d", name,
                          min_ndim, max_ndim, t.ndim);
     }
-    if (!is_floating(t.dtype) && t.dtype != FCSA_DTYPE_BOOL)
+    if (!is_floating(t.dtype) && t.dtype != FCSA_DTYPE_BOOL && t.dtype != FCSA_DTYPE_INT32)
         return set_error(FCSA_STATUS_INVALID_DTYPE, "%s: unknown dtype value %d", name, t.dtype);
     if (t.device_type != FCSA_DEVICE_CPU && t.device_type != FCSA_DEVICE_CUDA)
         return set_error(FCSA_STATUS_INVALID_ARGUMENT, "%s: unknown device type %d", name, t.device_type);
@@ -809,6 +812,261 @@ fcsa_status attention(bool backward, const fcsa_options &options, const Problem 
 #endif
 }
 
+// ------------------------------------------------------------------ KV-cache attention
+//
+// fcsa_kvcache_forward (kvcache.h): q against the keys held in a contiguous or paged
+// cache, after appending new keys to it. Checked like the forward, plus the cache's
+// layout, its lengths and its block table; the caches are outputs when keys are
+// appended.
+
+constexpr size_t kKvCacheTensorsV1Size = sizeof(fcsa_kvcache_tensors);
+
+// The values of cache_seqlens and of the block table entries in use, when they are in
+// host memory: each length leaves room for the new keys, each block is in the cache.
+fcsa_status check_cache_values(const KvCacheProblem &kv) {
+    const Problem &p = kv.attention;
+    for (int64_t batch = 0; batch < p.b; ++batch) {
+        const int64_t cached = kv.cached_keys(batch);
+        if (cached < 0 || cached > kv.capacity - kv.nq_new)
+            return set_error(FCSA_STATUS_INVALID_ARGUMENT,
+                             "cache_seqlens: entry %lld is %lld, expected 0 to %lld (a capacity of %lld keys, "
+                             "%lld of them new)",
+                             (long long)batch, (long long)cached, (long long)(kv.capacity - kv.nq_new),
+                             (long long)kv.capacity, (long long)kv.nq_new);
+        if (!kv.paged()) continue;
+        const int64_t used = (cached + kv.nq_new + kv.page_size - 1) / kv.page_size;
+        for (int64_t i = 0; i < used; ++i) {
+            const int64_t block = kv.block_table[batch * kv.block_table_stride + i];
+            if (block < 0 || block >= kv.num_blocks)
+                return set_error(FCSA_STATUS_INVALID_ARGUMENT,
+                                 "block_table: entry (%lld, %lld) is %lld, expected a block of the cache, 0 to %lld",
+                                 (long long)batch, (long long)i, (long long)block, (long long)(kv.num_blocks - 1));
+        }
+    }
+    return FCSA_STATUS_SUCCESS;
+}
+
+fcsa_status validate_kvcache(const fcsa_options *given_options, const fcsa_kvcache_tensors *tensors,
+                             fcsa_options &options, KvCacheProblem &kv) {
+    FCSA_RETURN_IF_ERROR(read_options(given_options, &options));
+    if (!tensors) return set_error(FCSA_STATUS_INVALID_ARGUMENT, "tensors: required, got NULL");
+    FCSA_RETURN_IF_ERROR(read_struct_size("tensors", tensors->struct_size, kKvCacheTensorsV1Size));
+    for (const NamedTensor &t : {NamedTensor{"q", tensors->q}, NamedTensor{"k_cache", tensors->k_cache},
+                                 NamedTensor{"v_cache", tensors->v_cache}, NamedTensor{"out", tensors->out}})
+        FCSA_RETURN_IF_ERROR(require(t.name, t.tensor));
+    const fcsa_tensor &q = *tensors->q, &kc = *tensors->k_cache, &vc = *tensors->v_cache, &out = *tensors->out;
+    Problem &p = kv.attention;
+
+    // q fixes b, h, nq, d, the dtype and the device.
+    FCSA_RETURN_IF_ERROR(check_descriptor("q", q, 4, 4));
+    if (!is_floating(q.dtype))
+        return set_error(FCSA_STATUS_INVALID_DTYPE, "q: expected dtype float32, float16 or bfloat16, got %s",
+                         dtype_name(q.dtype));
+    p.b = q.shape[0];
+    p.h = q.shape[1];
+    p.nq = q.shape[2];
+    p.d = q.shape[3];
+    p.dtype = q.dtype;
+    p.device_type = q.device_type;
+    p.device_index = q.device_type == FCSA_DEVICE_CUDA ? q.device_index : 0;
+    if (p.d < 1) return set_error(FCSA_STATUS_INVALID_ARGUMENT, "q: the head dim (last) must be at least 1, got 0");
+    if (!product_fits(p.b, p.h, p.nq, p.d, kMaxElements)) return too_large("q", q, "b * h * nq * d", 58);
+    if (p.d % options.groups != 0)
+        return set_error(FCSA_STATUS_INVALID_ARGUMENT,
+                         "options.groups: the head dim %lld must be divisible by groups, got groups = %d",
+                         (long long)p.d, options.groups);
+
+    // The block table, when given, makes the caches paged.
+    if (tensors->block_table) {
+        const fcsa_tensor &table = *tensors->block_table;
+        FCSA_RETURN_IF_ERROR(check_descriptor("block_table", table, 2, 2));
+        FCSA_RETURN_IF_ERROR(check_dtype("block_table", table, FCSA_DTYPE_INT32, ""));
+        if (table.shape[0] != p.b)
+            return set_error(FCSA_STATUS_INVALID_ARGUMENT, "block_table: expected shape (%lld, max_blocks), got %s",
+                             (long long)p.b, shape_string(table).c_str());
+        FCSA_RETURN_IF_ERROR(check_same_device("block_table", table, p));
+        kv.block_table = static_cast<const int32_t *>(table.data);
+        kv.max_blocks = table.shape[1];
+        kv.block_table_stride = table.shape[0] > 1 ? table.strides[0] : 0;
+    }
+
+    FCSA_RETURN_IF_ERROR(check_descriptor("k_cache", kc, 4, 4));
+    FCSA_RETURN_IF_ERROR(check_dtype("k_cache", kc, p.dtype, " (like q)"));
+    const int64_t hk = kc.shape[1];
+    if (kv.paged()) {
+        if (kc.shape[3] != p.d || hk < 1 || p.h % hk != 0 || kc.shape[2] < 1)
+            return set_error(FCSA_STATUS_INVALID_ARGUMENT,
+                             "k_cache: expected a paged cache (num_blocks, hk, page_size, %lld) with %lld %% hk == 0 "
+                             "and page_size >= 1 (a block_table is given), got %s",
+                             (long long)p.d, (long long)p.h, shape_string(kc).c_str());
+        kv.num_blocks = kc.shape[0];
+        kv.page_size = kc.shape[2];
+        if (!checked_mul(kv.max_blocks, kv.page_size, &kv.capacity))
+            return set_error(FCSA_STATUS_INVALID_ARGUMENT,
+                             "block_table: %lld blocks of %lld keys hold more than 2^63 - 1 keys",
+                             (long long)kv.max_blocks, (long long)kv.page_size);
+    } else {
+        if (kc.shape[0] != p.b || kc.shape[3] != p.d || hk < 1 || p.h % hk != 0)
+            return set_error(FCSA_STATUS_INVALID_ARGUMENT,
+                             "k_cache: expected shape (%lld, hk, n_max, %lld) with %lld %% hk == 0, got %s",
+                             (long long)p.b, (long long)p.d, (long long)p.h, shape_string(kc).c_str());
+        kv.page_size = kc.shape[2];
+        kv.capacity = kc.shape[2];
+    }
+    p.hk = hk;
+    p.nk = kv.capacity;
+    if (!product_fits(kc.shape[0], hk, kc.shape[2], p.d, kMaxElements))
+        return too_large("k_cache", kc, "its first dims * head dim", 58);
+    if (!product_fits(p.b, hk, kv.capacity, p.d, kMaxElements))
+        return too_large("k_cache", kc, "b * hk * capacity * d", 58);
+    if (!product_fits(p.b, p.h, p.nq, kv.capacity, kMaxScoreElements))
+        return too_large("k_cache", kc, "b * h * nq * capacity (with q's b, h and nq)", 62);
+
+    FCSA_RETURN_IF_ERROR(check_descriptor("v_cache", vc, 4, 4));
+    FCSA_RETURN_IF_ERROR(check_dtype("v_cache", vc, p.dtype, " (like q)"));
+    if (vc.shape[0] != kc.shape[0] || vc.shape[1] != kc.shape[1] || vc.shape[2] != kc.shape[2] || vc.shape[3] < 1)
+        return set_error(FCSA_STATUS_INVALID_ARGUMENT,
+                         "v_cache: expected shape (%lld, %lld, %lld, d_v) (k_cache's but for the head dim, d_v >= 1), "
+                         "got %s",
+                         (long long)kc.shape[0], (long long)kc.shape[1], (long long)kc.shape[2],
+                         shape_string(vc).c_str());
+    p.d_v = vc.shape[3];
+    if (!product_fits(vc.shape[0], hk, vc.shape[2], p.d_v, kMaxElements) ||
+        !product_fits(p.b, hk, kv.capacity, p.d_v, kMaxElements))
+        return too_large("v_cache", vc, "its first dims (or b * hk * capacity) * d_v", 58);
+    if (!product_fits(p.b, p.h, p.nq, p.d_v, kMaxElements))
+        return too_large("v_cache", vc, "b * h * nq * d_v (with q's b, h and nq)", 58);
+    FCSA_RETURN_IF_ERROR(check_same_device("k_cache", kc, p));
+    FCSA_RETURN_IF_ERROR(check_same_device("v_cache", vc, p));
+    kv.k_cache = make_view(kc, kAllDims);
+    kv.v_cache = make_view(vc, kAllDims);
+
+    if (tensors->cache_seqlens) {
+        const fcsa_tensor &lengths = *tensors->cache_seqlens;
+        FCSA_RETURN_IF_ERROR(check_descriptor("cache_seqlens", lengths, 1, 1));
+        FCSA_RETURN_IF_ERROR(check_dtype("cache_seqlens", lengths, FCSA_DTYPE_INT32, ""));
+        const int64_t expected[1] = {p.b};
+        FCSA_RETURN_IF_ERROR(check_shape("cache_seqlens", lengths, expected, 1, " (b,)"));
+        FCSA_RETURN_IF_ERROR(check_same_device("cache_seqlens", lengths, p));
+        kv.cache_seqlens = static_cast<const int32_t *>(lengths.data);
+    }
+
+    if (!tensors->k_new != !tensors->v_new)
+        return set_error(FCSA_STATUS_INVALID_ARGUMENT, "%s: given without %s (new keys need their values)",
+                         tensors->k_new ? "k_new" : "v_new", tensors->k_new ? "v_new" : "k_new");
+    if (tensors->k_new) {
+        const fcsa_tensor &kn = *tensors->k_new, &vn = *tensors->v_new;
+        if (!tensors->cache_seqlens)
+            return set_error(FCSA_STATUS_INVALID_ARGUMENT,
+                             "cache_seqlens: required when k_new is given (the new keys go at cache_seqlens)");
+        FCSA_RETURN_IF_ERROR(check_descriptor("k_new", kn, 4, 4));
+        FCSA_RETURN_IF_ERROR(check_dtype("k_new", kn, p.dtype, " (like q)"));
+        const int64_t n_new = kn.shape[2];
+        const int64_t expected_k[4] = {p.b, hk, n_new, p.d}, expected_v[4] = {p.b, hk, n_new, p.d_v};
+        FCSA_RETURN_IF_ERROR(check_shape("k_new", kn, expected_k, 4, " (b, hk, nq_new, d)"));
+        FCSA_RETURN_IF_ERROR(check_descriptor("v_new", vn, 4, 4));
+        FCSA_RETURN_IF_ERROR(check_dtype("v_new", vn, p.dtype, " (like q)"));
+        FCSA_RETURN_IF_ERROR(check_shape("v_new", vn, expected_v, 4, " (k_new's but for v_cache's head dim)"));
+        if (n_new > kv.capacity)
+            return set_error(FCSA_STATUS_INVALID_ARGUMENT,
+                             "k_new: %lld new keys do not fit in a cache of capacity %lld keys per sequence",
+                             (long long)n_new, (long long)kv.capacity);
+        FCSA_RETURN_IF_ERROR(check_same_device("k_new", kn, p));
+        FCSA_RETURN_IF_ERROR(check_same_device("v_new", vn, p));
+        kv.nq_new = n_new;
+        kv.k_new = make_view(kn, kAllDims);
+        kv.v_new = make_view(vn, kAllDims);
+    }
+
+    if (tensors->scale) {
+        const fcsa_tensor &scale = *tensors->scale;
+        FCSA_RETURN_IF_ERROR(check_descriptor("scale", scale, 0, 1));
+        FCSA_RETURN_IF_ERROR(check_dtype("scale", scale, FCSA_DTYPE_FLOAT32, ""));
+        if (scale.ndim == 1 && scale.shape[0] != p.h)
+            return set_error(FCSA_STATUS_INVALID_ARGUMENT, "scale: expected shape () or (%lld,), got %s",
+                             (long long)p.h, shape_string(scale).c_str());
+        FCSA_RETURN_IF_ERROR(check_same_device("scale", scale, p));
+        p.scale_t = scale.ndim == 1 ? make_view(scale, {-1, 0, -1, -1}) : make_view(scale, {-1, -1, -1, -1});
+    }
+
+    FCSA_RETURN_IF_ERROR(check_descriptor("out", out, 4, 4));
+    FCSA_RETURN_IF_ERROR(check_dtype("out", out, p.dtype, " (like q)"));
+    const int64_t out_shape[4] = {p.b, p.h, p.nq, p.d_v};
+    FCSA_RETURN_IF_ERROR(check_shape("out", out, out_shape, 4, " (q's but for v_cache's head dim)"));
+    FCSA_RETURN_IF_ERROR(check_same_device("out", out, p));
+    if (tensors->lse) {
+        const fcsa_tensor &lse = *tensors->lse;
+        FCSA_RETURN_IF_ERROR(check_descriptor("lse", lse, 3, 3));
+        FCSA_RETURN_IF_ERROR(check_dtype("lse", lse, FCSA_DTYPE_FLOAT32, ""));
+        const int64_t expected[3] = {p.b, p.h, p.nq};
+        FCSA_RETURN_IF_ERROR(check_shape("lse", lse, expected, 3, " (b, h, nq)"));
+        FCSA_RETURN_IF_ERROR(check_same_device("lse", lse, p));
+        p.lse = make_view(lse, {0, 1, 2, -1});
+    }
+    p.q = make_view(q, kAllDims);
+    p.out = make_view(out, kAllDims);
+    p.scale = options.scale;
+    p.groups = options.groups;
+    p.causal = options.causal != 0;
+    p.l2norm = options.l2norm_qk != 0;
+    p.num_threads = options.num_threads;
+
+    // Appending writes the caches: then they are outputs like out and lse.
+    const bool appends = kv.appends();
+    FCSA_RETURN_IF_ERROR(check_overlaps({{"out", tensors->out},
+                                         {"lse", tensors->lse},
+                                         {"k_cache", appends ? tensors->k_cache : nullptr},
+                                         {"v_cache", appends ? tensors->v_cache : nullptr}},
+                                        {{"q", tensors->q},
+                                         {"k_new", tensors->k_new},
+                                         {"v_new", tensors->v_new},
+                                         {"cache_seqlens", tensors->cache_seqlens},
+                                         {"block_table", tensors->block_table},
+                                         {"scale", tensors->scale},
+                                         {"k_cache", appends ? nullptr : tensors->k_cache},
+                                         {"v_cache", appends ? nullptr : tensors->v_cache}}));
+    // Lengths and block numbers are data: checked here when the host can read them.
+    if (p.device_type == FCSA_DEVICE_CPU) FCSA_RETURN_IF_ERROR(check_cache_values(kv));
+    return FCSA_STATUS_SUCCESS;
+}
+
+fcsa_status kvcache_attention(const fcsa_options &options, const KvCacheProblem &kv, bool run, void *workspace,
+                              size_t workspace_bytes, void *stream, size_t *needed) {
+    const Problem &p = kv.attention;
+    int backend = FCSA_BACKEND_AUTO;
+    FCSA_RETURN_IF_ERROR(choose_backend(options, p, &backend));
+    if (p.b * p.h * p.nq == 0 && p.b * p.hk * kv.nq_new == 0) {
+        if (needed) *needed = 0;
+        if (run) last_backend = backend;
+        return FCSA_STATUS_SUCCESS;
+    }
+    if (backend == FCSA_BACKEND_CPU) {
+        const size_t bytes = cpu_kvcache_workspace(kv);
+        if (needed) *needed = bytes;
+        if (!run) return FCSA_STATUS_SUCCESS;
+        FCSA_RETURN_IF_ERROR(check_workspace(workspace, workspace_bytes, bytes));
+        FCSA_RETURN_IF_ERROR(cpu_kvcache_forward(kv, workspace));
+        last_backend = backend;
+        return FCSA_STATUS_SUCCESS;
+    }
+#if defined(FCSA_WITH_CUDA)
+    // Decoding is bound by memory bandwidth: every CUDA device runs the portable path.
+    DeviceGuard guard;
+    FCSA_RETURN_IF_ERROR(guard.enter(p.device_index));
+    FCSA_RETURN_IF_ERROR(sm80_kvcache_supports(kv));
+    const size_t bytes = sm80_kvcache_workspace(kv);
+    if (needed) *needed = bytes;
+    if (!run) return FCSA_STATUS_SUCCESS;
+    FCSA_RETURN_IF_ERROR(check_workspace(workspace, workspace_bytes, bytes));
+    FCSA_RETURN_IF_ERROR(sm80_kvcache_forward(kv, workspace, stream));
+    last_backend = FCSA_BACKEND_CUDA_SM80;
+    return FCSA_STATUS_SUCCESS;
+#else
+    (void)stream;
+    return set_error(FCSA_STATUS_INTERNAL_ERROR, "internal error: no backend for this device");
+#endif
+}
+
 // ------------------------------------------------------------------ build information
 
 std::vector<int> parse_sm_targets() {
@@ -985,6 +1243,31 @@ FCSA_API fcsa_status fcsa_backward(const fcsa_options *options, const fcsa_backw
         Problem p;
         FCSA_RETURN_IF_ERROR(validate_backward(options, tensors, checked, p));
         return attention(true, checked, p, true, workspace, workspace_bytes, stream, nullptr);
+    });
+}
+
+FCSA_API fcsa_status fcsa_kvcache_forward_workspace_size(const fcsa_options *options,
+                                                         const fcsa_kvcache_tensors *tensors,
+                                                         size_t *workspace_bytes) {
+    return guarded([&] {
+        if (!workspace_bytes) return set_error(FCSA_STATUS_INVALID_ARGUMENT, "workspace_bytes: required, got NULL");
+        fcsa_options checked;
+        KvCacheProblem kv;
+        FCSA_RETURN_IF_ERROR(validate_kvcache(options, tensors, checked, kv));
+        size_t bytes = 0;
+        FCSA_RETURN_IF_ERROR(kvcache_attention(checked, kv, false, nullptr, 0, nullptr, &bytes));
+        *workspace_bytes = bytes;
+        return FCSA_STATUS_SUCCESS;
+    });
+}
+
+FCSA_API fcsa_status fcsa_kvcache_forward(const fcsa_options *options, const fcsa_kvcache_tensors *tensors,
+                                          void *workspace, size_t workspace_bytes, void *stream) {
+    return guarded([&] {
+        fcsa_options checked;
+        KvCacheProblem kv;
+        FCSA_RETURN_IF_ERROR(validate_kvcache(options, tensors, checked, kv));
+        return kvcache_attention(checked, kv, true, workspace, workspace_bytes, stream, nullptr);
     });
 }
 

@@ -22,6 +22,7 @@ with warnings.catch_warnings():
 from . import _lib
 from .attention import (flash_cosine_sim_attention, l2norm_tensors,
                         plain_cosine_sim_attention)
+from .kvcache import flash_cosine_sim_attention_with_kvcache
 from .module import CosineSimAttention
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "cuda_available",
     "cuda_compiled",
     "flash_cosine_sim_attention",
+    "flash_cosine_sim_attention_with_kvcache",
     "get_cmake_dir",
     "get_include",
     "get_library",

@@ -30,6 +30,7 @@ cdef extern from "fcsa.h" nogil:
         FCSA_DTYPE_FLOAT16
         FCSA_DTYPE_BFLOAT16
         FCSA_DTYPE_BOOL
+        FCSA_DTYPE_INT32
 
     ctypedef enum fcsa_device_type:
         FCSA_DEVICE_CPU
@@ -90,6 +91,26 @@ cdef extern from "fcsa.h" nogil:
         const fcsa_tensor *dbias
         const fcsa_tensor *dscale
 
+    ctypedef struct fcsa_kvcache_tensors:
+        size_t struct_size
+        const fcsa_tensor *q
+        const fcsa_tensor *k_cache
+        const fcsa_tensor *v_cache
+        const fcsa_tensor *cache_seqlens
+        const fcsa_tensor *block_table
+        const fcsa_tensor *k_new
+        const fcsa_tensor *v_new
+        const fcsa_tensor *scale
+        const fcsa_tensor *out
+        const fcsa_tensor *lse
+
+    fcsa_status fcsa_kvcache_forward_workspace_size(const fcsa_options *options,
+                                                    const fcsa_kvcache_tensors *tensors,
+                                                    size_t *workspace_bytes)
+    fcsa_status fcsa_kvcache_forward(const fcsa_options *options,
+                                     const fcsa_kvcache_tensors *tensors,
+                                     void *workspace, size_t workspace_bytes, void *stream)
+
     const char *fcsa_version()
     int fcsa_abi_version()
     const char *fcsa_status_string(fcsa_status status)
@@ -120,6 +141,7 @@ DTYPE_FLOAT32 = FCSA_DTYPE_FLOAT32
 DTYPE_FLOAT16 = FCSA_DTYPE_FLOAT16
 DTYPE_BFLOAT16 = FCSA_DTYPE_BFLOAT16
 DTYPE_BOOL = FCSA_DTYPE_BOOL
+DTYPE_INT32 = FCSA_DTYPE_INT32
 DEVICE_CPU = FCSA_DEVICE_CPU
 DEVICE_CUDA = FCSA_DEVICE_CUDA
 BACKEND_AUTO = FCSA_BACKEND_AUTO
@@ -363,4 +385,57 @@ def backward(Options options not None, q, k, v, mask=None, bias=None, scale=None
     with nogil:
         status = fcsa_backward(&options.c, &a.tensors, <void *>workspace,
                                workspace_bytes, <void *>stream)
+    _check(status)
+
+
+# ---------------------------------------------------------------- KV-cache attention
+
+cdef struct KvCacheArgs:
+    fcsa_tensor q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new, scale, out, lse
+    fcsa_kvcache_tensors tensors
+
+
+cdef int _kvcache_args(KvCacheArgs *a, q, k_cache, v_cache, cache_seqlens, block_table,
+                       k_new, v_new, scale, out, lse) except -1:
+    a.tensors.struct_size = sizeof(fcsa_kvcache_tensors)
+    a.tensors.q = _slot(&a.q, "q", q)
+    a.tensors.k_cache = _slot(&a.k_cache, "k_cache", k_cache)
+    a.tensors.v_cache = _slot(&a.v_cache, "v_cache", v_cache)
+    a.tensors.cache_seqlens = _slot(&a.cache_seqlens, "cache_seqlens", cache_seqlens)
+    a.tensors.block_table = _slot(&a.block_table, "block_table", block_table)
+    a.tensors.k_new = _slot(&a.k_new, "k_new", k_new)
+    a.tensors.v_new = _slot(&a.v_new, "v_new", v_new)
+    a.tensors.scale = _slot(&a.scale, "scale", scale)
+    a.tensors.out = _slot(&a.out, "out", out)
+    a.tensors.lse = _slot(&a.lse, "lse", lse)
+    return 0
+
+
+def kvcache_forward_workspace_size(Options options not None, q, k_cache, v_cache,
+                                   cache_seqlens=None, block_table=None, k_new=None,
+                                   v_new=None, scale=None, out=None, lse=None):
+    """Bytes of workspace fcsa_kvcache_forward needs for these arguments (validates them)."""
+    cdef KvCacheArgs a
+    cdef size_t nbytes = 0
+    cdef fcsa_status status
+    _kvcache_args(&a, q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new, scale,
+                  out, lse)
+    with nogil:
+        status = fcsa_kvcache_forward_workspace_size(&options.c, &a.tensors, &nbytes)
+    _check(status)
+    return nbytes
+
+
+def kvcache_forward(Options options not None, q, k_cache, v_cache, cache_seqlens=None,
+                    block_table=None, k_new=None, v_new=None, scale=None, out=None, lse=None,
+                    uintptr_t workspace=0, size_t workspace_bytes=0, uintptr_t stream=0):
+    """Runs fcsa_kvcache_forward: appends k_new, v_new to the caches (when given), then
+    writes out (and lse when given). Asynchronous on CUDA."""
+    cdef KvCacheArgs a
+    cdef fcsa_status status
+    _kvcache_args(&a, q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new, scale,
+                  out, lse)
+    with nogil:
+        status = fcsa_kvcache_forward(&options.c, &a.tensors, <void *>workspace,
+                                      workspace_bytes, <void *>stream)
     _check(status)

@@ -23,6 +23,7 @@ _DTYPE_CODES = {
     torch.float16: _lib.DTYPE_FLOAT16,
     torch.bfloat16: _lib.DTYPE_BFLOAT16,
     torch.bool: _lib.DTYPE_BOOL,
+    torch.int32: _lib.DTYPE_INT32,
 }
 _DEVICE_CODES = {"cpu": _lib.DEVICE_CPU, "cuda": _lib.DEVICE_CUDA}
 
@@ -194,3 +195,103 @@ def _backward(ctx, dout, _dlse):
 
 
 forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------- KV-cache attention
+
+def check_cache_values(cache_seqlens: Optional[Tensor], block_table: Optional[Tensor],
+                       n_new: int, capacity: int, page_size: int, num_blocks: int):
+    """The values the C library reads on the GPU without checking (that would make every
+    call wait for the device): each length leaves room for the new keys, and each block
+    a sequence uses is in the cache. One small transfer to the host; skipped while a
+    CUDA graph is being captured (the values are the caller's business there)."""
+    if cache_seqlens is None and block_table is None:
+        return
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return
+    if cache_seqlens is None:
+        lengths = torch.full((block_table.shape[0],), capacity, dtype=torch.int64,
+                             device=block_table.device)
+    else:
+        lengths = cache_seqlens.long() + n_new
+    bad_length = (lengths < n_new) | (lengths > capacity)
+    checks = [bad_length.any()]
+    if block_table is not None:
+        used = (torch.arange(block_table.shape[1], device=block_table.device)[None, :]
+                < ((lengths + page_size - 1) // page_size)[:, None])
+        outside = used & ((block_table < 0) | (block_table >= num_blocks))
+        checks.append(outside.any())
+    flags = torch.stack(checks).tolist()
+    if flags[0]:
+        batch = int(bad_length.nonzero()[0, 0])
+        raise ValueError(f"cache_seqlens[{batch}] is {int(lengths[batch]) - n_new}, expected "
+                         f"0 to {capacity - n_new} (a capacity of {capacity} keys, {n_new} "
+                         f"of them new)")
+    if len(flags) > 1 and flags[1]:
+        batch, i = (int(x) for x in outside.nonzero()[0])
+        raise ValueError(f"block_table[{batch}, {i}] is {int(block_table[batch, i])}, "
+                         f"expected a block of the cache, 0 to {num_blocks - 1}")
+
+
+def _kvcache_forward(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new, scale,
+                     scale_value, groups, causal, l2norm_qk, need_lse):
+    b, h, nq, _ = q.shape
+    out = torch.empty(_out_shape(q, v_cache), dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, h, nq) if need_lse else (0,), dtype=torch.float32, device=q.device)
+    if q.device.type == "cuda":
+        paged = block_table is not None
+        page_size = k_cache.shape[2]
+        capacity = block_table.shape[1] * page_size if paged else page_size
+        check_cache_values(cache_seqlens, block_table, 0 if k_new is None else k_new.shape[2],
+                           capacity, page_size, k_cache.shape[0])
+    tensors = dict(q=describe(q), k_cache=describe(k_cache), v_cache=describe(v_cache),
+                   cache_seqlens=describe(cache_seqlens), block_table=describe(block_table),
+                   k_new=describe(k_new), v_new=describe(v_new), scale=describe(scale),
+                   out=describe(out), lse=describe(lse) if need_lse else None)
+    options = _options(scale_value, groups, causal, l2norm_qk, False)
+    _run(_lib.kvcache_forward_workspace_size, _lib.kvcache_forward, q.device, options, tensors)
+    return out, lse
+
+
+def _kvcache_fake(q, v_cache, need_lse):
+    b, h, nq, _ = q.shape
+    out = q.new_empty(_out_shape(q, v_cache))
+    lse = q.new_empty((b, h, nq) if need_lse else (0,), dtype=torch.float32)
+    return out, lse
+
+
+# Two operators, so that a step without new keys declares no mutation: under
+# torch.compile a mutated input may be copied, and a cache is the largest tensor there is.
+@torch.library.custom_op("fcsa::kvcache_forward", mutates_args=())
+def kvcache_forward_op(q: Tensor, k_cache: Tensor, v_cache: Tensor,
+                       cache_seqlens: Optional[Tensor], block_table: Optional[Tensor],
+                       scale: Optional[Tensor], scale_value: float, groups: int, causal: bool,
+                       l2norm_qk: bool, need_lse: bool) -> Tuple[Tensor, Tensor]:
+    """out (b, h, nq, d_v) in q's dtype and lse (b, h, nq) float32 ((0,) without
+    need_lse) of q over the cache's valid keys."""
+    return _kvcache_forward(q, k_cache, v_cache, cache_seqlens, block_table, None, None, scale,
+                            scale_value, groups, causal, l2norm_qk, need_lse)
+
+
+@kvcache_forward_op.register_fake
+def _kvcache_forward_fake(q, k_cache, v_cache, cache_seqlens, block_table, scale, scale_value,
+                          groups, causal, l2norm_qk, need_lse):
+    return _kvcache_fake(q, v_cache, need_lse)
+
+
+@torch.library.custom_op("fcsa::kvcache_append_forward", mutates_args=("k_cache", "v_cache"))
+def kvcache_append_forward_op(q: Tensor, k_cache: Tensor, v_cache: Tensor,
+                              cache_seqlens: Tensor, block_table: Optional[Tensor],
+                              k_new: Tensor, v_new: Tensor, scale: Optional[Tensor],
+                              scale_value: float, groups: int, causal: bool, l2norm_qk: bool,
+                              need_lse: bool) -> Tuple[Tensor, Tensor]:
+    """Writes k_new, v_new into the caches at cache_seqlens (in place), then as
+    fcsa::kvcache_forward over the longer sequences."""
+    return _kvcache_forward(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new,
+                            scale, scale_value, groups, causal, l2norm_qk, need_lse)
+
+
+@kvcache_append_forward_op.register_fake
+def _kvcache_append_forward_fake(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new,
+                                 scale, scale_value, groups, causal, l2norm_qk, need_lse):
+    return _kvcache_fake(q, v_cache, need_lse)

@@ -4,6 +4,7 @@
     python -m fcsa.benchmark --causal
     python -m fcsa.benchmark --only-forwards --mask-prob 0.25
     python -m fcsa.benchmark --shape fa --dtype bfloat16 --dim 128 --json out.json --plot out.png
+    python -m fcsa.benchmark --decode                # KV-cache decoding, in TB/s (benchmark_decode.py)
 
 The CPU comparison the README reports (b=2, h=8, d=64, float32): time against sdpa-cos,
 
@@ -1035,6 +1036,10 @@ def wrap_header_line(line: str, width: int = HEADER_WIDTH) -> str:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--decode" in argv:  # decoding over a KV cache: its own table (benchmark_decode.py)
+        from .benchmark_decode import main as decode_main
+        return decode_main([a for a in argv if a != "--decode"])
     args = parse_args(argv)
     if args.memory_cell:
         return memory_child_main(json.loads(args.memory_cell))

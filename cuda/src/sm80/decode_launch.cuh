@@ -1,0 +1,203 @@
+// decode_launch.cuh: planning and launching the decode kernels for one dtype; included
+// by decode_<dtype>.cu, which instantiate it.
+//
+// The split count: with units = b * hk * row_blocks CTAs before any split and `slots`
+// CTAs resident on the whole device at once (SMs x occupancy), each unit's keys are
+// split into as few parts as make the CTAs fill whole waves (choose_splits), so that a
+// single sequence still fills the GPU; never into parts of fewer than two tiles of the
+// cache's capacity (the partial results and their combination would cost more than the
+// split gains), and never more than kMaxSplits ways.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#include "../backends.h"
+#include "decode.cuh"
+#include "decode_kernel.cuh"
+
+namespace fcsa {
+namespace sm80 {
+namespace decode {
+
+// The fewest splits (up to `most`) whose CTAs fill their waves to 95% (CTAs of one call
+// do about equal work, so a last wave a fifth full costs the time of a full one), or
+// failing that the best-filled.
+inline int64_t choose_splits(int64_t units, int64_t slots, int64_t most) {
+    int64_t best = 1;
+    double best_fill = 0.;
+    for (int64_t s = 1; s <= most; ++s) {
+        const int64_t ctas = units * s, waves = (ctas + slots - 1) / slots;
+        const double fill = double(ctas) / double(waves * slots);
+        if (fill >= 0.95) return s;
+        if (fill > best_fill) best = s, best_fill = fill;
+    }
+    return best;
+}
+
+// The split-attention kernel of a plan: FMA, or tensor cores (16-bit types only).
+template <typename T, int D> void (*kernel_for(bool tensor_cores))(Params) {
+    if constexpr (sizeof(T) == 2) {
+        if (tensor_cores) return decode_mma_kernel<T, D>;
+    }
+    return decode_kernel<T, D>;
+}
+
+template <typename T, int D> fcsa_status plan_for(const KvCacheProblem &kv, Plan *plan) {
+    using Shape = Tile<T, D>;
+    const Problem &p = kv.attention;
+    *plan = Plan();
+    plan->head_dim_bound = D;
+    const int64_t rows = p.heads_per_kv() * p.nq;
+    if (rows == 0 || p.b == 0) return FCSA_STATUS_SUCCESS; // appends only
+    // Many packed rows in 16 bits go to the tensor cores (their score and P V products
+    // would make the FMA kernel compute-bound); few, float32, or several l2norm groups
+    // (norms per group of columns) to the FMA kernel.
+    // FCSA_DECODE_KERNEL=fma or =mma in the environment overrides the row count's
+    // choice where both kernels can run: to test each on every shape, and to time them.
+    const bool mma_possible = sizeof(T) == 2 && (p.groups == 1 || !p.l2norm);
+    const char *forced = std::getenv("FCSA_DECODE_KERNEL");
+    plan->tensor_cores = mma_possible && rows > kFmaMaxRows;
+    if (forced && std::strcmp(forced, "fma") == 0) plan->tensor_cores = false;
+    if (forced && std::strcmp(forced, "mma") == 0) plan->tensor_cores = mma_possible;
+    if (plan->tensor_cores) {
+        using M = MmaTile<T, D>;
+        plan->block_rows = int(std::min<int64_t>((rows + 15) / 16 * 16, M::kMaxRows));
+        plan->smem = M::smem_bytes(plan->block_rows);
+    } else {
+        plan->block_rows = int(std::min<int64_t>(rows, kBlockRows));
+        plan->smem = Shape::smem_bytes(plan->block_rows, p.groups);
+    }
+    plan->row_blocks = int((rows + plan->block_rows - 1) / plan->block_rows);
+    const auto kernel = kernel_for<T, D>(plan->tensor_cores);
+
+    int device = 0, sms = 0;
+    cudaError_t err = cudaGetDevice(&device);
+    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    const int smem_limit = sm80_shared_memory_limit(device);
+    if (err != cudaSuccess || smem_limit < 0) {
+        cudaGetLastError();
+        return set_error(FCSA_STATUS_CUDA_ERROR, "cuda-sm80 kvcache: cannot query the current CUDA device: %s",
+                         cudaGetErrorString(err));
+    }
+    if (plan->smem > size_t(smem_limit))
+        return set_error(FCSA_STATUS_NOT_SUPPORTED,
+                         "cuda-sm80 kvcache: head dim %lld with groups = %d needs %zu bytes of shared memory per "
+                         "block; CUDA device %d offers %d",
+                         (long long)p.d, int(p.groups), plan->smem, device, smem_limit);
+    // Fails when this build has no code for the device: that is NOT_SUPPORTED.
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(plan->smem));
+    int per_sm = 0;
+    if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, plan->smem);
+    if (err != cudaSuccess) {
+        cudaGetLastError();
+        return set_error(FCSA_STATUS_NOT_SUPPORTED, "cuda-sm80 kvcache: cannot run the decode kernel on CUDA device %d: %s",
+                         device, cudaGetErrorString(err));
+    }
+
+    const int64_t units = p.b * p.hk * plan->row_blocks;
+    const int64_t slots = int64_t(sms) * std::max(per_sm, 1);
+    const int64_t most = std::min<int64_t>(kMaxSplits, std::max<int64_t>(1, kv.capacity / (2 * Shape::kKeys)));
+    plan->splits = int(choose_splits(units, slots, most));
+    if (plan->splits > 1) {
+        const int64_t total_rows = p.b * p.h * p.nq;
+        // + 16: the base is aligned up to 16 bytes for the float4 stores.
+        plan->workspace = size_t(plan->splits) * size_t(total_rows) * size_t(p.d + 1) * sizeof(float) + 16;
+    }
+    return FCSA_STATUS_SUCCESS;
+}
+
+inline void copy_strides(const View &view, int64_t (&stride)[3]) {
+    for (int i = 0; i < 3; ++i) stride[i] = view.stride[i];
+}
+
+template <typename T, int D>
+fcsa_status launch_for(const KvCacheProblem &kv, const Plan &plan, void *workspace, cudaStream_t stream) {
+    const Problem &p = kv.attention;
+    Params params = {};
+    params.q = p.q.data;
+    copy_strides(p.q, params.q_stride);
+    params.out = p.out.data;
+    copy_strides(p.out, params.out_stride);
+    params.lse = p.lse.present() ? static_cast<float *>(p.lse.data) : nullptr;
+    copy_strides(p.lse, params.lse_stride);
+    params.scale_t = p.scale_t.present() ? static_cast<const float *>(p.scale_t.data) : nullptr;
+    params.scale_stride = p.scale_t.stride[1];
+    params.scale = p.scale;
+    params.k_cache = kv.k_cache.data;
+    params.v_cache = kv.v_cache.data;
+    copy_strides(kv.k_cache, params.k_stride);
+    copy_strides(kv.v_cache, params.v_stride);
+    params.k_new = kv.appends() ? kv.k_new.data : nullptr;
+    params.v_new = kv.appends() ? kv.v_new.data : nullptr;
+    copy_strides(kv.k_new, params.k_new_stride);
+    copy_strides(kv.v_new, params.v_new_stride);
+    params.cache_seqlens = kv.cache_seqlens;
+    params.block_table = kv.block_table;
+    params.block_table_stride = kv.block_table_stride;
+    params.page_size = int(kv.page_size);
+    params.capacity = int(kv.capacity);
+    params.num_blocks = int(kv.num_blocks);
+    params.nq_new = int(kv.nq_new);
+    params.b = int(p.b);
+    params.h = int(p.h);
+    params.hk = int(p.hk);
+    params.nq = int(p.nq);
+    params.d = int(p.d);
+    params.groups = p.groups;
+    params.group = int(p.heads_per_kv());
+    params.rows = int(p.heads_per_kv() * p.nq);
+    params.block_rows = plan.block_rows;
+    params.row_blocks = plan.row_blocks;
+    params.splits = plan.splits;
+    params.causal = p.causal;
+    params.l2norm = p.l2norm;
+    const int64_t total_rows = p.b * p.h * p.nq;
+    if (plan.splits > 1) {
+        const uintptr_t base = (reinterpret_cast<uintptr_t>(workspace) + 15) & ~uintptr_t(15);
+        params.partial_out = reinterpret_cast<float *>(base);
+        params.partial_lse = params.partial_out + size_t(plan.splits) * size_t(total_rows) * size_t(p.d);
+    }
+
+    // The appends first: the attention reads them, on the same stream.
+    const int64_t new_rows = p.b * p.hk * kv.nq_new;
+    if (kv.appends() && new_rows > 0) append_kernel<T><<<unsigned(new_rows), kThreads, 0, stream>>>(params);
+    if (plan.row_blocks > 0) {
+        const dim3 grid(unsigned(p.b * p.hk * plan.row_blocks), unsigned(plan.splits));
+        kernel_for<T, D>(plan.tensor_cores)<<<grid, kThreads, plan.smem, stream>>>(params);
+        if (plan.splits > 1)
+            combine_kernel<T><<<unsigned((total_rows + kWarps - 1) / kWarps), kThreads, 0, stream>>>(params);
+    }
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess)
+        return set_error(FCSA_STATUS_CUDA_ERROR, "cuda-sm80 kvcache: kernel launch failed: %s", cudaGetErrorString(err));
+    return FCSA_STATUS_SUCCESS;
+}
+
+// D, the head-dim bound, from d (a multiple of 8 up to 256, checked by the caller).
+template <typename T> fcsa_status make_plan(const KvCacheProblem &kv, Plan *plan) {
+    const int64_t d = kv.attention.d;
+    if (d <= 64) return plan_for<T, 64>(kv, plan);
+    if (d <= 128) return plan_for<T, 128>(kv, plan);
+    return plan_for<T, 256>(kv, plan);
+}
+
+template <typename T>
+fcsa_status launch(const KvCacheProblem &kv, const Plan &plan, void *workspace, cudaStream_t stream) {
+    switch (plan.head_dim_bound) {
+    case 64: return launch_for<T, 64>(kv, plan, workspace, stream);
+    case 128: return launch_for<T, 128>(kv, plan, workspace, stream);
+    case 256: return launch_for<T, 256>(kv, plan, workspace, stream);
+    default: return set_error(FCSA_STATUS_INTERNAL_ERROR, "internal error: decode plan without a head-dim bound");
+    }
+}
+
+#define FCSA_INSTANTIATE_DECODE(T)                                                                                 \
+    template fcsa_status make_plan<T>(const KvCacheProblem &, Plan *);                                            \
+    template fcsa_status launch<T>(const KvCacheProblem &, const Plan &, void *, cudaStream_t);
+
+} // namespace decode
+} // namespace sm80
+} // namespace fcsa
