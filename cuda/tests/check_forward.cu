@@ -8,6 +8,8 @@
 //   ./check_forward --quick    a few small cases (for compute-sanitizer memcheck/racecheck)
 //   ./check_forward --no-time  the sweep only
 //   ./check_forward --seed N   repeat a run (each run draws a fresh seed and prints it)
+//   ./check_forward --mla      the quick cases, then the timings of (d, d_v) = (192, 128)
+//                              and (128, 128) only (issue #21's bar, per FLOP)
 //   ./check_forward --sm90     the Hopper forward: cases it does not cover are skipped,
 //                              and the timings show it beside the portable one
 //   ./check_forward --profile DTYPE D N CAUSAL   5 launches of one shape (for ncu);
@@ -651,13 +653,14 @@ static double time_forward(const TimingBuffers &buf, int dtype, int n, int d, in
 }
 
 int main(int argc, char **argv) {
-    bool quick = false, timing = true;
+    bool quick = false, timing = true, mla = false;
     uint64_t seed = std::random_device{}() ^ (uint64_t(std::random_device{}()) << 32);
     for (int i = 1; i < argc; ++i) {
         if (!strcmp(argv[i], "--quick")) quick = true, timing = false;
         else if (!strcmp(argv[i], "--no-time")) timing = false;
         else if (!strcmp(argv[i], "--seed") && i + 1 < argc) seed = strtoull(argv[++i], nullptr, 10);
         else if (!strcmp(argv[i], "--sm90")) g_sm90 = true;
+        else if (!strcmp(argv[i], "--mla")) mla = true, quick = true; // the timings of (192, 128) and (128, 128) only
         else if (!strcmp(argv[i], "--profile") && i + 4 < argc) { // dtype d n causal: a few launches, for ncu
             const int dt = atoi(argv[i + 1]), d = atoi(argv[i + 2]), n = atoi(argv[i + 3]), causal = atoi(argv[i + 4]);
             rng.seed(seed);
@@ -691,7 +694,8 @@ int main(int argc, char **argv) {
            skipped);
 
     if (timing && g_sm90) {
-        printf("\nforward TFLOP/s, Hopper (portable) (batch = 16384/n, heads = 2048/d, median of 10 after 3 warm-ups)\n");
+        printf("\nforward TFLOP/s, Hopper with / without ping-pong (portable) (batch = 16384/n, heads = 2048/d, "
+               "median of 10 after 3 warm-ups)\n");
         printf("%-6s %-4s %-7s %14s %14s %14s %14s %14s %14s\n", "dtype", "d", "causal", "512", "1k", "2k", "4k", "8k",
                "16k");
         const int ns[6] = {512, 1024, 2048, 4096, 8192, 16384};
@@ -701,6 +705,7 @@ int main(int argc, char **argv) {
                 for (bool causal : {false, true}) {
                     printf("%-6s %-4d %-7s", dtype_name(dt), d, causal ? "yes" : "no");
                     for (int n : ns) {
+                        // with and without ping-pong between the consumers (forward.cu)
                         setenv("FCSA_SM90_PINGPONG", "1", 1);
                         const double hopper = time_forward(buffers, dt, n, d, d, causal, 10, true);
                         setenv("FCSA_SM90_PINGPONG", "0", 1);
@@ -721,10 +726,12 @@ int main(int argc, char **argv) {
         // (192, 128), the MLA shape, against (128, 128): issue #21's bar is 15% per FLOP.
         const int dims[3][2] = {{64, 64}, {128, 128}, {192, 128}};
         for (int dt : {FCSA_DTYPE_BFLOAT16, FCSA_DTYPE_FLOAT16, FCSA_DTYPE_FLOAT32}) {
+            if (mla && dt == FCSA_DTYPE_FLOAT32) continue;
             const TimingBuffers buffers(dt);
             for (const auto &dd : dims)
                 for (bool causal : {false, true}) {
                     const int d = dd[0], d_v = dd[1];
+                    if (mla && d == 64) continue;
                     if (dt == FCSA_DTYPE_FLOAT32 && (causal || d != d_v)) continue;
                     const std::string name = std::to_string(d) + "/" + std::to_string(d_v);
                     printf("%-6s %-7s %-7s", dtype_name(dt), name.c_str(), causal ? "yes" : "no");
