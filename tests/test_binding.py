@@ -178,6 +178,20 @@ def test_workspace_too_small_is_refused():
                      workspace_bytes=nbytes - 1)
 
 
+def test_misaligned_workspace_is_refused_before_any_write():
+    t = problem(nq=300, nk=300)
+    desc = {n: describe(x) for n, x in t.items()}
+    out = torch.full(t["q"].shape, float("nan"))
+    nbytes = _lib.forward_workspace_size(_lib.Options(), **desc, out=describe(out))
+    if nbytes == 0:
+        pytest.skip("this call needs no workspace")
+    ws = torch.empty(nbytes + 16, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="workspace.*16-byte aligned"):
+        _lib.forward(_lib.Options(), **desc, out=describe(out), workspace=ws.data_ptr() + 4,
+                     workspace_bytes=nbytes)
+    assert torch.isnan(out).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 def test_float32_out_for_16_bit_inputs(dtype):
     # out may be float32 for 16-bit q: the forward writes it unrounded, the backward takes

@@ -226,7 +226,8 @@ FCSA_API fcsa_status fcsa_backward_workspace_size(const fcsa_options *options,
 
 /* `stream` is a cudaStream_t (NULL: the legacy default stream), ignored on the CPU.
  * The call is asynchronous on CUDA: it returns once the work is enqueued. The
- * workspace needs no initialization and must stay valid until the work finishes. */
+ * workspace needs no initialization, must be 16-byte aligned (as memory from any
+ * allocator is) and must stay valid until the work finishes. */
 FCSA_API fcsa_status fcsa_forward(const fcsa_options *options,
                                   const fcsa_forward_tensors *tensors,
                                   void *workspace, size_t workspace_bytes, void *stream);

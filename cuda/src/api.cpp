@@ -759,6 +759,9 @@ fcsa_status check_workspace(const void *workspace, size_t workspace_bytes, size_
                          workspace_bytes, needed);
     if (needed > 0 && !workspace)
         return set_error(FCSA_STATUS_WORKSPACE_TOO_SMALL, "workspace: NULL, this call needs %zu bytes", needed);
+    // The kernels copy it in 16-byte pieces (any allocator's memory is so aligned).
+    if (needed > 0 && reinterpret_cast<uintptr_t>(workspace) % 16 != 0)
+        return set_error(FCSA_STATUS_INVALID_ARGUMENT, "workspace: %p is not 16-byte aligned", workspace);
     return FCSA_STATUS_SUCCESS;
 }
 
