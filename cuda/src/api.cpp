@@ -335,14 +335,8 @@ fcsa_status check_same_device(const char *name, const fcsa_tensor &t, const Prob
     return FCSA_STATUS_SUCCESS;
 }
 
-fcsa_status check_common(const fcsa_options &options, const CommonTensors &in, Problem &p) {
-    FCSA_RETURN_IF_ERROR(require("q", in.q));
-    FCSA_RETURN_IF_ERROR(require("k", in.k));
-    FCSA_RETURN_IF_ERROR(require("v", in.v));
-    FCSA_RETURN_IF_ERROR(require("out", in.out));
-    const fcsa_tensor &q = *in.q, &k = *in.k, &v = *in.v, &out = *in.out;
-
-    // q fixes b, h, nq, d, the dtype and the device.
+// q (b, h, nq, d) fixes b, h, nq, d, the dtype and the device of every call.
+fcsa_status read_queries(const fcsa_options &options, const fcsa_tensor &q, Problem &p) {
     FCSA_RETURN_IF_ERROR(check_descriptor("q", q, 4, 4));
     if (!is_floating(q.dtype))
         return set_error(FCSA_STATUS_INVALID_DTYPE, "q: expected dtype float32, float16 or bfloat16, got %s",
@@ -360,6 +354,18 @@ fcsa_status check_common(const fcsa_options &options, const CommonTensors &in, P
         return set_error(FCSA_STATUS_INVALID_ARGUMENT,
                          "options.groups: the head dim %lld must be divisible by groups, got groups = %d",
                          (long long)p.d, options.groups);
+    return FCSA_STATUS_SUCCESS;
+}
+
+fcsa_status check_common(const fcsa_options &options, const CommonTensors &in, Problem &p) {
+    FCSA_RETURN_IF_ERROR(require("q", in.q));
+    FCSA_RETURN_IF_ERROR(require("k", in.k));
+    FCSA_RETURN_IF_ERROR(require("v", in.v));
+    FCSA_RETURN_IF_ERROR(require("out", in.out));
+    const fcsa_tensor &q = *in.q, &k = *in.k, &v = *in.v, &out = *in.out;
+
+    // q fixes b, h, nq, d, the dtype and the device.
+    FCSA_RETURN_IF_ERROR(read_queries(options, q, p));
 
     FCSA_RETURN_IF_ERROR(check_descriptor("k", k, 4, 4));
     FCSA_RETURN_IF_ERROR(check_dtype("k", k, p.dtype, " (like q)"));
@@ -861,23 +867,7 @@ fcsa_status validate_kvcache(const fcsa_options *given_options, const fcsa_kvcac
     Problem &p = kv.attention;
 
     // q fixes b, h, nq, d, the dtype and the device.
-    FCSA_RETURN_IF_ERROR(check_descriptor("q", q, 4, 4));
-    if (!is_floating(q.dtype))
-        return set_error(FCSA_STATUS_INVALID_DTYPE, "q: expected dtype float32, float16 or bfloat16, got %s",
-                         dtype_name(q.dtype));
-    p.b = q.shape[0];
-    p.h = q.shape[1];
-    p.nq = q.shape[2];
-    p.d = q.shape[3];
-    p.dtype = q.dtype;
-    p.device_type = q.device_type;
-    p.device_index = q.device_type == FCSA_DEVICE_CUDA ? q.device_index : 0;
-    if (p.d < 1) return set_error(FCSA_STATUS_INVALID_ARGUMENT, "q: the head dim (last) must be at least 1, got 0");
-    if (!product_fits(p.b, p.h, p.nq, p.d, kMaxElements)) return too_large("q", q, "b * h * nq * d", 58);
-    if (p.d % options.groups != 0)
-        return set_error(FCSA_STATUS_INVALID_ARGUMENT,
-                         "options.groups: the head dim %lld must be divisible by groups, got groups = %d",
-                         (long long)p.d, options.groups);
+    FCSA_RETURN_IF_ERROR(read_queries(options, q, p));
 
     // The block table, when given, makes the caches paged.
     if (tensors->block_table) {

@@ -300,6 +300,32 @@ __device__ __forceinline__ void load_kv_tile(const Params &p, const CtaWork &w, 
     }
 }
 
+// The K/V ring both decode kernels read: tile t of the CTA's keys in stage t % kStages,
+// [K, V][kKeys][kRowStride] each, kStages - 1 tiles loading ahead of the one in use.
+template <typename T, int D> struct KvRing {
+    using Shape = Tile<T, D>;
+    T *base;
+    __device__ __forceinline__ T *k(int t) const { return base + (t % kStages) * 2 * Shape::kKeys * Shape::kRowStride; }
+    __device__ __forceinline__ T *v(int t) const { return k(t) + Shape::kKeys * Shape::kRowStride; }
+    // Tiles 0 .. kStages - 2 in flight (one cp.async group each, empty past the last tile).
+    __device__ __forceinline__ void start(const Params &p, const CtaWork &w) const {
+#pragma unroll
+        for (int s = 0; s < kStages - 1; ++s) {
+            if (s < w.tiles) load_kv_tile<T, D>(p, w, s, k(s), v(s));
+            common::cp_async_commit();
+        }
+    }
+    // Refills the stage the previous tile used (every thread is past it: the barrier at
+    // the end of the last iteration), then waits for tile t, visible to every thread.
+    __device__ __forceinline__ void wait(const Params &p, const CtaWork &w, int t) const {
+        const int next = t + kStages - 1;
+        if (next < w.tiles) load_kv_tile<T, D>(p, w, next, k(next), v(next));
+        common::cp_async_commit();
+        common::cp_async_wait<kStages - 1>();
+        __syncthreads();
+    }
+};
+
 // Inverse norms of the tile's first `count` keys, per group, into inv_s[key * groups + group].
 // Called by every thread of the CTA (the one-group case shuffles within warps).
 template <typename T, int D>
@@ -414,21 +440,11 @@ template <typename T, int D> __global__ void __launch_bounds__(kThreads) decode_
 #pragma unroll
         for (int x = 0; x < 4; ++x) acc[k][x] = 0.f;
 
-    auto k_stage = [&](int stage) { return kv_s + stage * 2 * KT * RS; };
-#pragma unroll
-    for (int s = 0; s < kStages - 1; ++s) {
-        if (s < w.tiles) load_kv_tile<T, D>(p, w, s, k_stage(s), k_stage(s) + KT * RS);
-        common::cp_async_commit();
-    }
+    const KvRing<T, D> ring{kv_s};
+    ring.start(p, w);
     for (int t = 0; t < w.tiles; ++t) {
-        // Refill the stage the previous tile used (every thread is past it: the barrier
-        // at the end of the last iteration), then wait for tile t.
-        const int next = t + kStages - 1;
-        if (next < w.tiles) load_kv_tile<T, D>(p, w, next, k_stage(next % kStages), k_stage(next % kStages) + KT * RS);
-        common::cp_async_commit();
-        common::cp_async_wait<kStages - 1>();
-        __syncthreads();
-        const T *k_tile = k_stage(t % kStages), *v_tile = k_tile + KT * RS;
+        ring.wait(p, w, t);
+        const T *k_tile = ring.k(t), *v_tile = ring.v(t);
         const int key0 = w.k0 + t * KT, count = min(KT, w.k1 - key0);
 
         // 1. Inverse norms of the keys, per group.
@@ -601,20 +617,12 @@ template <typename T, int D> __global__ void __launch_bounds__(kThreads) decode_
 #pragma unroll
         for (int nb = 0; nb < M::kNBlocks; ++nb) common::clear(acc[mt][nb]);
 
-    auto k_stage = [&](int stage) { return kv_s + stage * 2 * KT * RS; };
-#pragma unroll
-    for (int s = 0; s < kStages - 1; ++s) {
-        if (s < w.tiles) load_kv_tile<T, D>(p, w, s, k_stage(s), k_stage(s) + KT * RS);
-        common::cp_async_commit();
-    }
+    const KvRing<T, D> ring{kv_s};
+    ring.start(p, w);
     for (int t = 0; t < w.tiles; ++t) {
-        const int next = t + kStages - 1;
-        if (next < w.tiles) load_kv_tile<T, D>(p, w, next, k_stage(next % kStages), k_stage(next % kStages) + KT * RS);
-        common::cp_async_commit();
-        common::cp_async_wait<kStages - 1>();
-        __syncthreads();
-        const T *k_tile = k_stage(t % kStages);
-        T *v_tile = k_stage(t % kStages) + KT * RS;
+        ring.wait(p, w, t);
+        const T *k_tile = ring.k(t);
+        T *v_tile = ring.v(t);
         const int key0 = w.k0 + t * KT, count = min(KT, w.k1 - key0);
 
         // 1. Key norms; and, in a tile some rows see only in part (the causal diagonal),
