@@ -10,6 +10,7 @@
 //   ./check_forward --seed N   repeat a run (each run draws a fresh seed and prints it)
 //   ./check_forward --mla      the quick cases, then the timings of (d, d_v) = (192, 128)
 //                              and (128, 128) only (issue #21's bar, per FLOP)
+//   ./check_forward --bf16     timings of bfloat16 only
 //   ./check_forward --sm90     the Hopper forward: cases it does not cover are skipped,
 //                              and the timings show it beside the portable one
 //   ./check_forward --profile DTYPE D N CAUSAL   5 launches of one shape (for ncu);
@@ -653,7 +654,7 @@ static double time_forward(const TimingBuffers &buf, int dtype, int n, int d, in
 }
 
 int main(int argc, char **argv) {
-    bool quick = false, timing = true, mla = false;
+    bool quick = false, timing = true, mla = false, bf16_only = false;
     uint64_t seed = std::random_device{}() ^ (uint64_t(std::random_device{}()) << 32);
     for (int i = 1; i < argc; ++i) {
         if (!strcmp(argv[i], "--quick")) quick = true, timing = false;
@@ -661,6 +662,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--seed") && i + 1 < argc) seed = strtoull(argv[++i], nullptr, 10);
         else if (!strcmp(argv[i], "--sm90")) g_sm90 = true;
         else if (!strcmp(argv[i], "--mla")) mla = true, quick = true; // the timings of (192, 128) and (128, 128) only
+        else if (!strcmp(argv[i], "--bf16")) bf16_only = true;       // the timings of bfloat16 only
         else if (!strcmp(argv[i], "--profile") && i + 4 < argc) { // dtype d n causal: a few launches, for ncu
             const int dt = atoi(argv[i + 1]), d = atoi(argv[i + 2]), n = atoi(argv[i + 3]), causal = atoi(argv[i + 4]);
             rng.seed(seed);
@@ -700,6 +702,7 @@ int main(int argc, char **argv) {
                "16k");
         const int ns[6] = {512, 1024, 2048, 4096, 8192, 16384};
         for (int dt : {FCSA_DTYPE_BFLOAT16, FCSA_DTYPE_FLOAT16}) {
+            if (bf16_only && dt != FCSA_DTYPE_BFLOAT16) continue;
             const TimingBuffers buffers(dt);
             for (int d : {64, 128})
                 for (bool causal : {false, true}) {
@@ -726,7 +729,7 @@ int main(int argc, char **argv) {
         // (192, 128), the MLA shape, against (128, 128): issue #21's bar is 15% per FLOP.
         const int dims[3][2] = {{64, 64}, {128, 128}, {192, 128}};
         for (int dt : {FCSA_DTYPE_BFLOAT16, FCSA_DTYPE_FLOAT16, FCSA_DTYPE_FLOAT32}) {
-            if (mla && dt == FCSA_DTYPE_FLOAT32) continue;
+            if ((mla && dt == FCSA_DTYPE_FLOAT32) || (bf16_only && dt != FCSA_DTYPE_BFLOAT16)) continue;
             const TimingBuffers buffers(dt);
             for (const auto &dd : dims)
                 for (bool causal : {false, true}) {
