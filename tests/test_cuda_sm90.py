@@ -4,12 +4,12 @@ that holds sm_90a code, the calls it covers run there (fcsa.last_backend() says
 and feed the backward (which takes their out and lse); the calls it does not cover,
 and every call under FCSA_DISABLE_SM90=1, run on the portable path."""
 
-import os
-
 import pytest
 import torch
 
 import fcsa
+from fcsa import _lib
+from fcsa._ops import describe
 from helpers import check_attention, dtype_id, qkv, random_mask, with_kwargs
 
 pytestmark = pytest.mark.cuda
@@ -57,15 +57,51 @@ def test_long_sequences_and_layouts(dtype):
 
 
 @needs_hopper
-def test_every_element_written():
-    q, k, v = (torch.randn(3, 2, 333, 72, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    out = torch.full_like(q, float("nan"))
-    lse = torch.full((3, 2, 333), float("nan"), device="cuda")
-    with torch.no_grad():
-        got, got_lse = fcsa.flash_cosine_sim_attention(q, k, v, causal=True, return_lse=True)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_every_element_written(causal):
+    # Through the binding, into NaN-filled out and lse (strided: a gap after every row of
+    # out), so that an element the kernel skips stays NaN.
+    b, h, nq, nk, d = 3, 2, 333, 290, 72
+    q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for n in (nq, nk, nk))
+    out = torch.full((b, h, nq, d + 8), float("nan"), device="cuda", dtype=torch.bfloat16)[..., :d]
+    lse = torch.full((b, h, nq), float("nan"), device="cuda")
+    options = _lib.Options(causal=causal)
+    tensors = dict(q=describe(q), k=describe(k), v=describe(v), out=describe(out), lse=describe(lse))
+    nbytes = _lib.forward_workspace_size(options, **tensors)
+    workspace = torch.empty(max(nbytes, 1), dtype=torch.uint8, device="cuda")
+    _lib.forward(options, **tensors, workspace=workspace.data_ptr(), workspace_bytes=nbytes,
+                 stream=torch.cuda.current_stream().cuda_stream)
+    torch.cuda.synchronize()
     assert fcsa.last_backend() == "cuda-sm90"
-    out.copy_(got), lse.copy_(got_lse)
-    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    # With causal and nq > nk, the first nq - nk rows see no key: out 0, lse -inf.
+    hidden = nq - nk if causal else 0
+    assert torch.isfinite(out).all()
+    assert (out[:, :, :hidden] == 0).all()
+    assert torch.isfinite(lse[:, :, hidden:]).all() and (lse[:, :, :hidden] == float("-inf")).all()
+    with torch.no_grad():
+        ref = fcsa.flash_cosine_sim_attention(q, k, v, causal=causal)
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+
+
+@needs_hopper
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
+def test_hidden_keys_contribute_nothing(dtype):
+    # NaN and inf in v and k at keys no row sees (past the last row's causal reach, inside
+    # the last key tile a query tile loads) must not reach any output.
+    b, h, nq, nk, d = 1, 2, 256, 300, 64
+    q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=dtype) for n in (nq, nk, nk))
+    reach = nk - nq + 128  # the first query tile's last row sees keys j < reach
+    v_bad, k_bad = v.clone(), k.clone()
+    v_bad[:, :, reach + 5] = float("nan")
+    v_bad[:, :, reach + 9] = float("inf")
+    k_bad[:, :, reach + 5] = float("nan")
+    with torch.no_grad():
+        got = fcsa.flash_cosine_sim_attention(q, k_bad, v_bad, causal=True)
+        assert fcsa.last_backend() == "cuda-sm90"
+        clean = fcsa.flash_cosine_sim_attention(q, k, v, causal=True)
+    rows = slice(0, 128)  # the query tile whose reach stops before the poisoned keys
+    assert torch.isfinite(got[:, :, rows]).all()
+    torch.testing.assert_close(got[:, :, rows], clean[:, :, rows], atol=0, rtol=0)
 
 
 @needs_hopper

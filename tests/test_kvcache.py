@@ -88,18 +88,20 @@ def reference(q, k_cache, v_cache, table, lengths, dtype, **kwargs):
 
 def check_kvcache(device, dtype, *, b=4, h=8, hk=2, nq=1, d=32, d_v=None, capacity=80,
                   page_size=None, lengths=None, n_new=0, causal=True, scale=8.0, groups=1,
-                  l2norm_qk=True):
-    """Runs one call with fresh random inputs and checks out, lse and the caches."""
+                  l2norm_qk=True, q_scale=1.0, k_scale=1.0):
+    """Runs one call with fresh random inputs (q and the keys times q_scale and k_scale)
+    and checks out, lse and the caches."""
     d_v = d if d_v is None else d_v
     k_cache, v_cache, table = make_cache(b, hk, capacity, d, d_v, dtype, device, page_size)
+    k_cache.mul_(k_scale)
     if lengths is None:
         lengths = [int(x) for x in torch.randint(0, capacity - n_new + 1, (b,))]
     seqlens = torch.tensor(lengths, dtype=torch.int32, device=device)
     total = [n + n_new for n in lengths]
     # Slots the call neither reads nor writes hold NaN, and must still hold it after.
     poison_unused(k_cache, v_cache, table, total)
-    q = torch.randn(b, h, nq, d).to(device, dtype)
-    k_new = torch.randn(b, hk, n_new, d).to(device, dtype) if n_new else None
+    q = (torch.randn(b, h, nq, d) * q_scale).to(device, dtype)
+    k_new = (torch.randn(b, hk, n_new, d) * k_scale).to(device, dtype) if n_new else None
     v_new = torch.randn(b, hk, n_new, d_v).to(device, dtype) if n_new else None
 
     # The caches as they must be after the call: the new keys at lengths[b] onwards.
@@ -223,6 +225,27 @@ def test_each_gpu_kernel_on_every_shape(layout, nq, dtype, kernel, monkeypatch):
     for d in (32, 128):
         check_kvcache("cuda", dtype, b=3, h=8, hk=2, nq=nq, d=d, capacity=1200,
                       page_size=LAYOUTS[layout], lengths=[0, 17, 1200 - nq], n_new=nq)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernel", ["fma", "mma"])
+def test_small_shared_memory_gpus(kernel, monkeypatch):
+    # 99 KB per block (sm_86, sm_89, sm_120): the packed rows per CTA shrink to fit
+    # (32 rows of d = 64 on the tensor cores, 32 of d = 256 on the FMA kernel need more).
+    monkeypatch.setenv("FCSA_MAX_SHARED_MEMORY", "101376")
+    monkeypatch.setenv("FCSA_DECODE_KERNEL", kernel)
+    for d, heads in ((64, (32, 4)), (256, (32, 1))):
+        check_kvcache("cuda", torch.bfloat16, b=2, h=heads[0], hk=heads[1], nq=3, d=d, capacity=700,
+                      page_size=None, lengths=[5, 697], n_new=3)
+
+
+@pytest.mark.cuda
+def test_float16_logits_beyond_its_range():
+    # q * scale past float16's range (q of 1e4, no l2norm) runs where the scores stay
+    # float32: the output is finite and right.
+    check_kvcache("cuda", torch.float16, b=1, h=16, hk=1, nq=1, d=64, capacity=300,
+                  page_size=None, lengths=[300], n_new=0, l2norm_qk=False, scale=8.0, q_scale=1e4,
+                  k_scale=1e-3)
 
 
 def test_value_head_dim_on_cpu():

@@ -10,9 +10,11 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "../backends.h"
 #include "decode.cuh"
@@ -57,21 +59,14 @@ template <typename T, int D> fcsa_status plan_for(const KvCacheProblem &kv, Plan
     // (norms per group of columns) to the FMA kernel.
     // FCSA_DECODE_KERNEL=fma or =mma in the environment overrides the row count's
     // choice where both kernels can run: to test each on every shape, and to time them.
-    const bool mma_possible = sizeof(T) == 2 && (p.groups == 1 || !p.l2norm);
+    // The tensor-core kernel rounds q^ * scale to T: only with l2norm (|q^ * scale| <=
+    // |scale|), and in float16 only for a scale known to fit it well (a number, not a tensor).
+    const bool fits_16_bits = std::is_same<T, __nv_bfloat16>::value || (!p.scale_t.present() && std::fabs(p.scale) <= 4096.f);
+    const bool mma_possible = sizeof(T) == 2 && p.l2norm && p.groups == 1 && fits_16_bits;
     const char *forced = std::getenv("FCSA_DECODE_KERNEL");
     plan->tensor_cores = mma_possible && rows > kFmaMaxRows;
     if (forced && std::strcmp(forced, "fma") == 0) plan->tensor_cores = false;
     if (forced && std::strcmp(forced, "mma") == 0) plan->tensor_cores = mma_possible;
-    if (plan->tensor_cores) {
-        using M = MmaTile<T, D>;
-        plan->block_rows = int(std::min<int64_t>((rows + 15) / 16 * 16, M::kMaxRows));
-        plan->smem = M::smem_bytes(plan->block_rows);
-    } else {
-        plan->block_rows = int(std::min<int64_t>(rows, kBlockRows));
-        plan->smem = Shape::smem_bytes(plan->block_rows, p.groups);
-    }
-    plan->row_blocks = int((rows + plan->block_rows - 1) / plan->block_rows);
-    const auto kernel = kernel_for<T, D>(plan->tensor_cores);
 
     int device = 0, sms = 0;
     cudaError_t err = cudaGetDevice(&device);
@@ -82,13 +77,35 @@ template <typename T, int D> fcsa_status plan_for(const KvCacheProblem &kv, Plan
         return set_error(FCSA_STATUS_CUDA_ERROR, "cuda-sm80 kvcache: cannot query the current CUDA device: %s",
                          cudaGetErrorString(err));
     }
+    // Packed rows per CTA: all of them up to the kernel's most, fewer where the device's
+    // shared memory per block (99 KB on sm_86/89/120) holds fewer. The kernel's attribute
+    // is set to the most it may ever use here, the same value on every call (threads
+    // planning different sizes do not race on it).
+    size_t most_smem = 0;
+    if (plan->tensor_cores) {
+        using M = MmaTile<T, D>;
+        int block = int(std::min<int64_t>((rows + 15) / 16 * 16, M::kMaxRows));
+        while (block > 16 && M::smem_bytes(block) > size_t(smem_limit)) block -= 16;
+        plan->block_rows = block;
+        plan->smem = M::smem_bytes(block);
+        most_smem = M::smem_bytes(M::kMaxRows);
+    } else {
+        int block = int(std::min<int64_t>(rows, kBlockRows));
+        while (block > 1 && Shape::smem_bytes(block, p.groups) > size_t(smem_limit)) --block;
+        plan->block_rows = block;
+        plan->smem = Shape::smem_bytes(block, p.groups);
+        most_smem = Shape::smem_bytes(kBlockRows, p.groups);
+    }
+    most_smem = std::min(most_smem, size_t(smem_limit));
+    plan->row_blocks = int((rows + plan->block_rows - 1) / plan->block_rows);
+    const auto kernel = kernel_for<T, D>(plan->tensor_cores);
     if (plan->smem > size_t(smem_limit))
         return set_error(FCSA_STATUS_NOT_SUPPORTED,
                          "cuda-sm80 kvcache: head dim %lld with groups = %d needs %zu bytes of shared memory per "
                          "block; CUDA device %d offers %d",
                          (long long)p.d, int(p.groups), plan->smem, device, smem_limit);
     // Fails when this build has no code for the device: that is NOT_SUPPORTED.
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(plan->smem));
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(most_smem));
     int per_sm = 0;
     if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, plan->smem);
     if (err != cudaSuccess) {

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <utility>
 
 #include <cuda.h>
 #include <cudaTypedefs.h>
@@ -157,14 +158,31 @@ fcsa_status sm90_forward_supports(const Problem &p) {
                              : sm90::ForwardConfig<__half, 128>::kBoundedRange;
     if (2.f * std::fabs(p.scale) * common::kLog2e > range)
         return refuse("the scale is too large for probabilities without a running maximum in this dtype");
-    if (p.nk < 1 || p.nq > sm90::kMaxSequence || p.nk > sm90::kMaxSequence || p.b * p.h > INT32_MAX ||
-        p.b * p.hk * (sm90::key_norm_stride(p) / 64) > INT32_MAX)
-        return refuse("sequence lengths or batch * heads out of range");
-    if (!sm90::tma_readable(p.q) || !sm90::tma_readable(p.k) || !sm90::tma_readable(p.v))
-        return refuse("q, k and v need 16-byte-aligned bases and strides and contiguous rows");
+    if (p.nk < 1) return refuse("needs at least one key");
+    if (p.nq > sm90::kMaxSequence || p.nk > sm90::kMaxSequence)
+        return set_error(FCSA_STATUS_NOT_SUPPORTED, "cuda-sm90 forward: sequence lengths nq = %lld, nk = %lld exceed %lld",
+                         static_cast<long long>(p.nq), static_cast<long long>(p.nk),
+                         static_cast<long long>(sm90::kMaxSequence));
+    if (p.b * p.h > INT32_MAX || p.b * p.hk * (sm90::key_norm_stride(p) / 64) > INT32_MAX)
+        return refuse("batch * heads (or batch * kv heads * key tiles) exceeds 2^31 - 1");
+    for (const auto &named : {std::make_pair("q", &p.q), std::make_pair("k", &p.k), std::make_pair("v", &p.v)})
+        if (!sm90::tma_readable(*named.second))
+            return set_error(FCSA_STATUS_NOT_SUPPORTED,
+                             "cuda-sm90 forward: %s needs a 16-byte-aligned base, contiguous rows, 16-byte-aligned "
+                             "strides and no broadcast dimension",
+                             named.first);
     const size_t smem = bf16 ? sm90::smem_bytes<__nv_bfloat16>(p.d) : sm90::smem_bytes<__half>(p.d);
     if (int64_t(smem) > sm80_shared_memory_limit(p.device_index)) return refuse("needs more shared memory");
     if (sm90::tensor_map_encoder() == nullptr) return refuse("the driver has no cuTensorMapEncodeTiled");
+    // The tensor maps the call will build: a layout the driver rejects goes to sm80/.
+    static_assert(sm90::ForwardConfig<__half, 64>::kBlockM == 128 && sm90::ForwardConfig<__half, 64>::kBlockN == 128 &&
+                      sm90::ForwardConfig<__half, 128>::kBlockM == 128 && sm90::ForwardConfig<__half, 128>::kBlockN == 128,
+                  "boxes of 128 rows, as run() builds them");
+    CUtensorMap map;
+    for (const auto &named : {std::make_pair("q", &p.q), std::make_pair("k", &p.k), std::make_pair("v", &p.v)})
+        if (sm90::encode_map(&map, *named.second, p.dtype, 128) != FCSA_STATUS_SUCCESS)
+            return set_error(FCSA_STATUS_NOT_SUPPORTED, "cuda-sm90 forward: the driver refuses a tensor map of %s",
+                             named.first);
     return FCSA_STATUS_SUCCESS;
 }
 

@@ -275,6 +275,24 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads, 1)
     if (tiles > 0) {
         const int last = (tiles - 1) % kStages;
         mbarrier_wait(&v_full[last], ((tiles - 1) / kStages) & 1);
+        // V rows of keys past the last row's causal reach hold real values (only rows past
+        // nk come back as zeros): their P is 0, but 0 * (a NaN or inf in v) must not reach
+        // O. Both consumers zero them (ordinary stores, then a proxy fence for the tensor
+        // cores) before either multiplies.
+        const int j0 = (tiles - 1) * BN;
+        const int reach = p.causal ? min(p.nk, min(m0 + BM, p.nq) + causal_offset) : p.nk; // keys j < reach
+        if (reach < min(p.nk, j0 + BN)) {
+            constexpr int kLines = D / 64 * 8; // 16-byte chunks of a row
+            uint8_t *v_tile = reinterpret_cast<uint8_t *>(sV + last * (BN * D));
+            const int first = reach - j0, rows = min(p.nk, j0 + BN) - reach;
+            for (int c = threadIdx.x - 128; c < rows * kLines; c += 128 * C::kConsumers) {
+                const int r = first + c / kLines, cb = (c % kLines) / 8, chunk = c % 8;
+                // (a whole row: its chunks' order within the 128-byte line does not matter)
+                *reinterpret_cast<uint4 *>(v_tile + (cb * BN + r) * 128 + chunk * 16) = make_uint4(0u, 0u, 0u, 0u);
+            }
+            fence_async_shared();
+            named_barrier_sync(5, 128 * C::kConsumers);
+        }
         take_turn();
         issue_pv(last);
         pass_turn();
