@@ -88,12 +88,20 @@ bool key_norm_pass(const Problem &p) {
     // (At most as many blocks as rows of 64 keys, the widest rows' count: the grid fits.)
     const int64_t blocks = p.b * p.hk * (key_norm_stride(p) / 64);
     const int64_t min_queries = p.causal ? 2 * kKeyNormPassMinQueries : kKeyNormPassMinQueries;
-    return p.l2norm && p.groups == 1 && p.nk > 0 && p.nq >= min_queries && blocks <= INT32_MAX &&
+    // (Packed sequences start at any key: the kernel's 16-byte copies of the norms would
+    // be misaligned. They compute them per tile.)
+    return !p.varlen() && p.l2norm && p.groups == 1 && p.nk > 0 && p.nq >= min_queries && blocks <= INT32_MAX &&
            rows_16byte_aligned(p.k, element_bytes);
 }
 
 template <typename T, int D, int DV> fcsa_status run(const Problem &p, void *workspace, cudaStream_t stream) {
     ForwardParams params = make_params(p, ForwardConfig<T, D, DV>::kBlockM);
+    if (p.varlen()) {
+        if (const fcsa_status st =
+                build_varlen_tiles(p, ForwardConfig<T, D, DV>::kBlockM, false, workspace, stream, &params.varlen))
+            return st;
+        return launch_forward<T, D, DV>(params, stream);
+    }
     if (key_norm_pass(p)) {
         float *inv_norm = static_cast<float *>(workspace);
         if (const fcsa_status st = common::run_key_norm_pass<T>(p, inv_norm, key_norm_stride(p), stream,
@@ -145,7 +153,10 @@ size_t forward_smem_bytes(int32_t dtype, int64_t d, int64_t d_v) {
 } // namespace sm80
 
 size_t sm80_forward_workspace(const Problem &p) {
-    if (p.b == 0 || p.h == 0 || p.nq == 0 || !sm80::key_norm_pass(p)) return 0;
+    if (p.b == 0 || p.h == 0 || p.nq == 0) return 0;
+    // The table for the smallest query tile of any instantiation (the most tiles).
+    if (p.varlen()) return sm80::varlen_tiles_bytes(p, sm80::kSmallestBlockM, false);
+    if (!sm80::key_norm_pass(p)) return 0;
     return size_t(p.b * p.hk * sm80::key_norm_stride(p)) * sizeof(float);
 }
 
