@@ -139,20 +139,21 @@ template <typename T, class S, bool kMasked> struct SharedScoresKernel {
         clear_all(dk, dv);
 
         // Causal: the query tiles before qt_begin see none of these keys, for every head.
-        const int64_t qt_begin = first_query_tile<BR>(p, j0, query_tiles);
+        const Extent<false> whole{}; // (packed sequences run the main kernel)
+        const int64_t qt_begin = first_query_tile<BR>(p, whole, j0, query_tiles);
         bool k_normalized = !p.l2norm; // K^ is formed in place once, with the first query tile
         // q's norm folded (Params::q_inv_norm): the query tiles stay raw, S and scale dS
         // are divided by ||q|| per row. Else they are normalized in place as they land.
         const bool fold_q_norm = p.q_inv_norm != nullptr;
         for (int64_t head = head0; qt_begin < query_tiles && head < head0 + p.heads_per_kv; ++head) {
             const float scale = head_scale(p, head);
-            start_query_tiles<T, S>(p, s, keys, k_normalized, batch, head, qt_begin, query_tiles, tid);
+            start_query_tiles<T, S>(p, whole, s, keys, k_normalized, batch, head, qt_begin, query_tiles, tid);
 
             int stage = 0; // of tile qt; tile qt + 1 goes to the other one
             for (int64_t qt = qt_begin; qt < query_tiles; ++qt, stage ^= 1) {
                 common::cp_async_wait<0>(); // tile qt landed (and was normalized) ...
                 __syncthreads();             // ... for every thread; P, dS and tile qt - 1 are no longer read
-                if (qt + 1 < query_tiles) issue_query_stage<T, S>(p, s, batch, head, qt + 1, stage ^ 1, tid);
+                if (qt + 1 < query_tiles) issue_query_stage<T, S>(p, whole, s, batch, head, qt + 1, stage ^ 1, tid);
                 common::cp_async_commit();
 
                 const T *q_s = s.q + stage * S::QTile::kElements;
@@ -224,7 +225,7 @@ template <typename T, class S, bool kMasked> struct SharedScoresKernel {
                 const bool normalize_next = p.l2norm && !fold_q_norm && qt + 1 < query_tiles;
                 if (normalize_next) common::cp_async_wait<0>();
                 __syncthreads();
-                if (normalize_next) normalize_query_stage<T, S>(p, s, qt + 1, stage ^ 1, tid);
+                if (normalize_next) normalize_query_stage<T, S>(p, whole, s, qt + 1, stage ^ 1, tid);
 
                 // dV += P^T dO and dK^ += (scale dS)^T Q^ (folded: (scale dS / ||q||)^T Q).
                 G::template cols_kn<GM, GN, BR>(dv, s.p, S::PTile::kStride, grad_key0, do_s, S::QTile::kStride,

@@ -78,9 +78,6 @@ fcsa_status sm80_supports(const Problem &p, bool backward) {
     if (p.b * p.h > (int64_t(1) << 31) - 1)
         return set_error(FCSA_STATUS_NOT_SUPPORTED, "cuda-sm80 %s: batch * heads = %lld exceeds 2^31 - 1", direction,
                          static_cast<long long>(p.b * p.h));
-    if (backward && p.varlen())
-        return set_error(FCSA_STATUS_NOT_SUPPORTED,
-                         "cuda-sm80 backward: packed sequences (cu_seqlens) have no GPU backward yet");
     if (!backward) {
         const size_t needed = sm80::forward_smem_bytes(p.dtype, p.d, p.d_v);
         if (needed > size_t(smem_optin))

@@ -34,7 +34,9 @@ Layout layout_for(int64_t sequences, int64_t max_tiles) {
     return l;
 }
 
-__device__ int clamp_offset(int offset, int low, int high) { return offset < low ? low : offset > high ? high : offset; }
+__device__ int clamp_offset(int offset, int low, int high) {
+    return offset < low ? low : offset > high ? high : offset;
+}
 
 __global__ void __launch_bounds__(kThreads)
     tiles_kernel(const int32_t *cu_q, const int32_t *cu_k, int sequences, int total_q, int total_k, int block,
