@@ -524,6 +524,28 @@ def test_cuda_against_cpu_backend(d, dtype):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_cuda_common_case_against_each_sequence(deterministic, causal, d, dtype):
+    """A number scale and no dscale: the backward's shared-scores kernel where the GPU
+    has the shared memory for it (bf16: q's norm folded into the scores), and the
+    deterministic dq kernel, on packed sequences against each sequence alone."""
+    lengths_q, lengths_k = [300, 0, 1, 129, 1000, 64], [280, 5, 1, 129, 1000, 0]
+    q, k, v, cu_q, cu_k, _ = packed_inputs(lengths_q, lengths_k, 4, 2, d, d, dtype, "cuda",
+                                           scale_tensor=False)
+    out, lse = fcsa.flash_cosine_sim_attention_varlen(q, k, v, cu_q, cu_k, causal=causal,
+                                                      return_lse=True,
+                                                      deterministic=deterministic)
+    dout = torch.randn_like(out)
+    got = results(out, lse, [q, k, v], dout)
+    alone = each_sequence_alone(fcsa.flash_cosine_sim_attention, q, k, v, cu_q, cu_k, 8.0,
+                                causal=causal, deterministic=deterministic)
+    compare(got, results(*alone, [q, k, v], dout), TOLERANCE[dtype])
+
+
+@pytest.mark.cuda
 def test_cuda_graph_capture():
     """Captured with the offsets' checks skipped, replayed with other offsets of the same
     count: the kernels read the offsets from the device at every replay."""

@@ -124,9 +124,8 @@ Plan plan_workspace(const Problem &p, int smem_limit) {
     plan.main_key_tiles = p.varlen() ? sm80::varlen_max_tiles(p, plan.shape.main_keys, true)
                                      : ceil_div(p.nk, plan.shape.main_keys);
     // The shared-scores kernel where it fits: 128 query rows per tile where that shape
-    // exists and fits (d = 64 on H100-class GPUs), else 64. (Not for packed sequences:
-    // it has no tile table yet.)
-    if (!p.bias.present() && !p.dbias.present() && !p.dscale.present() && !p.varlen()) {
+    // exists and fits (d = 64 on H100-class GPUs), else 64.
+    if (!p.bias.present() && !p.dbias.present() && !p.dscale.present()) {
         auto fits = [&](int smem) { return smem > 0 && smem <= smem_limit; };
         plan.shared_scores_rows =
             fits(plan.shape.shared_scores_128_smem) ? 128 : fits(plan.shape.shared_scores_smem) ? 64 : 0;

@@ -84,8 +84,12 @@ template <typename T, class S> int launch_dq_shape(const Params &p, void *stream
 }
 
 template <typename T, class S> int launch_shared_scores(const Params &p, void *stream) {
-    const int64_t key_tiles = (p.nk + S::kKeys - 1) / S::kKeys;
-    const auto kernel = p.mask != nullptr ? shared_scores_kernel<T, S, true> : shared_scores_kernel<T, S, false>;
+    // Packed sequences: the key tiles of the table's bound (no mask).
+    const bool varlen = p.varlen_keys.tiles != nullptr;
+    const int64_t key_tiles = varlen ? p.varlen_keys.max_tiles : (p.nk + S::kKeys - 1) / S::kKeys;
+    const auto kernel = varlen                ? shared_scores_kernel<T, S, false, true>
+                        : p.mask != nullptr ? shared_scores_kernel<T, S, true, false>
+                                            : shared_scores_kernel<T, S, false, false>;
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSmemBytes);
     if (err != cudaSuccess) return err;
     const dim3 grid(static_cast<unsigned>(key_tiles), grid_items(p.b * p.hk));
@@ -93,7 +97,6 @@ template <typename T, class S> int launch_shared_scores(const Params &p, void *s
     return cudaGetLastError();
 }
 
-// (Packed sequences never take the shared-scores kernel: plan_workspace in backward.cu.)
 template <typename T, int kHeadDim, bool kCompact> int launch_main(const Params &p, void *stream) {
     if constexpr (has_shared_scores_128<T, kHeadDim, kCompact>())
         if (p.shared_scores_rows == 128)
