@@ -73,8 +73,9 @@ __global__ void __launch_bounds__(kThreads)
         const int n = by_keys ? seqs[s].w : seqs[s].y;
         return n / block + (n % block != 0); // (n + block - 1 could overflow)
     };
-    const int chunk = (sequences + kThreads - 1) / kThreads;
-    const int r0 = min(tid * chunk, sequences), r1 = min(r0 + chunk, sequences);
+    // (In 64 bits: near 2^31 sequences these products would overflow an int.)
+    const int64_t chunk = (int64_t(sequences) + kThreads - 1) / kThreads;
+    const int r0 = int(min(tid * chunk, int64_t(sequences))), r1 = int(min(r0 + chunk, int64_t(sequences)));
     long long mine = 0;
     for (int r = r0; r < r1; ++r) mine += tiles_of(order[r]);
     using Scan = cub::BlockScan<long long, kThreads>;
@@ -96,7 +97,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int e = tid; e < used; e += kThreads) {
         int low = 0, high = sequences - 1; // start[low] <= e < start[high + 1]
         while (low < high) {
-            const int mid = (low + high + 1) / 2;
+            const int mid = low + (high - low + 1) / 2;
             if (start[mid] <= e) low = mid;
             else high = mid - 1;
         }
@@ -115,8 +116,9 @@ fcsa_status build_varlen_tiles(const Problem &p, int block, bool by_keys, void *
                                VarlenTiles *tiles) {
     const int64_t max_tiles = varlen_max_tiles(p, block, by_keys);
     if (p.sequences >= INT32_MAX || max_tiles > INT32_MAX)
-        return set_error(FCSA_STATUS_NOT_SUPPORTED, "cuda-sm80: %lld packed sequences exceed 2^31 - 2",
-                         static_cast<long long>(p.sequences));
+        return set_error(FCSA_STATUS_NOT_SUPPORTED,
+                         "cuda-sm80: %lld packed sequences, up to %lld tiles of %d rows: more than 2^31 - 2",
+                         static_cast<long long>(p.sequences), static_cast<long long>(max_tiles), block);
     const Layout l = layout_for(p.sequences, max_tiles);
     char *base = static_cast<char *>(workspace);
     tiles->sequences = reinterpret_cast<const int4 *>(base + l.sequences);

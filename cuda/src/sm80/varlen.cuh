@@ -34,7 +34,7 @@ inline int64_t varlen_max_tiles(const Problem &p, int block, bool by_keys) {
     return (by_keys ? p.nk : p.nq) / block + p.sequences;
 }
 
-// Workspace bytes of one table for tiles of at least `min_block` rows (a multiple of 256).
+// Workspace bytes of one table for tiles of at least `min_block` rows (a multiple of 16).
 size_t varlen_tiles_bytes(const Problem &p, int min_block, bool by_keys);
 
 // Builds the table for tiles of `block` rows of queries (or keys) in `workspace` (at
