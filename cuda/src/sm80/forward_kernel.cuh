@@ -193,8 +193,15 @@ __global__ void __launch_bounds__(ForwardConfig<T, D, DV>::kThreads)
     auto load_key_tile = [&](int t, int stage) {
         load_tile<T, BN, D, kThreads, KTile, C::kWholeTileCopies>(
             sK, key_rows(p.k, p.k_stride, t * BN), p.k_stride[2], min(BN, nk() - t * BN), d, p.vec_k, tid);
-        if (key_inv_norms != nullptr && tid < BN / 4)
+        if constexpr (kVarlen) {
+            // A sequence's keys start anywhere in the row of norms: 4-byte copies, none past
+            // the packed keys (the last sequence's last tile may reach beyond the row).
+            const int key = k_begin + t * BN + tid;
+            if (key_inv_norms != nullptr && tid < BN)
+                cp_async_4(smem_address(sKInv + stage * BN + tid), key_inv_norms + (key < p.nk ? key : 0), key < p.nk);
+        } else if (key_inv_norms != nullptr && tid < BN / 4) {
             cp_async_16(smem_address(sKInv + stage * BN + 4 * tid), key_inv_norms + t * BN + 4 * tid, true);
+        }
     };
     int tile = next_tile(0), stage = 0;
     if (tile < tile_end) load_key_tile(tile, stage);
