@@ -11,7 +11,9 @@ from fcsa import _lib, _ops
 from helpers import DEVICES, dtype_id
 
 LENGTHS = [0, 1, 7, 127, 128, 129, 1000]
-TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+# Between two runs of fcsa that differ in tiling or backend (test_cuda.py's bounds): the
+# GPU's float32 products are 3xTF32, and it rounds q^ and k^ to 16-bit dtypes.
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 
 def offsets(lengths, device):
@@ -71,9 +73,15 @@ NAMES = ["out", "lse", "dq", "dk", "dv", "dscale"]
 
 
 def compare(got, expected, atol, rtol=None):
+    """Each result within atol (times its largest expected magnitude, when that is
+    above 1: gradients summed over many rows) and rtol."""
     for name, g, e in zip(NAMES, got, expected):
-        torch.testing.assert_close(g.float(), e.float(), atol=atol,
-                                   rtol=atol if rtol is None else rtol, msg=lambda m: f"{name}: {m}")
+        e = e.float()
+        finite = e[e.isfinite()]
+        size = max(1.0, finite.abs().max().item()) if finite.numel() else 1.0
+        torch.testing.assert_close(g.float(), e, atol=atol * size,
+                                   rtol=atol if rtol is None else rtol,
+                                   msg=lambda m: f"{name}: {m}")
 
 
 def check_against_each_sequence(lengths_q, lengths_k, h, hk, d, dtype, device, causal,
@@ -91,8 +99,8 @@ def check_against_each_sequence(lengths_q, lengths_k, h, hk, d, dtype, device, c
                                 causal=causal)
     expected = results(*alone, wrt, dout)
     # On the CPU each sequence runs the very kernel it runs alone: equal but for the
-    # order dscale is summed in. The GPU's tiles differ (the key-norm pass follows the
-    # packed length): equal to rounding.
+    # order dscale is summed in. On the GPU the key-norm pass may run for one and not
+    # the other, and atomics add in another order: equal to rounding.
     atol = 1e-5 if device == "cpu" and dtype == torch.float32 else TOLERANCE[dtype]
     compare(got, expected, atol)
 
