@@ -236,3 +236,26 @@ def test_cuda_asked_for_without_cuda_exits_cleanly(capsys):
 def test_an_unknown_device_exits_cleanly():
     with pytest.raises(SystemExit, match="--device gpu7: not a device name"):
         benchmark.main(["--device", "gpu7"])
+
+
+def test_varlen_table_and_json(capsys, tmp_path):
+    """--varlen: the packed batch, one sequence of the mean length and the padded batch,
+    forward and backward, with the ratios the issue's bars ask for, and the JSON."""
+    from fcsa import benchmark_varlen
+
+    path = tmp_path / "varlen.json"
+    assert benchmark.main(["--varlen", "--device", "cpu", "--docs", "3", "--min-len", "5",
+                           "--max-len", "70", "--dim", "16", "--heads", "2", "--dtype",
+                           "float32", "--runs", "1", "--warmup", "0", "--causal",
+                           "--json", str(path)]) == 0
+    text = capsys.readouterr().out
+    for line in ("forward:", "backward:", "varlen / one seq", "varlen / padded"):
+        assert line in text
+    data = json.loads(path.read_text())
+    assert len(data["lengths"]) == 3 and all(5 <= n <= 70 for n in data["lengths"])
+    ok = [r for r in data["records"] if r["status"] == "ok"]
+    assert {(r["impl"], r["mode"]) for r in ok} == {
+        (impl, mode) for impl in ("varlen", "one seq", "padded") for mode in ("fwd", "bwd")}
+    assert all(r["tflops"] > 0 for r in ok)
+    with pytest.raises(SystemExit):
+        benchmark_varlen.parse_args(["--min-len", "9", "--max-len", "3"])

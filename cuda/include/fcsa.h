@@ -194,6 +194,24 @@ FCSA_API void fcsa_options_init(fcsa_options *options);
  *                      the keys) then keep their precision, which O rounded to 16 bits
  *                      costs them. The backward's out is the forward's, in its dtype.
  * Pass NULL for an absent optional tensor.
+ *
+ * Variable-length packed sequences (cu_seqlens_q and cu_seqlens_k given, both or
+ * neither): the b sequences of a batch lie one after another along the length dim, as
+ * FlashAttention's varlen functions take them, and the descriptors' batch dim is 1:
+ *   q, dq            : (1, h, total_q, d)   e.g. a (total_q, h, d) tensor, transposed
+ *   k, v, dk, dv     : (1, hk, total_k, d) and (1, hk, total_k, d_v)
+ *   out, dout        : (1, h, total_q, d_v); lse (1, h, total_q)
+ *   cu_seqlens_q     : int32 (b + 1,): sequence s holds query rows [cu_seqlens_q[s],
+ *                      cu_seqlens_q[s + 1]); 0 first, non-decreasing, total_q last
+ *   cu_seqlens_k     : int32 (b + 1,): the same for its keys, total_k last
+ * Sequence s's rows see its own keys only (causal: aligned to the end of each sequence,
+ * row i of it sees its keys j <= i + nk_s - nq_s); a sequence may be empty. No mask
+ * and no bias with them (FCSA_STATUS_NOT_SUPPORTED). The offsets' values are checked
+ * before any work when they are host memory (the CPU backend). In CUDA memory they are
+ * read by the kernels only, so that no call synchronizes: there the caller guarantees
+ * them (the Python layer checks them), and the kernels clamp every sequence to the
+ * tensors so that no memory outside them is touched. The Hopper path declines varlen
+ * calls (AUTO then runs the portable one).
  */
 typedef struct fcsa_forward_tensors {
     size_t struct_size; /* sizeof(fcsa_forward_tensors) */
@@ -201,6 +219,8 @@ typedef struct fcsa_forward_tensors {
     const fcsa_tensor *mask, *bias, *scale;
     const fcsa_tensor *out; /* written */
     const fcsa_tensor *lse; /* written, optional */
+    /* Appended in 0.1 (read when struct_size covers them): packed sequences, optional. */
+    const fcsa_tensor *cu_seqlens_q, *cu_seqlens_k;
 } fcsa_forward_tensors;
 
 typedef struct fcsa_backward_tensors {
@@ -210,6 +230,8 @@ typedef struct fcsa_backward_tensors {
     const fcsa_tensor *out, *dout, *lse;
     const fcsa_tensor *dq, *dk, *dv;   /* written */
     const fcsa_tensor *dbias, *dscale; /* written, optional */
+    /* Appended in 0.1 (read when struct_size covers them): packed sequences, optional. */
+    const fcsa_tensor *cu_seqlens_q, *cu_seqlens_k;
 } fcsa_backward_tensors;
 
 /* ---------------------------------------------------------------- attention */

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdarg>
+#include <cstddef>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -107,8 +108,8 @@ std::string device_string(int32_t type, int32_t index) {
 // The leading part of each struct that the first ABI version defined. Later versions
 // may only append fields, so a larger struct_size is accepted and its tail ignored.
 constexpr size_t kOptionsV1Size = sizeof(fcsa_options);
-constexpr size_t kForwardTensorsV1Size = sizeof(fcsa_forward_tensors);
-constexpr size_t kBackwardTensorsV1Size = sizeof(fcsa_backward_tensors);
+constexpr size_t kForwardTensorsV1Size = offsetof(fcsa_forward_tensors, cu_seqlens_q);
+constexpr size_t kBackwardTensorsV1Size = offsetof(fcsa_backward_tensors, cu_seqlens_q);
 
 fcsa_status read_options(const fcsa_options *given, fcsa_options *options) {
     fcsa_options_init(options);
@@ -598,6 +599,72 @@ fcsa_status read_struct_size(const char *name, size_t given, size_t first_versio
     return FCSA_STATUS_SUCCESS;
 }
 
+// ------------------------------------------------------------------ packed sequences
+
+// The offsets of packed sequences (fcsa.h), given or not: both or neither; int32 (b + 1,)
+// each, on q's device; q's batch dim 1; no mask or bias. Their values are checked
+// here when the host can read them.
+fcsa_status check_varlen(const fcsa_tensor *cu_q, const fcsa_tensor *cu_k, bool has_mask, bool has_bias,
+                         Problem &p) {
+    if (!cu_q && !cu_k) return FCSA_STATUS_SUCCESS;
+    if (!cu_q || !cu_k)
+        return set_error(FCSA_STATUS_INVALID_ARGUMENT, "%s: given without %s (packed sequences need both offsets)",
+                         cu_q ? "cu_seqlens_q" : "cu_seqlens_k", cu_q ? "cu_seqlens_k" : "cu_seqlens_q");
+    FCSA_RETURN_IF_ERROR(check_descriptor("cu_seqlens_q", *cu_q, 1, 1));
+    FCSA_RETURN_IF_ERROR(check_dtype("cu_seqlens_q", *cu_q, FCSA_DTYPE_INT32, ""));
+    if (cu_q->shape[0] < 1)
+        return set_error(FCSA_STATUS_INVALID_ARGUMENT,
+                         "cu_seqlens_q: expected shape (b + 1,) with b >= 0, got (0,) (it starts with a 0)");
+    FCSA_RETURN_IF_ERROR(check_same_device("cu_seqlens_q", *cu_q, p));
+    FCSA_RETURN_IF_ERROR(check_descriptor("cu_seqlens_k", *cu_k, 1, 1));
+    FCSA_RETURN_IF_ERROR(check_dtype("cu_seqlens_k", *cu_k, FCSA_DTYPE_INT32, ""));
+    FCSA_RETURN_IF_ERROR(check_shape("cu_seqlens_k", *cu_k, cu_q->shape, 1, " (b + 1,), like cu_seqlens_q"));
+    FCSA_RETURN_IF_ERROR(check_same_device("cu_seqlens_k", *cu_k, p));
+    if (p.b != 1)
+        return set_error(FCSA_STATUS_INVALID_ARGUMENT,
+                         "q: expected a batch dim of 1 with cu_seqlens_q (the sequences are packed along the length "
+                         "dim), got %lld",
+                         (long long)p.b);
+    if (p.nq > INT32_MAX || p.nk > INT32_MAX)
+        return set_error(FCSA_STATUS_INVALID_ARGUMENT,
+                         "%s: %lld packed rows, more than int32 offsets can address", p.nq > INT32_MAX ? "q" : "k",
+                         (long long)(p.nq > INT32_MAX ? p.nq : p.nk));
+    if (has_mask)
+        return set_error(FCSA_STATUS_NOT_SUPPORTED,
+                         "mask: not supported with cu_seqlens_q (leave the keys out of the packed sequences instead)");
+    if (has_bias) return set_error(FCSA_STATUS_NOT_SUPPORTED, "bias: not supported with cu_seqlens_q");
+    p.cu_seqlens_q = static_cast<const int32_t *>(cu_q->data);
+    p.cu_seqlens_k = static_cast<const int32_t *>(cu_k->data);
+    p.sequences = cu_q->shape[0] - 1;
+    if (p.device_type != FCSA_DEVICE_CPU) return FCSA_STATUS_SUCCESS; // the kernels clamp (fcsa.h)
+    const struct {
+        const char *name;
+        const int32_t *offsets;
+        int64_t total;
+    } arrays[] = {{"cu_seqlens_q", p.cu_seqlens_q, p.nq}, {"cu_seqlens_k", p.cu_seqlens_k, p.nk}};
+    for (const auto &a : arrays) {
+        if (a.offsets[0] != 0)
+            return set_error(FCSA_STATUS_INVALID_ARGUMENT, "%s: expected 0 first, got %d", a.name, a.offsets[0]);
+        for (int64_t s = 0; s < p.sequences; ++s)
+            if (a.offsets[s + 1] < a.offsets[s])
+                return set_error(FCSA_STATUS_INVALID_ARGUMENT,
+                                 "%s: expected non-decreasing offsets, got %d after %d (entry %lld)", a.name,
+                                 a.offsets[s + 1], a.offsets[s], (long long)(s + 1));
+        if (a.offsets[p.sequences] != a.total)
+            return set_error(FCSA_STATUS_INVALID_ARGUMENT, "%s: expected %lld last (the packed rows), got %d", a.name,
+                             (long long)a.total, a.offsets[p.sequences]);
+    }
+    return FCSA_STATUS_SUCCESS;
+}
+
+// The tensors a struct of this size has: those appended later are NULL in an older one.
+template <class Tensors>
+const fcsa_tensor *appended(const Tensors *tensors, const fcsa_tensor *const Tensors::*field) {
+    const size_t end = size_t(reinterpret_cast<const char *>(&(tensors->*field)) -
+                              reinterpret_cast<const char *>(tensors)) + sizeof(const fcsa_tensor *);
+    return tensors->struct_size >= end ? tensors->*field : nullptr;
+}
+
 fcsa_status validate_forward(const fcsa_options *given_options, const fcsa_forward_tensors *tensors,
                              fcsa_options &options, Problem &p) {
     FCSA_RETURN_IF_ERROR(read_options(given_options, &options));
@@ -606,13 +673,18 @@ fcsa_status validate_forward(const fcsa_options *given_options, const fcsa_forwa
     const CommonTensors common = {tensors->q,    tensors->k,     tensors->v,   tensors->mask,
                                   tensors->bias, tensors->scale, tensors->out, tensors->lse};
     FCSA_RETURN_IF_ERROR(check_common(options, common, p));
+    const fcsa_tensor *cu_q = appended(tensors, &fcsa_forward_tensors::cu_seqlens_q);
+    const fcsa_tensor *cu_k = appended(tensors, &fcsa_forward_tensors::cu_seqlens_k);
+    FCSA_RETURN_IF_ERROR(check_varlen(cu_q, cu_k, tensors->mask != nullptr, tensors->bias != nullptr, p));
     return check_overlaps({{"out", tensors->out}, {"lse", tensors->lse}},
                           {{"q", tensors->q},
                            {"k", tensors->k},
                            {"v", tensors->v},
                            {"mask", tensors->mask},
                            {"bias", tensors->bias},
-                           {"scale", tensors->scale}});
+                           {"scale", tensors->scale},
+                           {"cu_seqlens_q", cu_q},
+                           {"cu_seqlens_k", cu_k}});
 }
 
 fcsa_status validate_backward(const fcsa_options *given_options, const fcsa_backward_tensors *tensors,
@@ -673,6 +745,9 @@ fcsa_status validate_backward(const fcsa_options *given_options, const fcsa_back
         else
             p.dscale = make_view(dscale, {-1, -1, -1, -1});
     }
+    const fcsa_tensor *cu_q = appended(tensors, &fcsa_backward_tensors::cu_seqlens_q);
+    const fcsa_tensor *cu_k = appended(tensors, &fcsa_backward_tensors::cu_seqlens_k);
+    FCSA_RETURN_IF_ERROR(check_varlen(cu_q, cu_k, tensors->mask != nullptr, tensors->bias != nullptr, p));
     return check_overlaps({{"dq", tensors->dq},
                            {"dk", tensors->dk},
                            {"dv", tensors->dv},
@@ -686,7 +761,9 @@ fcsa_status validate_backward(const fcsa_options *given_options, const fcsa_back
                            {"scale", tensors->scale},
                            {"out", tensors->out},
                            {"dout", tensors->dout},
-                           {"lse", tensors->lse}});
+                           {"lse", tensors->lse},
+                           {"cu_seqlens_q", cu_q},
+                           {"cu_seqlens_k", cu_k}});
 }
 
 // ------------------------------------------------------------------ dispatch
@@ -782,11 +859,16 @@ fcsa_status attention(bool backward, const fcsa_options &options, const Problem 
         return FCSA_STATUS_SUCCESS;
     }
     if (backend == FCSA_BACKEND_CPU) {
-        const size_t bytes = backward ? cpu_backward_workspace(p) : cpu_forward_workspace(p);
+        const size_t bytes = p.varlen()  ? cpu_varlen_workspace(p, backward)
+                             : backward ? cpu_backward_workspace(p)
+                                        : cpu_forward_workspace(p);
         if (needed) *needed = bytes;
         if (!run) return FCSA_STATUS_SUCCESS;
         FCSA_RETURN_IF_ERROR(check_workspace(workspace, workspace_bytes, bytes));
-        FCSA_RETURN_IF_ERROR(backward ? cpu_backward(p, workspace) : cpu_forward(p, workspace));
+        if (p.varlen())
+            FCSA_RETURN_IF_ERROR(backward ? cpu_varlen_backward(p, workspace) : cpu_varlen_forward(p, workspace));
+        else
+            FCSA_RETURN_IF_ERROR(backward ? cpu_backward(p, workspace) : cpu_forward(p, workspace));
         last_backend = backend;
         return FCSA_STATUS_SUCCESS;
     }

@@ -22,6 +22,10 @@ size_t cpu_forward_workspace(const Problem &p);
 size_t cpu_backward_workspace(const Problem &p);
 fcsa_status cpu_forward(const Problem &p, void *workspace);
 fcsa_status cpu_backward(const Problem &p, void *workspace);
+// Packed sequences (p.varlen()), each run by the above as a problem of its own (cpu/varlen.cpp).
+size_t cpu_varlen_workspace(const Problem &p, bool backward);
+fcsa_status cpu_varlen_forward(const Problem &p, void *workspace);
+fcsa_status cpu_varlen_backward(const Problem &p, void *workspace);
 
 #if defined(FCSA_WITH_CUDA)
 // ---- portable CUDA backend (sm80/): sm_80 and newer. Workspace is device memory on

@@ -58,7 +58,16 @@ struct Problem {
     View bias, dbias;         // each dim full or 1 (stride 0 there); dbias has bias' shape
     View scale_t, dscale;     // (1, h or 1, 1, 1), float32
 
+    // Variable-length packed sequences (fcsa.h): b == 1 in every view above, and
+    // sequence s holds query rows [cu_seqlens_q[s], cu_seqlens_q[s + 1]) and keys
+    // [cu_seqlens_k[s], cu_seqlens_k[s + 1]) of it. No mask, no bias. Contiguous int32
+    // arrays of sequences + 1 entries, on the problem's device; their values were checked
+    // when that is the host (a CUDA kernel must clamp them to nq and nk).
+    const int32_t *cu_seqlens_q = nullptr, *cu_seqlens_k = nullptr;
+    int64_t sequences = 0;
+
     int64_t heads_per_kv() const { return h / hk; }
+    bool varlen() const { return cu_seqlens_q != nullptr; }
     // With l2norm and no bias every logit lies in [-|scale| * groups, |scale| * groups],
     // so exp(s - |scale| * groups) cannot overflow and replaces the running maximum.
     bool logits_bounded() const { return l2norm && !bias.present(); }

@@ -24,6 +24,7 @@ from .attention import (flash_cosine_sim_attention, l2norm_tensors,
                         plain_cosine_sim_attention)
 from .kvcache import flash_cosine_sim_attention_with_kvcache
 from .module import CosineSimAttention
+from .varlen import flash_cosine_sim_attention_varlen
 
 __all__ = [
     "__version__",
@@ -33,6 +34,7 @@ __all__ = [
     "cuda_available",
     "cuda_compiled",
     "flash_cosine_sim_attention",
+    "flash_cosine_sim_attention_varlen",
     "flash_cosine_sim_attention_with_kvcache",
     "get_cmake_dir",
     "get_include",

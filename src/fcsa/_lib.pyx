@@ -73,6 +73,8 @@ cdef extern from "fcsa.h" nogil:
         const fcsa_tensor *scale
         const fcsa_tensor *out
         const fcsa_tensor *lse
+        const fcsa_tensor *cu_seqlens_q
+        const fcsa_tensor *cu_seqlens_k
 
     ctypedef struct fcsa_backward_tensors:
         size_t struct_size
@@ -90,6 +92,8 @@ cdef extern from "fcsa.h" nogil:
         const fcsa_tensor *dv
         const fcsa_tensor *dbias
         const fcsa_tensor *dscale
+        const fcsa_tensor *cu_seqlens_q
+        const fcsa_tensor *cu_seqlens_k
 
     ctypedef struct fcsa_kvcache_tensors:
         size_t struct_size
@@ -290,11 +294,12 @@ cdef const fcsa_tensor *_slot(fcsa_tensor *t, str name, object desc) except? NUL
 
 
 cdef struct ForwardArgs:
-    fcsa_tensor q, k, v, mask, bias, scale, out, lse
+    fcsa_tensor q, k, v, mask, bias, scale, out, lse, cu_seqlens_q, cu_seqlens_k
     fcsa_forward_tensors tensors
 
 
-cdef int _forward_args(ForwardArgs *a, q, k, v, mask, bias, scale, out, lse) except -1:
+cdef int _forward_args(ForwardArgs *a, q, k, v, mask, bias, scale, out, lse,
+                       cu_seqlens_q, cu_seqlens_k) except -1:
     a.tensors.struct_size = sizeof(fcsa_forward_tensors)
     a.tensors.q = _slot(&a.q, "q", q)
     a.tensors.k = _slot(&a.k, "k", k)
@@ -304,16 +309,19 @@ cdef int _forward_args(ForwardArgs *a, q, k, v, mask, bias, scale, out, lse) exc
     a.tensors.scale = _slot(&a.scale, "scale", scale)
     a.tensors.out = _slot(&a.out, "out", out)
     a.tensors.lse = _slot(&a.lse, "lse", lse)
+    a.tensors.cu_seqlens_q = _slot(&a.cu_seqlens_q, "cu_seqlens_q", cu_seqlens_q)
+    a.tensors.cu_seqlens_k = _slot(&a.cu_seqlens_k, "cu_seqlens_k", cu_seqlens_k)
     return 0
 
 
 cdef struct BackwardArgs:
     fcsa_tensor q, k, v, mask, bias, scale, out, dout, lse, dq, dk, dv, dbias, dscale
+    fcsa_tensor cu_seqlens_q, cu_seqlens_k
     fcsa_backward_tensors tensors
 
 
 cdef int _backward_args(BackwardArgs *a, q, k, v, mask, bias, scale, out, dout, lse,
-                        dq, dk, dv, dbias, dscale) except -1:
+                        dq, dk, dv, dbias, dscale, cu_seqlens_q, cu_seqlens_k) except -1:
     a.tensors.struct_size = sizeof(fcsa_backward_tensors)
     a.tensors.q = _slot(&a.q, "q", q)
     a.tensors.k = _slot(&a.k, "k", k)
@@ -329,18 +337,21 @@ cdef int _backward_args(BackwardArgs *a, q, k, v, mask, bias, scale, out, dout, 
     a.tensors.dv = _slot(&a.dv, "dv", dv)
     a.tensors.dbias = _slot(&a.dbias, "dbias", dbias)
     a.tensors.dscale = _slot(&a.dscale, "dscale", dscale)
+    a.tensors.cu_seqlens_q = _slot(&a.cu_seqlens_q, "cu_seqlens_q", cu_seqlens_q)
+    a.tensors.cu_seqlens_k = _slot(&a.cu_seqlens_k, "cu_seqlens_k", cu_seqlens_k)
     return 0
 
 
 # ---------------------------------------------------------------- attention
 
 def forward_workspace_size(Options options not None, q, k, v, mask=None, bias=None,
-                           scale=None, out=None, lse=None):
+                           scale=None, out=None, lse=None, cu_seqlens_q=None,
+                           cu_seqlens_k=None):
     """Bytes of workspace fcsa_forward needs for these arguments (validates them)."""
     cdef ForwardArgs a
     cdef size_t nbytes = 0
     cdef fcsa_status status
-    _forward_args(&a, q, k, v, mask, bias, scale, out, lse)
+    _forward_args(&a, q, k, v, mask, bias, scale, out, lse, cu_seqlens_q, cu_seqlens_k)
     with nogil:
         status = fcsa_forward_workspace_size(&options.c, &a.tensors, &nbytes)
     _check(status)
@@ -348,12 +359,12 @@ def forward_workspace_size(Options options not None, q, k, v, mask=None, bias=No
 
 
 def forward(Options options not None, q, k, v, mask=None, bias=None, scale=None,
-            out=None, lse=None, uintptr_t workspace=0, size_t workspace_bytes=0,
-            uintptr_t stream=0):
+            out=None, lse=None, cu_seqlens_q=None, cu_seqlens_k=None,
+            uintptr_t workspace=0, size_t workspace_bytes=0, uintptr_t stream=0):
     """Runs fcsa_forward: writes out (and lse when given). Asynchronous on CUDA."""
     cdef ForwardArgs a
     cdef fcsa_status status
-    _forward_args(&a, q, k, v, mask, bias, scale, out, lse)
+    _forward_args(&a, q, k, v, mask, bias, scale, out, lse, cu_seqlens_q, cu_seqlens_k)
     with nogil:
         status = fcsa_forward(&options.c, &a.tensors, <void *>workspace,
                               workspace_bytes, <void *>stream)
@@ -362,12 +373,14 @@ def forward(Options options not None, q, k, v, mask=None, bias=None, scale=None,
 
 def backward_workspace_size(Options options not None, q, k, v, mask=None, bias=None,
                             scale=None, out=None, dout=None, lse=None, dq=None,
-                            dk=None, dv=None, dbias=None, dscale=None):
+                            dk=None, dv=None, dbias=None, dscale=None, cu_seqlens_q=None,
+                            cu_seqlens_k=None):
     """Bytes of workspace fcsa_backward needs for these arguments (validates them)."""
     cdef BackwardArgs a
     cdef size_t nbytes = 0
     cdef fcsa_status status
-    _backward_args(&a, q, k, v, mask, bias, scale, out, dout, lse, dq, dk, dv, dbias, dscale)
+    _backward_args(&a, q, k, v, mask, bias, scale, out, dout, lse, dq, dk, dv, dbias, dscale,
+                   cu_seqlens_q, cu_seqlens_k)
     with nogil:
         status = fcsa_backward_workspace_size(&options.c, &a.tensors, &nbytes)
     _check(status)
@@ -376,12 +389,13 @@ def backward_workspace_size(Options options not None, q, k, v, mask=None, bias=N
 
 def backward(Options options not None, q, k, v, mask=None, bias=None, scale=None,
              out=None, dout=None, lse=None, dq=None, dk=None, dv=None, dbias=None,
-             dscale=None, uintptr_t workspace=0, size_t workspace_bytes=0,
-             uintptr_t stream=0):
+             dscale=None, cu_seqlens_q=None, cu_seqlens_k=None, uintptr_t workspace=0,
+             size_t workspace_bytes=0, uintptr_t stream=0):
     """Runs fcsa_backward: writes dq, dk, dv (and dbias, dscale when given)."""
     cdef BackwardArgs a
     cdef fcsa_status status
-    _backward_args(&a, q, k, v, mask, bias, scale, out, dout, lse, dq, dk, dv, dbias, dscale)
+    _backward_args(&a, q, k, v, mask, bias, scale, out, dout, lse, dq, dk, dv, dbias, dscale,
+                   cu_seqlens_q, cu_seqlens_k)
     with nogil:
         status = fcsa_backward(&options.c, &a.tensors, <void *>workspace,
                                workspace_bytes, <void *>stream)

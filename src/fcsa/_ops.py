@@ -295,3 +295,142 @@ def kvcache_append_forward_op(q: Tensor, k_cache: Tensor, v_cache: Tensor,
 def _kvcache_append_forward_fake(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new,
                                  scale, scale_value, groups, causal, l2norm_qk, need_lse):
     return _kvcache_fake(q, v_cache, need_lse)
+
+
+# ---------------------------------------------------------------- packed sequences
+#
+# q (total_q, h, d), k (total_k, hk, d), v (total_k, hk, d_v), out (total_q, h, d_v):
+# the library sees them as (1, heads, total, d) views (a transpose, no copy), with the
+# offsets cu_seqlens_q and cu_seqlens_k (int32 (b + 1,)) saying where each sequence
+# starts. lse is (h, total_q).
+
+def _packed(t: Tensor) -> Tensor:
+    """(total, heads, d) -> the (1, heads, total, d) view the C library reads."""
+    return t.transpose(0, 1).unsqueeze(0)
+
+
+def _varlen_outputs(q, v, need_lse, float32_out, empty):
+    out = empty((q.shape[0], q.shape[1], v.shape[2]), dtype=_out_dtype(q, float32_out),
+                device=q.device)
+    lse = empty((q.shape[1], q.shape[0]) if need_lse else (0,), dtype=torch.float32,
+                device=q.device)
+    return out, lse
+
+
+@torch.library.custom_op("fcsa::varlen_forward", mutates_args=())
+def varlen_forward_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
+                      cu_seqlens_k: Tensor, scale: Optional[Tensor], scale_value: float,
+                      groups: int, causal: bool, l2norm_qk: bool, deterministic: bool,
+                      need_lse: bool, float32_out: bool) -> Tuple[Tensor, Tensor]:
+    """out (total_q, h, d_v) in q's dtype (float32 with float32_out, as fcsa::forward) and
+    lse (h, total_q) float32, (0,) when need_lse is False."""
+    out, lse = _varlen_outputs(q, v, need_lse, float32_out, torch.empty)
+    tensors = dict(q=describe(_packed(q)), k=describe(_packed(k)), v=describe(_packed(v)),
+                   scale=describe(scale), out=describe(_packed(out)),
+                   lse=describe(lse.unsqueeze(0)) if need_lse else None,
+                   cu_seqlens_q=describe(cu_seqlens_q), cu_seqlens_k=describe(cu_seqlens_k))
+    options = _options(scale_value, groups, causal, l2norm_qk, deterministic)
+    _run(_lib.forward_workspace_size, _lib.forward, q.device, options, tensors)
+    return out, lse
+
+
+@varlen_forward_op.register_fake
+def _varlen_forward_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, scale_value, groups,
+                         causal, l2norm_qk, deterministic, need_lse, float32_out):
+    return _varlen_outputs(q, v, need_lse, float32_out, q.new_empty)
+
+
+def _varlen_gradients(q, k, v, scale, need_dscale, empty):
+    dq = empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = empty(k.shape, dtype=k.dtype, device=q.device)
+    dv = empty(v.shape, dtype=v.dtype, device=q.device)
+    dscale = empty(scale.shape if need_dscale else (0,), dtype=torch.float32, device=q.device)
+    return dq, dk, dv, dscale
+
+
+@torch.library.custom_op("fcsa::varlen_backward", mutates_args=())
+def varlen_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
+                       cu_seqlens_k: Tensor, scale: Optional[Tensor], out: Tensor, lse: Tensor,
+                       scale_value: float, groups: int, causal: bool, l2norm_qk: bool,
+                       deterministic: bool,
+                       need_dscale: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """dq, dk, dv in q's packed shapes, and dscale (scale's shape; (0,) unless asked for)."""
+    dq, dk, dv, dscale = _varlen_gradients(q, k, v, scale, need_dscale, torch.empty)
+    tensors = dict(q=describe(_packed(q)), k=describe(_packed(k)), v=describe(_packed(v)),
+                   scale=describe(scale), out=describe(_packed(out)),
+                   dout=describe(_packed(dout)), lse=describe(lse.unsqueeze(0)),
+                   dq=describe(_packed(dq)), dk=describe(_packed(dk)), dv=describe(_packed(dv)),
+                   dscale=describe(dscale) if need_dscale else None,
+                   cu_seqlens_q=describe(cu_seqlens_q), cu_seqlens_k=describe(cu_seqlens_k))
+    options = _options(scale_value, groups, causal, l2norm_qk, deterministic)
+    _run(_lib.backward_workspace_size, _lib.backward, q.device, options, tensors)
+    return dq, dk, dv, dscale
+
+
+@varlen_backward_op.register_fake
+def _varlen_backward_fake(dout, q, k, v, cu_seqlens_q, cu_seqlens_k, scale, out, lse,
+                          scale_value, groups, causal, l2norm_qk, deterministic, need_dscale):
+    return _varlen_gradients(q, k, v, scale, need_dscale, q.new_empty)
+
+
+def _varlen_setup_context(ctx, inputs, output):
+    (q, k, v, cu_seqlens_q, cu_seqlens_k, scale, scale_value, groups, causal, l2norm_qk,
+     deterministic, need_lse, _float32_out) = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, out, lse)
+    ctx.flags = (scale_value, groups, causal, l2norm_qk, deterministic)
+    ctx.has_lse = need_lse
+
+
+def _varlen_backward(ctx, dout, _dlse):
+    if torch.is_grad_enabled():
+        raise NotImplementedError(
+            "fcsa: double backward (create_graph=True) is not supported: the fused "
+            "backward is not differentiable")
+    q, k, v, cu_seqlens_q, cu_seqlens_k, scale, out, lse = ctx.saved_tensors
+    if not ctx.has_lse:
+        raise RuntimeError("fcsa: the forward ran without lse, so it cannot be "
+                           "differentiated (no input required grad when it ran)")
+    need_dscale = scale is not None and ctx.needs_input_grad[5]
+    dq, dk, dv, dscale = torch.ops.fcsa.varlen_backward(
+        last_dim_contiguous(dout.to(q.dtype)), q, k, v, cu_seqlens_q, cu_seqlens_k, scale,
+        out, lse, *ctx.flags, need_dscale)
+    return (dq, dk, dv, None, None, dscale if need_dscale else None, None, None, None, None,
+            None, None, None)
+
+
+varlen_forward_op.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)
+
+
+def check_offset_values(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, total_q: int,
+                        total_k: int, max_seqlen_q: Optional[int],
+                        max_seqlen_k: Optional[int]):
+    """The offsets' values, which the C library reads on the GPU without checking (that
+    would make every call wait for the device): 0 first, non-decreasing, the totals last,
+    and no sequence longer than a max_seqlen given. One small transfer to the host;
+    skipped while a CUDA graph is being captured or torch.compile traces."""
+    if (cu_seqlens_q.is_cuda and torch.cuda.is_available()
+            and torch.cuda.is_current_stream_capturing()):
+        return
+    # Under torch.compile a host copy would break the graph: there the C library checks
+    # host offsets itself, and device ones are the caller's business, as under capture.
+    if torch.compiler.is_compiling():
+        return
+    offsets = torch.stack([cu_seqlens_q, cu_seqlens_k]).tolist()
+    named = (("cu_seqlens_q", offsets[0], total_q, max_seqlen_q, "max_seqlen_q", "q"),
+             ("cu_seqlens_k", offsets[1], total_k, max_seqlen_k, "max_seqlen_k", "k"))
+    for name, values, total, most, most_name, tensor in named:
+        if values[0] != 0:
+            raise ValueError(f"{name} must start at 0, got {values[0]}")
+        for i in range(1, len(values)):
+            if values[i] < values[i - 1]:
+                raise ValueError(f"{name} must be non-decreasing, got {values[i]} after "
+                                 f"{values[i - 1]} (entry {i})")
+        if values[-1] != total:
+            raise ValueError(f"{name} must end at {total}, the rows of {tensor} "
+                             f"({tensor}.shape[0]), got {values[-1]}")
+        longest = max((b - a for a, b in zip(values, values[1:])), default=0)
+        if most is not None and longest > most:
+            raise ValueError(f"{most_name} is {most}, but {name} holds a sequence of "
+                             f"{longest}")

@@ -5,6 +5,7 @@
     python -m fcsa.benchmark --only-forwards --mask-prob 0.25
     python -m fcsa.benchmark --shape fa --dtype bfloat16 --dim 128 --json out.json --plot out.png
     python -m fcsa.benchmark --decode                # KV-cache decoding, in TB/s (benchmark_decode.py)
+    python -m fcsa.benchmark --varlen                # packed variable-length sequences (benchmark_varlen.py)
 
 The CPU comparison the README reports (b=2, h=8, d=64, float32): time against sdpa-cos,
 
@@ -1040,6 +1041,9 @@ def main(argv=None) -> int:
     if "--decode" in argv:  # decoding over a KV cache: its own table (benchmark_decode.py)
         from .benchmark_decode import main as decode_main
         return decode_main([a for a in argv if a != "--decode"])
+    if "--varlen" in argv:  # packed variable-length sequences: their own table (benchmark_varlen.py)
+        from .benchmark_varlen import main as varlen_main
+        return varlen_main([a for a in argv if a != "--varlen"])
     args = parse_args(argv)
     if args.memory_cell:
         return memory_child_main(json.loads(args.memory_cell))

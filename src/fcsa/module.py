@@ -5,13 +5,15 @@ from torch import nn
 
 from ._inputs import check_flags, check_scale_value
 from .attention import flash_cosine_sim_attention
+from .varlen import flash_cosine_sim_attention_varlen
 
 
 class CosineSimAttention(nn.Module):
     """Multi-head cosine-similarity attention with its projections.
 
-    x (b, n, dim) -> (b, n, dim). Queries come from x; keys and values from `context`
-    when given (cross attention), else from x.
+    x (b, n, dim) -> (b, n, dim), or a packed batch (total, dim) -> (total, dim) with
+    cu_seqlens (see forward). Queries come from x; keys and values from `context` when
+    given (cross attention), else from x.
 
     Args:
         dim: model width of x.
@@ -52,9 +54,19 @@ class CosineSimAttention(nn.Module):
         else:
             self.scale = scale
 
-    def forward(self, x, context=None, mask=None, attn_bias=None):
+    def forward(self, x, context=None, mask=None, attn_bias=None, *, cu_seqlens=None,
+                cu_seqlens_context=None):
         """mask: bool (b, context length), True = attend. attn_bias: as in
-        flash_cosine_sim_attention, (heads, n, context length) or 4-D broadcastable."""
+        flash_cosine_sim_attention, (heads, n, context length) or 4-D broadcastable.
+
+        A packed batch (no padding): x (total, dim) holds the sequences one after another
+        and cu_seqlens (int32 (b + 1,)) where each starts; context (total_context,
+        dim_context) with cu_seqlens_context likewise (default: x and cu_seqlens). Each
+        sequence attends to its own context only (flash_cosine_sim_attention_varlen);
+        returns (total, dim). No mask or attn_bias then."""
+        if cu_seqlens is not None or cu_seqlens_context is not None:
+            return self._forward_packed(x, context, mask, attn_bias, cu_seqlens,
+                                        cu_seqlens_context)
         context = x if context is None else context
         b, n, _ = x.shape
         m = context.shape[1]
@@ -69,6 +81,33 @@ class CosineSimAttention(nn.Module):
                                          causal=self.causal)
         out = out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head_v)
         return self.to_out(out)
+
+    def _forward_packed(self, x, context, mask, attn_bias, cu_seqlens, cu_seqlens_context):
+        if cu_seqlens is None:
+            raise ValueError("cu_seqlens_context needs cu_seqlens (the offsets of x)")
+        if mask is not None or attn_bias is not None:
+            raise ValueError("a packed batch (cu_seqlens) takes no mask or attn_bias: leave "
+                             "the masked keys out of the packed context instead")
+        if x.dim() != 2:
+            raise ValueError(f"x must be (total, dim) with cu_seqlens, got shape {tuple(x.shape)}")
+        if context is None:
+            context = x
+            cu_seqlens_context = cu_seqlens if cu_seqlens_context is None else cu_seqlens_context
+        elif cu_seqlens_context is None:
+            raise ValueError("a packed context needs cu_seqlens_context (its offsets)")
+        if context.dim() != 2:
+            raise ValueError(f"context must be (total, dim_context) with cu_seqlens, got shape "
+                             f"{tuple(context.shape)}")
+        n, m = x.shape[0], context.shape[0]
+        q = self.to_q(x).view(n, self.heads, self.dim_head)
+        k, v = self.to_kv(context).split(
+            [self.kv_heads * self.dim_head, self.kv_heads * self.dim_head_v], dim=-1)
+        k = k.reshape(m, self.kv_heads, self.dim_head)
+        v = v.reshape(m, self.kv_heads, self.dim_head_v)
+        out = flash_cosine_sim_attention_varlen(q, k, v, cu_seqlens, cu_seqlens_context,
+                                                scale=self.scale, groups=self.groups,
+                                                causal=self.causal)
+        return self.to_out(out.reshape(n, self.heads * self.dim_head_v))
 
     def extra_repr(self):
         return (f"heads={self.heads}, kv_heads={self.kv_heads}, dim_head={self.dim_head}, "

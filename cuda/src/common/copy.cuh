@@ -23,6 +23,11 @@ __device__ __forceinline__ void cp_async_16(uint32_t smem, const void *gmem, boo
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem),
                  "r"(src_bytes));
 }
+// 4 bytes global -> shared (through L1: .cg takes 16 only), zero-filled when !valid.
+__device__ __forceinline__ void cp_async_4(uint32_t smem, const void *gmem, bool valid) {
+    const int src_bytes = valid ? 4 : 0;
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem), "l"(gmem), "r"(src_bytes));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 // Waits until at most `kPending` committed groups of this thread are still in flight.
 template <int kPending> __device__ __forceinline__ void cp_async_wait() {

@@ -102,6 +102,7 @@ struct Plan {
     int32_t shared_scores_rows = 0; // the shared-scores kernel's query tile (0: the main kernel)
     bool fold_q_norm = false;   // it folds q's norm into its scores (Params::q_inv_norm)
     size_t lse = 0, delta = 0, q_inv_norm = 0, dq_acc = 0, dk_acc = 0, dscale = 0, dbias_acc = 0;
+    size_t varlen_keys = 0, varlen_queries = 0; // packed sequences: the tile tables (varlen.cuh)
     size_t dq_acc_bytes = 0, dbias_acc_bytes = 0;
     bool dk_acc_used = false; // split head dim with l2norm: dk is finished by a row pass
     size_t total = 0;
@@ -118,7 +119,10 @@ Plan plan_workspace(const Problem &p, int smem_limit) {
         plan.compact = true;
         plan.shape = shape_for(p.dtype, plan.bucket, true);
     }
-    plan.main_key_tiles = ceil_div(p.nk, plan.shape.main_keys);
+    // Packed sequences: the main kernel's CTAs (and dscale's partials) are the entries of
+    // the key-tile table, up to its bound.
+    plan.main_key_tiles = p.varlen() ? sm80::varlen_max_tiles(p, plan.shape.main_keys, true)
+                                     : ceil_div(p.nk, plan.shape.main_keys);
     // The shared-scores kernel where it fits: 128 query rows per tile where that shape
     // exists and fits (d = 64 on H100-class GPUs), else 64.
     if (!p.bias.present() && !p.dbias.present() && !p.dscale.present()) {
@@ -160,6 +164,10 @@ Plan plan_workspace(const Problem &p, int smem_limit) {
         const View &db = p.dbias;
         plan.dbias_acc_bytes = size_t(db.shape[0] * db.shape[1] * db.shape[2] * db.shape[3]) * 4;
         plan.dbias_acc = take(plan.dbias_acc_bytes);
+    }
+    if (p.varlen()) {
+        plan.varlen_keys = take(sm80::varlen_tiles_bytes(p, plan.shape.main_keys, true));
+        if (p.deterministic) plan.varlen_queries = take(sm80::varlen_tiles_bytes(p, plan.shape.dq_queries, false));
     }
     plan.total = offset;
     return plan;
@@ -577,6 +585,21 @@ template <typename T> fcsa_status backward(const Problem &pr, const Plan &plan, 
         }
     }
 
+    if (pr.varlen()) {
+        // The tile tables; dscale's partials of spare CTAs (past the table's entries) stay 0.
+        if (fcsa_status s = sm80::build_varlen_tiles(pr, plan.shape.main_keys, true, ws + plan.varlen_keys, stream,
+                                                     &p.varlen_keys))
+            return s;
+        if (pr.deterministic)
+            if (fcsa_status s = sm80::build_varlen_tiles(pr, plan.shape.dq_queries, false, ws + plan.varlen_queries,
+                                                         stream, &p.varlen_queries))
+                return s;
+        if (p.dscale_partial != nullptr)
+            if (cudaError_t e = cudaMemsetAsync(p.dscale_partial, 0, size_t(pr.h * plan.main_key_tiles) * 4, stream))
+                return check_launch(e, "memset of the dscale partials");
+        if (plan.main_key_tiles * plan.shape.column_splits > INT32_MAX)
+            return set_error(FCSA_STATUS_NOT_SUPPORTED, "cuda-sm80 backward: too many packed key tiles for the grid");
+    }
     if (fcsa_status s = check_launch(cudaError_t(run_kernel<T>(false, plan, p, stream)), "main kernel")) return s;
     if (pr.deterministic) {
         if (fcsa_status s = check_launch(cudaError_t(run_kernel<T>(true, plan, p, stream)), "dq kernel")) return s;

@@ -17,6 +17,11 @@
 //   streams the key tiles (normalized in place as they land) and keeps dQ^ in
 //   registers: no atomics, a fixed order.
 //
+// Packed sequences (Params::varlen_keys / varlen_queries): each CTA takes its tile and
+// sequence from a table (varlen.cuh) and works in the tensors' own row coordinates on
+// that sequence's extent (Extent below); their own instantiations (kVarlen), so that the
+// others read every length from the parameters as before.
+//
 // Both are checked by cuda/tests/check_backward.cu against a float64 reference.
 //
 // At d = 64 and 128 with 16-bit operands and no bias or dscale, GPUs with the shared
@@ -151,6 +156,51 @@ __device__ __forceinline__ bool key_unmasked(const Params &p, int64_t batch, int
 
 __device__ __forceinline__ float head_scale(const Params &p, int64_t head) {
     return p.scale_t != nullptr ? p.scale_t[head * p.scale_stride] : p.scale;
+}
+
+// The query rows and keys an item works on, in the tensors' row coordinates: the whole
+// problem, or with kVarlen one packed sequence, rows [q0, q1) and keys [k0, k1) (the
+// lse, delta and dQ^ arrays keep their [b][h][nq] layout: a row's index is its own).
+// row(i) and key(j) turn an index counted from the extent's start into the tensors', and
+// relative_row / relative_key back. Under causal, row i sees key j when j <= i +
+// causal_offset: for a packed sequence k1 - q1, its end alignment in these coordinates.
+template <bool kVarlen> struct Extent;
+
+// The whole problem: each accessor is what the kernels read before packed sequences, so
+// that they compile as they did (an empty struct).
+template <> struct Extent<false> {
+    __device__ __forceinline__ int64_t row(int64_t i) const { return i; }
+    __device__ __forceinline__ int64_t key(int64_t j) const { return j; }
+    __device__ __forceinline__ int64_t relative_row(int64_t i) const { return i; }
+    __device__ __forceinline__ int64_t relative_key(int64_t j) const { return j; }
+    __device__ __forceinline__ int64_t q_count(const Params &p) const { return p.nq; }
+    __device__ __forceinline__ int64_t k_count(const Params &p) const { return p.nk; }
+    __device__ __forceinline__ int64_t q_end(const Params &p) const { return p.nq; }
+    __device__ __forceinline__ int64_t k_end(const Params &p) const { return p.nk; }
+    __device__ __forceinline__ int64_t causal_offset(const Params &p) const { return p.causal_offset; }
+};
+
+// One packed sequence.
+template <> struct Extent<true> {
+    int64_t q0, q1, k0, k1;
+    __device__ __forceinline__ int64_t row(int64_t i) const { return q0 + i; }
+    __device__ __forceinline__ int64_t key(int64_t j) const { return k0 + j; }
+    __device__ __forceinline__ int64_t relative_row(int64_t i) const { return i - q0; }
+    __device__ __forceinline__ int64_t relative_key(int64_t j) const { return j - k0; }
+    __device__ __forceinline__ int64_t q_count(const Params &) const { return q1 - q0; }
+    __device__ __forceinline__ int64_t k_count(const Params &) const { return k1 - k0; }
+    __device__ __forceinline__ int64_t q_end(const Params &) const { return q1; }
+    __device__ __forceinline__ int64_t k_end(const Params &) const { return k1; }
+    __device__ __forceinline__ int64_t causal_offset(const Params &) const { return k1 - q1; }
+};
+
+// Entry `entry` of a table of packed sequences' tiles: the extent of its sequence, and
+// the tile's index within it.
+__device__ __forceinline__ Extent<true> packed_extent(const sm80::VarlenTiles &table, int64_t entry, int64_t *tile) {
+    const int2 t = table.tiles[entry];
+    const int4 sq = table.sequences[t.x];
+    *tile = t.y;
+    return Extent<true>{sq.x, int64_t(sq.x) + sq.y, sq.z, int64_t(sq.z) + sq.w};
 }
 
 // bias[b, h, i, j], 0 without a bias.
@@ -298,13 +348,15 @@ __device__ __forceinline__ float block_sum(float v, float *reduce, int tid) {
 
 // ---------------------------------------------------------------- query tiles
 
-// The first query tile with a row that sees key j0 (causal: rows below j0 - offset see
-// none of the CTA's keys); query_tiles when there is none.
-template <int BR>
-__device__ __forceinline__ int64_t first_query_tile(const Params &p, int64_t j0, int64_t query_tiles) {
-    int64_t first_row = p.causal ? j0 - p.causal_offset : 0;
+// The first query tile (counted from the extent's first row) with a row that sees key
+// j0 (causal: rows below j0 - offset see none of the CTA's keys); query_tiles when there
+// is none.
+template <int BR, bool kVarlen>
+__device__ __forceinline__ int64_t first_query_tile(const Params &p, const Extent<kVarlen> &e, int64_t j0,
+                                                    int64_t query_tiles) {
+    int64_t first_row = p.causal ? e.relative_row(j0 - e.causal_offset(p)) : 0;
     if (first_row < 0) first_row = 0;
-    return first_row < p.nq ? first_row / BR : query_tiles;
+    return first_row < e.q_count(p) ? first_row / BR : query_tiles;
 }
 
 // Starts the copies of a CTA's K and V tiles (the caller commits them).
@@ -339,12 +391,13 @@ __device__ __forceinline__ void carve_key_query(KeyQuerySmem<T> &s, unsigned cha
 // main kernel (shape S, shared memory s): the q and dO rows and their lse and delta (and
 // 1 / ||q|| where Params::q_inv_norm is set), all with cp.async (rows past nq: zeros,
 // which the kernels mask as invisible).
-template <typename T, class S>
-__device__ __forceinline__ void issue_query_stage(const Params &p, const KeyQuerySmem<T> &s, int64_t batch,
-                                                  int64_t head, int64_t qt, int stage, int tid) {
+template <typename T, class S, bool kVarlen>
+__device__ __forceinline__ void issue_query_stage(const Params &p, const Extent<kVarlen> &e,
+                                                  const KeyQuerySmem<T> &s, int64_t batch, int64_t head, int64_t qt,
+                                                  int stage, int tid) {
     constexpr int BR = S::BR;
-    const int64_t i0 = qt * BR;
-    const int rows = static_cast<int>(p.nq - i0 < BR ? p.nq - i0 : BR);
+    const int64_t i0 = e.row(qt * BR);
+    const int rows = static_cast<int>(e.q_end(p) - i0 < BR ? e.q_end(p) - i0 : BR);
     common::load_tile<T, BR, S::D, S::kThreads>(s.q + stage * S::QTile::kElements, p.q.row<T>(batch, head, i0),
                                                 p.q.stride_row, rows, p.d, p.q.aligned16, tid);
     common::load_tile<T, BR, S::D, S::kThreads>(s.dout + stage * S::QTile::kElements,
@@ -364,10 +417,10 @@ __device__ __forceinline__ void issue_query_stage(const Params &p, const KeyQuer
 
 // l2-normalizes query tile `qt` in stage `stage` in place (its copies landed for every
 // thread; the caller's next barrier publishes the result).
-template <typename T, class S>
-__device__ __forceinline__ void normalize_query_stage(const Params &p, const KeyQuerySmem<T> &s, int64_t qt,
-                                                      int stage, int tid) {
-    const int rows = static_cast<int>(p.nq - qt * S::BR < S::BR ? p.nq - qt * S::BR : S::BR);
+template <typename T, class S, bool kVarlen>
+__device__ __forceinline__ void normalize_query_stage(const Params &p, const Extent<kVarlen> &e,
+                                                      const KeyQuerySmem<T> &s, int64_t qt, int stage, int tid) {
+    const int rows = static_cast<int>(e.q_count(p) - qt * S::BR < S::BR ? e.q_count(p) - qt * S::BR : S::BR);
     common::normalize_tile<T, S::BR, S::D, S::kThreads>(s.q + stage * S::QTile::kElements, rows, p.d, p.groups,
                                                         tid);
 }
@@ -375,14 +428,16 @@ __device__ __forceinline__ void normalize_query_stage(const Params &p, const Key
 // Per head, before a kernel's query-tile loop: kStages - 1 query tiles in flight (one
 // commit group per tile) and, with l2norm, K^ formed in place once and the first query
 // tile normalized unless q's norm is folded (the loop's first barrier publishes both).
-template <typename T, class S>
-__device__ __forceinline__ void start_query_tiles(const Params &p, const KeyQuerySmem<T> &s, int keys,
-                                                  bool &k_normalized, int64_t batch, int64_t head, int64_t qt_begin,
-                                                  int64_t query_tiles, int tid) {
+template <typename T, class S, bool kVarlen>
+__device__ __forceinline__ void start_query_tiles(const Params &p, const Extent<kVarlen> &e,
+                                                  const KeyQuerySmem<T> &s, int keys, bool &k_normalized,
+                                                  int64_t batch, int64_t head, int64_t qt_begin, int64_t query_tiles,
+                                                  int tid) {
     __syncthreads(); // the previous head's last tiles are no longer read
 #pragma unroll
     for (int ahead = 0; ahead < S::kStages - 1; ++ahead) {
-        if (qt_begin + ahead < query_tiles) issue_query_stage<T, S>(p, s, batch, head, qt_begin + ahead, ahead, tid);
+        if (qt_begin + ahead < query_tiles)
+            issue_query_stage<T, S>(p, e, s, batch, head, qt_begin + ahead, ahead, tid);
         common::cp_async_commit();
     }
     const bool normalize_q = p.l2norm && p.q_inv_norm == nullptr;
@@ -391,7 +446,7 @@ __device__ __forceinline__ void start_query_tiles(const Params &p, const KeyQuer
         __syncthreads();
         if (!k_normalized) common::normalize_tile<T, S::kKeys, S::D, S::kThreads>(s.k, keys, p.d, p.groups, tid);
         k_normalized = true;
-        if (normalize_q) normalize_query_stage<T, S>(p, s, qt_begin, 0, tid);
+        if (normalize_q) normalize_query_stage<T, S>(p, e, s, qt_begin, 0, tid);
     }
 }
 
@@ -486,8 +541,9 @@ template <int M, int N> __device__ __forceinline__ void clear_all(FragC (&a)[M][
 // ---------------------------------------------------------------- main kernel
 
 // kGeneral = false: the main kernel without key masks, bias, dbias and dscale (chosen by
-// launch_main_shape), so that the registers of those paths go to the loop.
-template <typename T, class S, bool kGeneral> struct MainKernel {
+// launch_main_shape), so that the registers of those paths go to the loop. kVarlen:
+// packed sequences, one CTA per entry of Params::varlen_keys (and column split).
+template <typename T, class S, bool kGeneral, bool kVarlen> struct MainKernel {
     using G = WarpGemm<T>;
     static constexpr int KT = S::KT, BR = S::BR, DC = S::DC, NQ8 = S::BR / 8, NC8 = S::DC / 8;
 
@@ -507,31 +563,47 @@ template <typename T, class S, bool kGeneral> struct MainKernel {
     __device__ __forceinline__ static void run(const Params &p, unsigned char *smem_base) {
         const Smem s = carve(smem_base);
         const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-        const int64_t key_tiles = (p.nk + S::kKeys - 1) / S::kKeys;
-        const int64_t key_tile = blockIdx.x % key_tiles;
-        const int split = static_cast<int>(blockIdx.x / key_tiles);
-        const int64_t batch_groups = (p.b + p.main_batches_per_cta - 1) / p.main_batches_per_cta;
-        const int64_t head_groups = p.hk / p.main_kv_heads_per_cta;
-        for (int64_t item = blockIdx.y; item < batch_groups * head_groups; item += gridDim.y) {
-            const int64_t b_begin = (item % batch_groups) * p.main_batches_per_cta;
-            const int64_t g_begin = (item / batch_groups) * p.main_kv_heads_per_cta;
-            const int64_t b_end = b_begin + p.main_batches_per_cta < p.b ? b_begin + p.main_batches_per_cta : p.b;
-            for (int64_t batch = b_begin; batch < b_end; ++batch)
-                for (int64_t kv = g_begin; kv < g_begin + p.main_kv_heads_per_cta; ++kv)
-                    key_tile_item(p, s, batch, kv, key_tile, key_tiles, split, tid, lane, warp);
+        if constexpr (kVarlen) {
+            // Batch 1, no dbias: one kv head per item. dscale's partials are indexed by
+            // entry (those of spare CTAs were zeroed by the host).
+            const int64_t entries = p.varlen_keys.max_tiles;
+            const int64_t entry = blockIdx.x % entries;
+            const int split = static_cast<int>(blockIdx.x / entries);
+            if (entry >= *p.varlen_keys.count) return; // a spare CTA of the launch's bound
+            int64_t key_tile = 0;
+            const Extent<true> e = packed_extent(p.varlen_keys, entry, &key_tile);
+            for (int64_t kv = blockIdx.y; kv < p.hk; kv += gridDim.y)
+                key_tile_item(p, e, s, 0, kv, key_tile, entry, entries, split, tid, lane, warp);
+        } else {
+            const Extent<false> e{};
+            const int64_t key_tiles = (p.nk + S::kKeys - 1) / S::kKeys;
+            const int64_t key_tile = blockIdx.x % key_tiles;
+            const int split = static_cast<int>(blockIdx.x / key_tiles);
+            const int64_t batch_groups = (p.b + p.main_batches_per_cta - 1) / p.main_batches_per_cta;
+            const int64_t head_groups = p.hk / p.main_kv_heads_per_cta;
+            for (int64_t item = blockIdx.y; item < batch_groups * head_groups; item += gridDim.y) {
+                const int64_t b_begin = (item % batch_groups) * p.main_batches_per_cta;
+                const int64_t g_begin = (item / batch_groups) * p.main_kv_heads_per_cta;
+                const int64_t b_end = b_begin + p.main_batches_per_cta < p.b ? b_begin + p.main_batches_per_cta : p.b;
+                for (int64_t batch = b_begin; batch < b_end; ++batch)
+                    for (int64_t kv = g_begin; kv < g_begin + p.main_kv_heads_per_cta; ++kv)
+                        key_tile_item(p, e, s, batch, kv, key_tile, key_tile, key_tiles, split, tid, lane, warp);
+            }
         }
     }
 
-    __device__ __forceinline__ static void key_tile_item(const Params &p, const Smem &s, int64_t batch, int64_t kv,
-                                         int64_t key_tile, int64_t key_tiles, int split, int tid, int lane,
-                                         int warp) {
+    // Key tile `key_tile` of the extent; its dscale partials at slot `partial` of
+    // `partials` per head.
+    __device__ __forceinline__ static void key_tile_item(const Params &p, const Extent<kVarlen> &e, const Smem &s,
+                                                         int64_t batch, int64_t kv, int64_t key_tile, int64_t partial,
+                                                         int64_t partials, int split, int tid, int lane, int warp) {
         const int g = lane >> 2, t = lane & 3;
-        const int64_t j0 = key_tile * S::kKeys;
-        const int keys = static_cast<int>(p.nk - j0 < S::kKeys ? p.nk - j0 : S::kKeys);
+        const int64_t j0 = e.key(key_tile * S::kKeys);
+        const int keys = static_cast<int>(e.k_end(p) - j0 < S::kKeys ? e.k_end(p) - j0 : S::kKeys);
         const int col0 = split * DC;
         const bool lead = split == 0; // the column split that writes dbias and dscale
         const int warp_key0 = warp * KT * 16;
-        const int64_t query_tiles = (p.nq + BR - 1) / BR;
+        const int64_t query_tiles = (e.q_count(p) + BR - 1) / BR;
         const int64_t head0 = kv * p.heads_per_kv;
 
         __syncthreads(); // the previous item's epilogue is done with shared memory
@@ -543,7 +615,8 @@ template <typename T, class S, bool kGeneral> struct MainKernel {
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
                 const int64_t key = j0 + warp_key0 + 16 * kt + g + 8 * half;
-                key_ok[kt][half] = kGeneral ? key_unmasked(p, batch, key) : key < p.nk;
+                if constexpr (kVarlen) key_ok[kt][half] = key < e.k_end(p); // (no key mask)
+                else key_ok[kt][half] = kGeneral ? key_unmasked(p, batch, key) : key < p.nk;
                 any_key |= key_ok[kt][half];
                 any_hidden_key |= !key_ok[kt][half];
             }
@@ -553,7 +626,7 @@ template <typename T, class S, bool kGeneral> struct MainKernel {
             write_zero_grads<T, DC, S::kThreads>(p, batch, kv, j0, keys, col0, tid);
             for (int64_t head = head0; head < head0 + p.heads_per_kv; ++head) {
                 if (kGeneral && lead && p.dscale_partial != nullptr && tid == 0)
-                    p.dscale_partial[(batch * p.h + head) * key_tiles + key_tile] = 0.f;
+                    p.dscale_partial[(batch * p.h + head) * partials + partial] = 0.f;
                 if (kGeneral && lead && p.dbias_mode == kDbiasDirect)
                     zero_dbias_block<T>(p, batch, head, 0, p.nq, j0, keys, tid, S::kThreads);
             }
@@ -564,7 +637,7 @@ template <typename T, class S, bool kGeneral> struct MainKernel {
         FragC dk[KT][NC8], dv[KT][NC8];
         clear_all(dk, dv);
 
-        const int64_t qt_begin = first_query_tile<BR>(p, j0, query_tiles);
+        const int64_t qt_begin = first_query_tile<BR>(p, e, j0, query_tiles);
         bool k_normalized = !p.l2norm; // K^ is formed in place once, with the first query tile
         for (int64_t head = head0; head < head0 + p.heads_per_kv; ++head) {
             const float scale = head_scale(p, head);
@@ -577,7 +650,7 @@ template <typename T, class S, bool kGeneral> struct MainKernel {
 
             // l2norm: q and k are normalized in shared memory as their tiles land, each
             // query tile one iteration ahead of its use (the loop's barrier publishes it).
-            start_query_tiles<T, S>(p, s, keys, k_normalized, batch, head, qt_begin, query_tiles, tid);
+            start_query_tiles<T, S>(p, e, s, keys, k_normalized, batch, head, qt_begin, query_tiles, tid);
 
             for (int64_t qt = qt_begin; qt < query_tiles; ++qt) {
                 const int stage = static_cast<int>((qt - qt_begin) % S::kStages);
@@ -587,7 +660,7 @@ template <typename T, class S, bool kGeneral> struct MainKernel {
                 __syncthreads(); // ... for every thread; tile qt - 1 is no longer read
                 const int64_t next = qt + S::kStages - 1;
                 if (next < query_tiles)
-                    issue_query_stage<T, S>(p, s, batch, head, next,
+                    issue_query_stage<T, S>(p, e, s, batch, head, next,
                                             static_cast<int>((next - qt_begin) % S::kStages), tid);
                 common::cp_async_commit();
 
@@ -595,7 +668,7 @@ template <typename T, class S, bool kGeneral> struct MainKernel {
                 const T *do_s = s.dout + stage * S::QTile::kElements;
                 const float *lse_s = s.lse + stage * BR;
                 const float *delta_s = s.delta + stage * BR;
-                const int64_t i0 = qt * BR;
+                const int64_t i0 = e.row(qt * BR);
 
                 // S^T = K^ Q^T and dP^T = V dO^T for this warp's keys.
                 FragC sc[KT][NQ8], dp[KT][NQ8];
@@ -606,12 +679,13 @@ template <typename T, class S, bool kGeneral> struct MainKernel {
                                                    S::QTile::kStride, 0, lane);
                 // Tile qt + 1 is normalized here, while the products above drain.
                 if (S::kStages >= 3 && p.l2norm && qt + 1 < query_tiles)
-                    normalize_query_stage<T, S>(p, s, qt + 1, static_cast<int>((qt + 1 - qt_begin) % S::kStages), tid);
+                    normalize_query_stage<T, S>(p, e, s, qt + 1, static_cast<int>((qt + 1 - qt_begin) % S::kStages),
+                                                tid);
 
                 // P^T and dS^T, element by element (accumulator rows = keys), in tile-local
                 // 32-bit coordinates: key jl sees row r when r < rows and jl - r <= diagonal.
-                const int rows = static_cast<int>(p.nq - i0 < BR ? p.nq - i0 : BR);
-                const int diagonal = clamp_to_int(p.causal ? i0 + p.causal_offset - j0 : int64_t(1) << 30);
+                const int rows = static_cast<int>(e.q_end(p) - i0 < BR ? e.q_end(p) - i0 : BR);
+                const int diagonal = clamp_to_int(p.causal ? i0 + e.causal_offset(p) - j0 : int64_t(1) << 30);
                 const bool has_bias = kGeneral && p.bias != nullptr;
                 const bool has_dscale = kGeneral && p.dscale_partial != nullptr;
                 // f(score, its dP, tile row r, tile key jl, which of the key's halves) for
@@ -670,7 +744,7 @@ template <typename T, class S, bool kGeneral> struct MainKernel {
                     store_scaled_scores(s.ds, dp, warp_key0, scale, lane);
                     if (normalize_next) common::cp_async_wait<0>();
                     __syncthreads();
-                    if (normalize_next) normalize_query_stage<T, S>(p, s, qt + 1, next_stage, tid);
+                    if (normalize_next) normalize_query_stage<T, S>(p, e, s, qt + 1, next_stage, tid);
                     const int wr = warp % S::kRowBlocks, wc = warp / S::kRowBlocks;
                     const int dq_col0 = col0 + wc * S::kColsPerWarp;
                     FragC dq[S::kDqBlocks];
@@ -685,7 +759,7 @@ template <typename T, class S, bool kGeneral> struct MainKernel {
 #pragma unroll
                         for (int half = 0; half < 2; ++half) {
                             const int r = g + 8 * half;
-                            if (i0 + 16 * wr + r < p.nq && c < p.d)
+                            if (i0 + 16 * wr + r < e.q_end(p) && c < p.d)
                                 atomic_add2(dq_rows + int64_t(r) * p.d + c, dq[n].x[2 * half],
                                             dq[n].x[2 * half + 1]);
                         }
@@ -694,13 +768,13 @@ template <typename T, class S, bool kGeneral> struct MainKernel {
                 if (p.deterministic && normalize_next) {
                     common::cp_async_wait<0>();
                     __syncthreads();
-                    normalize_query_stage<T, S>(p, s, qt + 1, next_stage, tid);
+                    normalize_query_stage<T, S>(p, e, s, qt + 1, next_stage, tid);
                 }
             }
 
             if (kGeneral && lead && p.dscale_partial != nullptr) {
                 const float total = block_sum<S::kThreads / 32>(dscale_sum, s.reduce, tid);
-                if (tid == 0) p.dscale_partial[(batch * p.h + head) * key_tiles + key_tile] = total;
+                if (tid == 0) p.dscale_partial[(batch * p.h + head) * partials + partial] = total;
             }
         }
         common::cp_async_wait<0>();
@@ -792,15 +866,16 @@ template <typename T, class S, bool kGeneral> struct MainKernel {
     }
 };
 
-template <typename T, class S, bool kGeneral>
+template <typename T, class S, bool kGeneral, bool kVarlen>
 __global__ void __launch_bounds__(S::kThreads, 1) main_kernel(const Params p) {
     extern __shared__ __align__(16) unsigned char smem[];
-    MainKernel<T, S, kGeneral>::run(p, smem);
+    MainKernel<T, S, kGeneral, kVarlen>::run(p, smem);
 }
 
 // ---------------------------------------------------------------- dq kernel
 
-template <typename T, class S> struct DqKernel {
+// kVarlen: packed sequences, one CTA per entry of Params::varlen_queries.
+template <typename T, class S, bool kVarlen> struct DqKernel {
     using G = WarpGemm<T>;
     static constexpr int BR = S::BR, BC = S::BC, D = S::D, NK8 = S::BC / 8, ND8 = S::D / 8;
 
@@ -817,47 +892,62 @@ template <typename T, class S> struct DqKernel {
         return s;
     }
 
-    __device__ __forceinline__ static void issue_key_tile(const Params &p, const Smem &s, int64_t batch, int64_t kv, int64_t kt,
-                                          int stage, int tid) {
-        const int64_t j0 = kt * BC;
-        const int keys = static_cast<int>(p.nk - j0 < BC ? p.nk - j0 : BC);
+    __device__ __forceinline__ static void issue_key_tile(const Params &p, const Extent<kVarlen> &e, const Smem &s,
+                                                          int64_t batch, int64_t kv, int64_t kt, int stage, int tid) {
+        const int64_t j0 = e.key(kt * BC);
+        const int keys = static_cast<int>(e.k_end(p) - j0 < BC ? e.k_end(p) - j0 : BC);
         common::load_tile<T, BC, D, S::kThreads>(s.k + stage * S::KTile::kElements, p.k.row<T>(batch, kv, j0),
                                                  p.k.stride_row, keys, p.d, p.k.aligned16, tid);
         common::load_tile<T, BC, D, S::kThreads>(s.v + stage * S::KTile::kElements, p.v.row<T>(batch, kv, j0),
                                                  p.v.stride_row, keys, p.d_v, p.v.aligned16, tid);
-        for (int c = tid; c < BC; c += S::kThreads) s.key_ok[stage * BC + c] = key_unmasked(p, batch, j0 + c);
+        for (int c = tid; c < BC; c += S::kThreads) {
+            if constexpr (kVarlen) s.key_ok[stage * BC + c] = j0 + c < e.k_end(p); // (no key mask)
+            else s.key_ok[stage * BC + c] = key_unmasked(p, batch, j0 + c);
+        }
     }
 
     __device__ __forceinline__ static void run(const Params &p, unsigned char *smem_base) {
         const Smem s = carve(smem_base);
         const int tid = threadIdx.x;
-        const int64_t query_tiles = (p.nq + BR - 1) / BR;
-        const int64_t tiles_per_cta = p.dq_tiles_per_cta;
-        const int64_t batch_groups = (p.b + p.dq_batches_per_cta - 1) / p.dq_batches_per_cta;
-        const int64_t head_groups = (p.h + p.dq_heads_per_cta - 1) / p.dq_heads_per_cta;
-        const int64_t t_begin = blockIdx.x * tiles_per_cta;
-        const int64_t t_end = t_begin + tiles_per_cta < query_tiles ? t_begin + tiles_per_cta : query_tiles;
-        for (int64_t item = blockIdx.y; item < batch_groups * head_groups; item += gridDim.y) {
-            const int64_t b_begin = (item % batch_groups) * p.dq_batches_per_cta;
-            const int64_t h_begin = (item / batch_groups) * p.dq_heads_per_cta;
-            const int64_t b_end = b_begin + p.dq_batches_per_cta < p.b ? b_begin + p.dq_batches_per_cta : p.b;
-            const int64_t h_end = h_begin + p.dq_heads_per_cta < p.h ? h_begin + p.dq_heads_per_cta : p.h;
-            for (int64_t batch = b_begin; batch < b_end; ++batch)
-                for (int64_t head = h_begin; head < h_end; ++head)
-                    for (int64_t qt = t_begin; qt < t_end; ++qt) query_tile_item(p, s, batch, head, qt, tid);
+        if constexpr (kVarlen) {
+            // Batch 1, no dbias: one query tile per CTA, the heads over grid.y.
+            const int64_t entry = blockIdx.x;
+            if (entry >= *p.varlen_queries.count) return; // a spare CTA of the launch's bound
+            int64_t qt = 0;
+            const Extent<true> e = packed_extent(p.varlen_queries, entry, &qt);
+            for (int64_t head = blockIdx.y; head < p.h; head += gridDim.y) query_tile_item(p, e, s, 0, head, qt, tid);
+        } else {
+            const Extent<false> e{};
+            const int64_t query_tiles = (p.nq + BR - 1) / BR;
+            const int64_t tiles_per_cta = p.dq_tiles_per_cta;
+            const int64_t batch_groups = (p.b + p.dq_batches_per_cta - 1) / p.dq_batches_per_cta;
+            const int64_t head_groups = (p.h + p.dq_heads_per_cta - 1) / p.dq_heads_per_cta;
+            const int64_t t_begin = blockIdx.x * tiles_per_cta;
+            const int64_t t_end = t_begin + tiles_per_cta < query_tiles ? t_begin + tiles_per_cta : query_tiles;
+            for (int64_t item = blockIdx.y; item < batch_groups * head_groups; item += gridDim.y) {
+                const int64_t b_begin = (item % batch_groups) * p.dq_batches_per_cta;
+                const int64_t h_begin = (item / batch_groups) * p.dq_heads_per_cta;
+                const int64_t b_end = b_begin + p.dq_batches_per_cta < p.b ? b_begin + p.dq_batches_per_cta : p.b;
+                const int64_t h_end = h_begin + p.dq_heads_per_cta < p.h ? h_begin + p.dq_heads_per_cta : p.h;
+                for (int64_t batch = b_begin; batch < b_end; ++batch)
+                    for (int64_t head = h_begin; head < h_end; ++head)
+                        for (int64_t qt = t_begin; qt < t_end; ++qt) query_tile_item(p, e, s, batch, head, qt, tid);
+            }
         }
     }
 
-    __device__ __forceinline__ static void query_tile_item(const Params &p, const Smem &s, int64_t batch, int64_t head,
-                                           int64_t qt, int tid) {
+    // Query tile `qt` of the extent (its rows from e.q_begin() + qt * BR on).
+    __device__ __forceinline__ static void query_tile_item(const Params &p, const Extent<kVarlen> &e, const Smem &s,
+                                                           int64_t batch, int64_t head, int64_t qt, int tid) {
         const int lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
         const int64_t kv = head / p.heads_per_kv;
-        const int64_t i0 = qt * BR;
-        const int rows = static_cast<int>(p.nq - i0 < BR ? p.nq - i0 : BR);
-        const int64_t key_tiles_all = (p.nk + BC - 1) / BC;
+        const int64_t i0 = e.row(qt * BR);
+        const int rows = static_cast<int>(e.q_end(p) - i0 < BR ? e.q_end(p) - i0 : BR);
+        const int64_t key_tiles_all = (e.k_count(p) + BC - 1) / BC;
         int64_t key_tiles = key_tiles_all;
         if (p.causal) {
-            const int64_t last_key = i0 + rows - 1 + p.causal_offset;
+            // (The key of the last row's diagonal, counted from the extent's first key.)
+            const int64_t last_key = e.relative_key(i0 + rows - 1 + e.causal_offset(p));
             key_tiles = last_key < 0 ? 0 : (last_key / BC + 1 < key_tiles_all ? last_key / BC + 1 : key_tiles_all);
         }
         const float scale = head_scale(p, head);
@@ -873,7 +963,7 @@ template <typename T, class S> struct DqKernel {
             s.lse[r] = r < rows ? p.lse[row_base + r] : __int_as_float(0x7f800000);
             s.delta[r] = r < rows ? p.delta[row_base + r] : 0.f;
         }
-        if (key_tiles > 0) issue_key_tile(p, s, batch, kv, 0, 0, tid);
+        if (key_tiles > 0) issue_key_tile(p, e, s, batch, kv, 0, 0, tid);
         common::cp_async_commit();
 
         FragC dq[1][ND8];
@@ -894,12 +984,12 @@ template <typename T, class S> struct DqKernel {
                     delta_row[half] = s.delta[r0 + 8 * half];
                 }
             }
-            if (kt + 1 < key_tiles) issue_key_tile(p, s, batch, kv, kt + 1, stage ^ 1, tid);
+            if (kt + 1 < key_tiles) issue_key_tile(p, e, s, batch, kv, kt + 1, stage ^ 1, tid);
             common::cp_async_commit();
             if (p.l2norm) {
                 // Q (once) and this key tile normalized in place.
                 if (kt == 0) common::normalize_tile<T, BR, D, S::kThreads>(s.q, rows, p.d, p.groups, tid);
-                const int keys = static_cast<int>(p.nk - kt * BC < BC ? p.nk - kt * BC : BC);
+                const int keys = static_cast<int>(e.k_count(p) - kt * BC < BC ? e.k_count(p) - kt * BC : BC);
                 common::normalize_tile<T, BC, D, S::kThreads>(s.k + stage * S::KTile::kElements, keys, p.d, p.groups,
                                                               tid);
                 __syncthreads();
@@ -907,7 +997,7 @@ template <typename T, class S> struct DqKernel {
             const T *k_s = s.k + stage * S::KTile::kElements;
             const T *v_s = s.v + stage * S::KTile::kElements;
             const uint8_t *ok_s = s.key_ok + stage * BC;
-            const int64_t j0 = kt * BC;
+            const int64_t j0 = e.key(kt * BC);
 
             FragC sc[1][NK8], dp[1][NK8];
 #pragma unroll
@@ -918,7 +1008,7 @@ template <typename T, class S> struct DqKernel {
             G::template rows_nk<1, NK8, D>(sc, s.q, S::QTile::kStride, warp * 16, k_s, S::KTile::kStride, 0, lane);
             G::template rows_nk<1, NK8, D>(dp, s.dout, S::QTile::kStride, warp * 16, v_s, S::KTile::kStride, 0,
                                            lane);
-            const int diagonal = clamp_to_int(p.causal ? i0 + p.causal_offset - j0 : int64_t(1) << 30);
+            const int diagonal = clamp_to_int(p.causal ? i0 + e.causal_offset(p) - j0 : int64_t(1) << 30);
             const bool has_bias = p.bias != nullptr;
 #pragma unroll
             for (int n = 0; n < NK8; ++n)
@@ -966,10 +1056,10 @@ template <typename T, class S> struct DqKernel {
     }
 };
 
-template <typename T, class S>
+template <typename T, class S, bool kVarlen>
 __global__ void __launch_bounds__(S::kThreads, 1) dq_kernel(const Params p) {
     extern __shared__ __align__(16) unsigned char smem[];
-    DqKernel<T, S>::run(p, smem);
+    DqKernel<T, S, kVarlen>::run(p, smem);
 }
 
 } // namespace sm80_bwd

@@ -53,10 +53,14 @@ inline bool needs_general_paths(const Params &p) {
 }
 
 template <typename T, class S> int launch_main_shape(const Params &p, void *stream) {
-    const int64_t key_tiles = (p.nk + S::kKeys - 1) / S::kKeys;
+    // Packed sequences: the key tiles of the table's bound, each over the kv heads.
+    const bool varlen = p.varlen_keys.tiles != nullptr;
+    const int64_t key_tiles = varlen ? p.varlen_keys.max_tiles : (p.nk + S::kKeys - 1) / S::kKeys;
     const int64_t items = (p.b + p.main_batches_per_cta - 1) / p.main_batches_per_cta *
                           (p.hk / p.main_kv_heads_per_cta);
-    const auto kernel = needs_general_paths(p) ? main_kernel<T, S, true> : main_kernel<T, S, false>;
+    const bool general = needs_general_paths(p);
+    const auto kernel = varlen ? (general ? main_kernel<T, S, true, true> : main_kernel<T, S, false, true>)
+                               : (general ? main_kernel<T, S, true, false> : main_kernel<T, S, false, false>);
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSmemBytes);
     if (err != cudaSuccess) return err;
     const dim3 grid(static_cast<unsigned>(key_tiles * S::kSplitCount), grid_items(items));
@@ -65,21 +69,27 @@ template <typename T, class S> int launch_main_shape(const Params &p, void *stre
 }
 
 template <typename T, class S> int launch_dq_shape(const Params &p, void *stream) {
-    const int64_t query_tiles = (p.nq + S::BR - 1) / S::BR;
+    // Packed sequences: the query tiles of the table's bound, one per CTA.
+    const bool varlen = p.varlen_queries.tiles != nullptr;
+    const int64_t query_tiles = varlen ? p.varlen_queries.max_tiles : (p.nq + S::BR - 1) / S::BR;
     const int64_t tile_groups = (query_tiles + p.dq_tiles_per_cta - 1) / p.dq_tiles_per_cta;
     const int64_t items = (p.b + p.dq_batches_per_cta - 1) / p.dq_batches_per_cta *
                           ((p.h + p.dq_heads_per_cta - 1) / p.dq_heads_per_cta);
-    cudaError_t err =
-        cudaFuncSetAttribute(dq_kernel<T, S>, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSmemBytes);
+    const auto kernel = varlen ? dq_kernel<T, S, true> : dq_kernel<T, S, false>;
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSmemBytes);
     if (err != cudaSuccess) return err;
     const dim3 grid(static_cast<unsigned>(tile_groups), grid_items(items));
-    dq_kernel<T, S><<<grid, S::kThreads, S::kSmemBytes, static_cast<cudaStream_t>(stream)>>>(p);
+    kernel<<<grid, S::kThreads, S::kSmemBytes, static_cast<cudaStream_t>(stream)>>>(p);
     return cudaGetLastError();
 }
 
 template <typename T, class S> int launch_shared_scores(const Params &p, void *stream) {
-    const int64_t key_tiles = (p.nk + S::kKeys - 1) / S::kKeys;
-    const auto kernel = p.mask != nullptr ? shared_scores_kernel<T, S, true> : shared_scores_kernel<T, S, false>;
+    // Packed sequences: the key tiles of the table's bound (no mask).
+    const bool varlen = p.varlen_keys.tiles != nullptr;
+    const int64_t key_tiles = varlen ? p.varlen_keys.max_tiles : (p.nk + S::kKeys - 1) / S::kKeys;
+    const auto kernel = varlen                ? shared_scores_kernel<T, S, false, true>
+                        : p.mask != nullptr ? shared_scores_kernel<T, S, true, false>
+                                            : shared_scores_kernel<T, S, false, false>;
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSmemBytes);
     if (err != cudaSuccess) return err;
     const dim3 grid(static_cast<unsigned>(key_tiles), grid_items(p.b * p.hk));

@@ -20,6 +20,7 @@
 #include <cstdint>
 
 #include "../problem.h"
+#include "varlen.cuh"
 
 namespace fcsa {
 namespace sm80_bwd {
@@ -112,6 +113,11 @@ struct Params {
     // Query rows per tile of the shared-scores kernel, which then runs instead of the
     // main kernel (64 or 128); 0: the main kernel.
     int32_t shared_scores_rows = 0;
+
+    // Packed sequences (Problem::varlen): the main kernel's key tiles and the dq kernel's
+    // query tiles, from these tables (varlen.cuh); tiles == nullptr otherwise. No mask,
+    // bias or dbias then, and b == 1.
+    sm80::VarlenTiles varlen_keys, varlen_queries;
 };
 
 // Tile shapes of one (dtype, head-dim bucket); the host sizes grids and workspaces from

@@ -18,7 +18,8 @@
 // are those of MainKernel (P and scale * dS rounded to T once, float32 accumulators),
 // except that for bf16 with one l2norm group q's norm is folded into the scores
 // (Params::q_inv_norm): q^ is never rounded to bf16. Checked against float64 by
-// cuda/tests/check_backward.cu.
+// cuda/tests/check_backward.cu. Packed sequences (kVarlen): one CTA per entry of
+// Params::varlen_keys, on its sequence's extent, as MainKernel does.
 //
 // Measured (H100 SXM, 2026-11-24, bf16, batch = 16384 / n, heads = 2048 / d, the
 // whole backward with its passes): d = 128 231 / 251 / 262 / 266 TFLOP/s at n = 2k /
@@ -72,8 +73,9 @@ template <typename T, int kHeadDim, int kQueryRows> struct SharedScoresShape {
 };
 
 // kMasked: with a key mask (a variant of its own: the unmasked kernel keeps the
-// registers the mask's bits would take).
-template <typename T, class S, bool kMasked> struct SharedScoresKernel {
+// registers the mask's bits would take). kVarlen: packed sequences (never masked).
+template <typename T, class S, bool kMasked, bool kVarlen> struct SharedScoresKernel {
+    static_assert(!(kMasked && kVarlen), "packed sequences have no key mask");
     using G = WarpGemm<T>;
     static constexpr int BR = S::BR, D = S::D;
     // Fragments per warp: S and dP, dK and dV, dQ.
@@ -94,20 +96,28 @@ template <typename T, class S, bool kMasked> struct SharedScoresKernel {
         return s;
     }
 
-    // One CTA per (key tile, kv head, batch): the grid of launch_shared_scores.
+    // One CTA per (key tile, kv head, batch): the grid of launch_shared_scores (packed
+    // sequences: per entry of the key-tile table, and kv head).
     __device__ __forceinline__ static void run(const Params &p, unsigned char *smem_base) {
         const Smem s = carve(smem_base);
-        const int64_t key_tiles = (p.nk + S::kKeys - 1) / S::kKeys;
-        for (int64_t item = blockIdx.y; item < p.b * p.hk; item += gridDim.y)
-            key_tile_item(p, s, item % p.b, item / p.b, blockIdx.x % key_tiles);
+        if constexpr (kVarlen) {
+            if (blockIdx.x >= *p.varlen_keys.count) return; // a spare CTA of the launch's bound
+            int64_t key_tile = 0;
+            const Extent<true> e = packed_extent(p.varlen_keys, blockIdx.x, &key_tile);
+            for (int64_t kv = blockIdx.y; kv < p.hk; kv += gridDim.y) key_tile_item(p, e, s, 0, kv, key_tile);
+        } else {
+            const int64_t key_tiles = (p.nk + S::kKeys - 1) / S::kKeys;
+            for (int64_t item = blockIdx.y; item < p.b * p.hk; item += gridDim.y)
+                key_tile_item(p, Extent<false>{}, s, item % p.b, item / p.b, blockIdx.x % key_tiles);
+        }
     }
 
-    __device__ __forceinline__ static void key_tile_item(const Params &p, const Smem &s, int64_t batch, int64_t kv,
-                                                         int64_t key_tile) {
+    __device__ __forceinline__ static void key_tile_item(const Params &p, const Extent<kVarlen> &e, const Smem &s,
+                                                         int64_t batch, int64_t kv, int64_t key_tile) {
         const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
-        const int64_t j0 = key_tile * S::kKeys;
-        const int keys = static_cast<int>(p.nk - j0 < S::kKeys ? p.nk - j0 : S::kKeys);
-        const int64_t query_tiles = (p.nq + BR - 1) / BR;
+        const int64_t j0 = e.key(key_tile * S::kKeys);
+        const int keys = static_cast<int>(e.k_end(p) - j0 < S::kKeys ? e.k_end(p) - j0 : S::kKeys);
+        const int64_t query_tiles = (e.q_count(p) + BR - 1) / BR;
         const int64_t head0 = kv * p.heads_per_kv;
         // This warp's blocks (rows / keys / columns where each starts).
         const int score_row0 = (warp / 4) * S::kScoreRows, score_key0 = (warp % 4) * S::kScoreKeys;
@@ -139,20 +149,20 @@ template <typename T, class S, bool kMasked> struct SharedScoresKernel {
         clear_all(dk, dv);
 
         // Causal: the query tiles before qt_begin see none of these keys, for every head.
-        const int64_t qt_begin = first_query_tile<BR>(p, j0, query_tiles);
+        const int64_t qt_begin = first_query_tile<BR>(p, e, j0, query_tiles);
         bool k_normalized = !p.l2norm; // K^ is formed in place once, with the first query tile
         // q's norm folded (Params::q_inv_norm): the query tiles stay raw, S and scale dS
         // are divided by ||q|| per row. Else they are normalized in place as they land.
         const bool fold_q_norm = p.q_inv_norm != nullptr;
         for (int64_t head = head0; qt_begin < query_tiles && head < head0 + p.heads_per_kv; ++head) {
             const float scale = head_scale(p, head);
-            start_query_tiles<T, S>(p, s, keys, k_normalized, batch, head, qt_begin, query_tiles, tid);
+            start_query_tiles<T, S>(p, e, s, keys, k_normalized, batch, head, qt_begin, query_tiles, tid);
 
             int stage = 0; // of tile qt; tile qt + 1 goes to the other one
             for (int64_t qt = qt_begin; qt < query_tiles; ++qt, stage ^= 1) {
                 common::cp_async_wait<0>(); // tile qt landed (and was normalized) ...
                 __syncthreads();             // ... for every thread; P, dS and tile qt - 1 are no longer read
-                if (qt + 1 < query_tiles) issue_query_stage<T, S>(p, s, batch, head, qt + 1, stage ^ 1, tid);
+                if (qt + 1 < query_tiles) issue_query_stage<T, S>(p, e, s, batch, head, qt + 1, stage ^ 1, tid);
                 common::cp_async_commit();
 
                 const T *q_s = s.q + stage * S::QTile::kElements;
@@ -160,7 +170,7 @@ template <typename T, class S, bool kMasked> struct SharedScoresKernel {
                 const float *lse_s = s.lse + stage * BR;
                 const float *delta_s = s.delta + stage * BR;
                 const float *inv_norm_s = s.q_inv_norm + stage * BR;
-                const int64_t i0 = qt * BR;
+                const int64_t i0 = e.row(qt * BR);
 
                 // S = Q^ K^T (Q raw when q's norm is folded) and dP = dO V^T, this warp's block.
                 FragC sc[SM][SN], dp[SM][SN];
@@ -174,8 +184,8 @@ template <typename T, class S, bool kMasked> struct SharedScoresKernel {
                 // jl sees row r when the key is visible (its bit), r < rows and jl - r <=
                 // diagonal. The common tile, every score of the warp visible, runs without
                 // the test.
-                const int rows = static_cast<int>(p.nq - i0 < BR ? p.nq - i0 : BR);
-                const int diagonal = clamp_to_int(p.causal ? i0 + p.causal_offset - j0 : int64_t(1) << 30);
+                const int rows = static_cast<int>(e.q_end(p) - i0 < BR ? e.q_end(p) - i0 : BR);
+                const int diagonal = clamp_to_int(p.causal ? i0 + e.causal_offset(p) - j0 : int64_t(1) << 30);
                 // P = 2^(s scale log2(e) - lse log2(e)) and scale dS = P (dP scale - delta
                 // scale): log2(e) and scale folded per row, one FFMA each. The float32
                 // rounding this adds (~2^-24 of the exponent) is far below P's rounding to T.
@@ -224,7 +234,7 @@ template <typename T, class S, bool kMasked> struct SharedScoresKernel {
                 const bool normalize_next = p.l2norm && !fold_q_norm && qt + 1 < query_tiles;
                 if (normalize_next) common::cp_async_wait<0>();
                 __syncthreads();
-                if (normalize_next) normalize_query_stage<T, S>(p, s, qt + 1, stage ^ 1, tid);
+                if (normalize_next) normalize_query_stage<T, S>(p, e, s, qt + 1, stage ^ 1, tid);
 
                 // dV += P^T dO and dK^ += (scale dS)^T Q^ (folded: (scale dS / ||q||)^T Q).
                 G::template cols_kn<GM, GN, BR>(dv, s.p, S::PTile::kStride, grad_key0, do_s, S::QTile::kStride,
@@ -309,10 +319,10 @@ template <typename T, class S, bool kMasked> struct SharedScoresKernel {
     }
 };
 
-template <typename T, class S, bool kMasked>
+template <typename T, class S, bool kMasked, bool kVarlen>
 __global__ void __launch_bounds__(S::kThreads, 1) shared_scores_kernel(const Params p) {
     extern __shared__ __align__(16) unsigned char smem[];
-    SharedScoresKernel<T, S, kMasked>::run(p, smem);
+    SharedScoresKernel<T, S, kMasked, kVarlen>::run(p, smem);
 }
 
 } // namespace sm80_bwd

@@ -82,26 +82,38 @@ ForwardParams make_params(const Problem &p, int block_m) {
     return f;
 }
 
+// The key norms' bytes, a multiple of 256 (64 floats per row): what follows stays aligned.
+size_t key_norm_bytes(const Problem &p) { return size_t(p.b * p.hk * key_norm_stride(p)) * sizeof(float); }
+
 // Whether this call runs the key-norm pass (the workspace query asks the same).
 bool key_norm_pass(const Problem &p) {
     const int element_bytes = p.dtype == FCSA_DTYPE_FLOAT32 ? 4 : 2;
     // (At most as many blocks as rows of 64 keys, the widest rows' count: the grid fits.)
     const int64_t blocks = p.b * p.hk * (key_norm_stride(p) / 64);
     const int64_t min_queries = p.causal ? 2 * kKeyNormPassMinQueries : kKeyNormPassMinQueries;
-    return p.l2norm && p.groups == 1 && p.nk > 0 && p.nq >= min_queries && blocks <= INT32_MAX &&
+    // Packed sequences: by their mean query length (a key is read by its own sequence's
+    // query tiles only).
+    const int64_t queries = p.varlen() ? p.nq / (p.sequences > 0 ? p.sequences : 1) : p.nq;
+    return p.l2norm && p.groups == 1 && p.nk > 0 && queries >= min_queries && blocks <= INT32_MAX &&
            rows_16byte_aligned(p.k, element_bytes);
 }
 
 template <typename T, int D, int DV> fcsa_status run(const Problem &p, void *workspace, cudaStream_t stream) {
     ForwardParams params = make_params(p, ForwardConfig<T, D, DV>::kBlockM);
+    char *tables = static_cast<char *>(workspace); // packed sequences: after the key norms
     if (key_norm_pass(p)) {
         float *inv_norm = static_cast<float *>(workspace);
+        tables += key_norm_bytes(p);
         if (const fcsa_status st = common::run_key_norm_pass<T>(p, inv_norm, key_norm_stride(p), stream,
                                                                       "cuda-sm80 forward"))
             return st;
         params.k_inv_norm = inv_norm;
         params.k_inv_norm_stride = key_norm_stride(p);
     }
+    if (p.varlen())
+        if (const fcsa_status st =
+                build_varlen_tiles(p, ForwardConfig<T, D, DV>::kBlockM, false, tables, stream, &params.varlen))
+            return st;
     return launch_forward<T, D, DV>(params, stream);
 }
 
@@ -145,8 +157,11 @@ size_t forward_smem_bytes(int32_t dtype, int64_t d, int64_t d_v) {
 } // namespace sm80
 
 size_t sm80_forward_workspace(const Problem &p) {
-    if (p.b == 0 || p.h == 0 || p.nq == 0 || !sm80::key_norm_pass(p)) return 0;
-    return size_t(p.b * p.hk * sm80::key_norm_stride(p)) * sizeof(float);
+    if (p.b == 0 || p.h == 0 || p.nq == 0) return 0;
+    // The key norms, then for packed sequences the table for the smallest query tile of
+    // any instantiation (the most tiles).
+    const size_t norms = sm80::key_norm_pass(p) ? sm80::key_norm_bytes(p) : 0;
+    return norms + (p.varlen() ? sm80::varlen_tiles_bytes(p, sm80::kSmallestBlockM, false) : 0);
 }
 
 fcsa_status sm80_forward(const Problem &p, void *workspace, void *stream) {

@@ -19,6 +19,7 @@
 #include "../common/copy.cuh"
 #include "../common/numeric.cuh"
 #include "fcsa.h"
+#include "varlen.cuh"
 
 namespace fcsa {
 namespace sm80 {
@@ -45,6 +46,9 @@ struct ForwardParams {
     bool causal, l2norm, logits_bounded, bias_is_f32;
     bool out_f32; // out in float32 for 16-bit q, k, v (what the backward's delta reads)
     bool vec_q, vec_k, vec_v, vec_out; // 16-byte aligned rows: vector copies allowed
+    // Packed sequences (varlen.cuh): batch 1, each CTA's query tile and sequence from the
+    // table; tiles == nullptr otherwise. (No mask, no bias, no key-norm pass then.)
+    VarlenTiles varlen;
 };
 
 // Tile shapes per element type and (q/k, v) head-dim buckets. Every configuration fits
@@ -63,6 +67,7 @@ template <typename T, int D, int DV = D> struct ForwardConfig {
     static constexpr int kThreads = kWarps * 32;
     static constexpr int kRowsPerWarp = 16 * kMBlocks;
     static constexpr int kBlockM = kWarps * kRowsPerWarp;
+    static_assert(kBlockM >= 64, "the packed sequences' workspace is sized for tiles of 64 rows or more");
     static constexpr int kBlockN = k16Bit ? (D <= 192 ? 64 : 32)
                                           : (D <= 64 ? 64 : D <= 128 ? 32 : 16);
     static constexpr bool kQInRegisters = k16Bit && D <= 64;
@@ -108,6 +113,9 @@ template <typename T, int D, int DV = D> struct ForwardConfig {
     static_assert(kOffsetK % 128 == 0 && kOffsetV % 128 == 0, "swizzled tiles start on 128-byte lines");
     static_assert(kOffsetKInv % 16 == 0, "1/||k|| arrives by 16-byte cp.async");
 };
+
+// The fewest query rows of any configuration's tile (4 warps of one m16 block).
+constexpr int kSmallestBlockM = 64;
 
 // Launches the kernel for one (T, D, DV) on `stream`; defined in forward_<dtype>_d<D>.cu
 // (DV == D) and forward_<dtype>_d<D>_v<DV>.cu.

@@ -2,7 +2,8 @@
 //
 // One CTA (4 warps) per (query tile, head, batch), flattened into grid.x: query tiles
 // fastest, in reverse so that causal's long tiles start first, and neighbouring CTAs
-// share K/V in L2. Each warp owns 16 or 32 query rows (ForwardConfig). Per CTA:
+// share K/V in L2 (packed sequences: one CTA per entry of the tile table, varlen.cuh,
+// and head). Each warp owns 16 or 32 query rows (ForwardConfig). Per CTA:
 //   prologue  Q tile -> shared (cp.async), l2-normalized in place per group (float32
 //             norms); with 16-bit inputs and D <= 64 each warp then keeps its Q rows in
 //             registers. Under a key mask, one pass over the mask marks which key tiles
@@ -61,7 +62,9 @@ __device__ __forceinline__ void zero_masked_value_rows(T *sV, const ForwardParam
 // kGeneral = false compiles the common case alone (bounded logits, no bias, no key mask:
 // see plain_forward below); its registers then go to the products, not to the state of
 // paths it never takes. D: q's and k's head-dim bucket, DV: v's (and out's).
-template <typename T, int D, int DV, bool kGeneral>
+// kVarlen: packed sequences (ForwardParams::varlen), each CTA's from the table; its own
+// instantiations, so that the others keep reading lengths from the parameters.
+template <typename T, int D, int DV, bool kGeneral, bool kVarlen>
 __global__ void __launch_bounds__(ForwardConfig<T, D, DV>::kThreads)
     forward_kernel(const __grid_constant__ ForwardParams p) {
     using namespace common;
@@ -90,21 +93,34 @@ __global__ void __launch_bounds__(ForwardConfig<T, D, DV>::kThreads)
     // ---- which tile
     // (32-bit division: a 64-bit one is a slow subroutine; the grid is < 2^31 CTAs.)
     const uint32_t cta = blockIdx.x;
-    const int m_tile = p.num_m_tiles - 1 - int(cta % uint32_t(p.num_m_tiles));
+    // Packed sequences: the CTA's entry of the table, fastest-varying by head (the heads
+    // of a tile share its K/V in L2), gives its query tile and sequence.
+    const uint32_t entry = cta / uint32_t(p.heads);
+    if constexpr (kVarlen)
+        if (entry >= uint32_t(*p.varlen.count)) return; // a spare CTA of the launch's bound
+    const int2 packed_tile = kVarlen ? p.varlen.tiles[entry] : int2{};
+    const int4 sequence = kVarlen ? p.varlen.sequences[packed_tile.x] : int4{};
+    const int m_tile = kVarlen ? packed_tile.y : p.num_m_tiles - 1 - int(cta % uint32_t(p.num_m_tiles));
     const uint32_t batch_head = cta / uint32_t(p.num_m_tiles);
-    const int hq = int(batch_head % uint32_t(p.heads));
-    const int bi = int(batch_head / uint32_t(p.heads));
+    const int hq = kVarlen ? int(cta % uint32_t(p.heads)) : int(batch_head % uint32_t(p.heads));
+    const int bi = kVarlen ? 0 : int(batch_head / uint32_t(p.heads));
+    // The sequence's lengths (read from the parameters at each use in the other kernels:
+    // copies held in registers cost f32 d = 64 three more), and its first query row and
+    // key in the packed tensors.
+    auto nq = [&] { return kVarlen ? sequence.y : p.nq; };
+    auto nk = [&] { return kVarlen ? sequence.w : p.nk; };
+    const int q_begin = kVarlen ? sequence.x : 0, k_begin = kVarlen ? sequence.z : 0;
     const int kvh = hq / p.heads_per_kv;
     const int m0 = m_tile * BM;
-    const int rows_here = min(BM, p.nq - m0);
+    const int rows_here = min(BM, nq() - m0);
     const int d = p.d;
 
     const T *q = static_cast<const T *>(p.q) + bi * p.q_stride[0] + hq * p.q_stride[1] +
-                 int64_t(m0) * p.q_stride[2];
+                 int64_t(q_begin + m0) * p.q_stride[2];
     // K/V rows from key j on, recomputed where needed: registers are this kernel's
     // scarcest resource, a few integer operations per tile are not.
     auto key_rows = [&](const void *base, const int64_t *stride, int j) {
-        return static_cast<const T *>(base) + bi * stride[0] + kvh * stride[1] + int64_t(j) * stride[2];
+        return static_cast<const T *>(base) + bi * stride[0] + kvh * stride[1] + int64_t(k_begin + j) * stride[2];
     };
 
     // ---- logit scale (base 2) and the softmax mode
@@ -115,8 +131,8 @@ __global__ void __launch_bounds__(ForwardConfig<T, D, DV>::kThreads)
     const float fixed_offset = bound_log2 - C::kExpShift;
 
     // ---- key tiles: [0, tile_end), causal stops after the last row's diagonal
-    const int causal_offset = p.nk - p.nq; // row i sees keys j <= i + causal_offset
-    int tile_end = (p.nk + BN - 1) / BN;
+    const int causal_offset = nk() - nq(); // row i sees keys j <= i + causal_offset
+    int tile_end = (nk() + BN - 1) / BN;
     if (p.causal) {
         const int last_key = m0 + rows_here - 1 + causal_offset;
         tile_end = last_key < 0 ? 0 : min(tile_end, last_key / BN + 1);
@@ -132,10 +148,10 @@ __global__ void __launch_bounds__(ForwardConfig<T, D, DV>::kThreads)
         for (int i = tid; i < 2 * C::kBitmapWords; i += kThreads) sAnyVisible[i] = 0;
         __syncthreads();
         const int tile_limit = min(tile_end, C::kBitmapTiles);
-        const int scan_keys = min(p.nk, tile_limit * BN);
+        const int scan_keys = min(nk(), tile_limit * BN);
         for (int base = warp * 32; base < scan_keys; base += kThreads) {
             const int j = base + lane;
-            const bool inside = j < p.nk;
+            const bool inside = j < nk();
             const bool visible = inside && key_visible(j);
             const uint32_t any = __ballot_sync(0xffffffffu, visible);
             const uint32_t fine = __ballot_sync(0xffffffffu, visible || !inside);
@@ -176,9 +192,16 @@ __global__ void __launch_bounds__(ForwardConfig<T, D, DV>::kThreads)
     // next tile's copy starts while a slower warp may still read this one's.
     auto load_key_tile = [&](int t, int stage) {
         load_tile<T, BN, D, kThreads, KTile, C::kWholeTileCopies>(
-            sK, key_rows(p.k, p.k_stride, t * BN), p.k_stride[2], min(BN, p.nk - t * BN), d, p.vec_k, tid);
-        if (key_inv_norms != nullptr && tid < BN / 4)
+            sK, key_rows(p.k, p.k_stride, t * BN), p.k_stride[2], min(BN, nk() - t * BN), d, p.vec_k, tid);
+        if constexpr (kVarlen) {
+            // A sequence's keys start anywhere in the row of norms: 4-byte copies, none past
+            // the packed keys (the last sequence's last tile may reach beyond the row).
+            const int key = k_begin + t * BN + tid;
+            if (key_inv_norms != nullptr && tid < BN)
+                cp_async_4(smem_address(sKInv + stage * BN + tid), key_inv_norms + (key < p.nk ? key : 0), key < p.nk);
+        } else if (key_inv_norms != nullptr && tid < BN / 4) {
             cp_async_16(smem_address(sKInv + stage * BN + 4 * tid), key_inv_norms + t * BN + 4 * tid, true);
+        }
     };
     int tile = next_tile(0), stage = 0;
     if (tile < tile_end) load_key_tile(tile, stage);
@@ -235,7 +258,7 @@ __global__ void __launch_bounds__(ForwardConfig<T, D, DV>::kThreads)
 
     while (tile < tile_end) {
         const int j0 = tile * BN;
-        const int keys_here = min(BN, p.nk - j0);
+        const int keys_here = min(BN, nk() - j0);
 
         cp_async_wait<0>();
         __syncthreads(); // K tile ready; every warp is done with the previous V tile
@@ -380,14 +403,14 @@ __global__ void __launch_bounds__(ForwardConfig<T, D, DV>::kThreads)
 #pragma unroll
                 for (int h = 0; h < kRows; ++h) {
                     const int i = row_index(h);
-                    if (i >= p.nq) continue;
+                    if (i >= nq()) continue;
                     const int64_t row_offset = int64_t(i) * p.bias_stride[2];
 #pragma unroll
                     for (int n = 0; n < kSBlocks; ++n)
 #pragma unroll
                         for (int c = 0; c < 2; ++c) {
                             const int j = j0 + 8 * n + 2 * t4 + c;
-                            if (j >= p.nk) continue;
+                            if (j >= nk()) continue;
                             const int64_t offset = row_offset + int64_t(j) * p.bias_stride[3];
                             const float b = p.bias_is_f32 ? bias_f[offset] : to_float(bias_t[offset]);
                             s[h / 2][n].x[2 * (h % 2) + c] += b * kLog2e;
@@ -402,7 +425,7 @@ __global__ void __launch_bounds__(ForwardConfig<T, D, DV>::kThreads)
 #pragma unroll
                     for (int c = 0; c < 2; ++c) {
                         const int j = j0 + 8 * n + 2 * t4 + c;
-                        bool key_ok = j < p.nk;
+                        bool key_ok = j < nk();
                         if (key_ok && has_mask) key_ok = key_visible(j);
 #pragma unroll
                         for (int h = 0; h < kRows; ++h) {
@@ -521,8 +544,8 @@ __global__ void __launch_bounds__(ForwardConfig<T, D, DV>::kThreads)
         const float sum = kSumsByMma ? o_sum[h / 2].x[2 * (h % 2)] : quad_sum(row_sum[h]);
         inv_sum[h] = sum > 0.f ? reciprocal_approx(sum) : 0.f; // no visible key: out = 0
         const int i = row_index(h);
-        if (p.lse != nullptr && t4 == 0 && i < p.nq)
-            p.lse[bi * p.lse_stride[0] + hq * p.lse_stride[1] + int64_t(i) * p.lse_stride[2]] =
+        if (p.lse != nullptr && t4 == 0 && i < nq())
+            p.lse[bi * p.lse_stride[0] + hq * p.lse_stride[1] + int64_t(q_begin + i) * p.lse_stride[2]] =
                 sum > 0.f ? (row_max[h] + log2_approx(sum)) * kLn2 : -kInf;
     }
     if (kGeneral && C::k16Bit && p.out_f32) {
@@ -532,13 +555,13 @@ __global__ void __launch_bounds__(ForwardConfig<T, D, DV>::kThreads)
 #pragma unroll
         for (int h = 0; h < kRows; ++h) {
             const int i = row_index(h);
-            if (i >= p.nq) continue;
+            if (i >= nq()) continue;
 #pragma unroll
             for (int n = 0; n < kOBlocks; ++n) {
                 const int col = n * 8 + 2 * t4;
                 if (col >= p.d_v) continue;
                 const int e0 = 2 * (h % 2);
-                float *dst = out_f + int64_t(i) * p.out_stride[2] + col;
+                float *dst = out_f + int64_t(q_begin + i) * p.out_stride[2] + col;
                 dst[0] = o[h / 2][n].x[e0] * inv_sum[h];
                 dst[1] = o[h / 2][n].x[e0 + 1] * inv_sum[h];
             }
@@ -546,7 +569,7 @@ __global__ void __launch_bounds__(ForwardConfig<T, D, DV>::kThreads)
         return;
     }
     T *out = static_cast<T *>(p.out) + bi * p.out_stride[0] + hq * p.out_stride[1] +
-             int64_t(m0 + warp_row0) * p.out_stride[2];
+             int64_t(q_begin + m0 + warp_row0) * p.out_stride[2];
     // Only this warp ever read these rows of sQ; rows of out (stride OS <= QS) fit in them.
     T *staging = sQ + warp_row0 * QS;
 #pragma unroll
@@ -575,14 +598,18 @@ template <typename T, int D, int DV> bool plain_forward(const ForwardParams &p) 
 
 template <typename T, int D, int DV> fcsa_status launch_forward(const ForwardParams &params, cudaStream_t stream) {
     using C = ForwardConfig<T, D, DV>;
-    const int64_t ctas = int64_t(params.num_m_tiles) * params.heads * params.batch;
+    const bool varlen = params.varlen.tiles != nullptr;
+    // Packed sequences: the table's bound on their tiles, times the heads.
+    const int64_t ctas = varlen ? params.varlen.max_tiles * params.heads
+                                : int64_t(params.num_m_tiles) * params.heads * params.batch;
     if (ctas <= 0) return FCSA_STATUS_SUCCESS;
     if (ctas > int64_t(INT32_MAX))
         return set_error(FCSA_STATUS_NOT_SUPPORTED,
                          "cuda-sm80 forward: batch * heads * ceil(nq / %d) = %lld exceeds the grid limit",
                          C::kBlockM, static_cast<long long>(ctas));
-    auto kernel =
-        plain_forward<T, D, DV>(params) ? forward_kernel<T, D, DV, false> : forward_kernel<T, D, DV, true>;
+    const bool plain = plain_forward<T, D, DV>(params);
+    auto kernel = varlen ? (plain ? forward_kernel<T, D, DV, false, true> : forward_kernel<T, D, DV, true, true>)
+                         : (plain ? forward_kernel<T, D, DV, false, false> : forward_kernel<T, D, DV, true, false>);
     if (C::kSmemBytes > 48 * 1024) {
         const cudaError_t err =
             cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes);

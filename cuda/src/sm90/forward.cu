@@ -154,6 +154,7 @@ fcsa_status sm90_forward_supports(const Problem &p) {
     if (!p.l2norm || p.groups != 1 || p.bias.present() || p.mask.present() || p.scale_t.present())
         return refuse("covers l2norm_qk with one group, no bias, no key mask and a scale given as a number");
     if (p.out.dtype != p.dtype) return refuse("writes out in the inputs' dtype only");
+    if (p.varlen()) return refuse("has no packed sequences (cu_seqlens); the portable path runs them");
     const float range = bf16 ? sm90::ForwardConfig<__nv_bfloat16, 128>::kBoundedRange
                              : sm90::ForwardConfig<__half, 128>::kBoundedRange;
     if (2.f * std::fabs(p.scale) * common::kLog2e > range)
