@@ -8,6 +8,11 @@ costs (about two seconds a process on two cores).
 """
 
 import itertools
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -215,9 +220,31 @@ def _case_shard_and_gather(rank, world):
         assert torch.equal(shard_sequence(x, dim=1, causal=True),
                            torch.cat([pieces[rank], pieces[2 * world - 1 - rank]], 1))
     weight = torch.randn(x.shape)  # the same on every rank
+    kept = weight.clone()
     part = shard_sequence(x, dim=1, causal=True).requires_grad_()
-    (gather_sequence(part, dim=1, causal=True) * weight).sum().backward()
+    gather_sequence(part, dim=1, causal=True).backward(weight)
     assert torch.equal(part.grad, world * shard_sequence(weight, dim=1, causal=True))
+    assert torch.equal(weight, kept), "the caller's gradient was summed in place"
+
+
+def _case_torch_context_parallel_layout(rank, world):
+    """Within PyTorch's context_parallel (load balancing on, its default), the buffers
+    it shards are shard_sequence(causal=True)'s parts, so ring_attention can take them."""
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor.experimental import context_parallel
+    except ImportError:  # a torch without it: nothing to check
+        return
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 4 * world, 8) for _ in range(3))
+    whole = fcsa.flash_cosine_sim_attention(q, k, v, causal=True)
+    buffers = [q.clone(), k.clone(), v.clone()]
+    with context_parallel(mesh, buffers=buffers, buffer_seq_dims=[2, 2, 2]):
+        for buffer, t in zip(buffers, (q, k, v)):
+            assert torch.equal(buffer, shard_sequence(t, causal=True))
+        out = ring_attention(*buffers, mesh.get_group(), causal=True)
+    _assert_close("out", out, shard_sequence(whole, causal=True), torch.float32)
 
 
 def _case_errors(rank, world):
@@ -251,7 +278,7 @@ CASES = {name[len("_case_"):]: fn for name, fn in globals().items()
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_ring_attention_matches_one_process(world, tmp_path):
     _run_group(world, tmp_path, [name for name in CASES if name not in ("errors",)])
 
@@ -259,3 +286,21 @@ def test_ring_attention_matches_one_process(world, tmp_path):
 @pytest.mark.distributed
 def test_errors_name_the_argument(tmp_path):
     _run_group(2, tmp_path, ["errors"])
+
+
+@pytest.mark.distributed
+def test_example_under_torchrun():
+    """examples/ring_attention.py as the README runs it, on two CPU processes."""
+    example = Path(__file__).resolve().parents[1] / "examples" / "ring_attention.py"
+    if not example.is_file():
+        pytest.skip("examples/ring_attention.py is not here")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+         "2", str(example), "--seq-len", "48"],
+        capture_output=True, text=True, timeout=GROUP_TIMEOUT_S,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = re.search(r"2 ranks, 48 positions, float32: .*: out (\S+), dq (\S+), dk (\S+)",
+                     result.stdout)
+    assert line, result.stdout
+    assert all(float(err) < 1e-4 for err in line.groups()), line[0]

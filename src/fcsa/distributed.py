@@ -141,7 +141,7 @@ class _GatherSequence(torch.autograd.Function):
         # Every rank's result depends on every rank's part: a part's gradient is the
         # sum over the ranks of the gradients of their results. (An all-reduce, where
         # a reduce-scatter would move less: gloo has none.)
-        grad = grad.contiguous()
+        grad = grad.clone(memory_format=torch.contiguous_format)  # autograd's, or the caller's
         dist.all_reduce(grad, group=ctx.group)
         return shard_sequence(grad, ctx.dim, ctx.group, ctx.causal), None, None, None
 
