@@ -108,14 +108,15 @@ def _assert_close(name, got, ref, dtype):
     assert err <= atol, f"rank {dist.get_rank()}: {name} off by {err:.3g} (allowed {atol:.3g})"
 
 
-def _sum_over_ranks(t):
+def _sum_over_ranks(t, group=None):
     t = t.clone()
-    dist.all_reduce(t)
+    dist.all_reduce(t, group=group)
     return t
 
 
 def _check_ring(world, *, causal, b=2, h=4, hk=4, chunk=3, nk_chunk=None, d=8, dv=8,
-                scale=8.0, groups=1, l2norm_qk=True, qk_size=1.0, dtype=torch.float32):
+                scale=8.0, groups=1, l2norm_qk=True, qk_size=1.0, dtype=torch.float32,
+                group=None):
     """ring_attention on this rank's part against one-process fcsa on the whole sequence
     (the same random tensors on every rank): out, lse and every gradient."""
     torch.manual_seed(1234)
@@ -131,6 +132,7 @@ def _check_ring(world, *, causal, b=2, h=4, hk=4, chunk=3, nk_chunk=None, d=8, d
         scale = torch.tensor(6.0, requires_grad=True)
     kwargs = dict(causal=causal, scale=scale, groups=groups, l2norm_qk=l2norm_qk,
                   return_lse=True)
+    ring_kwargs = dict(kwargs, group=group)
     wrt = [t for t in (scale,) if isinstance(t, torch.Tensor)]
 
     ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
@@ -138,10 +140,10 @@ def _check_ring(world, *, causal, b=2, h=4, hk=4, chunk=3, nk_chunk=None, d=8, d
     ref_grads = torch.autograd.grad(ref_out, ref_in + wrt, dout)
 
     def shard(t):
-        return shard_sequence(t, causal=causal)
+        return shard_sequence(t, causal=causal, group=group)
 
     ring_in = [shard(t).detach().requires_grad_() for t in (q, k, v)]
-    out, lse = ring_attention(*ring_in, **kwargs)
+    out, lse = ring_attention(*ring_in, **ring_kwargs)
     grads = torch.autograd.grad(out, ring_in + wrt, shard(dout))
 
     assert out.dtype == dtype and out.shape == ring_in[0].shape[:-1] + (dv,)
@@ -151,7 +153,8 @@ def _check_ring(world, *, causal, b=2, h=4, hk=4, chunk=3, nk_chunk=None, d=8, d
         _assert_close(name, got, shard(ref), dtype)
     if wrt:
         # Each rank's share: its own queries' part, summed over the ranks.
-        _assert_close("dscale", _sum_over_ranks(grads[3]), ref_grads[3], torch.float32)
+        _assert_close("dscale", _sum_over_ranks(grads[3], group), ref_grads[3],
+                      torch.float32)
 
 
 def _case_plain(rank, world):
@@ -179,6 +182,16 @@ def _case_cross_attention_gqa(rank, world):
 
 def _case_causal_bfloat16(rank, world):
     _check_ring(world, causal=True, hk=2, dtype=torch.bfloat16)
+
+
+def _case_subgroup(rank, world):
+    """A group other than the default one: its ranks are not the global ones."""
+    if world < 3:
+        return
+    # Every rank takes part in making the group; rank 0 stays out of it.
+    group = dist.new_group(list(range(1, world)))
+    if rank > 0:
+        _check_ring(world - 1, causal=True, hk=2, scale="per-head", group=group)
 
 
 def _case_module(rank, world):
