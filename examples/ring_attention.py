@@ -25,7 +25,8 @@ def main():
     dtype = getattr(torch, args.dtype)
 
     cuda = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+    device = (torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda
+              else torch.device("cpu"))
     if cuda:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if cuda else "gloo")
@@ -39,7 +40,8 @@ def main():
     v = torch.randn(b, kv_heads, n, d, device=device, dtype=dtype)
 
     # Each rank keeps chunks r and 2 * world - 1 - r of the sequence (load-balanced causal).
-    q_part, k_part, v_part = (shard_sequence(t, causal=True).requires_grad_() for t in (q, k, v))
+    q_part, k_part, v_part = (shard_sequence(t, causal=True).requires_grad_()
+                              for t in (q, k, v))
     out_part = ring_attention(q_part, k_part, v_part, causal=True)
     out_part.sum().backward()
     out = gather_sequence(out_part.detach(), causal=True)
@@ -51,8 +53,9 @@ def main():
               "dq": (q_part.grad - shard_sequence(q.grad, causal=True)).abs().max(),
               "dk": (k_part.grad - shard_sequence(k.grad, causal=True)).abs().max()}
     if rank == 0:
+        differences = ", ".join(f"{name} {err.item():.2e}" for name, err in errors.items())
         print(f"{world} ranks, {n} positions, {args.dtype}: largest difference from one "
-              "process: " + ", ".join(f"{name} {err.item():.2e}" for name, err in errors.items()))
+              f"process: {differences}")
     dist.destroy_process_group()
 
 

@@ -164,8 +164,9 @@ def gather_sequence(x, dim=2, group=None, causal=False):
 
 def _blocks(rank, source, n, causal):
     """(query rows, key rows, causal) of the block that this rank's queries attend to
-    in the keys of rank `source`, or None when causality hides all of it. With
-    causal=True a rank holds chunks r and 2W-1-r (of length c = n / 2 each):
+    in the keys of rank `source` (n positions each); the rest of the n x n pairs is
+    hidden by causality and not computed. With causal=True a rank holds chunks r and
+    2W-1-r (of length c = n / 2 each):
       its own keys: its own two chunks, causal (chunk r precedes chunk 2W-1-r);
       source < rank: both query chunks see all of the source's first chunk (it is
         earlier than both) and none of its second (later than both);
@@ -209,8 +210,8 @@ class _RingAttention(torch.autograd.Function):
         for step in range(ring.size):
             # The next block travels while this one is computed.
             transfer = ring.pass_on(kv, _KV_TAG) if step + 1 < ring.size else None
-            block = _blocks(ring.rank, (ring.rank - step) % ring.size, n, causal)
-            rows, keys, block_causal = block
+            rows, keys, block_causal = _blocks(ring.rank, (ring.rank - step) % ring.size,
+                                               n, causal)
             # float32_out: the partial results are combined, and the backward takes
             # delta = <dO, O> from the combination, unrounded.
             part_out, part_lse = torch.ops.fcsa.forward(
