@@ -8,6 +8,7 @@ costs (about two seconds a process on two cores).
 """
 
 import itertools
+import json
 import os
 import re
 import subprocess
@@ -317,3 +318,23 @@ def test_example_under_torchrun():
                      result.stdout)
     assert line, result.stdout
     assert all(float(err) < 1e-4 for err in line.groups()), line[0]
+
+
+@pytest.mark.distributed
+def test_benchmark_under_torchrun():
+    """examples/ring_attention_benchmark.py runs (tiny, on two CPU processes) and reports
+    what the README says it reports."""
+    script = Path(__file__).resolve().parents[1] / "examples" / "ring_attention_benchmark.py"
+    if not script.is_file():
+        pytest.skip("examples/ring_attention_benchmark.py is not here")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+         "2", str(script), "--seq-len-per-rank", "32", "--heads", "2", "--dim-head", "8",
+         "--dtype", "float32", "--warmup", "1", "--iters", "2"],
+        capture_output=True, text=True, timeout=GROUP_TIMEOUT_S,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["world"] == 2 and report["seq_len"] == 64
+    assert report["step_ms"] > 0
+    assert report["tokens_per_s_per_rank"] == pytest.approx(32e3 / report["step_ms"], rel=0.01)
