@@ -154,8 +154,7 @@ def _check_ring(world, *, causal, b=2, h=4, hk=4, chunk=3, nk_chunk=None, d=8, d
         _assert_close(name, got, shard(ref), dtype)
     if wrt:
         # Each rank's share: its own queries' part, summed over the ranks.
-        _assert_close("dscale", _sum_over_ranks(grads[3], group), ref_grads[3],
-                      torch.float32)
+        _assert_close("dscale", _sum_over_ranks(grads[3], group), ref_grads[3], dtype)
 
 
 def _case_plain(rank, world):
@@ -183,6 +182,11 @@ def _case_cross_attention_gqa(rank, world):
 
 def _case_causal_bfloat16(rank, world):
     _check_ring(world, causal=True, hk=2, dtype=torch.bfloat16)
+
+
+def _case_bfloat16_scale_tensor(rank, world):
+    # With a scale gradient the partial outputs stay in float32 (as in one process).
+    _check_ring(world, causal=False, scale="per-head", dtype=torch.bfloat16)
 
 
 def _case_subgroup(rank, world):

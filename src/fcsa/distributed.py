@@ -201,7 +201,8 @@ def _merge(out, lse, part_out, part_lse):
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, scale, scale_value, groups, causal, l2norm_qk, group):
+    def forward(ctx, q, k, v, scale, scale_value, groups, causal, l2norm_qk, float32_out,
+                group):
         ring = _Ring(group)
         n = q.shape[2]
         flags = (scale_value, groups)
@@ -212,13 +213,12 @@ class _RingAttention(torch.autograd.Function):
             transfer = ring.pass_on(kv, _KV_TAG) if step + 1 < ring.size else None
             rows, keys, block_causal = _blocks(ring.rank, (ring.rank - step) % ring.size,
                                                n, causal)
-            # float32_out: the partial results are combined, and the backward takes
-            # delta = <dO, O> from the combination, unrounded.
             part_out, part_lse = torch.ops.fcsa.forward(
                 q[:, :, rows], kv[0][:, :, keys], kv[1][:, :, keys], None, None, scale,
-                *flags, block_causal, l2norm_qk, False, True, True)
+                *flags, block_causal, l2norm_qk, False, True, float32_out)
             if out is None:  # step 0: this rank's own keys, which cover every row
-                out, lse = part_out, part_lse
+                # Combined in float32; the backward takes delta = <dO, O> from it.
+                out, lse = part_out.float(), part_lse
             else:
                 _merge(out[:, :, rows], lse[:, :, rows], part_out, part_lse)
             if transfer is not None:
@@ -268,7 +268,7 @@ class _RingAttention(torch.autograd.Function):
                 kv = tuple(transfer.wait())
         dk, dv = dkv.wait()
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dscale,
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 def ring_attention(q, k, v, group=None, *, causal=False, scale=8, groups=1, l2norm_qk=True,
@@ -320,8 +320,13 @@ def ring_attention(q, k, v, group=None, *, causal=False, scale=8, groups=1, l2no
     q = _ops.last_dim_contiguous(x.q)
     k, v = x.k.contiguous(), x.v.contiguous()
     scale_t = None if x.scale is None else x.scale.float().contiguous()
+    # As in flash_cosine_sim_attention: 16-bit partial outputs, but for dscale, a sum
+    # that cancels, whose delta = <dO, O> needs O unrounded. (The Hopper forward writes
+    # 16-bit outputs only.)
+    float32_out = (q.dtype != torch.float32 and scale_t is not None and
+                   scale_t.requires_grad and torch.is_grad_enabled())
     out, lse = _RingAttention.apply(q, k, v, scale_t, x.scale_value, int(groups), causal,
-                                    l2norm_qk, group)
+                                    l2norm_qk, float32_out, group)
     return (out, lse) if return_lse else out
 
 
