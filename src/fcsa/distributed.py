@@ -24,6 +24,7 @@ import numbers
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from . import _ops
 from ._inputs import KERNEL_DTYPES, canonical_inputs, check_flags
@@ -230,6 +231,7 @@ class _RingAttention(torch.autograd.Function):
         return out.to(q.dtype), lse
 
     @staticmethod
+    @once_differentiable  # fcsa's backward has no derivative: say so on a double backward
     def backward(ctx, dout, _dlse):
         q, k, v, scale, out, lse = ctx.saved_tensors
         scale_value, groups, causal, l2norm_qk = ctx.flags
