@@ -140,8 +140,9 @@ class _GatherSequence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         # Every rank's result depends on every rank's part: a part's gradient is the
-        # sum over the ranks of the gradients of their results. (An all-reduce, where
-        # a reduce-scatter would move less: gloo has none.)
+        # sum over the ranks of the gradients of their results. (An all-reduce, which
+        # every backend has; a reduce-scatter would move less, but older torch's gloo
+        # lacks it, and gathering a sequence is not on the training path.)
         grad = grad.clone(memory_format=torch.contiguous_format)  # autograd's, or the caller's
         dist.all_reduce(grad, group=ctx.group)
         return shard_sequence(grad, ctx.dim, ctx.group, ctx.causal), None, None, None
