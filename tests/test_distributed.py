@@ -29,6 +29,11 @@ from fcsa.distributed import (RingCosineSimAttention, gather_sequence, ring_atte
 # step's partial result (16-bit gradients: each step's share rounds once before the
 # float32 sum).
 ATOL = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2}
+# Where torch was built without torch.distributed (or gloo), only the one-process
+# tests run.
+needs_gloo = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()),
+    reason="needs torch.distributed with gloo")
 # A group that has not finished by then is stuck (a mismatched send, say): fail, do not hang.
 GROUP_TIMEOUT_S = 120
 
@@ -296,17 +301,20 @@ CASES = {name[len("_case_"):]: fn for name, fn in globals().items()
 
 
 @pytest.mark.distributed
+@needs_gloo
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_ring_attention_matches_one_process(world, tmp_path):
     _run_group(world, tmp_path, [name for name in CASES if name not in ("errors",)])
 
 
 @pytest.mark.distributed
+@needs_gloo
 def test_errors_name_the_argument(tmp_path):
     _run_group(2, tmp_path, ["errors"])
 
 
 @pytest.mark.distributed
+@needs_gloo
 def test_example_under_torchrun():
     """examples/ring_attention.py as the README runs it, on two CPU processes."""
     example = Path(__file__).resolve().parents[1] / "examples" / "ring_attention.py"
@@ -325,6 +333,7 @@ def test_example_under_torchrun():
 
 
 @pytest.mark.distributed
+@needs_gloo
 def test_benchmark_under_torchrun():
     """examples/ring_attention_benchmark.py runs (tiny, on two CPU processes) and reports
     what the README says it reports."""
