@@ -56,6 +56,9 @@ def main():
         differences = ", ".join(f"{name} {err.item():.2e}" for name, err in errors.items())
         print(f"{world} ranks, {n} positions, {args.dtype}: largest difference from one "
               f"process: {differences}")
+    # Every rank done before any tears down: a peer that leaves early can abort a gloo
+    # rank still shutting down.
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -103,6 +103,9 @@ def main():
             "tokens_per_s_per_rank": round(n * args.batch / seconds, 1),
             "tflops_per_rank": round(flops / world / seconds / 1e12, 3),
             "peak_memory_gib": round(peak / 2**30, 3)}))
+    # Every rank done before any tears down: a peer that leaves early can abort a gloo
+    # rank still shutting down.
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -104,6 +104,7 @@ def _worker(rank, world, store, cases):
     try:
         for name in cases:
             CASES[name](rank, world)
+        dist.barrier()  # every rank done before any tears down
     finally:
         dist.destroy_process_group()
 
@@ -325,7 +326,7 @@ def test_example_under_torchrun():
          "2", str(example), "--seq-len", "48"],
         capture_output=True, text=True, timeout=GROUP_TIMEOUT_S,
         env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     line = re.search(r"2 ranks, 48 positions, float32: .*: out (\S+), dq (\S+), dk (\S+)",
                      result.stdout)
     assert line, result.stdout
@@ -346,7 +347,7 @@ def test_benchmark_under_torchrun():
          "--dtype", "float32", "--warmup", "1", "--iters", "2"],
         capture_output=True, text=True, timeout=GROUP_TIMEOUT_S,
         env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["world"] == 2 and report["seq_len"] == 64
     assert report["step_ms"] > 0

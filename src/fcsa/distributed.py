@@ -59,24 +59,27 @@ class _Ring:
         call it in the same order: the transfers are matched by their order, and by
         tag (tag + i for the i-th tensor) where the backend has tags (gloo)."""
         if self.size == 1:
-            return _Transfer([], tensors)
+            return _Transfer([], tensors, tensors)
         received = [torch.empty_like(t) for t in tensors]
         ops = [dist.P2POp(dist.isend, t, self.next, self.group, tag + i)
                for i, t in enumerate(tensors)]
         ops += [dist.P2POp(dist.irecv, t, self.prev, self.group, tag + i)
                 for i, t in enumerate(received)]
-        return _Transfer(dist.batch_isend_irecv(ops), received)
+        return _Transfer(dist.batch_isend_irecv(ops), tensors, received)
 
 
 class _Transfer:
-    def __init__(self, requests, received):
-        self.requests, self.received = requests, received
+    def __init__(self, requests, sent, received):
+        # The tensors being sent stay referenced until the transfer is waited for: on a
+        # GPU the communication stream may still read them after Python lets go.
+        self.requests, self.sent, self.received = requests, sent, received
 
     def wait(self):
         """The received tensors, once every send and receive has completed (on a GPU:
         once the current stream waits for them)."""
         for request in self.requests:
             request.wait()
+        self.sent = None
         return self.received
 
 
