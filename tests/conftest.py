@@ -9,6 +9,7 @@ def pytest_configure(config):
     # Also declared in pyproject.toml; registering here keeps `pytest tests/` warning-free
     # from any directory.
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU and libfcsa built with CUDA")
+    config.addinivalue_line("markers", "distributed: starts several processes (gloo on the CPU)")
 
 
 def cuda_ready() -> bool:

@@ -205,3 +205,28 @@ def test_module_training_step_reduces_loss():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] * 0.9
+
+
+def test_backward_with_combined_out_and_lse_gives_each_key_blocks_share():
+    """The kernel support ring attention is built on: fcsa::backward over a part of the
+    keys, given the out and lse of the attention over all of them, returns that part's
+    dk, dv and its share of dq and dscale."""
+    b, h, hk, n, d = 2, 4, 2, 13, 16
+    q, k, v = torch.randn(b, h, n, d), torch.randn(b, hk, n, d), torch.randn(b, hk, n, d)
+    scale = torch.rand(h) * 4 + 4
+    dout = torch.randn(b, h, n, d)
+    flags = (8.0, 1, False, True, False)  # scale_value, groups, causal, l2norm_qk, det.
+    out, lse = torch.ops.fcsa.forward(q, k, v, None, None, scale, *flags, True, False)
+    whole = torch.ops.fcsa.backward(dout, q, k, v, None, None, scale, out, lse, *flags,
+                                    False, True)
+    cut = 5
+    parts = [torch.ops.fcsa.backward(dout, q, k[:, :, keys], v[:, :, keys], None, None,
+                                     scale, out, lse, *flags, False, True)
+             for keys in (slice(0, cut), slice(cut, n))]
+    dq, dk, dv, _, dscale = whole
+    torch.testing.assert_close(parts[0][0] + parts[1][0], dq, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat([parts[0][1], parts[1][1]], 2), dk,
+                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat([parts[0][2], parts[1][2]], 2), dv,
+                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(parts[0][4] + parts[1][4], dscale, atol=1e-5, rtol=1e-5)

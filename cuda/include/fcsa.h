@@ -187,7 +187,11 @@ FCSA_API void fcsa_options_init(fcsa_options *options);
  *                      replaces options.scale; dscale receives d(loss)/d(scale).
  *   lse              : float32 (b, h, nq): log sum_j exp(s_ij), -inf for a row that
  *                      sees no key. Optional in the forward, required in the backward
- *                      (the forward's lse of the same inputs).
+ *                      (the forward's lse of the same inputs; or, with out, those of
+ *                      the attention over a superset of these keys, combined through
+ *                      lse: the backward then gives this subset's share of each
+ *                      gradient, as ring attention needs; P = exp(s - lse) <= 1 holds
+ *                      all the more).
  *   out (float32)    : with float16/bfloat16 q, the forward writes out unrounded, and
  *                      the backward takes delta_i = <dO_i, O_i> from it: the gradients
  *                      that sum dS over the keys (dscale, dbias of a bias broadcast over

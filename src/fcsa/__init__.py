@@ -19,7 +19,7 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
     import torch  # noqa: F401
 
-from . import _lib
+from . import _lib, distributed
 from .attention import (flash_cosine_sim_attention, l2norm_tensors,
                         plain_cosine_sim_attention)
 from .kvcache import flash_cosine_sim_attention_with_kvcache
@@ -33,6 +33,7 @@ __all__ = [
     "compiled_sm_targets",
     "cuda_available",
     "cuda_compiled",
+    "distributed",
     "flash_cosine_sim_attention",
     "flash_cosine_sim_attention_varlen",
     "flash_cosine_sim_attention_with_kvcache",

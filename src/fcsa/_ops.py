@@ -137,7 +137,14 @@ def backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Te
                 need_dscale: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """dq, dk, dv, and dbias (bias' shape) and dscale (scale's shape) when asked for,
     else tensors of shape (0,) in their place. out is the forward's, in q's dtype or
-    float32; dout is in q's dtype; both have v's head dim."""
+    float32; dout is in q's dtype; both have v's head dim.
+
+    out and lse may also be those of the attention over a larger set of keys, of which
+    k and v are a part (combined through lse, as ring attention does): the kernel takes
+    P = exp(s - lse) and delta = <dout, out> from them as given, so the results are
+    then this part's share: dk, dv for these keys, and the terms of dq, dbias and
+    dscale that these keys contribute (summing the shares over the parts gives the
+    gradients of the whole attention)."""
     dq, dk, dv, dbias, dscale = _backward_outputs(q, k, v, bias, scale, need_dbias,
                                                   need_dscale, torch.empty)
     tensors = dict(q=describe(q), k=describe(k), v=describe(v), mask=describe(mask),

@@ -67,6 +67,15 @@ class CosineSimAttention(nn.Module):
         if cu_seqlens is not None or cu_seqlens_context is not None:
             return self._forward_packed(x, context, mask, attn_bias, cu_seqlens,
                                         cu_seqlens_context)
+        q, k, v = self._project(x, context)
+        out = flash_cosine_sim_attention(q, k, v, mask=mask, attn_bias=attn_bias,
+                                         scale=self.scale, groups=self.groups,
+                                         causal=self.causal)
+        return self._merge_heads(out)
+
+    def _project(self, x, context):
+        """q (b, heads, n, dim_head), k and v (b, kv_heads, m, dim_head[_v]) of x and
+        the context (x itself when None)."""
         context = x if context is None else context
         b, n, _ = x.shape
         m = context.shape[1]
@@ -76,11 +85,12 @@ class CosineSimAttention(nn.Module):
             [self.kv_heads * self.dim_head, self.kv_heads * self.dim_head_v], dim=-1)
         k = k.reshape(b, m, self.kv_heads, self.dim_head).transpose(1, 2)
         v = v.reshape(b, m, self.kv_heads, self.dim_head_v).transpose(1, 2)
-        out = flash_cosine_sim_attention(q, k, v, mask=mask, attn_bias=attn_bias,
-                                         scale=self.scale, groups=self.groups,
-                                         causal=self.causal)
-        out = out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head_v)
-        return self.to_out(out)
+        return q, k, v
+
+    def _merge_heads(self, out):
+        """The attention's (b, heads, n, dim_head_v) through the output projection."""
+        b, _, n, _ = out.shape
+        return self.to_out(out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head_v))
 
     def _forward_packed(self, x, context, mask, attn_bias, cu_seqlens, cu_seqlens_context):
         if cu_seqlens is None:
