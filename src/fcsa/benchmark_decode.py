@@ -68,12 +68,16 @@ def parse_args(argv=None):
     return args
 
 
-def median_ms(fn, device, runs, warmup):
-    """The median time of fn() in milliseconds, its min and max."""
+def median_ms(fn, device, runs, warmup, reset=None):
+    """The median time of fn() in milliseconds, its min and max; reset() (untimed) before each."""
     for _ in range(warmup):
+        if reset:
+            reset()
         fn()
     times = []
     for _ in range(runs):
+        if reset:
+            reset()
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()

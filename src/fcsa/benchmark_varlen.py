@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
+
+from fcsa.benchmark_decode import median_ms
+
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MODES = ("fwd", "bwd")
@@ -60,30 +61,6 @@ def parse_args(argv=None):
     if args.docs < 1 or args.heads % args.kv_heads != 0:
         p.error("--docs must be positive and --heads a multiple of --kv-heads")
     return args
-
-
-def median_ms(fn, device, runs, warmup, reset=None):
-    """The median time of fn() in milliseconds, its min and max; reset() (untimed) before each."""
-    for _ in range(warmup):
-        if reset:
-            reset()
-        fn()
-    times = []
-    for _ in range(runs):
-        if reset:
-            reset()
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), min(times), max(times)
 
 
 def inputs(args, lengths):
