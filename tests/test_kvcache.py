@@ -124,6 +124,7 @@ def check_kvcache(device, dtype, *, b=4, h=8, hk=2, nq=1, d=32, d_v=None, capaci
     # Element by element, NaN where NaN was left.
     assert torch.equal(k_cache.isnan(), k_expected.isnan())
     assert torch.equal(k_cache.nan_to_num(), k_expected.nan_to_num())
+    assert torch.equal(v_cache.isnan(), v_expected.isnan())
     assert torch.equal(v_cache.nan_to_num(), v_expected.nan_to_num())
 
     kwargs = dict(scale=scale, groups=groups, causal=causal, l2norm_qk=l2norm_qk)
@@ -246,6 +247,38 @@ def test_float16_logits_beyond_its_range():
     check_kvcache("cuda", torch.float16, b=1, h=16, hk=1, nq=1, d=64, capacity=300,
                   page_size=None, lengths=[300], n_new=0, l2norm_qk=False, scale=8.0, q_scale=1e4,
                   k_scale=1e-3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_block_table_is_a_paged_cache_of_no_keys(device):
+    # An empty table has no data pointer: still a paged cache, of capacity 0.
+    q = torch.randn(2, 2, 1, 8).to(device)
+    k_cache, v_cache = (torch.randn(2, 2, 4, 8).to(device) for _ in range(2))
+    table = torch.empty(2, 0, dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="cache_seqlens"):
+        fcsa.flash_cosine_sim_attention_with_kvcache(
+            q, k_cache, v_cache, torch.tensor([3, 3], dtype=torch.int32, device=device),
+            block_table=table)
+    out, lse = fcsa.flash_cosine_sim_attention_with_kvcache(q, k_cache, v_cache, None,
+                                                            block_table=table, return_lse=True)
+    assert (out == 0).all() and (lse == float("-inf")).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("table", [[[0, 0]], [[0], [0]]], ids=["within", "across"])
+def test_appends_into_one_slot_twice_are_refused(table, device):
+    # page_size 1: a block listed twice where keys are appended would take two writes.
+    table = torch.tensor(table, dtype=torch.int32, device=device)
+    b, n_new = table.shape[0], 2 if table.shape[1] == 2 else 1
+    q = torch.randn(b, 2, n_new, 8).to(device)
+    k_cache, v_cache = (torch.randn(4, 2, 1, 8).to(device) for _ in range(2))
+    before = k_cache.clone()
+    k_new, v_new = (torch.randn(b, 2, n_new, 8).to(device) for _ in range(2))
+    with pytest.raises(ValueError, match="block_table"):
+        fcsa.flash_cosine_sim_attention_with_kvcache(
+            q, k_cache, v_cache, torch.zeros(b, dtype=torch.int32, device=device), k=k_new,
+            v=v_new, block_table=table)
+    assert torch.equal(k_cache, before)
 
 
 def test_value_head_dim_on_cpu():

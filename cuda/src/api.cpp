@@ -14,6 +14,7 @@
 #include <limits>
 #include <new>
 #include <string>
+#include <unordered_set>
 #include <vector>
 
 #include "backends.h"
@@ -934,6 +935,22 @@ fcsa_status check_cache_values(const KvCacheProblem &kv) {
                                  (long long)batch, (long long)i, (long long)block, (long long)(kv.num_blocks - 1));
         }
     }
+    // Appended keys must land in distinct slots (a block listed twice where keys are
+    // appended would have two writes race, and a sequence read another's new key).
+    if (kv.paged() && kv.nq_new > 0) {
+        std::unordered_set<int64_t> written;
+        for (int64_t batch = 0; batch < p.b; ++batch)
+            for (int64_t t = 0; t < kv.nq_new; ++t) {
+                const int64_t position = kv.cached_keys(batch) + t;
+                const int64_t block = kv.block_table[batch * kv.block_table_stride + position / kv.page_size];
+                if (!written.insert(block * kv.page_size + position % kv.page_size).second)
+                    return set_error(FCSA_STATUS_INVALID_ARGUMENT,
+                                     "block_table: sequence %lld appends key %lld into block %lld, row %lld, where "
+                                     "another appended key goes too",
+                                     (long long)batch, (long long)position, (long long)block,
+                                     (long long)(position % kv.page_size));
+            }
+    }
     return FCSA_STATUS_SUCCESS;
 }
 
@@ -960,7 +977,10 @@ fcsa_status validate_kvcache(const fcsa_options *given_options, const fcsa_kvcac
             return set_error(FCSA_STATUS_INVALID_ARGUMENT, "block_table: expected shape (%lld, max_blocks), got %s",
                              (long long)p.b, shape_string(table).c_str());
         FCSA_RETURN_IF_ERROR(check_same_device("block_table", table, p));
-        kv.block_table = static_cast<const int32_t *>(table.data);
+        // An empty table has no data pointer, yet it makes the cache paged (of capacity 0):
+        // a sentinel that no entry is ever read from.
+        static const int32_t kNoBlocks = 0;
+        kv.block_table = table.data != nullptr ? static_cast<const int32_t *>(table.data) : &kNoBlocks;
         kv.max_blocks = table.shape[1];
         kv.block_table_stride = table.shape[0] > 1 ? table.strides[0] : 0;
     }

@@ -238,6 +238,15 @@ def check_cache_values(cache_seqlens: Optional[Tensor], block_table: Optional[Te
         batch, i = (int(x) for x in outside.nonzero()[0])
         raise ValueError(f"block_table[{batch}, {i}] is {int(block_table[batch, i])}, "
                          f"expected a block of the cache, 0 to {num_blocks - 1}")
+    if block_table is not None and n_new > 0 and block_table.shape[0] > 0:
+        # Appends write key positions lengths - n_new .. lengths - 1 of each sequence:
+        # no two may land in the same (block, row), or the writes race.
+        position = (lengths - n_new)[:, None] + torch.arange(n_new, device=block_table.device)[None, :]
+        blocks = torch.gather(block_table.long(), 1, position // page_size)
+        slots = (blocks * page_size + position % page_size).flatten()
+        if torch.unique(slots).numel() != slots.numel():
+            raise ValueError("block_table: two appended keys would be written to the same cache "
+                             "slot (a block used twice where keys are appended)")
 
 
 def _kvcache_forward(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new, scale,

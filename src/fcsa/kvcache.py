@@ -125,6 +125,9 @@ def flash_cosine_sim_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=N
     if groups < 1 or d % groups != 0:
         raise ValueError(f"groups must be a positive divisor of the head dim {d}, got {groups}")
     scale_t, scale_value = _canonical_scale(scale, h, q)
+    if scale_t is not None and scale_t.requires_grad and torch.is_grad_enabled():
+        raise NotImplementedError("scale: KV-cache attention is forward only, and this scale "
+                                  "requires grad (pass scale.detach(), or run under torch.no_grad())")
     if scale_t is not None:
         scale_t = scale_t.detach().float().contiguous()
     q, k, v = map(_ops.last_dim_contiguous, (q, k, v))
