@@ -27,6 +27,14 @@ struct View {
     int64_t stride[4] = {0, 0, 0, 0}; // elements; 0 on every dimension of size 1
 
     bool present() const { return data != nullptr; }
+    // Rows may be read and written with 16-byte vectors (cp.async, uint4): the base and
+    // every stride but the contiguous last one are multiples of 16 bytes.
+    bool rows_16byte_aligned(int64_t element_bytes) const {
+        if (reinterpret_cast<uintptr_t>(data) % 16 != 0) return false;
+        for (int i = 0; i < 3; ++i)
+            if ((stride[i] * element_bytes) % 16 != 0) return false;
+        return true;
+    }
     int64_t offset(int64_t i0, int64_t i1, int64_t i2, int64_t i3) const {
         return i0 * stride[0] + i1 * stride[1] + i2 * stride[2] + i3 * stride[3];
     }

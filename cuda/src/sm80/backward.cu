@@ -173,20 +173,13 @@ Plan plan_workspace(const Problem &p, int smem_limit) {
     return plan;
 }
 
-bool aligned16(const View &v, size_t elem) {
-    if (reinterpret_cast<uintptr_t>(v.data) % 16 != 0) return false;
-    for (int i = 0; i < 3; ++i)
-        if ((v.stride[i] * int64_t(elem)) % 16 != 0) return false;
-    return true;
-}
-
 Rows rows_of(const View &v, size_t elem) {
     Rows r;
     r.data = v.data;
     r.stride_b = v.stride[0];
     r.stride_h = v.stride[1];
     r.stride_row = v.stride[2];
-    r.aligned16 = aligned16(v, elem);
+    r.aligned16 = v.rows_16byte_aligned(int64_t(elem));
     return r;
 }
 
@@ -196,7 +189,7 @@ OutRows out_rows_of(const View &v, size_t elem) {
     r.stride_b = v.stride[0];
     r.stride_h = v.stride[1];
     r.stride_row = v.stride[2];
-    r.aligned16 = aligned16(v, elem);
+    r.aligned16 = v.rows_16byte_aligned(int64_t(elem));
     return r;
 }
 

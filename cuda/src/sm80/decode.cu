@@ -30,10 +30,7 @@ fcsa_status plan_call(const KvCacheProblem &kv, Plan *plan) {
 bool rows_aligned(const View &cache) {
     const int64_t size = cache.dtype == FCSA_DTYPE_FLOAT32 ? 4 : 2;
     if (cache.shape[0] * cache.shape[1] * cache.shape[2] * cache.shape[3] == 0) return true; // never read
-    if (reinterpret_cast<uintptr_t>(cache.data) % 16 != 0) return false;
-    for (int i = 0; i < 3; ++i)
-        if (cache.stride[i] * size % 16 != 0) return false;
-    return true;
+    return cache.rows_16byte_aligned(size);
 }
 
 } // namespace

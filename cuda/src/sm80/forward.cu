@@ -29,15 +29,6 @@ constexpr int64_t kKeyNormPassMinQueries = 2048;
 // widest key tile), so that the kernel copies whole tiles' worth.
 int64_t key_norm_stride(const Problem &p) { return (p.nk + 63) / 64 * 64; }
 
-// Rows of q/k/v/out may be read with 16-byte vectors when the base pointer and every
-// stride except the contiguous last one are multiples of 16 bytes.
-bool rows_16byte_aligned(const View &view, int element_bytes) {
-    if (reinterpret_cast<uintptr_t>(view.data) % 16 != 0) return false;
-    for (int i = 0; i < 3; ++i)
-        if ((view.stride[i] * element_bytes) % 16 != 0) return false;
-    return true;
-}
-
 ForwardParams make_params(const Problem &p, int block_m) {
     const int element_bytes = p.dtype == FCSA_DTYPE_FLOAT32 ? 4 : 2;
     ForwardParams f{};
@@ -75,10 +66,10 @@ ForwardParams make_params(const Problem &p, int block_m) {
     f.logits_bounded = p.logits_bounded();
     f.bias_is_f32 = p.bias.present() && p.bias.dtype == FCSA_DTYPE_FLOAT32;
     f.out_f32 = p.out.dtype == FCSA_DTYPE_FLOAT32 && p.dtype != FCSA_DTYPE_FLOAT32;
-    f.vec_q = rows_16byte_aligned(p.q, element_bytes);
-    f.vec_k = rows_16byte_aligned(p.k, element_bytes);
-    f.vec_v = rows_16byte_aligned(p.v, element_bytes);
-    f.vec_out = rows_16byte_aligned(p.out, element_bytes);
+    f.vec_q = p.q.rows_16byte_aligned(element_bytes);
+    f.vec_k = p.k.rows_16byte_aligned(element_bytes);
+    f.vec_v = p.v.rows_16byte_aligned(element_bytes);
+    f.vec_out = p.out.rows_16byte_aligned(element_bytes);
     return f;
 }
 
@@ -95,7 +86,7 @@ bool key_norm_pass(const Problem &p) {
     // query tiles only).
     const int64_t queries = p.varlen() ? p.nq / (p.sequences > 0 ? p.sequences : 1) : p.nq;
     return p.l2norm && p.groups == 1 && p.nk > 0 && queries >= min_queries && blocks <= INT32_MAX &&
-           rows_16byte_aligned(p.k, element_bytes);
+           p.k.rows_16byte_aligned(element_bytes);
 }
 
 template <typename T, int D, int DV> fcsa_status run(const Problem &p, void *workspace, cudaStream_t stream) {

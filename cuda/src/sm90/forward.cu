@@ -50,11 +50,9 @@ PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
 // contiguous rows, every other stride a multiple of 16 bytes, and no broadcast (stride
 // 0) over a dimension of more than one element.
 bool tma_readable(const View &view) {
-    if (reinterpret_cast<uintptr_t>(view.data) % 16 != 0 || view.stride[3] != 1) return false;
-    for (int i = 0; i < 3; ++i) {
-        if ((view.stride[i] * 2) % 16 != 0 || view.stride[i] * 2 >= (int64_t(1) << 40)) return false;
-        if (view.shape[i] > 1 && view.stride[i] == 0) return false;
-    }
+    if (!view.rows_16byte_aligned(2) || view.stride[3] != 1) return false;
+    for (int i = 0; i < 3; ++i)
+        if (view.stride[i] * 2 >= (int64_t(1) << 40) || (view.shape[i] > 1 && view.stride[i] == 0)) return false;
     return true;
 }
 
@@ -119,8 +117,7 @@ template <typename T, int D> fcsa_status run(const Problem &p, void *workspace, 
     // in this one (notes); FCSA_SM90_PINGPONG=1 turns it on, for that measurement.
     const char *ping_pong = std::getenv("FCSA_SM90_PINGPONG");
     f.ping_pong = ping_pong != nullptr && ping_pong[0] == '1';
-    f.vec_out = reinterpret_cast<uintptr_t>(p.out.data) % 16 == 0 && (p.out.stride[0] * 2) % 16 == 0 &&
-                (p.out.stride[1] * 2) % 16 == 0 && (p.out.stride[2] * 2) % 16 == 0;
+    f.vec_out = p.out.rows_16byte_aligned(2);
     if (const fcsa_status st =
             common::run_key_norm_pass<T>(p, inv_norm, key_norm_stride(p), stream, "cuda-sm90 forward"))
         return st;
