@@ -102,9 +102,7 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads, 1)
             tma_prefetch_map(&p.k_map);
             tma_prefetch_map(&p.v_map);
             mbarrier_arrive_expect_tx(q_full, QTile::kBytes);
-#pragma unroll
-            for (int cb = 0; cb < D / 64; ++cb)
-                tma_load_4d(sQ + cb * BM * 64, &p.q_map, q_full, cb * 64, m0, hq, bi);
+            tma_load_tile<BM, D>(sQ, &p.q_map, q_full, m0, hq, bi);
         }
         const float *key_inv_norms =
             p.k_inv_norm + (int64_t(bi) * (p.heads / p.heads_per_kv) + kvh) * p.k_inv_norm_stride;
@@ -115,9 +113,7 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads, 1)
             if (round > 0) mbarrier_wait(&k_empty[s], (round - 1) & 1);
             if (lane == 0) {
                 mbarrier_arrive_expect_tx(&k_full[s], KTile::kBytes);
-#pragma unroll
-                for (int cb = 0; cb < D / 64; ++cb)
-                    tma_load_4d(sK + s * (BN * D) + cb * BN * 64, &p.k_map, &k_full[s], cb * 64, j0, kvh, bi);
+                tma_load_tile<BN, D>(sK + s * (BN * D), &p.k_map, &k_full[s], j0, kvh, bi);
             }
             static_assert(BN == 32 * 4, "one float4 of 1 / ||k|| per lane");
             reinterpret_cast<float4 *>(sKInv + s * BN)[lane] =
@@ -126,9 +122,7 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads, 1)
             if (round > 0) mbarrier_wait(&v_empty[s], (round - 1) & 1);
             if (lane == 0) {
                 mbarrier_arrive_expect_tx(&v_full[s], KTile::kBytes);
-#pragma unroll
-                for (int cb = 0; cb < D / 64; ++cb)
-                    tma_load_4d(sV + s * (BN * D) + cb * BN * 64, &p.v_map, &v_full[s], cb * 64, j0, kvh, bi);
+                tma_load_tile<BN, D>(sV + s * (BN * D), &p.v_map, &v_full[s], j0, kvh, bi);
             }
         }
         return;
