@@ -339,13 +339,18 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads, 1)
 
 template <typename T, int D> bool forward_compiled() {
 #if defined(FCSA_SM90A_TARGET)
-    // The image the device loads is the sm_90a one (a 9.0 device never loads a newer one).
-    cudaFuncAttributes attributes;
-    if (cudaFuncGetAttributes(&attributes, forward_kernel<T, D>) != cudaSuccess) {
-        cudaGetLastError();
-        return false;
-    }
-    return attributes.binaryVersion == 90;
+    // Asked on a compute capability 9.0 device only (sm90_forward_supports), whose loaded
+    // image is the sm_90a one when the build has it: the answer never changes, so the
+    // query runs once.
+    static const bool compiled = [] {
+        cudaFuncAttributes attributes;
+        if (cudaFuncGetAttributes(&attributes, forward_kernel<T, D>) != cudaSuccess) {
+            cudaGetLastError();
+            return false;
+        }
+        return attributes.binaryVersion == 90;
+    }();
+    return compiled;
 #else
     return false; // no sm_90a compilation: every image of the kernel is empty
 #endif
