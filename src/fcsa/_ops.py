@@ -177,19 +177,24 @@ def _setup_context(ctx, inputs, output):
     ctx.has_lse = need_lse
 
 
-def _backward(ctx, dout, _dlse):
+def _check_backward_possible(ctx):
+    """What every fused backward needs: no graph of its own to build, and the forward's lse."""
     # Autograd runs a backward with grad mode on only when asked for create_graph=True.
-    # fcsa.backward has no derivative of its own: refuse here rather than let a second
-    # backward fail without saying why.
+    # The fused backward has no derivative of its own: refuse here rather than let a
+    # second backward fail without saying why.
     if torch.is_grad_enabled():
         raise NotImplementedError(
             "fcsa: double backward (create_graph=True) is not supported: the fused "
             "backward is not differentiable; use fcsa.plain_cosine_sim_attention for "
             "higher-order gradients")
-    q, k, v, mask, bias, scale, out, lse = ctx.saved_tensors
     if not ctx.has_lse:
         raise RuntimeError("fcsa: the forward ran without lse, so it cannot be "
                            "differentiated (no input required grad when it ran)")
+
+
+def _backward(ctx, dout, _dlse):
+    _check_backward_possible(ctx)
+    q, k, v, mask, bias, scale, out, lse = ctx.saved_tensors
     need_dbias = bias is not None and ctx.needs_input_grad[4]
     need_dscale = scale is not None and ctx.needs_input_grad[5]
     # With a float32 out, dout arrives in float32 too: it is the gradient of the caller's
@@ -400,14 +405,8 @@ def _varlen_setup_context(ctx, inputs, output):
 
 
 def _varlen_backward(ctx, dout, _dlse):
-    if torch.is_grad_enabled():
-        raise NotImplementedError(
-            "fcsa: double backward (create_graph=True) is not supported: the fused "
-            "backward is not differentiable")
+    _check_backward_possible(ctx)
     q, k, v, cu_seqlens_q, cu_seqlens_k, scale, out, lse = ctx.saved_tensors
-    if not ctx.has_lse:
-        raise RuntimeError("fcsa: the forward ran without lse, so it cannot be "
-                           "differentiated (no input required grad when it ran)")
     need_dscale = scale is not None and ctx.needs_input_grad[5]
     dq, dk, dv, dscale = torch.ops.fcsa.varlen_backward(
         last_dim_contiguous(dout.to(q.dtype)), q, k, v, cu_seqlens_q, cu_seqlens_k, scale,
