@@ -199,6 +199,19 @@ def test_shapes_and_flops():
     assert s == benchmark.Shape(4, 8, 512, 64)
     assert benchmark.forward_flops(s, causal=False) == 4 * 4 * 8 * 512 * 512 * 64
     assert benchmark.forward_flops(s, causal=True) == 2 * 4 * 8 * 512 * 512 * 64
+    # v's own head dim: q k^T costs 2 b h n^2 d, P v 2 b h n^2 d_v
+    args = benchmark.parse_args(["--batch", "4", "--heads", "8", "--dim", "192", "--dim-v", "128"])
+    s = benchmark.shape_for(args, 512)
+    assert s == benchmark.Shape(4, 8, 512, 192, 128) and s.value_dim == 128
+    assert benchmark.forward_flops(s, causal=False) == 2 * 4 * 8 * 512 * 512 * (192 + 128)
+
+
+def test_value_head_dim_table(capsys):
+    out = run_cli(capsys, *TINY, "--dim-v", "24", "--seq-lens", "32", "--only-forwards",
+                  "--baselines", "naive")
+    assert "dim 16    dim_v 24" in out and "2*b*h*n*n*(d + d_v)" in out
+    ((n, cells),) = groups(next(iter(sections(out).values())))
+    assert n == 32 and set(cells) == {"fcsa", "naive"}
 
 
 def test_defaults_and_bad_arguments():

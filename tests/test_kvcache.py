@@ -220,8 +220,8 @@ def test_options(option, nq, dtype, device):
 @pytest.mark.parametrize("nq", [1, 3, 16])
 @pytest.mark.parametrize("layout", ["contiguous", "paged16"])
 def test_each_gpu_kernel_on_every_shape(layout, nq, dtype, kernel, monkeypatch):
-    # The library picks the FMA kernel for few packed rows and the tensor cores for many;
-    # FCSA_DECODE_KERNEL forces either, so each is checked on the other's shapes too.
+    # The library picks the tensor cores for 16-bit types; FCSA_DECODE_KERNEL=fma forces
+    # the FMA kernel (float32's and several groups'), so it is checked on these too.
     monkeypatch.setenv("FCSA_DECODE_KERNEL", kernel)
     for d in (32, 128):
         check_kvcache("cuda", dtype, b=3, h=8, hk=2, nq=nq, d=d, capacity=1200,
@@ -231,13 +231,24 @@ def test_each_gpu_kernel_on_every_shape(layout, nq, dtype, kernel, monkeypatch):
 @pytest.mark.cuda
 @pytest.mark.parametrize("kernel", ["fma", "mma"])
 def test_small_shared_memory_gpus(kernel, monkeypatch):
-    # 99 KB per block (sm_86, sm_89, sm_120): the packed rows per CTA shrink to fit
-    # (32 rows of d = 64 on the tensor cores, 32 of d = 256 on the FMA kernel need more).
+    # 99 KB per block (sm_86, sm_89, sm_120): the tensor-core kernel takes its shallow
+    # ring, and the FMA kernel's packed rows per CTA shrink to fit (32 of d = 256 need more).
     monkeypatch.setenv("FCSA_MAX_SHARED_MEMORY", "101376")
     monkeypatch.setenv("FCSA_DECODE_KERNEL", kernel)
     for d, heads in ((64, (32, 4)), (256, (32, 1))):
         check_kvcache("cuda", torch.bfloat16, b=2, h=heads[0], hk=heads[1], nq=3, d=d, capacity=700,
                       page_size=None, lengths=[5, 697], n_new=3)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernel", ["fma", "mma"])
+@pytest.mark.parametrize("d", [64, 256])
+def test_huge_norms_on_the_gpu(d, kernel, monkeypatch):
+    # Rows of norm ~1e20: their sums of squares overflow float32, and both kernels take
+    # the rescaled path (the tensor cores' key norms, the diagonal of K K^T, included).
+    monkeypatch.setenv("FCSA_DECODE_KERNEL", kernel)
+    check_kvcache("cuda", torch.bfloat16, b=2, h=8, hk=2, nq=2, d=d, capacity=300,
+                  page_size=None, lengths=[100, 298], n_new=2, q_scale=1e20, k_scale=1e20)
 
 
 @pytest.mark.cuda

@@ -219,6 +219,8 @@ def check_cache_values(cache_seqlens: Optional[Tensor], block_table: Optional[Te
     CUDA graph is being captured (the values are the caller's business there)."""
     if cache_seqlens is None and block_table is None:
         return
+    if torch.compiler.is_compiling():  # a host copy would break the graph
+        return
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return
     if cache_seqlens is None:
@@ -425,12 +427,13 @@ def check_offset_values(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, total_q: int
     would make every call wait for the device): 0 first, non-decreasing, the totals last,
     and no sequence longer than a max_seqlen given. One small transfer to the host;
     skipped while a CUDA graph is being captured or torch.compile traces."""
-    if (cu_seqlens_q.is_cuda and torch.cuda.is_available()
-            and torch.cuda.is_current_stream_capturing()):
-        return
     # Under torch.compile a host copy would break the graph: there the C library checks
     # host offsets itself, and device ones are the caller's business, as under capture.
+    # (Asked first: the capture query below cannot be traced.)
     if torch.compiler.is_compiling():
+        return
+    if (cu_seqlens_q.is_cuda and torch.cuda.is_available()
+            and torch.cuda.is_current_stream_capturing()):
         return
     offsets = torch.stack([cu_seqlens_q, cu_seqlens_k]).tolist()
     named = (("cu_seqlens_q", offsets[0], total_q, max_seqlen_q, "max_seqlen_q", "q"),

@@ -91,26 +91,33 @@ class Shape:
     heads: int
     seq_len: int
     dim: int
+    dim_v: Optional[int] = None  # v's head dim; None: dim
+
+    @property
+    def value_dim(self) -> int:
+        return self.dim if self.dim_v is None else self.dim_v
 
 
 def shape_for(args, seq_len: int) -> Shape:
     if args.shape == "fa":
         # The FlashAttention papers' sweep: b*n = 16k tokens, h*d = 2048.
-        return Shape(max(1, 16384 // seq_len), max(1, 2048 // args.dim), seq_len, args.dim)
-    return Shape(args.batch, args.heads, seq_len, args.dim)
+        return Shape(max(1, 16384 // seq_len), max(1, 2048 // args.dim), seq_len, args.dim,
+                     args.dim_v)
+    return Shape(args.batch, args.heads, seq_len, args.dim, args.dim_v)
 
 
 def forward_flops(s: Shape, causal: bool) -> float:
-    flops = 4.0 * s.batch * s.heads * s.seq_len * s.seq_len * s.dim
+    # 2 b h n^2 d for q k^T and 2 b h n^2 d_v for P v
+    flops = 2.0 * s.batch * s.heads * s.seq_len * s.seq_len * (s.dim + s.value_dim)
     return flops / 2 if causal else flops
 
 
 def make_inputs(s: Shape, dtype, device, mask_prob: float, gen: torch.Generator):
-    def randn():
-        return torch.randn(s.batch, s.heads, s.seq_len, s.dim, generator=gen,
+    def randn(dim):
+        return torch.randn(s.batch, s.heads, s.seq_len, dim, generator=gen,
                            dtype=torch.float32).to(device=device, dtype=dtype)
 
-    q, k, v = randn(), randn(), randn()
+    q, k, v = randn(s.dim), randn(s.dim), randn(s.value_dim)
     mask = None
     if mask_prob > 0:
         # Exactly round(p * n) keys masked per batch element, chosen at random; key 0 stays
@@ -449,7 +456,7 @@ def memory_child_main(spec: dict) -> int:
         _step_once(impl, q, k, v)
 
     try:
-        step(Shape(s.batch, s.heads, min(s.seq_len, 256), s.dim))
+        step(Shape(s.batch, s.heads, min(s.seq_len, 256), s.dim, s.dim_v))
         _reset_peak_rss()
         idle = _proc_status_bytes("VmRSS")
         step(s)
@@ -591,6 +598,8 @@ def section_header(dtype: str, s: Shape, args, title: str, columns: str) -> str:
         sizes = f"batch: 16384/n    heads: {s.heads}    dim {s.dim}"
     else:
         sizes = f"batch: {s.batch}    heads: {s.heads}    dim {s.dim}"
+    if s.dim_v is not None:
+        sizes += f"    dim_v {s.dim_v}"
     extra = [title]
     if args.causal:
         extra.append("causal")
@@ -865,6 +874,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=None,
                    help="default: float32 on CPU, float32 float16 on CUDA")
     p.add_argument("--dim", type=int, default=64, help="head dimension")
+    p.add_argument("--dim-v", type=int, default=None,
+                   help="v's head dimension, when it differs from --dim (FLOPs: 2*b*h*n*n*(d + d_v))")
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq-lens", type=int, nargs="+", default=None,
@@ -1005,7 +1016,8 @@ def print_header(run: Run, backend, probe_error):
             lines.append(f"forward:   {FORWARD_METHOD}")
         if "bwd" in a.modes:
             lines.append(f"backward:  {BACKWARD_METHOD}")
-        lines.append("flops:     forward 4*b*h*n*n*d" + (" / 2 (causal)" if a.causal else "")
+        lines.append("flops:     forward " + ("4*b*h*n*n*d" if a.dim_v is None else "2*b*h*n*n*(d + d_v)")
+                     + (" / 2 (causal)" if a.causal else "")
                      + ", backward 2.5x, forward+backward 3.5x"
                      + ("; masked keys count as computed" if a.mask_prob > 0 else ""))
         lines.append("table:     each implementation's median time and the min-max of its runs; "
@@ -1135,7 +1147,7 @@ def write_json(run: Run, backend, probe_error, path: str):
         "backward_method": BACKWARD_METHOD,
         "memory_method": (MEMORY_METHOD_CUDA if a.device.type == "cuda" else MEMORY_METHOD_CPU)
         if a.memory else None,
-        "flops": "forward 4*b*h*n*n*d (halved when causal), backward 2.5x, fwd+bwd 3.5x",
+        "flops": "forward 2*b*h*n*n*(d + d_v), 4*b*h*n*n*d when d_v = d (halved when causal), backward 2.5x, fwd+bwd 3.5x",
         "implementations": run.impl_names,
         "notes": run.notes,
         "args": {k: (str(v) if isinstance(v, torch.device) else v)

@@ -20,7 +20,9 @@ struct Plan {
     int block_rows = 0;     // packed query rows per CTA
     int row_blocks = 0;     // CTAs per (sequence, kv head) over the rows
     int splits = 1;         // CTAs per (sequence, kv head, row block) over the keys
-    bool tensor_cores = false; // decode_mma_kernel rather than decode_kernel
+    bool tensor_cores = false; // decode_stream_kernel rather than decode_kernel
+    bool deep = false;         // decode_stream_kernel's deep ring
+    int threads = 0;           // per CTA
     size_t smem = 0;        // dynamic shared memory per CTA
     size_t workspace = 0;   // partial results when splits > 1
 };

@@ -12,10 +12,10 @@
 //  - K and V tiles stream into shared memory with 16-byte cp.async, kStages deep,
 //    rows located through the block table when the cache is paged.
 //  - per tile: key norms, scores, an online softmax with a running maximum (exact for
-//    any logits, l2norm or not), then out += P V, accumulated in float32. The scores and
-//    P V take float FMAs in decode_kernel (few packed rows: plain decoding; float32) and
-//    the tensor cores in decode_mma_kernel (many packed rows in 16 bits: speculative
-//    decoding, chunked prefill), where FMAs would make the step compute-bound.
+//    any logits, l2norm or not), then out += P V, accumulated in float32, on float FMAs:
+//    decode_kernel, for float32 and for several l2norm groups. The 16-bit types with one
+//    group take the tensor cores in decode_stream_kernel.cuh, which shares this file's
+//    parameters, work split, appends and combination.
 // append_kernel writes the new keys into the cache first, on the same stream.
 #pragma once
 
@@ -23,7 +23,6 @@
 #include <cuda_runtime.h>
 
 #include "../common/copy.cuh"
-#include "../common/mma.cuh"
 #include "../common/numeric.cuh"
 
 namespace fcsa {
@@ -33,7 +32,6 @@ namespace decode {
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
 constexpr int kBlockRows = 32;  // packed query rows per CTA of the FMA kernel, at most
-constexpr int kFmaMaxRows = 8;  // more packed rows (16-bit types): the tensor-core kernel
 constexpr int kMaxSplits = 128;
 constexpr int kStages = 2; // K/V tiles in flight per CTA; two CTAs per SM keep ~64 KB loading
 
@@ -407,8 +405,7 @@ __device__ __forceinline__ float row_lse(float max, float sum) {
 
 // ---------------------------------------------------------------- split attention, FMA
 
-// Scores and P V with float FMAs: the kernel for few packed rows (decoding with up to 8
-// query heads per kv head) and for float32.
+// Scores and P V with float FMAs: the kernel for float32 and for several l2norm groups.
 template <typename T, int D> __global__ void __launch_bounds__(kThreads) decode_kernel(const Params p) {
     using Shape = Tile<T, D>;
     constexpr int KT = Shape::kKeys, RS = Shape::kRowStride, CH = Shape::kChunk;
@@ -547,204 +544,6 @@ template <typename T, int D> __global__ void __launch_bounds__(kThreads) decode_
                 make_float4(acc[k][0] * inverse, acc[k][1] * inverse, acc[k][2] * inverse, acc[k][3] * inverse);
             if (column == 0) p.partial_lse[partial] = row_lse(max_s[r], sum);
         }
-    }
-}
-
-// ---------------------------------------------------------------- split attention, tensor cores
-
-// The tensor-core kernel's shapes (16-bit dtypes): up to kMaxRows packed rows in m16
-// tiles, each warp a quarter of the output's columns.
-template <typename T, int D> struct MmaTile {
-    using Shape = Tile<T, D>;
-    static constexpr int kMaxRows = D == 256 ? 32 : 64; // accumulators: 64 floats a thread
-    static constexpr int kMTiles = kMaxRows / 16;
-    static constexpr int kQStride = D + Shape::kChunk;                // q in T, padded like K
-    static constexpr int kPStride = Shape::kKeys + Shape::kChunk;     // weights in T
-    static constexpr int kWarpColumns = D / kWarps;
-    static constexpr int kNBlocks = kWarpColumns / 8;
-    static_assert(kNBlocks % 2 == 0, "n8 blocks come in pairs");
-    // Shared memory: the K/V stages (q's float staging area before the first load), then
-    // q [rows][kQStride] and P [rows][kPStride] in T, scores [rows][kKeys], inverse key
-    // norms [kKeys], max, sum, rescale [rows] in float. rows: a multiple of 16.
-    static size_t smem_bytes(int rows) {
-        return Shape::kv_bytes() + sizeof(T) * size_t(rows) * (kQStride + kPStride) +
-               sizeof(float) * (size_t(rows) * Shape::kKeys + Shape::kKeys + 3 * size_t(rows));
-    }
-    static_assert(size_t(kMaxRows) * D * sizeof(float) <= Shape::kv_bytes(), "q staging fits the K/V stages");
-};
-
-// Scores and P V on the tensor cores (mma.sync m16n8k16, float accumulators): the kernel
-// for many packed rows (speculative decoding, chunked prefill, many query heads per kv
-// head) in float16 and bfloat16, with one l2norm group (or none). q, K and V enter the
-// products as stored (q rounded to T once normalized and scaled, as in the forward), the
-// key norms scale the scores afterwards, and P is rounded to T for P V.
-template <typename T, int D> __global__ void __launch_bounds__(kThreads) decode_mma_kernel(const Params p) {
-    using Shape = Tile<T, D>;
-    using M = MmaTile<T, D>;
-    constexpr int KT = Shape::kKeys, RS = Shape::kRowStride, QS = M::kQStride, PS = M::kPStride;
-    constexpr float kInf = __builtin_huge_valf();
-
-    extern __shared__ __align__(16) unsigned char smem_raw[];
-    T *kv_s = reinterpret_cast<T *>(smem_raw);
-    const int padded_rows = p.block_rows; // a multiple of 16 here
-    T *q16 = reinterpret_cast<T *>(smem_raw + Shape::kv_bytes());
-    T *p16 = q16 + padded_rows * QS;
-    float *score_s = reinterpret_cast<float *>(p16 + padded_rows * PS);
-    float *inv_s = score_s + padded_rows * KT;
-    float *max_s = inv_s + KT;
-    float *sum_s = max_s + padded_rows;
-    float *alpha_s = sum_s + padded_rows;
-
-    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
-    const CtaWork w = CtaWork::make<KT>(p);
-    const int d = p.d, m_tiles = (w.rows + 15) / 16;
-    if (tid < padded_rows) {
-        max_s[tid] = -kInf;
-        sum_s[tid] = 0.f;
-    }
-    // q: normalized in float in the (not yet used) K/V stages, then rounded to T.
-    float *q_float = reinterpret_cast<float *>(smem_raw);
-    load_queries<T, D>(p, w, padded_rows, q_float);
-    for (int idx = tid; idx < padded_rows * D; idx += kThreads)
-        q16[idx / D * QS + idx % D] = common::from_float<T>(q_float[idx]);
-    __syncthreads(); // the staging area receives K and V next
-
-    const int first_hidden = p.causal ? w.first_hidden(p) : w.keys;
-    const int col0 = warp * M::kWarpColumns; // this warp's columns of out
-    common::FragC acc[M::kMTiles][M::kNBlocks];
-#pragma unroll
-    for (int mt = 0; mt < M::kMTiles; ++mt)
-#pragma unroll
-        for (int nb = 0; nb < M::kNBlocks; ++nb) common::clear(acc[mt][nb]);
-
-    const KvRing<T, D> ring{kv_s};
-    ring.start(p, w);
-    for (int t = 0; t < w.tiles; ++t) {
-        ring.wait(p, w, t);
-        const T *k_tile = ring.k(t);
-        T *v_tile = ring.v(t);
-        const int key0 = w.k0 + t * KT, count = min(KT, w.k1 - key0);
-
-        // 1. Key norms; and, in a tile some rows see only in part (the causal diagonal),
-        // non-finite values of the keys hidden from some rows set to 0: the tensor cores
-        // multiply them by weights of 0, which must leave those rows' outputs alone.
-        if (p.l2norm) key_inverse_norms<T, D>(p, k_tile, count, inv_s);
-        if (key0 + count > first_hidden) {
-            const int from = max(0, first_hidden - key0);
-            for (int idx = tid; idx < (count - from) * d; idx += kThreads) {
-                T &x = v_tile[(from + idx / d) * RS + idx % d];
-                if (!isfinite(common::to_float(x))) x = common::from_float<T>(0.f);
-            }
-        }
-        __syncthreads();
-
-        // 2. Scores: warp w takes the keys 16 at a time from 16 w on.
-        for (int kg = warp; kg < KT / 16; kg += kWarps) {
-            common::FragC s[M::kMTiles][2];
-#pragma unroll
-            for (int mt = 0; mt < M::kMTiles; ++mt) common::clear(s[mt][0]), common::clear(s[mt][1]);
-            for (int kk = 0; kk < d; kk += 16) { // a last step past d reads zero columns
-                common::FragB16 b[2];
-                common::load_b16_nk(b, k_tile, RS, kg * 16, kk, lane);
-#pragma unroll
-                for (int mt = 0; mt < M::kMTiles; ++mt) {
-                    if (mt < m_tiles) {
-                        common::FragA16 a;
-                        common::load_a16(a, q16, QS, mt * 16, kk, lane);
-                        common::mma_m16n8k16<T>(s[mt][0], a, b[0]);
-                        common::mma_m16n8k16<T>(s[mt][1], a, b[1]);
-                    }
-                }
-            }
-#pragma unroll
-            for (int mt = 0; mt < M::kMTiles; ++mt) {
-                if (mt >= m_tiles) continue;
-#pragma unroll
-                for (int nb = 0; nb < 2; ++nb)
-#pragma unroll
-                    for (int x = 0; x < 4; ++x) {
-                        const int r = mt * 16 + g + (x / 2) * 8, j = kg * 16 + nb * 8 + 2 * t4 + x % 2;
-                        float score = -kInf;
-                        if (r < w.rows && j < count && key0 + j < w.visible_end(p, r))
-                            score = p.l2norm ? s[mt][nb].x[x] * inv_s[j] : s[mt][nb].x[x];
-                        score_s[r * KT + j] = score;
-                    }
-            }
-        }
-        __syncthreads();
-
-        // 3. The online softmax (rows past w.rows see nothing: weights 0).
-        online_softmax<KT, T>(m_tiles * 16, score_s, max_s, sum_s, alpha_s, p16, PS);
-        __syncthreads();
-
-        // 4. out += P V, this warp's columns.
-#pragma unroll
-        for (int mt = 0; mt < M::kMTiles; ++mt) {
-            if (mt >= m_tiles) continue;
-            const float low = alpha_s[mt * 16 + g], high = alpha_s[mt * 16 + g + 8];
-#pragma unroll
-            for (int nb = 0; nb < M::kNBlocks; ++nb) {
-                acc[mt][nb].x[0] *= low, acc[mt][nb].x[1] *= low;
-                acc[mt][nb].x[2] *= high, acc[mt][nb].x[3] *= high;
-            }
-        }
-        if (col0 < d) {
-            for (int kk = 0; kk < count; kk += 16) { // keys past count: P = 0, V = 0
-                common::FragB16 b[M::kNBlocks];
-#pragma unroll
-                for (int nb = 0; nb < M::kNBlocks; nb += 2) {
-                    common::FragB16 pair[2];
-                    common::load_b16_kn(pair, v_tile, RS, kk, col0 + nb * 8, lane);
-                    b[nb] = pair[0];
-                    b[nb + 1] = pair[1];
-                }
-#pragma unroll
-                for (int mt = 0; mt < M::kMTiles; ++mt) {
-                    if (mt >= m_tiles) continue;
-                    common::FragA16 a;
-                    common::load_a16(a, p16, PS, mt * 16, kk, lane);
-#pragma unroll
-                    for (int nb = 0; nb < M::kNBlocks; ++nb) common::mma_m16n8k16<T>(acc[mt][nb], a, b[nb]);
-                }
-            }
-        }
-        __syncthreads();
-    }
-    common::cp_async_wait<0>();
-
-    // Epilogue: into out and lse directly, or into this split's partial result.
-    const int64_t total_rows = int64_t(p.b) * p.h * p.nq;
-#pragma unroll
-    for (int mt = 0; mt < M::kMTiles; ++mt) {
-        if (mt >= m_tiles) continue;
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-            const int r = mt * 16 + g + half * 8;
-            if (r >= w.rows) continue;
-            const float sum = sum_s[r], inverse = sum > 0.f ? 1.f / sum : 0.f;
-            const int64_t partial = blockIdx.y * total_rows + w.output_row(p, r);
-            T *out = static_cast<T *>(p.out) + w.b * p.out_stride[0] + w.head(p, r) * p.out_stride[1] +
-                     w.query_row(p, r) * p.out_stride[2];
-#pragma unroll
-            for (int nb = 0; nb < M::kNBlocks; ++nb) {
-                const int column = col0 + nb * 8 + 2 * t4; // even; d is a multiple of 8
-                if (column >= d) continue;
-                const float x0 = acc[mt][nb].x[2 * half] * inverse, x1 = acc[mt][nb].x[2 * half + 1] * inverse;
-                if (p.splits == 1) {
-                    out[column] = common::from_float<T>(x0);
-                    out[column + 1] = common::from_float<T>(x1);
-                } else {
-                    *reinterpret_cast<float2 *>(p.partial_out + partial * d + column) = make_float2(x0, x1);
-                }
-            }
-        }
-    }
-    for (int r = tid; r < w.rows; r += kThreads) {
-        const float lse = row_lse(max_s[r], sum_s[r]);
-        if (p.splits > 1)
-            p.partial_lse[blockIdx.y * total_rows + w.output_row(p, r)] = lse;
-        else if (p.lse)
-            p.lse[w.b * p.lse_stride[0] + w.head(p, r) * p.lse_stride[1] + w.query_row(p, r) * p.lse_stride[2]] = lse;
     }
 }
 

@@ -19,6 +19,7 @@
 #include "../backends.h"
 #include "decode.cuh"
 #include "decode_kernel.cuh"
+#include "decode_stream_kernel.cuh"
 
 namespace fcsa {
 namespace sm80 {
@@ -39,10 +40,11 @@ inline int64_t choose_splits(int64_t units, int64_t slots, int64_t most) {
     return best;
 }
 
-// The split-attention kernel of a plan: FMA, or tensor cores (16-bit types only).
-template <typename T, int D> void (*kernel_for(bool tensor_cores))(Params) {
+// The split-attention kernel of a plan: FMA, or tensor cores (16-bit types only) with
+// the deep or the shallow ring.
+template <typename T, int D> void (*kernel_for(const Plan &plan))(Params) {
     if constexpr (sizeof(T) == 2) {
-        if (tensor_cores) return decode_mma_kernel<T, D>;
+        if (plan.tensor_cores) return plan.deep ? decode_stream_kernel<T, D, true> : decode_stream_kernel<T, D, false>;
     }
     return decode_kernel<T, D>;
 }
@@ -54,19 +56,14 @@ template <typename T, int D> fcsa_status plan_for(const KvCacheProblem &kv, Plan
     plan->head_dim_bound = D;
     const int64_t rows = p.heads_per_kv() * p.nq;
     if (rows == 0 || p.b == 0) return FCSA_STATUS_SUCCESS; // appends only
-    // Many packed rows in 16 bits go to the tensor cores (their score and P V products
-    // would make the FMA kernel compute-bound); few, float32, or several l2norm groups
+    // 16-bit types with one l2norm group (or none) go to the tensor cores, which keep
+    // the step memory-bound at any number of packed rows; float32 and several groups
     // (norms per group of columns) to the FMA kernel.
-    // FCSA_DECODE_KERNEL=fma or =mma in the environment overrides the row count's
-    // choice where both kernels can run: to test each on every shape, and to time them.
-    // The tensor-core kernel rounds q^ * scale to T: only with l2norm (|q^ * scale| <=
-    // |scale|), and in float16 only for a scale known to fit it well (a number, not a tensor).
-    const bool fits_16_bits = std::is_same<T, __nv_bfloat16>::value || (!p.scale_t.present() && std::fabs(p.scale) <= 4096.f);
-    const bool mma_possible = sizeof(T) == 2 && p.l2norm && p.groups == 1 && fits_16_bits;
+    // FCSA_DECODE_KERNEL=fma or =mma in the environment overrides the choice where both
+    // kernels can run: to test each on every shape, and to time them.
+    const bool mma_possible = sizeof(T) == 2 && p.groups == 1;
     const char *forced = std::getenv("FCSA_DECODE_KERNEL");
-    plan->tensor_cores = mma_possible && rows > kFmaMaxRows;
-    if (forced && std::strcmp(forced, "fma") == 0) plan->tensor_cores = false;
-    if (forced && std::strcmp(forced, "mma") == 0) plan->tensor_cores = mma_possible;
+    plan->tensor_cores = mma_possible && !(forced && std::strcmp(forced, "fma") == 0);
 
     int device = 0, sms = 0;
     cudaError_t err = cudaGetDevice(&device);
@@ -77,46 +74,81 @@ template <typename T, int D> fcsa_status plan_for(const KvCacheProblem &kv, Plan
         return set_error(FCSA_STATUS_CUDA_ERROR, "cuda-sm80 kvcache: cannot query the current CUDA device: %s",
                          cudaGetErrorString(err));
     }
-    // Packed rows per CTA: all of them up to the kernel's most, fewer where the device's
-    // shared memory per block (99 KB on sm_86/89/120) holds fewer. The kernel's attribute
-    // is set to the most it may ever use here, the same value on every call (threads
-    // planning different sizes do not race on it).
-    size_t most_smem = 0;
-    if (plan->tensor_cores) {
-        using M = MmaTile<T, D>;
-        int block = int(std::min<int64_t>((rows + 15) / 16 * 16, M::kMaxRows));
-        while (block > 16 && M::smem_bytes(block) > size_t(smem_limit)) block -= 16;
-        plan->block_rows = block;
-        plan->smem = M::smem_bytes(block);
-        most_smem = M::smem_bytes(M::kMaxRows);
-    } else {
+    int per_sm = 0;
+    int64_t keys_per_step = Shape::kKeys;
+    if constexpr (sizeof(T) == 2) {
+        if (plan->tensor_cores) {
+            // Packed rows per CTA: up to the kernel's most. The ring: whichever of the deep
+            // and the shallow one keeps more bytes in flight per SM on this device (the
+            // deep one needs more than 99 KB per block; the shallow one fits every GPU).
+            using Deep = StreamTile<T, D, true>;
+            using Shallow = StreamTile<T, D, false>;
+            plan->block_rows = int(std::min<int64_t>((rows + 15) / 16 * 16, Deep::kMaxRows));
+            plan->row_blocks = int((rows + plan->block_rows - 1) / plan->block_rows);
+            keys_per_step = Deep::kKeys * Deep::kWarps;
+            int64_t best = -1;
+            for (const bool deep : {false, true}) {
+                const size_t smem = deep ? Deep::smem_bytes() : Shallow::smem_bytes();
+                const int threads = deep ? Deep::kThreads : Shallow::kThreads;
+                const int stages = deep ? Deep::kStages : Shallow::kStages;
+                if (smem > size_t(smem_limit)) continue;
+                const Plan trial = [&] { Plan t = *plan; t.deep = deep; return t; }();
+                const auto kernel = kernel_for<T, D>(trial);
+                int blocks = 0;
+                err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+                if (err == cudaSuccess)
+                    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, smem);
+                if (err != cudaSuccess) {
+                    cudaGetLastError();
+                    return set_error(FCSA_STATUS_NOT_SUPPORTED,
+                                     "cuda-sm80 kvcache: cannot run the decode kernel on CUDA device %d: %s", device,
+                                     cudaGetErrorString(err));
+                }
+                const int64_t in_flight = int64_t(blocks) * (stages - 1) * threads;
+                if (in_flight > best) {
+                    best = in_flight;
+                    plan->deep = deep;
+                    plan->threads = threads;
+                    plan->smem = smem;
+                    per_sm = blocks;
+                }
+            }
+            if (best < 0) plan->tensor_cores = false; // no ring fits: the FMA kernel
+        }
+    }
+    if (!plan->tensor_cores) {
+        // Packed rows per CTA: all of them up to the kernel's most, fewer where the
+        // device's shared memory per block (99 KB on sm_86/89/120) holds fewer. The
+        // kernel's attribute is set to the most it may ever use here, the same value on
+        // every call (threads planning different sizes do not race on it).
         int block = int(std::min<int64_t>(rows, kBlockRows));
         while (block > 1 && Shape::smem_bytes(block, p.groups) > size_t(smem_limit)) --block;
         plan->block_rows = block;
+        plan->row_blocks = int((rows + block - 1) / block);
         plan->smem = Shape::smem_bytes(block, p.groups);
-        most_smem = Shape::smem_bytes(kBlockRows, p.groups);
-    }
-    most_smem = std::min(most_smem, size_t(smem_limit));
-    plan->row_blocks = int((rows + plan->block_rows - 1) / plan->block_rows);
-    const auto kernel = kernel_for<T, D>(plan->tensor_cores);
-    if (plan->smem > size_t(smem_limit))
-        return set_error(FCSA_STATUS_NOT_SUPPORTED,
-                         "cuda-sm80 kvcache: head dim %lld with groups = %d needs %zu bytes of shared memory per "
-                         "block; CUDA device %d offers %d",
-                         (long long)p.d, int(p.groups), plan->smem, device, smem_limit);
-    // Fails when this build has no code for the device: that is NOT_SUPPORTED.
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(most_smem));
-    int per_sm = 0;
-    if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, plan->smem);
-    if (err != cudaSuccess) {
-        cudaGetLastError();
-        return set_error(FCSA_STATUS_NOT_SUPPORTED, "cuda-sm80 kvcache: cannot run the decode kernel on CUDA device %d: %s",
-                         device, cudaGetErrorString(err));
+        plan->threads = kThreads;
+        const size_t most_smem = std::min(Shape::smem_bytes(kBlockRows, p.groups), size_t(smem_limit));
+        if (plan->smem > size_t(smem_limit))
+            return set_error(FCSA_STATUS_NOT_SUPPORTED,
+                             "cuda-sm80 kvcache: head dim %lld with groups = %d needs %zu bytes of shared memory per "
+                             "block; CUDA device %d offers %d",
+                             (long long)p.d, int(p.groups), plan->smem, device, smem_limit);
+        // Fails when this build has no code for the device: that is NOT_SUPPORTED.
+        const auto kernel = kernel_for<T, D>(*plan);
+        err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(most_smem));
+        if (err == cudaSuccess)
+            err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, plan->smem);
+        if (err != cudaSuccess) {
+            cudaGetLastError();
+            return set_error(FCSA_STATUS_NOT_SUPPORTED,
+                             "cuda-sm80 kvcache: cannot run the decode kernel on CUDA device %d: %s", device,
+                             cudaGetErrorString(err));
+        }
     }
 
     const int64_t units = p.b * p.hk * plan->row_blocks;
     const int64_t slots = int64_t(sms) * std::max(per_sm, 1);
-    const int64_t most = std::min<int64_t>(kMaxSplits, std::max<int64_t>(1, kv.capacity / (2 * Shape::kKeys)));
+    const int64_t most = std::min<int64_t>(kMaxSplits, std::max<int64_t>(1, kv.capacity / (2 * keys_per_step)));
     plan->splits = int(choose_splits(units, slots, most));
     if (plan->splits > 1) {
         const int64_t total_rows = p.b * p.h * p.nq;
@@ -183,7 +215,7 @@ fcsa_status launch_for(const KvCacheProblem &kv, const Plan &plan, void *workspa
     if (kv.appends() && new_rows > 0) append_kernel<T><<<unsigned(new_rows), kThreads, 0, stream>>>(params);
     if (plan.row_blocks > 0) {
         const dim3 grid(unsigned(p.b * p.hk * plan.row_blocks), unsigned(plan.splits));
-        kernel_for<T, D>(plan.tensor_cores)<<<grid, kThreads, plan.smem, stream>>>(params);
+        kernel_for<T, D>(plan)<<<grid, unsigned(plan.threads), plan.smem, stream>>>(params);
         if (plan.splits > 1)
             combine_kernel<T><<<unsigned((total_rows + kWarps - 1) / kWarps), kThreads, 0, stream>>>(params);
     }

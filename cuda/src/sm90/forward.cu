@@ -113,10 +113,10 @@ template <typename T, int D> fcsa_status run(const Problem &p, void *workspace, 
     f.num_m_tiles = int((p.nq + C::kBlockM - 1) / C::kBlockM);
     f.scale = p.scale;
     f.causal = p.causal;
-    // Ping-pong between the consumers: measured +2-13% in the persistent versions, not yet
-    // in this one (notes); FCSA_SM90_PINGPONG=1 turns it on, for that measurement.
+    // Ping-pong between the consumers (one's softmax under the other's GEMMs): +1-8% at
+    // d = 128, even at d = 64 (notes). FCSA_SM90_PINGPONG=0 turns it off, to measure.
     const char *ping_pong = std::getenv("FCSA_SM90_PINGPONG");
-    f.ping_pong = ping_pong != nullptr && ping_pong[0] == '1';
+    f.ping_pong = ping_pong == nullptr || ping_pong[0] != '0';
     f.vec_out = p.out.rows_16byte_aligned(2);
     if (const fcsa_status st =
             common::run_key_norm_pass<T>(p, inv_norm, key_norm_stride(p), stream, "cuda-sm90 forward"))
