@@ -51,14 +51,20 @@ stage_checks() {
     done
 }
 
+# pytest workers: one per core, each with one CPU thread. The float64 references run on
+# the CPU; workers that each start an OpenMP pool of every core starve one another (on 16
+# cores, 16 x 16 threads ran a third of the CUDA tests in 300 s; one thread each, all of
+# them in 90 s).
+WORKERS=${WORKERS:-$(nproc)}
+
 stage_test() {
     # The whole suite; the tests marked cuda run because a GPU is present.
-    "$PY" -m pytest -q -n 4 -p no:cacheprovider tests 2>&1 | tail -25
+    OMP_NUM_THREADS=1 "$PY" -m pytest -q -n "$WORKERS" -p no:cacheprovider tests 2>&1 | tail -25
 }
 
 stage_cudatest() {
     # Only the tests marked cuda (the GPU's share of the suite, a third of its time).
-    "$PY" -m pytest -q -n 4 -p no:cacheprovider -m cuda tests 2>&1 | tail -6
+    OMP_NUM_THREADS=1 "$PY" -m pytest -q -n "$WORKERS" -p no:cacheprovider -m cuda -rfE tests 2>&1 | tail -12
 }
 
 stage_sanitize() {
