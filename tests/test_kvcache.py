@@ -231,8 +231,9 @@ def test_each_gpu_kernel_on_every_shape(layout, nq, dtype, kernel, monkeypatch):
 @pytest.mark.cuda
 @pytest.mark.parametrize("kernel", ["fma", "mma"])
 def test_small_shared_memory_gpus(kernel, monkeypatch):
-    # 99 KB per block (sm_86, sm_89, sm_120): the tensor-core kernel takes its shallow
-    # ring, and the FMA kernel's packed rows per CTA shrink to fit (32 of d = 256 need more).
+    # 99 KB per block (sm_86, sm_89, sm_120): the tensor-core kernel takes a ring that
+    # fits (the shallow one at d = 256), and the FMA kernel's packed rows per CTA shrink
+    # to fit (32 of d = 256 need more).
     monkeypatch.setenv("FCSA_MAX_SHARED_MEMORY", "101376")
     monkeypatch.setenv("FCSA_DECODE_KERNEL", kernel)
     for d, heads in ((64, (32, 4)), (256, (32, 1))):
@@ -249,6 +250,40 @@ def test_huge_norms_on_the_gpu(d, kernel, monkeypatch):
     monkeypatch.setenv("FCSA_DECODE_KERNEL", kernel)
     check_kvcache("cuda", torch.bfloat16, b=2, h=8, hk=2, nq=2, d=d, capacity=300,
                   page_size=None, lengths=[100, 298], n_new=2, q_scale=1e20, k_scale=1e20)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernel", ["fma", "mma"])
+@pytest.mark.parametrize("page_size", [1, 8, 24])
+def test_page_sizes_not_multiples_of_16(page_size, kernel, monkeypatch):
+    # The tensor-core kernel locates a 16-key block once when the page size is a multiple
+    # of 16, and key by key otherwise; head dims off the 16-column steps, one packed row
+    # and 17 of them.
+    monkeypatch.setenv("FCSA_DECODE_KERNEL", kernel)
+    for d, h, nq in ((40, 1, 1), (200, 4, 4), (72, 17, 1)):
+        check_kvcache("cuda", torch.bfloat16, b=3, h=h, hk=1, nq=nq, d=d, capacity=130,
+                      page_size=page_size, lengths=[0, 61, 130 - nq], n_new=nq)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernel", ["fma", "mma"])
+def test_hidden_values_on_the_causal_diagonal(kernel, monkeypatch):
+    # The last new key is seen only by the last query row (causal, end-aligned): a NaN
+    # in its value must reach that row alone, and leave the others exactly as with 0.
+    monkeypatch.setenv("FCSA_DECODE_KERNEL", kernel)
+    b, h, hk, nq, d, capacity = 2, 8, 2, 4, 64, 300
+    q = torch.randn(b, h, nq, d, device="cuda", dtype=torch.bfloat16)
+    k_new, v_new = (torch.randn(b, hk, nq, d, device="cuda", dtype=torch.bfloat16)
+                    for _ in range(2))
+    k_cache, v_cache, _ = make_cache(b, hk, capacity, d, d, torch.bfloat16, "cuda")
+    outs = []
+    for hidden in (0.0, float("nan")):
+        v_new[:, :, -1] = hidden
+        outs.append(fcsa.flash_cosine_sim_attention_with_kvcache(
+            q, k_cache.clone(), v_cache.clone(),
+            torch.tensor([100, 250], dtype=torch.int32, device="cuda"), k=k_new, v=v_new))
+    assert torch.isnan(outs[1][:, :, -1]).all()
+    assert torch.equal(outs[1][:, :, :-1], outs[0][:, :, :-1])
 
 
 @pytest.mark.cuda

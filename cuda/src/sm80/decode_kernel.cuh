@@ -13,9 +13,9 @@
 //    rows located through the block table when the cache is paged.
 //  - per tile: key norms, scores, an online softmax with a running maximum (exact for
 //    any logits, l2norm or not), then out += P V, accumulated in float32, on float FMAs:
-//    decode_kernel, for float32 and for several l2norm groups. The 16-bit types with one
-//    group take the tensor cores in decode_stream_kernel.cuh, which shares this file's
-//    parameters, work split, appends and combination.
+//    decode_kernel, for float32, several l2norm groups and l2norm_qk=False. The 16-bit
+//    types with l2norm and one group take the tensor cores in decode_stream_kernel.cuh,
+//    which shares this file's parameters, work split, appends and combination.
 // append_kernel writes the new keys into the cache first, on the same stream.
 #pragma once
 
@@ -226,9 +226,13 @@ struct CtaWork {
         w.keys = sequence_keys(p, w.b);
         int end = 0;
         for (int r = 0; r < w.rows; ++r) end = max(end, w.visible_end(p, r));
-        const int part = ((end + p.splits - 1) / p.splits + kKeys - 1) / kKeys * kKeys;
-        w.k0 = min(end, int(blockIdx.y) * part);
-        w.k1 = min(end, w.k0 + part);
+        // Unsigned: near 2^31 keys, end + splits and k0 + part overflow an int (both
+        // terms are below 2^31, so their sums fit 32 unsigned bits).
+        const unsigned part =
+            ((unsigned(end) + unsigned(p.splits) - 1u) / unsigned(p.splits) + unsigned(kKeys) - 1u) /
+            unsigned(kKeys) * unsigned(kKeys);
+        w.k0 = int(min(unsigned(end), blockIdx.y * part));
+        w.k1 = int(min(unsigned(end), unsigned(w.k0) + part));
         w.tiles = (w.k1 - w.k0 + kKeys - 1) / kKeys;
         return w;
     }

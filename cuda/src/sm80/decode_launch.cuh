@@ -56,12 +56,14 @@ template <typename T, int D> fcsa_status plan_for(const KvCacheProblem &kv, Plan
     plan->head_dim_bound = D;
     const int64_t rows = p.heads_per_kv() * p.nq;
     if (rows == 0 || p.b == 0) return FCSA_STATUS_SUCCESS; // appends only
-    // 16-bit types with one l2norm group (or none) go to the tensor cores, which keep
-    // the step memory-bound at any number of packed rows; float32 and several groups
-    // (norms per group of columns) to the FMA kernel.
+    // 16-bit types with l2norm and one group go to the tensor cores, which keep the
+    // step memory-bound at any number of packed rows; float32, several groups (norms per
+    // group of columns) and l2norm_qk=False to the FMA kernel. (The tensor cores form
+    // q . k before the scale: without l2norm that can overflow float32 where scale * q . k
+    // does not; the FMA kernel scales q first, as the CPU backend does.)
     // FCSA_DECODE_KERNEL=fma or =mma in the environment overrides the choice where both
     // kernels can run: to test each on every shape, and to time them.
-    const bool mma_possible = sizeof(T) == 2 && p.groups == 1;
+    const bool mma_possible = sizeof(T) == 2 && p.groups == 1 && p.l2norm;
     const char *forced = std::getenv("FCSA_DECODE_KERNEL");
     plan->tensor_cores = mma_possible && !(forced && std::strcmp(forced, "fma") == 0);
 
@@ -80,7 +82,7 @@ template <typename T, int D> fcsa_status plan_for(const KvCacheProblem &kv, Plan
         if (plan->tensor_cores) {
             // Packed rows per CTA: up to the kernel's most. The ring: whichever of the deep
             // and the shallow one keeps more bytes in flight per SM on this device (the
-            // deep one needs more than 99 KB per block; the shallow one fits every GPU).
+            // shallow one fits the 99 KB of every GPU; the deep one, at d <= 64 too).
             using Deep = StreamTile<T, D, true>;
             using Shallow = StreamTile<T, D, false>;
             plan->block_rows = int(std::min<int64_t>((rows + 15) / 16 * 16, Deep::kMaxRows));
@@ -113,21 +115,25 @@ template <typename T, int D> fcsa_status plan_for(const KvCacheProblem &kv, Plan
                     per_sm = blocks;
                 }
             }
-            if (best < 0) plan->tensor_cores = false; // no ring fits: the FMA kernel
+            if (best < 0) { // no ring fits: the FMA kernel
+                plan->tensor_cores = false;
+                keys_per_step = Shape::kKeys;
+            }
         }
     }
     if (!plan->tensor_cores) {
         // Packed rows per CTA: all of them up to the kernel's most, fewer where the
         // device's shared memory per block (99 KB on sm_86/89/120) holds fewer. The
-        // kernel's attribute is set to the most it may ever use here, the same value on
-        // every call (threads planning different sizes do not race on it).
+        // kernel's attribute is set to the most it may ever use here (its most rows, and
+        // as many groups as columns), the same value on every call: threads planning
+        // different sizes do not race on it.
         int block = int(std::min<int64_t>(rows, kBlockRows));
         while (block > 1 && Shape::smem_bytes(block, p.groups) > size_t(smem_limit)) --block;
         plan->block_rows = block;
         plan->row_blocks = int((rows + block - 1) / block);
         plan->smem = Shape::smem_bytes(block, p.groups);
         plan->threads = kThreads;
-        const size_t most_smem = std::min(Shape::smem_bytes(kBlockRows, p.groups), size_t(smem_limit));
+        const size_t most_smem = std::min(Shape::smem_bytes(kBlockRows, D), size_t(smem_limit));
         if (plan->smem > size_t(smem_limit))
             return set_error(FCSA_STATUS_NOT_SUPPORTED,
                              "cuda-sm80 kvcache: head dim %lld with groups = %d needs %zu bytes of shared memory per "

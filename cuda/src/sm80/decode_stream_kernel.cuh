@@ -1,5 +1,6 @@
-// decode_stream_kernel.cuh: the tensor-core decode kernel (float16 and bfloat16, one
-// l2norm group or none), built to run at memory bandwidth.
+// decode_stream_kernel.cuh: the tensor-core decode kernel (float16 and bfloat16, l2norm
+// with one group: the planner's choice; the kernel itself also computes without l2norm),
+// built to run at memory bandwidth.
 //
 // A decoding step reads all of K and V once and computes little with them; what limits
 // it is how much of K and V is in flight and how many instructions each byte costs. So:
@@ -10,9 +11,9 @@
 //    S = q^ K^T with the packed rows (the query heads that share a kv head times the
 //    query rows) padded to m16 tiles, the key norms as the diagonal of K K^T (from the
 //    same K fragments), and O += P V with P rounded to T, as in the forward;
-//  - a running maximum per row, so the result is exact for any logits (l2norm or not,
-//    any scale, scale tensors included); the scale and 1 / ||k|| multiply the float
-//    scores, so q^ alone is rounded to T;
+//  - a running maximum per row, so the result is exact for any logits (any scale, scale
+//    tensors included); the scale and 1 / ||k|| multiply the float scores, so q^ alone
+//    is rounded to T, and the row sums add the weights as rounded for P V;
 //  - the warps' partial (O, max, sum) meet once, at the end, in shared memory.
 #pragma once
 
@@ -169,7 +170,7 @@ __global__ void __launch_bounds__(StreamTile<T, D, kDeep>::kThreads) decode_stre
             row0 = key0 % p.page_size;
             slot_ok = slot_ok && block >= 0 && block < p.num_blocks;
         }
-        if (!slot_ok) slot = row0 = 0; // nothing is read; the addresses stay in the cache
+        if (!slot_ok) slot = row0 = 0; // nothing is read (rows past k1 neither: zero-filled)
         const T *k_src = k_head + slot * p.k_stride[0] + (row0 + lane_row) * p.k_stride[2];
         const T *v_src = v_head + slot * p.v_stride[0] + (row0 + lane_row) * p.v_stride[2];
         const int rows_left = w.k1 - key0 - lane_row; // this lane's rows j < rows_left exist
@@ -274,8 +275,11 @@ __global__ void __launch_bounds__(StreamTile<T, D, kDeep>::kThreads) decode_stre
                 for (int nb = 0; nb < 2; ++nb)
 #pragma unroll
                     for (int x = 0; x < 2; ++x) {
+                        // rounded to T here, as P V will take it: out stays a convex
+                        // combination of the values
                         float &v = s[mt][nb].x[2 * h + x];
-                        v = new_max == -kInf ? 0.f : common::exp2_approx(v - new_max);
+                        v = new_max == -kInf ? 0.f
+                                             : common::to_float(common::from_float<T>(common::exp2_approx(v - new_max)));
                         sum += v;
                     }
                 row_max[mt][h] = new_max;
