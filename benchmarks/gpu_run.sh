@@ -5,6 +5,7 @@
 #
 #   bash benchmarks/gpu_run.sh build test sanitize long   # correctness
 #   bash benchmarks/gpu_run.sh bench train                 # speed, memory, training
+#   bash benchmarks/gpu_run.sh decode varlen valuedim       # issues #16, #17, #21's tables
 #
 # Needs python3 with torch, cmake, ninja, cython and scikit-build-core already installed
 # (it builds with --no-build-isolation, so it works on a machine without a network).
@@ -124,6 +125,31 @@ stage_bench() {
     "$PY" -m fcsa.benchmark --shape seed --dtype bfloat16 float32 --memory \
         --seq-lens 512 1024 2048 4096 8192 \
         --json "$RESULTS/seed.json" --plot "$RESULTS/seed.png" 2>&1 | grep -v "^  note"
+}
+
+stage_decode() {
+    # Issue #16's table: the four cases, d = 64 and 128, 1 / 4 / 16 query rows, paged too.
+    "$PY" -m fcsa.benchmark --decode --dims 64 128 --nq 1 4 16 --paged 16 64 --dtype bfloat16 \
+        --json "$RESULTS/decode.json" 2>&1
+}
+
+stage_varlen() {
+    # Issue #17's table: 16 documents of 512 to 8192 tokens, d = 128, causal and not.
+    for causal in "" "--causal"; do
+        "$PY" -m fcsa.benchmark --varlen --dim 128 --heads 16 --docs 16 --min-len 512 --max-len 8192 \
+            --dtype bfloat16 $causal --json "$RESULTS/varlen${causal:+-causal}.json" 2>&1
+    done
+}
+
+stage_valuedim() {
+    # Issue #21's bar: the portable forward at (192, 128) and (128, 128), per FLOP, one run.
+    for causal in "" "--causal"; do
+        for dims in "--dim 192 --dim-v 128" "--dim 128"; do
+            FCSA_DISABLE_SM90=1 "$PY" -m fcsa.benchmark --only-forwards --dtype bfloat16 float16 $dims \
+                --shape seed --batch 4 --heads 16 --seq-lens 2048 8192 16384 $causal --baselines plain \
+                --json "$RESULTS/valuedim$(echo "$dims$causal" | tr -d ' -').json" 2>&1 | grep -E "fcsa|dim"
+        done
+    done
 }
 
 stage_train() {
