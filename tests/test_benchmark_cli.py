@@ -206,12 +206,37 @@ def test_shapes_and_flops():
     assert benchmark.forward_flops(s, causal=False) == 2 * 4 * 8 * 512 * 512 * (192 + 128)
 
 
-def test_value_head_dim_table(capsys):
-    out = run_cli(capsys, *TINY, "--dim-v", "24", "--seq-lens", "32", "--only-forwards",
-                  "--baselines", "naive")
-    assert "dim 16    dim_v 24" in out and "2*b*h*n*n*(d + d_v)" in out
-    ((n, cells),) = groups(next(iter(sections(out).values())))
-    assert n == 32 and set(cells) == {"fcsa", "naive"}
+def test_value_head_dims_in_one_run(capsys, tmp_path):
+    # (16, 24) and (8, 24) in one process, every mode: each cell must run (a failed cell
+    # prints n/a in place of its numbers), and the records carry both head dims.
+    jpath = tmp_path / "dims.json"
+    out = run_cli(capsys, "--device", "cpu", "--batch", "1", "--heads", "2", "--dim", "16", "8",
+                  "--dim-v", "24", "--num-times", "1", "--warmup", "0", "--seq-lens", "32",
+                  "--baselines", "naive", "--json", str(jpath))
+    assert "2*b*h*n*n*(d + d_v)" in out
+    found = sections(out)
+    assert len(found) == 2 * 3  # two head-dim pairs, three modes
+    for title, rows in found.items():
+        assert ("dim 16    dim_v 24" in title) != ("dim 8    dim_v 24" in title), title
+        ((n, cells),) = groups(rows)
+        assert n == 32 and set(cells) == {"fcsa", "naive"}
+        assert all(row["failed"] is None for row in cells.values()), title
+    records = json.loads(jpath.read_text())["results"]
+    assert {(r["dim"], r["dim_v"]) for r in records} == {(16, 24), (8, 24)}
+    assert all(r["status"] == "ok" for r in records)
+    s = benchmark.Shape(1, 2, 32, 16, 24)
+    q, k, v, _ = benchmark.make_inputs(s, torch.float32, torch.device("cpu"), 0.0,
+                                       torch.Generator().manual_seed(0))
+    assert q.shape[-1] == k.shape[-1] == 16 and v.shape[-1] == 24
+
+
+def test_head_dim_arguments_are_checked():
+    for bad in (["--dim", "0"], ["--dim-v", "-8"], ["--dim", "16", "32", "64", "--dim-v", "8", "8"]):
+        with pytest.raises(SystemExit):
+            benchmark.parse_args(bad)
+    args = benchmark.parse_args(["--dim", "192", "128", "--dim-v", "128"])
+    assert args.dim_pairs == [(192, 128), (128, 128)]
+    assert benchmark.parse_args(["--dim", "32", "64"]).dim_pairs == [(32, None), (64, None)]
 
 
 def test_defaults_and_bad_arguments():

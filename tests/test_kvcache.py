@@ -176,8 +176,8 @@ def test_full_cache_without_seqlens(layout, device):
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("nq", [2, 5])
 def test_head_dims(nq, dtype, d, device):
-    # 2 x 2 packed rows per kv head take the GPU's FMA kernel, 2 x 5 its tensor cores
-    # (16-bit types); d = 8 and 24 leave part of a 16-wide tensor-core step empty.
+    # 2 x 2 and 2 x 5 packed rows per kv head (16-bit types: the GPU's tensor cores,
+    # float32: its FMA kernel); d = 8 and 24 leave part of a 16-wide tensor-core step empty.
     check_kvcache(device, dtype, b=2, h=4, hk=2, nq=nq, d=d, capacity=70, n_new=2,
                   page_size=16)
 
@@ -263,6 +263,9 @@ def test_page_sizes_not_multiples_of_16(page_size, kernel, monkeypatch):
     for d, h, nq in ((40, 1, 1), (200, 4, 4), (72, 17, 1)):
         check_kvcache("cuda", torch.bfloat16, b=3, h=h, hk=1, nq=nq, d=d, capacity=130,
                       page_size=page_size, lengths=[0, 61, 130 - nq], n_new=nq)
+    # long enough for the keys to be split over several CTAs
+    check_kvcache("cuda", torch.bfloat16, b=2, h=8, hk=2, nq=2, d=64, capacity=1500,
+                  page_size=page_size, lengths=[1498, 700], n_new=2)
 
 
 @pytest.mark.cuda

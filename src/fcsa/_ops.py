@@ -219,8 +219,6 @@ def check_cache_values(cache_seqlens: Optional[Tensor], block_table: Optional[Te
     CUDA graph is being captured (the values are the caller's business there)."""
     if cache_seqlens is None and block_table is None:
         return
-    if torch.compiler.is_compiling():  # a host copy would break the graph
-        return
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return
     if cache_seqlens is None:

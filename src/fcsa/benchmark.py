@@ -31,8 +31,9 @@ implementation of a row runs in the same process on the same device:
 With --mask-prob, fcsa gets the (b, n) key mask and SDPA an equivalent boolean attn_mask
 (which keeps SDPA off its flash kernels: that is the comparison a user with padding faces).
 
-FLOPs: 4*b*h*nq*nk*d for the forward (halved when causal; masked keys count as computed),
-2.5x that for the backward, 3.5x for forward+backward.
+FLOPs: 4*b*h*nq*nk*d for the forward, 2*b*h*nq*nk*(d + d_v) with --dim-v (halved when
+causal; masked keys count as computed), 2.5x that for the backward, 3.5x for
+forward+backward.
 
 The tables (80 columns): for each sequence length, one row per implementation with its
 median time, the min-max of its timed runs, TFLOP/s, and for each baseline how fcsa
@@ -212,7 +213,7 @@ def make_runner(impl: Impl, mode: str, q, k, v):
                 fn(q, k, v)
         return run, []
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-    dout = torch.randn_like(q)
+    dout = torch.randn_like(v[..., :1, :].expand(*q.shape[:-1], v.shape[-1]))  # out's shape
     if mode == "bwd":
         out = fn(*leaves)
         def run():
@@ -373,7 +374,7 @@ MEMORY_METHOD_CPU = (
 
 def _step_once(impl: Impl, q, k, v):
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-    dout = torch.randn_like(q)
+    dout = torch.randn_like(v[..., :1, :].expand(*q.shape[:-1], v.shape[-1]))  # out's shape
     with _maybe(impl.context):
         impl.fn(*leaves).backward(dout)
     return leaves
@@ -633,6 +634,7 @@ class Record:
     max_ms: Optional[float] = None
     runs: Optional[int] = None  # timed runs (None: do_bench chose)
     error: Optional[str] = None
+    dim_v: Optional[int] = None  # v's head dim where it differs from dim
 
 
 @dataclass
@@ -674,7 +676,8 @@ def time_row(run: Run, dtype: str, mode: str, s: Shape, seed: int):
             "time", dtype, mode, args.causal, args.mask_prob, s.seq_len, s.batch, s.heads,
             s.dim, name, status, t and t.ms, flops,
             (flops / (t.ms * 1e-3) / 1e12) if t else None,
-            min_ms=t and t.min_ms, max_ms=t and t.max_ms, runs=t and t.runs, error=err))
+            min_ms=t and t.min_ms, max_ms=t and t.max_ms, runs=t and t.runs, error=err,
+            dim_v=s.dim_v))
     print("\n".join(format_time_rows(run, s, cells, flops)), flush=True)
     for name, (status, _, err) in cells.items():
         if status == "n/a":
@@ -740,7 +743,7 @@ def memory_row(run: Run, dtype: str, s: Shape, seed: int):
         cells[name] = (status, peak, err)
         run.records.append(Record(
             "memory", dtype, "fwd+bwd", args.causal, args.mask_prob, s.seq_len, s.batch,
-            s.heads, s.dim, name, status, peak_bytes=peak, error=err))
+            s.heads, s.dim, name, status, peak_bytes=peak, error=err, dim_v=s.dim_v))
     print("\n".join(format_memory_rows(run, s, cells)), flush=True)
     for name, (status, _, err) in cells.items():
         if status in ("n/a", "error"):
@@ -847,7 +850,8 @@ def _plot_subtitle(run: Run) -> str:
     a = run.args
     sizes = ("batch 16384/n, heads 2048/d" if a.shape == "fa"
              else f"batch {a.batch}, heads {a.heads}")
-    return f"{_device_name(run.device)}: {sizes}, dim {a.dim}"
+    dims = ", ".join(f"{d}" if dv is None else f"{d}/v {dv}" for d, dv in a.dim_pairs)
+    return f"{_device_name(run.device)}: {sizes}, dim {dims}"
 
 
 # ----------------------------------------------------------------------------------------
@@ -873,9 +877,11 @@ def parse_args(argv=None):
                    help="untimed runs first (default: 1 on CPU, 5 on CUDA)")
     p.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=None,
                    help="default: float32 on CPU, float32 float16 on CUDA")
-    p.add_argument("--dim", type=int, default=64, help="head dimension")
-    p.add_argument("--dim-v", type=int, default=None,
-                   help="v's head dimension, when it differs from --dim (FLOPs: 2*b*h*n*n*(d + d_v))")
+    p.add_argument("--dim", type=int, nargs="+", default=[64],
+                   help="head dimension; several: one table each, in one run (default: 64)")
+    p.add_argument("--dim-v", type=int, nargs="+", default=None,
+                   help="v's head dimension where it differs from q's and k's: one for every "
+                        "--dim, or one per --dim (FLOPs: 2*b*h*n*n*(d + d_v))")
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq-lens", type=int, nargs="+", default=None,
@@ -908,6 +914,15 @@ def parse_args(argv=None):
         p.error("--mask-prob must be in [0, 1)")
     if args.num_times is not None and args.num_times < 1:
         p.error("--num-times must be at least 1")
+    if any(d < 1 for d in args.dim + (args.dim_v or [])):
+        p.error("--dim and --dim-v must be positive")
+    values = args.dim_v or [None]
+    if len(values) not in (1, len(args.dim)):
+        p.error(f"--dim-v takes one value, or one per --dim ({len(args.dim)}); got {len(values)}")
+    # (q/k, v) head-dim pairs, each timed in turn; args.dim and args.dim_v hold the one
+    # being timed (shape_for reads them).
+    args.dim_pairs = list(zip(args.dim, values * len(args.dim) if len(values) == 1 else values))
+    args.dim, args.dim_v = args.dim_pairs[0]
     return args
 
 
@@ -1016,7 +1031,8 @@ def print_header(run: Run, backend, probe_error):
             lines.append(f"forward:   {FORWARD_METHOD}")
         if "bwd" in a.modes:
             lines.append(f"backward:  {BACKWARD_METHOD}")
-        lines.append("flops:     forward " + ("4*b*h*n*n*d" if a.dim_v is None else "2*b*h*n*n*(d + d_v)")
+        own_v = any(dv is not None for _, dv in a.dim_pairs)
+        lines.append("flops:     forward " + ("2*b*h*n*n*(d + d_v)" if own_v else "4*b*h*n*n*d")
                      + (" / 2 (causal)" if a.causal else "")
                      + ", backward 2.5x, forward+backward 3.5x"
                      + ("; masked keys count as computed" if a.mask_prob > 0 else ""))
@@ -1090,22 +1106,23 @@ def main(argv=None) -> int:
         old_limit = _limit_address_space(args.cpu_mem_limit_bytes)
     try:
         seed = args.seed
-        if not args.memory_only:
-            for mode in args.modes:
+        for args.dim, args.dim_v in args.dim_pairs:
+            if not args.memory_only:
+                for mode in args.modes:
+                    for dtype in args.dtype:
+                        print(section_header(dtype, shape_for(args, args.seq_lens[0]), args,
+                                             MODE_TITLES[mode], TIME_COLUMNS), flush=True)
+                        for n in args.seq_lens:
+                            seed += 1
+                            time_row(run, dtype, mode, shape_for(args, n), seed)
+            if args.memory:
                 for dtype in args.dtype:
                     print(section_header(dtype, shape_for(args, args.seq_lens[0]), args,
-                                         MODE_TITLES[mode], TIME_COLUMNS), flush=True)
+                                         "peak memory, forward + backward", MEMORY_COLUMNS),
+                          flush=True)
                     for n in args.seq_lens:
                         seed += 1
-                        time_row(run, dtype, mode, shape_for(args, n), seed)
-        if args.memory:
-            for dtype in args.dtype:
-                print(section_header(dtype, shape_for(args, args.seq_lens[0]), args,
-                                     "peak memory, forward + backward", MEMORY_COLUMNS),
-                      flush=True)
-                for n in args.seq_lens:
-                    seed += 1
-                    memory_row(run, dtype, shape_for(args, n), seed)
+                        memory_row(run, dtype, shape_for(args, n), seed)
     finally:
         _restore_address_space(old_limit)
 

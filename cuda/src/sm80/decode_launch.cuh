@@ -61,8 +61,8 @@ template <typename T, int D> fcsa_status plan_for(const KvCacheProblem &kv, Plan
     // group of columns) and l2norm_qk=False to the FMA kernel. (The tensor cores form
     // q . k before the scale: without l2norm that can overflow float32 where scale * q . k
     // does not; the FMA kernel scales q first, as the CPU backend does.)
-    // FCSA_DECODE_KERNEL=fma or =mma in the environment overrides the choice where both
-    // kernels can run: to test each on every shape, and to time them.
+    // FCSA_DECODE_KERNEL=fma in the environment forces the FMA kernel where the tensor
+    // cores would run: to test it on those shapes, and to time the two.
     const bool mma_possible = sizeof(T) == 2 && p.groups == 1 && p.l2norm;
     const char *forced = std::getenv("FCSA_DECODE_KERNEL");
     plan->tensor_cores = mma_possible && !(forced && std::strcmp(forced, "fma") == 0);
