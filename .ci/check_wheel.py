@@ -9,11 +9,15 @@ Used by the wheel build (cibuildwheel's repair step) and by the workflows. Needs
 the standard library and binutils (nm, readelf, objcopy). Exits non-zero if any wheel
 fails, naming every problem found in it.
 
-The size limit (FCSA_MAX_WHEEL_MB, default 50) is half the package index's default
-limit for one uploaded file (100 MB): room for the Hopper kernels to come, and a number
-that every install downloads. Release builds leave -lineinfo out: it was 49 of sm_90a's
-70 MB of device code, and took the seven-target wheel to about 82 MB. Growing past the
-limit should be a decision.
+The size limit (FCSA_MAX_WHEEL_MB, default 70) keeps the wheel well under the package
+index's default limit for one uploaded file (100 MB); every install downloads it, so
+growing past it should be a decision. The history: 50 MB until 2026-12-02, when the
+packed-sequence kernels (every sm80 kernel also instantiated for varlen) took the
+seven-target wheel to 86.9 MB (measured). The decision then: no separate sm_86 and sm_89
+SASS (sm_80's runs on them; 22.5 MB of duplicates), 64.3 MB for the five targets
+(measured), and this limit. The way back under 50 MB is less device code: the varlen case
+as a run-time branch of one kernel instead of a second instantiation. Release builds
+leave -lineinfo out: it was 49 of sm_90a's 70 MB of device code.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-MAX_WHEEL_MB = float(os.environ.get("FCSA_MAX_WHEEL_MB", "50"))
+MAX_WHEEL_MB = float(os.environ.get("FCSA_MAX_WHEEL_MB", "70"))
 
 # Files the wheel must hold besides the Python package: the C library, its header, and
 # the CMake package and pkg-config file that let C, C++ and Rust builds find them.
