@@ -290,6 +290,7 @@ def test_varlen_table_and_json(capsys, tmp_path):
     for line in ("forward:", "backward:", "varlen / one seq", "varlen / padded"):
         assert line in text
     data = json.loads(path.read_text())
+    assert data["date"][:4].isdigit() and data["device"]
     assert len(data["lengths"]) == 3 and all(5 <= n <= 70 for n in data["lengths"])
     ok = [r for r in data["records"] if r["status"] == "ok"]
     assert {(r["impl"], r["mode"]) for r in ok} == {

@@ -553,14 +553,20 @@ def test_c_entry_points_refuse_bad_structs():
     assert_bounded("out", out, ref_out, ref_out, 2e-5)
 
 
-def test_decode_benchmark_runs_on_cpu(capsys):
+def test_decode_benchmark_runs_on_cpu(capsys, tmp_path):
+    import json
+
     from fcsa import benchmark
 
+    path = tmp_path / "decode.json"
     assert benchmark.main(["--decode", "--case", "2,4,2,300", "--dims", "16", "--nq", "1", "2",
                            "--paged", "16", "--runs", "2", "--warmup", "1",
-                           "--device", "cpu"]) == 0
+                           "--device", "cpu", "--json", str(path)]) == 0
     printed = capsys.readouterr().out
     assert "copy bandwidth" in printed
     for row in ("fcsa ", "fcsa paged 16", "sdpa-cos", "plain"):
         assert row in printed
     assert "failed" not in printed
+    data = json.loads(path.read_text())
+    assert data["date"][:4].isdigit() and data["device"] and data["copy_bytes_per_s"] > 0
+    assert {r["nq"] for r in data["records"]} == {1, 2}

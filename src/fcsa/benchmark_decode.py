@@ -29,6 +29,7 @@ of free memory) is measured first, and each row shows its share of it.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import statistics
 import time
@@ -208,7 +209,8 @@ def main(argv=None) -> int:
                 run_case(args, case, d, nq, copy_bps, records)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(device=name, build=fcsa.build_info(), copy_bytes_per_s=copy_bps,
+            json.dump(dict(date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                           device=name, build=fcsa.build_info(), copy_bytes_per_s=copy_bps,
                            records=records), f, indent=1)
     return 0
 

@@ -24,6 +24,7 @@ wall time on the CPU), the median of --runs runs after --warmup.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 
 import torch
@@ -158,7 +159,8 @@ def main(argv=None) -> int:
                     print(f"  varlen / {other}: {ratio:.2f}x ({verdict} the {bar}x bar)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(device=name, build=fcsa.build_info(), lengths=lengths,
+            json.dump(dict(date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                           device=name, build=fcsa.build_info(), lengths=lengths,
                            args={k: str(v) if isinstance(v, torch.device) else v
                                  for k, v in vars(args).items()},
                            records=records), f, indent=1)
