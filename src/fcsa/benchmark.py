@@ -203,6 +203,11 @@ def is_oom(err: BaseException) -> bool:
     return False
 
 
+def random_dout(q, v):
+    """A random gradient of the output: q's rows, v's head dim."""
+    return torch.randn(*q.shape[:-1], v.shape[-1], device=q.device, dtype=q.dtype)
+
+
 def make_runner(impl: Impl, mode: str, q, k, v):
     """A no-argument callable doing one timed unit of work, and the leaves whose .grad
     must be cleared between runs."""
@@ -213,7 +218,7 @@ def make_runner(impl: Impl, mode: str, q, k, v):
                 fn(q, k, v)
         return run, []
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-    dout = torch.randn_like(v[..., :1, :].expand(*q.shape[:-1], v.shape[-1]))  # out's shape
+    dout = random_dout(q, v)
     if mode == "bwd":
         out = fn(*leaves)
         def run():
@@ -374,7 +379,7 @@ MEMORY_METHOD_CPU = (
 
 def _step_once(impl: Impl, q, k, v):
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-    dout = torch.randn_like(v[..., :1, :].expand(*q.shape[:-1], v.shape[-1]))  # out's shape
+    dout = random_dout(q, v)
     with _maybe(impl.context):
         impl.fn(*leaves).backward(dout)
     return leaves

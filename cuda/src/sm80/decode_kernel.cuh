@@ -281,8 +281,7 @@ __device__ __forceinline__ void load_queries(const Params &p, const CtaWork &w, 
 }
 
 // Tile t of the CTA's keys into k_tile and v_tile (rows of kRowStride elements): rows
-// past k1, in a block outside the cache, and columns past d are zero-filled (the tensor
-// cores read whole 16-column steps).
+// past k1, in a block outside the cache, and columns past d are zero-filled.
 template <typename T, int D>
 __device__ __forceinline__ void load_kv_tile(const Params &p, const CtaWork &w, int t, T *k_tile, T *v_tile) {
     using Shape = Tile<T, D>;
@@ -362,12 +361,10 @@ __device__ __forceinline__ void key_inverse_norms(const Params &p, const T *k_ti
 }
 
 // The online softmax of one tile, a warp per row, rows [0, rows): the new running
-// maximum, the weights exp(s - max) in place of the scores (and, when weights16 is
-// given, rounded to T there too, row stride ld16), the row sums, and alpha_s[r], the
-// factor that rescales what row r has accumulated so far.
-template <int kKeys, typename T>
-__device__ __forceinline__ void online_softmax(int rows, float *score_s, float *max_s, float *sum_s, float *alpha_s,
-                                               T *weights16, int ld16) {
+// maximum, the weights exp(s - max) in place of the scores, the row sums, and
+// alpha_s[r], the factor that rescales what row r has accumulated so far.
+template <int kKeys>
+__device__ __forceinline__ void online_softmax(int rows, float *score_s, float *max_s, float *sum_s, float *alpha_s) {
     constexpr float kInf = __builtin_huge_valf();
     constexpr int kPerLane = (kKeys + 31) / 32;
     const int lane = threadIdx.x % 32;
@@ -386,10 +383,7 @@ __device__ __forceinline__ void online_softmax(int rows, float *score_s, float *
         for (int k = 0; k < kPerLane; ++k) {
             const int j = lane + 32 * k;
             const float weight = new_max == -kInf ? 0.f : expf(s[k] - new_max);
-            if (j < kKeys) {
-                score_s[r * kKeys + j] = weight;
-                if (weights16) weights16[r * ld16 + j] = common::from_float<T>(weight);
-            }
+            if (j < kKeys) score_s[r * kKeys + j] = weight;
             sum += weight;
         }
         sum = warp_sum(sum);
@@ -491,7 +485,7 @@ template <typename T, int D> __global__ void __launch_bounds__(kThreads) decode_
         __syncthreads();
 
         // 3. The online softmax.
-        online_softmax<KT, T>(rows, score_s, max_s, sum_s, alpha_s, nullptr, 0);
+        online_softmax<KT>(rows, score_s, max_s, sum_s, alpha_s);
         __syncthreads();
 
         // 4. out += P V. A weight of 0 is skipped, not multiplied: a key hidden from

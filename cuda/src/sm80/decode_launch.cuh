@@ -94,7 +94,8 @@ template <typename T, int D> fcsa_status plan_for(const KvCacheProblem &kv, Plan
                 const int threads = deep ? Deep::kThreads : Shallow::kThreads;
                 const int stages = deep ? Deep::kStages : Shallow::kStages;
                 if (smem > size_t(smem_limit)) continue;
-                const Plan trial = [&] { Plan t = *plan; t.deep = deep; return t; }();
+                Plan trial = *plan;
+                trial.deep = deep;
                 const auto kernel = kernel_for<T, D>(trial);
                 int blocks = 0;
                 err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));

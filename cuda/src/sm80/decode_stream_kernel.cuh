@@ -1,6 +1,5 @@
 // decode_stream_kernel.cuh: the tensor-core decode kernel (float16 and bfloat16, l2norm
-// with one group: the planner's choice; the kernel itself also computes without l2norm),
-// built to run at memory bandwidth.
+// with one group), built to run at memory bandwidth.
 //
 // A decoding step reads all of K and V once and computes little with them; what limits
 // it is how much of K and V is in flight and how many instructions each byte costs. So:
@@ -45,8 +44,8 @@ template <typename T, int D, bool kDeep> struct StreamTile {
     static_assert(size_t(kWarps) * kMaxRows * (D + 2) * sizeof(float) <= kRingBytes, "exchange fits the ring");
 };
 
-// q's packed rows [0, padded_rows) into q16 (row stride `stride`): x / ||x|| with l2norm,
-// x otherwise, in T; rows past w.rows and columns past d are 0. A warp per row.
+// q's packed rows [0, padded_rows) into q16 (row stride `stride`): x / ||x|| in T; rows
+// past w.rows and columns past d are 0. A warp per row.
 template <typename T, int D>
 __device__ __forceinline__ void load_query_rows(const Params &p, const CtaWork &w, int padded_rows, T *q16,
                                                 int stride, int warps) {
@@ -65,31 +64,16 @@ __device__ __forceinline__ void load_query_rows(const Params &p, const CtaWork &
                     q[w.b * p.q_stride[0] + w.head(p, r) * p.q_stride[1] + w.query_row(p, r) * p.q_stride[2] + e]);
             sum = fmaf(x[i], x[i], sum);
         }
-        float multiplier = 1.f;
-        if (p.l2norm) {
-            sum = warp_sum(sum);
-            if (!isinf(sum)) {
-                multiplier = 1.f / fmaxf(sqrtf(sum), 1e-12f);
-            } else { // entries from ~1.8e19 on: the sum again, of x scaled by 2^-e
-                float top = 0.f;
+        sum = warp_sum(sum);
+        // An overflowed sum (entries from ~1.8e19 on): each lane takes the rescaled norm of
+        // the whole row itself (inverse_norm; a rare path).
+        const float multiplier =
+            !isinf(sum) ? 1.f / fmaxf(sqrtf(sum), 1e-12f) : inverse_norm(p.d, [&](int e) {
+                return common::to_float(
+                    q[w.b * p.q_stride[0] + w.head(p, r) * p.q_stride[1] + w.query_row(p, r) * p.q_stride[2] + e]);
+            });
 #pragma unroll
-                for (int i = 0; i < kPerLane; ++i) top = fmaxf(top, fabsf(x[i]));
-                int e;
-                frexpf(warp_max(top), &e);
-                float scaled = 0.f;
-#pragma unroll
-                for (int i = 0; i < kPerLane; ++i) {
-                    const float y = ldexpf(x[i], -e);
-                    scaled = fmaf(y, y, scaled);
-                }
-                multiplier = ldexpf(1.f / sqrtf(warp_sum(scaled)), -e);
-            }
-        }
-#pragma unroll
-        for (int i = 0; i < kPerLane; ++i) {
-            const int e = lane + 32 * i;
-            if (e < D) q16[r * stride + e] = common::from_float<T>(x[i] * multiplier);
-        }
+        for (int i = 0; i < kPerLane; ++i) q16[r * stride + lane + 32 * i] = common::from_float<T>(x[i] * multiplier);
     }
 }
 
@@ -208,7 +192,7 @@ __global__ void __launch_bounds__(StreamTile<T, D, kDeep>::kThreads) decode_stre
         T *const k_s = my_ring + (i % S::kStages) * 2 * KB * RS, *const v_s = k_s + KB * RS;
         const int key0 = w.k0 + (i * W + warp) * KB;
 
-        // 1. S = q^ K^T, and with l2norm K K^T, whose diagonal holds the keys' squared norms.
+        // 1. S = q^ K^T, and K K^T, whose diagonal holds the keys' squared norms.
         common::FragC s[MT][2], gram[2];
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) common::clear(s[mt][0]), common::clear(s[mt][1]);
@@ -218,7 +202,7 @@ __global__ void __launch_bounds__(StreamTile<T, D, kDeep>::kThreads) decode_stre
             if (kk >= d) break; // columns past d are 0
             common::FragB16 b[2];
             common::load_b16_nk(b, k_s, RS, 0, kk, lane);
-            if (p.l2norm) {
+            {
                 common::FragA16 a;
                 common::load_a16(a, k_s, RS, 0, kk, lane);
                 common::mma_m16n8k16<T>(gram[0], a, b[0]);
@@ -236,19 +220,16 @@ __global__ void __launch_bounds__(StreamTile<T, D, kDeep>::kThreads) decode_stre
         }
         // This lane's columns are keys 2 t4, 2 t4 + 1, 8 + 2 t4, 9 + 2 t4; the diagonal
         // entry (j, j) sits in lane 9 t4 (j even) or 9 t4 + 4 (j odd) of the same block.
-        float inv_k[4] = {1.f, 1.f, 1.f, 1.f};
-        if (p.l2norm) {
-            const float squares[4] = {__shfl_sync(0xffffffffu, gram[0].x[0], 9 * t4),
-                                      __shfl_sync(0xffffffffu, gram[0].x[1], 9 * t4 + 4),
-                                      __shfl_sync(0xffffffffu, gram[1].x[2], 9 * t4),
-                                      __shfl_sync(0xffffffffu, gram[1].x[3], 9 * t4 + 4)};
+        const float squares[4] = {__shfl_sync(0xffffffffu, gram[0].x[0], 9 * t4),
+                                  __shfl_sync(0xffffffffu, gram[0].x[1], 9 * t4 + 4),
+                                  __shfl_sync(0xffffffffu, gram[1].x[2], 9 * t4),
+                                  __shfl_sync(0xffffffffu, gram[1].x[3], 9 * t4 + 4)};
+        float inv_k[4];
 #pragma unroll
-            for (int c = 0; c < 4; ++c) {
-                const int j = (c / 2) * 8 + 2 * t4 + c % 2;
-                inv_k[c] = isinf(squares[c])
-                               ? inverse_norm(d, [&](int e) { return common::to_float(k_s[j * RS + e]); })
-                               : 1.f / fmaxf(sqrtf(squares[c]), 1e-12f);
-            }
+        for (int c = 0; c < 4; ++c) {
+            const int j = (c / 2) * 8 + 2 * t4 + c % 2;
+            inv_k[c] = isinf(squares[c]) ? inverse_norm(d, [&](int e) { return common::to_float(k_s[j * RS + e]); })
+                                         : 1.f / fmaxf(sqrtf(squares[c]), 1e-12f);
         }
 
         // 2. Log2-scaled logits of the keys each row sees (-inf for the others), the running
