@@ -83,6 +83,14 @@ def check_flag(name, value) -> bool:
     raise TypeError(f"{name} must be a bool (True or False), got {_shown(value)}")
 
 
+def check_groups(groups, d):
+    """groups: an int (not a bool) that divides the head dim d."""
+    if isinstance(groups, bool) or not isinstance(groups, numbers.Integral):
+        raise TypeError(f"groups must be an int, got {type(groups).__name__}")
+    if groups < 1 or d % groups != 0:
+        raise ValueError(f"groups must be a positive divisor of the head dim {d}, got {groups}")
+
+
 def check_flags(**flags):
     """check_flag on each keyword argument; the bools in the order given."""
     return tuple(check_flag(name, value) for name, value in flags.items())
@@ -148,11 +156,7 @@ def canonical_inputs(q, k, v, mask, attn_bias, scale, groups, attn_bias_batch_di
     if hk < 1 or h % hk != 0:
         raise ValueError(f"q's {h} heads must be a multiple of k's and v's {hk} heads")
 
-    if isinstance(groups, bool) or not isinstance(groups, numbers.Integral):
-        raise TypeError(f"groups must be an int, got {type(groups).__name__}")
-    if groups < 1 or d % groups != 0:
-        raise ValueError(f"groups must be a positive divisor of the head dim {d}, "
-                         f"got {groups}")
+    check_groups(groups, d)
 
     if mask is not None:
         _require_tensor("mask", mask)

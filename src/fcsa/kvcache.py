@@ -9,13 +9,12 @@ and V are read once, at memory bandwidth; the partial results are combined exact
 their lse (SPEC.md).
 """
 
-import numbers
 
 import torch
 from torch import Tensor
 
 from . import _ops
-from ._inputs import KERNEL_DTYPES, _canonical_scale, check_flags
+from ._inputs import KERNEL_DTYPES, _canonical_scale, check_flags, check_groups
 
 
 def _require(name, t, dims, dtype=None, device=None):
@@ -120,10 +119,7 @@ def flash_cosine_sim_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=N
         if k.shape[2] > capacity:
             raise ValueError(f"k has {k.shape[2]} new keys, more than the cache's capacity "
                              f"of {capacity} keys per sequence")
-    if isinstance(groups, bool) or not isinstance(groups, numbers.Integral):
-        raise TypeError(f"groups must be an int, got {type(groups).__name__}")
-    if groups < 1 or d % groups != 0:
-        raise ValueError(f"groups must be a positive divisor of the head dim {d}, got {groups}")
+    check_groups(groups, d)
     scale_t, scale_value = _canonical_scale(scale, h, q)
     if scale_t is not None and scale_t.requires_grad and torch.is_grad_enabled():
         raise NotImplementedError("scale: KV-cache attention is forward only, and this scale "

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from . import _ops
-from ._inputs import KERNEL_DTYPES, _canonical_scale, check_flags
+from ._inputs import KERNEL_DTYPES, _canonical_scale, check_flags, check_groups
 
 
 class OffsetsDtypeError(TypeError, ValueError):
@@ -129,10 +129,7 @@ def flash_cosine_sim_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_s
         raise NotImplementedError(
             "attn_bias is not supported by flash_cosine_sim_attention_varlen; run the "
             "sequences that need a bias through flash_cosine_sim_attention")
-    if isinstance(groups, bool) or not isinstance(groups, numbers.Integral):
-        raise TypeError(f"groups must be an int, got {type(groups).__name__}")
-    if groups < 1 or d % groups != 0:
-        raise ValueError(f"groups must be a positive divisor of the head dim {d}, got {groups}")
+    check_groups(groups, d)
     scale_t, scale_value = _canonical_scale(scale, h, q)
     if scale_t is not None:
         scale_t = _ops.last_dim_contiguous(scale_t.float())
