@@ -49,6 +49,19 @@ template <typename T, int D> void (*kernel_for(const Plan &plan))(Params) {
     return decode_kernel<T, D>;
 }
 
+// Sets a kernel's dynamic shared memory limit to attribute_smem and asks how many of its
+// CTAs (threads, smem each) an SM holds. Fails when this build has no code for the
+// device: NOT_SUPPORTED, with the message set.
+inline fcsa_status occupancy(void (*kernel)(Params), int threads, size_t attribute_smem, size_t smem, int device,
+                             int *blocks) {
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(attribute_smem));
+    if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, kernel, threads, smem);
+    if (err == cudaSuccess) return FCSA_STATUS_SUCCESS;
+    cudaGetLastError();
+    return set_error(FCSA_STATUS_NOT_SUPPORTED, "cuda-sm80 kvcache: cannot run the decode kernel on CUDA device %d: %s",
+                     device, cudaGetErrorString(err));
+}
+
 template <typename T, int D> fcsa_status plan_for(const KvCacheProblem &kv, Plan *plan) {
     using Shape = Tile<T, D>;
     const Problem &p = kv.attention;
@@ -96,17 +109,9 @@ template <typename T, int D> fcsa_status plan_for(const KvCacheProblem &kv, Plan
                 if (smem > size_t(smem_limit)) continue;
                 Plan trial = *plan;
                 trial.deep = deep;
-                const auto kernel = kernel_for<T, D>(trial);
                 int blocks = 0;
-                err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-                if (err == cudaSuccess)
-                    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, smem);
-                if (err != cudaSuccess) {
-                    cudaGetLastError();
-                    return set_error(FCSA_STATUS_NOT_SUPPORTED,
-                                     "cuda-sm80 kvcache: cannot run the decode kernel on CUDA device %d: %s", device,
-                                     cudaGetErrorString(err));
-                }
+                if (const fcsa_status st = occupancy(kernel_for<T, D>(trial), threads, smem, smem, device, &blocks))
+                    return st;
                 const int64_t in_flight = int64_t(blocks) * (stages - 1) * threads;
                 if (in_flight > best) {
                     best = in_flight;
@@ -140,17 +145,8 @@ template <typename T, int D> fcsa_status plan_for(const KvCacheProblem &kv, Plan
                              "cuda-sm80 kvcache: head dim %lld with groups = %d needs %zu bytes of shared memory per "
                              "block; CUDA device %d offers %d",
                              (long long)p.d, int(p.groups), plan->smem, device, smem_limit);
-        // Fails when this build has no code for the device: that is NOT_SUPPORTED.
-        const auto kernel = kernel_for<T, D>(*plan);
-        err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(most_smem));
-        if (err == cudaSuccess)
-            err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, plan->smem);
-        if (err != cudaSuccess) {
-            cudaGetLastError();
-            return set_error(FCSA_STATUS_NOT_SUPPORTED,
-                             "cuda-sm80 kvcache: cannot run the decode kernel on CUDA device %d: %s", device,
-                             cudaGetErrorString(err));
-        }
+        if (const fcsa_status st = occupancy(kernel_for<T, D>(*plan), kThreads, most_smem, plan->smem, device, &per_sm))
+            return st;
     }
 
     const int64_t units = p.b * p.hk * plan->row_blocks;
