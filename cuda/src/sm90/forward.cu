@@ -120,7 +120,7 @@ template <typename T, int D> fcsa_status run(const Problem &p, void *workspace, 
     f.ping_pong = ping_pong == nullptr || ping_pong[0] != '0';
     f.vec_out = p.out.rows_16byte_aligned(2);
     if (const fcsa_status st =
-            common::run_key_norm_pass<T>(p, inv_norm, key_norm_stride(p), stream, "cuda-sm90 forward"))
+            common::run_key_norm_pass<T>(p, inv_norm, f.k_inv_norm_stride, stream, "cuda-sm90 forward"))
         return st;
     return launch_forward<T, D>(f, stream);
 }
