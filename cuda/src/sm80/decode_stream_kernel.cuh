@@ -272,14 +272,47 @@ __global__ void __launch_bounds__(StreamTile<T, D, kDeep>::kThreads) decode_stre
             }
         }
 
-        // 3. Values of keys hidden from some row, cleaned (the causal diagonal only).
+        // 3. Keys hidden from some row (the causal diagonal only): 0 * (an inf or NaN in
+        // their values) must not reach those rows, yet the rows that see such a key must
+        // get it. So (a rare path) the rows that see one take its non-finite entries here,
+        // p v added to O directly, and then the entries are zeroed for P V below.
         if (key0 + KB > first_hidden && key0 < w.k1) {
-            const int from = max(0, first_hidden - key0);
-            for (int idx = lane; idx < (KB - from) * d; idx += 32) {
-                T &x = v_s[(from + idx / d) * RS + idx % d];
-                if (!isfinite(common::to_float(x))) x = common::from_float<T>(0.f);
+            const int from = max(0, first_hidden - key0), to = min(KB, w.k1 - key0);
+            bool dirty = false;
+            for (int idx = lane; idx < (to - from) * d; idx += 32)
+                dirty |= !isfinite(common::to_float(v_s[(from + idx / d) * RS + idx % d]));
+            if (__any_sync(0xffffffffu, dirty)) {
+#pragma unroll 1
+                for (int j = from; j < to; ++j) {
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        if (mt >= m_tiles) continue;
+#pragma unroll
+                        for (int h = 0; h < 2; ++h) {
+                            // row g + 8 h's weight of key j sits in lane 4 g + (j % 8) / 2
+                            const float low = j % 2 ? s[mt][0].x[2 * h + 1] : s[mt][0].x[2 * h];
+                            const float high = j % 2 ? s[mt][1].x[2 * h + 1] : s[mt][1].x[2 * h];
+                            const float mine = j < 8 ? low : high;
+                            const float weight = __shfl_sync(0xffffffffu, mine, 4 * g + (j % 8) / 2);
+                            if (key0 + j >= limit[mt][h]) continue;
+#pragma unroll
+                            for (int nb = 0; nb < D / 8; ++nb)
+#pragma unroll
+                                for (int x = 0; x < 2; ++x) {
+                                    const int column = nb * 8 + 2 * t4 + x;
+                                    const float value = column < d ? common::to_float(v_s[j * RS + column]) : 0.f;
+                                    if (!isfinite(value)) acc[mt][nb].x[2 * h + x] += weight * value;
+                                }
+                        }
+                    }
+                }
+                __syncwarp(); // every lane has read the values before they are zeroed
+                for (int idx = lane; idx < (to - from) * d; idx += 32) {
+                    T &x = v_s[(from + idx / d) * RS + idx % d];
+                    if (!isfinite(common::to_float(x))) x = common::from_float<T>(0.f);
+                }
+                __syncwarp();
             }
-            __syncwarp();
         }
 
         // 4. O += P V.
