@@ -13,7 +13,7 @@ flags="-O3 -std=c++17 --expt-relaxed-constexpr -lineinfo -DFCSA_WITH_CUDA -Icuda
        -gencode=arch=compute_$target,code=sm_$target"
 [ "$target" = 90a ] && flags="$flags -DFCSA_SM90A_TARGET"
 sources="cuda/tests/check_forward.cu cuda/src/sm80/dispatch.cu cuda/src/sm80/shared_memory.cu cuda/src/sm80/varlen.cu $(ls cuda/src/sm80/forward*.cu)
-         $(ls cuda/src/sm90/forward*.cu)"
+         $(ls cuda/src/sm90/forward*.cu) cuda/src/sm90/tensor_map.cu"
 
 start=$(date +%s)
 jobs=$(nproc)

@@ -4,7 +4,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
-#include <utility>
 
 #include <cuda.h>
 #include <cudaTypedefs.h>
@@ -16,6 +15,8 @@
 #include "../common/key_norm.cuh"
 #include "../common/numeric.cuh"
 #include "forward.cuh"
+#include "launch.h"
+#include "tensor_map.h"
 
 namespace fcsa {
 namespace sm90 {
@@ -29,58 +30,6 @@ int64_t key_norm_stride(const Problem &p) {
     return (p.nk + BN - 1) / BN * BN;
 }
 
-// cuTensorMapEncodeTiled from the driver, found through the runtime (fcsa links the
-// static runtime, never libcuda itself). Null when the driver lacks it.
-PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
-    static const PFN_cuTensorMapEncodeTiled_v12000 encoder = [] {
-        void *fn = nullptr;
-        cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
-        if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found) !=
-                cudaSuccess ||
-            found != cudaDriverEntryPointSuccess) {
-            cudaGetLastError();
-            return PFN_cuTensorMapEncodeTiled_v12000(nullptr);
-        }
-        return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
-    }();
-    return encoder;
-}
-
-// Whether TMA can read `view` (b, heads, rows, d) as tiles: a 16-byte-aligned base,
-// contiguous rows, every other stride a multiple of 16 bytes, and no broadcast (stride
-// 0) over a dimension of more than one element.
-bool tma_readable(const View &view) {
-    if (!view.rows_16byte_aligned(2) || view.stride[3] != 1) return false;
-    for (int i = 0; i < 3; ++i)
-        if (view.stride[i] * 2 >= (int64_t(1) << 40) || (view.shape[i] > 1 && view.stride[i] == 0)) return false;
-    return true;
-}
-
-// The map of (d, rows, heads, b) with boxes of 64 columns by box_rows rows, 128-byte
-// swizzle, zeros outside the tensor. Dimensions of one element get the stride of a
-// packed layout (TMA wants a valid one; it is never stepped).
-fcsa_status encode_map(CUtensorMap *map, const View &view, int32_t dtype, int box_rows) {
-    cuuint64_t dims[4] = {cuuint64_t(view.shape[3]), cuuint64_t(view.shape[2]), cuuint64_t(view.shape[1]),
-                          cuuint64_t(view.shape[0])};
-    cuuint64_t strides[3];
-    int64_t packed = view.shape[3] * 2;
-    for (int i = 0; i < 3; ++i) {
-        const int64_t stride = view.stride[2 - i] * 2;
-        strides[i] = cuuint64_t(view.shape[2 - i] > 1 ? stride : (packed + 15) / 16 * 16);
-        packed = int64_t(strides[i]) * view.shape[2 - i];
-    }
-    cuuint32_t box[4] = {64, cuuint32_t(box_rows), 1, 1};
-    cuuint32_t element_strides[4] = {1, 1, 1, 1};
-    const CUresult result = tensor_map_encoder()(
-        map, dtype == FCSA_DTYPE_BFLOAT16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4,
-        view.data, dims, strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-        CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-    if (result != CUDA_SUCCESS)
-        return set_error(FCSA_STATUS_CUDA_ERROR, "cuda-sm90 forward: cuTensorMapEncodeTiled failed (error %d)",
-                         int(result));
-    return FCSA_STATUS_SUCCESS;
-}
-
 template <typename T> bool compiled(int64_t d) {
     return forward_head_dim_bucket(d) == 64 ? forward_compiled<T, 64>() : forward_compiled<T, 128>();
 }
@@ -92,9 +41,9 @@ template <typename T> size_t smem_bytes(int64_t d) {
 template <typename T, int D> fcsa_status run(const Problem &p, void *workspace, cudaStream_t stream) {
     using C = ForwardConfig<T, D>;
     ForwardParams f{};
-    if (const fcsa_status st = encode_map(&f.q_map, p.q, p.dtype, C::kBlockM)) return st;
-    if (const fcsa_status st = encode_map(&f.k_map, p.k, p.dtype, C::kBlockN)) return st;
-    if (const fcsa_status st = encode_map(&f.v_map, p.v, p.dtype, C::kBlockN)) return st;
+    if (const fcsa_status st = encode_map(&f.q_map, p.q, p.dtype, C::kBlockM, "cuda-sm90 forward")) return st;
+    if (const fcsa_status st = encode_map(&f.k_map, p.k, p.dtype, C::kBlockN, "cuda-sm90 forward")) return st;
+    if (const fcsa_status st = encode_map(&f.v_map, p.v, p.dtype, C::kBlockN, "cuda-sm90 forward")) return st;
     f.out = p.out.data;
     f.lse = static_cast<float *>(p.lse.data);
     for (int i = 0; i < 3; ++i) {
@@ -136,13 +85,7 @@ fcsa_status sm90_forward_supports(const Problem &p) {
     auto refuse = [](const char *why) {
         return set_error(FCSA_STATUS_NOT_SUPPORTED, "cuda-sm90 forward: %s", why);
     };
-    int major = 0, minor = 0;
-    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, p.device_index) != cudaSuccess ||
-        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, p.device_index) != cudaSuccess) {
-        cudaGetLastError();
-        return refuse("cannot query the device");
-    }
-    if (major != 9 || minor != 0) return refuse("needs a compute capability 9.0 device (H100, H200)");
+    if (const char *why = sm90::device_problem(p.device_index)) return refuse(why);
     if (p.dtype != FCSA_DTYPE_FLOAT16 && p.dtype != FCSA_DTYPE_BFLOAT16) return refuse("needs float16 or bfloat16");
     const bool bf16 = p.dtype == FCSA_DTYPE_BFLOAT16;
     if (p.d < 8 || p.d > 128 || p.d % 8 != 0 || p.d_v != p.d)
@@ -164,24 +107,13 @@ fcsa_status sm90_forward_supports(const Problem &p) {
                          static_cast<long long>(sm90::kMaxSequence));
     if (p.b * p.h > INT32_MAX || p.b * p.hk * (sm90::key_norm_stride(p) / 64) > INT32_MAX)
         return refuse("batch * heads (or batch * kv heads * key tiles) exceeds 2^31 - 1");
-    for (const auto &named : {std::make_pair("q", &p.q), std::make_pair("k", &p.k), std::make_pair("v", &p.v)})
-        if (!sm90::tma_readable(*named.second))
-            return set_error(FCSA_STATUS_NOT_SUPPORTED,
-                             "cuda-sm90 forward: %s needs a 16-byte-aligned base, contiguous rows, 16-byte-aligned "
-                             "strides and no broadcast dimension",
-                             named.first);
     const size_t smem = bf16 ? sm90::smem_bytes<__nv_bfloat16>(p.d) : sm90::smem_bytes<__half>(p.d);
     if (int64_t(smem) > sm80_shared_memory_limit(p.device_index)) return refuse("needs more shared memory");
-    if (sm90::tensor_map_encoder() == nullptr) return refuse("the driver has no cuTensorMapEncodeTiled");
-    // The tensor maps the call will build: a layout the driver rejects goes to sm80/.
-    static_assert(sm90::ForwardConfig<__half, 64>::kBlockM == 128 && sm90::ForwardConfig<__half, 64>::kBlockN == 128 &&
-                      sm90::ForwardConfig<__half, 128>::kBlockM == 128 && sm90::ForwardConfig<__half, 128>::kBlockN == 128,
-                  "boxes of 128 rows, as run() builds them");
-    CUtensorMap map;
-    for (const auto &named : {std::make_pair("q", &p.q), std::make_pair("k", &p.k), std::make_pair("v", &p.v)})
-        if (sm90::encode_map(&map, *named.second, p.dtype, 128) != FCSA_STATUS_SUCCESS)
-            return set_error(FCSA_STATUS_NOT_SUPPORTED, "cuda-sm90 forward: the driver refuses a tensor map of %s",
-                             named.first);
+    static_assert(sm90::ForwardConfig<__half, 64>::kBlockM <= 128 && sm90::ForwardConfig<__half, 64>::kBlockN <= 128 &&
+                      sm90::ForwardConfig<__half, 128>::kBlockM <= 128 && sm90::ForwardConfig<__half, 128>::kBlockN <= 128,
+                  "boxes of at most 128 rows, as check_tma_views tries them");
+    if (const fcsa_status st = sm90::check_tma_views({{"q", &p.q}, {"k", &p.k}, {"v", &p.v}}, p.dtype, "cuda-sm90 forward"))
+        return st;
     return FCSA_STATUS_SUCCESS;
 }
 

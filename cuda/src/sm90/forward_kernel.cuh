@@ -29,16 +29,10 @@
 #include "../common/sm90/tma.cuh"
 #include "../common/sm90/wgmma.cuh"
 #include "forward.cuh"
+#include "launch.h"
 
 namespace fcsa {
 namespace sm90 {
-
-// The kernel's body exists only in the sm_90a compilation (wgmma and setmaxnreg); other
-// targets of a multi-target build get an empty kernel that the host never launches
-// (forward_compiled says which).
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define FCSA_SM90_DEVICE_CODE 1
-#endif
 
 template <typename T, int D>
 __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads, 1)
@@ -52,7 +46,7 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads, 1)
     constexpr int BM = C::kBlockM, BN = C::kBlockN, kStages = C::kStages;
 
     extern __shared__ uint8_t smem_unaligned[];
-    uint8_t *smem = reinterpret_cast<uint8_t *>((reinterpret_cast<uintptr_t>(smem_unaligned) + 1023) & ~uintptr_t(1023));
+    uint8_t *smem = align_to_swizzle_atoms(smem_unaligned);
     T *sQ = reinterpret_cast<T *>(smem);
     T *sK = reinterpret_cast<T *>(smem + C::kOffsetK);
     T *sV = reinterpret_cast<T *>(smem + C::kOffsetV);
@@ -172,7 +166,7 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads, 1)
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk)
-            Wgmma<T, BN>::template ss<0>(s, QTile::k_major(q_base, r0, kk * 16),
+            Wgmma<T, BN>::template ss<0, 0>(s, QTile::k_major(q_base, r0, kk * 16),
                                          KTile::k_major(k_base + stage * KTile::kBytes, 0, kk * 16), kk > 0);
         wgmma_commit();
     };
@@ -338,43 +332,14 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads, 1)
 }
 
 template <typename T, int D> bool forward_compiled() {
-#if defined(FCSA_SM90A_TARGET)
-    // Asked on a compute capability 9.0 device only (sm90_forward_supports), whose loaded
-    // image is the sm_90a one when the build has it: the answer never changes, so the
-    // query runs once.
-    static const bool compiled = [] {
-        cudaFuncAttributes attributes;
-        if (cudaFuncGetAttributes(&attributes, forward_kernel<T, D>) != cudaSuccess) {
-            cudaGetLastError();
-            return false;
-        }
-        return attributes.binaryVersion == 90;
-    }();
+    static const bool compiled = has_sm90a_image(forward_kernel<T, D>);
     return compiled;
-#else
-    return false; // no sm_90a compilation: every image of the kernel is empty
-#endif
 }
 
 template <typename T, int D> fcsa_status launch_forward(const ForwardParams &params, cudaStream_t stream) {
     using C = ForwardConfig<T, D>;
-    const int64_t ctas = int64_t(params.num_m_tiles) * params.heads * params.batch;
-    if (ctas <= 0) return FCSA_STATUS_SUCCESS;
-    if (ctas > int64_t(INT32_MAX))
-        return set_error(FCSA_STATUS_NOT_SUPPORTED,
-                         "cuda-sm90 forward: batch * heads * ceil(nq / %d) = %lld exceeds the grid limit", C::kBlockM,
-                         static_cast<long long>(ctas));
-    auto kernel = forward_kernel<T, D>;
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes);
-    if (err != cudaSuccess)
-        return set_error(FCSA_STATUS_CUDA_ERROR, "cuda-sm90 forward: setting %d bytes of shared memory: %s",
-                         C::kSmemBytes, cudaGetErrorString(err));
-    kernel<<<unsigned(ctas), C::kThreads, C::kSmemBytes, stream>>>(params);
-    err = cudaGetLastError();
-    if (err != cudaSuccess)
-        return set_error(FCSA_STATUS_CUDA_ERROR, "cuda-sm90 forward: kernel launch failed: %s",
-                         cudaGetErrorString(err));
-    return FCSA_STATUS_SUCCESS;
+    return launch(forward_kernel<T, D>, int64_t(params.num_m_tiles) * params.heads * params.batch, C::kThreads,
+                  C::kSmemBytes, stream, params, "cuda-sm90 forward", "batch * heads * query tiles");
 }
 
 } // namespace sm90
