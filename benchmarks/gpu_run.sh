@@ -43,6 +43,7 @@ stage_checks() {
     for limit in "" 166912 101376; do
         FCSA_MAX_SHARED_MEMORY=$limit "$dir/check_backward" --no-timing 2>&1 | grep -E "^FAIL|cases passed"
     done
+    "$dir/check_backward" --sm90 --no-timing 2>&1 | grep -E "^FAIL|cases passed" # the Hopper main kernel
     for tool in memcheck racecheck; do
         for program in check_forward check_backward; do
             compute-sanitizer --tool "$tool" --error-exitcode 3 --print-limit 20 "$dir/$program" --quick \

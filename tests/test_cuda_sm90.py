@@ -1,8 +1,9 @@
-"""The Hopper forward (cuda/src/sm90): on a compute capability 9.0 GPU with a build
-that holds sm_90a code, the calls it covers run there (fcsa.last_backend() says
-"cuda-sm90"), agree with the float64 reference as closely as the portable path does,
-and feed the backward (which takes their out and lse); the calls it does not cover,
-and every call under FCSA_DISABLE_SM90=1, run on the portable path."""
+"""The Hopper kernels (cuda/src/sm90): on a compute capability 9.0 GPU with a build
+that holds sm_90a code, the forwards and backwards they cover run there
+(fcsa.last_backend() says "cuda-sm90"), agree with the float64 reference as closely as
+the portable path does, and feed each other (the backward takes the forward's out and
+lse); the calls they do not cover, and every call under FCSA_DISABLE_SM90=1, run on the
+portable path."""
 
 import pytest
 import torch
@@ -28,6 +29,17 @@ def forward_backend(q, k, v, **kwargs):
     with torch.no_grad():
         fcsa.flash_cosine_sim_attention(q, k, v, **kwargs)
     return fcsa.last_backend()
+
+
+def backward_backend(q, k, v, **kwargs):
+    # Autograd runs a CUDA backward on its own thread, and last_backend is per thread:
+    # a hook on that thread reads it.
+    q = q.detach().clone().requires_grad_()
+    seen = []
+    q.register_hook(lambda grad: seen.append(fcsa.last_backend()))
+    fcsa.flash_cosine_sim_attention(q, k, v, **kwargs).float().sum().backward()
+    assert len(seen) == 1
+    return seen[0]
 
 
 @needs_hopper
@@ -115,14 +127,6 @@ def test_declined_calls_run_on_the_portable_path(monkeypatch):
     assert forward_backend(q, k, v, groups=2) == "cuda-sm80"
     assert forward_backend(q.float(), k.float(), v.float()) == "cuda-sm80"
     assert forward_backend(q, k, v, scale=40) == "cuda-sm80"  # beyond the fixed offset's range
-    # the backward of a call is always the portable one today; autograd runs a CUDA
-    # backward on its own thread, and last_backend is per thread, so a hook on that
-    # thread reads it
-    qg = q.clone().requires_grad_()
-    seen = []
-    qg.register_hook(lambda grad: seen.append(fcsa.last_backend()))
-    fcsa.flash_cosine_sim_attention(qg, k, v).sum().backward()
-    assert seen == ["cuda-sm80"]
     monkeypatch.setenv("FCSA_DISABLE_SM90", "1")
     assert forward_backend(q, k, v) == "cuda-sm80"
 
@@ -154,3 +158,63 @@ def test_without_ping_pong(d, monkeypatch):
         free = fcsa.flash_cosine_sim_attention(q, k, v, causal=True, return_lse=True)
     assert fcsa.last_backend() == "cuda-sm90"
     assert torch.equal(turns[0], free[0]) and torch.equal(turns[1], free[1])
+
+
+# ---------------------------------------------------------------- the backward
+
+@needs_hopper
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("nq,nk", [(1, 1), (65, 129), (129, 65), (200, 385), (300, 300)])
+def test_backward_matches_reference(causal, nq, nk):
+    # Key and query tiles cut short, causal both ways (nq > nk hides every key from the
+    # first rows), two query heads per kv head.
+    tensors = qkv(2, 4, nq, nk, 128, hk=2)
+    q, k, v = (t.cuda().to(torch.bfloat16) for t in tensors.values())
+    assert backward_backend(q, k, v, causal=causal) == "cuda-sm90"
+    check_attention(tensors, torch.bfloat16, "cuda", with_kwargs(causal=causal))
+
+
+@needs_hopper
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_backward_long_sequences_and_layouts(causal):
+    # Many query tiles per key tile and eight query heads summed into one kv head's dk
+    # and dv, from the (b, n, h, d) memory layout of a projection.
+    q = torch.randn(1, 1100, 8, 128).transpose(1, 2)
+    k = torch.randn(1, 1300, 1, 128).transpose(1, 2)
+    v = torch.randn(1, 1300, 1, 128).transpose(1, 2)
+    tensors = {"q": q, "k": k, "v": v}
+    assert backward_backend(*(t.cuda().to(torch.bfloat16) for t in (q, k, v)), causal=causal) == "cuda-sm90"
+    check_attention(tensors, torch.bfloat16, "cuda", with_kwargs(causal=causal))
+
+
+@needs_hopper
+def test_backward_agrees_with_portable_path(monkeypatch):
+    def gradients():
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = fcsa.flash_cosine_sim_attention(*leaves, causal=True)
+        out.backward(dout)
+        return [t.grad for t in leaves]
+
+    q, k, v, dout = (torch.randn(2, 4, 517, 128, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    assert backward_backend(q, k, v, causal=True) == "cuda-sm90"
+    hopper = gradients()
+    monkeypatch.setenv("FCSA_DISABLE_SM90", "1")
+    assert backward_backend(q, k, v, causal=True) == "cuda-sm80"
+    portable = gradients()
+    for got, want in zip(hopper, portable):
+        assert torch.isfinite(got).all()
+        scale = want.float().abs().max().item()
+        torch.testing.assert_close(got.float(), want.float(), atol=2e-2 * scale, rtol=0)
+
+
+@needs_hopper
+def test_backward_declined_calls_run_on_the_portable_path():
+    q, k, v = (torch.randn(2, 2, 100, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    assert backward_backend(q, k, v) == "cuda-sm90"
+    # d = 64 measured faster on the portable path (benchmarks/NOTES.md)
+    assert backward_backend(q[..., :64], k[..., :64], v[..., :64]) == "cuda-sm80"
+    assert backward_backend(q.half(), k.half(), v.half()) == "cuda-sm80"
+    assert backward_backend(q, k, v, deterministic=True) == "cuda-sm80"
+    assert backward_backend(q, k, v, mask=random_mask(2, 100).cuda()) == "cuda-sm80"
+    assert backward_backend(q, k, v, l2norm_qk=False) == "cuda-sm80"
+    assert backward_backend(q[..., :96], k[..., :96], v[..., :96]) == "cuda-sm80"

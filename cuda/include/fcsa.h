@@ -152,9 +152,11 @@ typedef enum fcsa_backend {
     FCSA_BACKEND_AUTO = 0,     /* chosen from the tensors' device and its capability */
     FCSA_BACKEND_CPU = 1,
     FCSA_BACKEND_CUDA_SM80 = 2, /* portable tensor-core path: sm_80 and newer */
-    FCSA_BACKEND_CUDA_SM90 = 3  /* Hopper path (wgmma, TMA): compute capability 9.0, forward of the
-                                   common case; AUTO takes it where it applies (unless the
-                                   environment sets FCSA_DISABLE_SM90=1) and sm80 elsewhere */
+    FCSA_BACKEND_CUDA_SM90 = 3  /* Hopper path (wgmma, TMA): compute capability 9.0, the forward
+                                   and (bf16, d = 128) the backward of the common case; AUTO
+                                   takes it where it applies (unless the environment sets
+                                   FCSA_DISABLE_SM90=1) and sm80 elsewhere; asked for where it
+                                   does not apply: FCSA_STATUS_NOT_SUPPORTED with the reason */
 } fcsa_backend;
 
 typedef struct fcsa_options {

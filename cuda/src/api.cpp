@@ -878,22 +878,19 @@ fcsa_status attention(bool backward, const fcsa_options &options, const Problem 
     FCSA_RETURN_IF_ERROR(guard.enter(p.device_index));
     FCSA_RETURN_IF_ERROR(sm80_supports(p, backward));
     backend = FCSA_BACKEND_CUDA_SM80;
-    if (options.backend == FCSA_BACKEND_CUDA_SM90 && backward)
-        return set_error(FCSA_STATUS_NOT_SUPPORTED, "options.backend: cuda-sm90 has no backward yet");
-    if (!backward && (options.backend == FCSA_BACKEND_CUDA_SM90 ||
-                      (options.backend == FCSA_BACKEND_AUTO && !sm90_disabled()))) {
-        const fcsa_status status = sm90_forward_supports(p);
+    if (options.backend == FCSA_BACKEND_CUDA_SM90 || (options.backend == FCSA_BACKEND_AUTO && !sm90_disabled())) {
+        const fcsa_status status = backward ? sm90_backward_supports(p) : sm90_forward_supports(p);
         if (status == FCSA_STATUS_SUCCESS) backend = FCSA_BACKEND_CUDA_SM90;
         else if (options.backend == FCSA_BACKEND_CUDA_SM90) return status;
     }
     const bool hopper = backend == FCSA_BACKEND_CUDA_SM90;
-    const size_t bytes = backward ? sm80_backward_workspace(p)
+    const size_t bytes = backward ? sm80_backward_workspace(p, hopper)
                          : hopper ? sm90_forward_workspace(p)
                                   : sm80_forward_workspace(p);
     if (needed) *needed = bytes;
     if (!run) return FCSA_STATUS_SUCCESS;
     FCSA_RETURN_IF_ERROR(check_workspace(workspace, workspace_bytes, bytes));
-    FCSA_RETURN_IF_ERROR(backward ? sm80_backward(p, workspace, stream)
+    FCSA_RETURN_IF_ERROR(backward ? sm80_backward(p, workspace, stream, hopper)
                          : hopper ? sm90_forward(p, workspace, stream)
                                   : sm80_forward(p, workspace, stream));
     last_backend = backend;

@@ -38,16 +38,29 @@ fcsa_status sm80_supports(const Problem &p, bool backward);
 // device cannot be queried.
 int sm80_shared_memory_limit(int device);
 size_t sm80_forward_workspace(const Problem &p);
-size_t sm80_backward_workspace(const Problem &p);
+// hopper: the backward's main kernel is the Hopper one (sm90_backward_supports said
+// yes); its passes, workspace and finishing stay these.
+size_t sm80_backward_workspace(const Problem &p, bool hopper);
 fcsa_status sm80_forward(const Problem &p, void *workspace, void *stream);
-fcsa_status sm80_backward(const Problem &p, void *workspace, void *stream);
+fcsa_status sm80_backward(const Problem &p, void *workspace, void *stream, bool hopper);
 
 // ---- Hopper backend (sm90/): compute capability 9.0 with sm_90a code in the build; the
-// forward of the common case (sm90_forward_supports says which, else NOT_SUPPORTED
-// with the reason). Everything it does not cover runs on sm80/.
+// forward and the backward's main kernel of the common case (sm90_*_supports say which,
+// else NOT_SUPPORTED with the reason). Everything they do not cover runs on sm80/.
 fcsa_status sm90_forward_supports(const Problem &p);
 size_t sm90_forward_workspace(const Problem &p);
 fcsa_status sm90_forward(const Problem &p, void *workspace, void *stream);
+fcsa_status sm90_backward_supports(const Problem &p);
+// The backward's workspace beyond the portable backward's: 1 / ||k|| per key (floats).
+int64_t sm90_backward_key_norm_floats(const Problem &p);
+// What the portable backward's passes hand to the Hopper main kernel (its workspace).
+struct Sm90BackwardBuffers {
+    const float *lse, *delta, *q_inv_norm; // per query row, contiguous (the prepass)
+    float *k_inv_norm;                     // sm90_backward_key_norm_floats of them
+    float *dq_acc, *dk_acc;                // dQ^ / ||q|| (zeroed), dK^ (written)
+};
+// The key-norm pass and the main kernel: dv written, dq_acc added to, dk_acc written.
+fcsa_status sm90_backward_main(const Problem &p, const Sm90BackwardBuffers &buffers, void *stream);
 #endif
 
 } // namespace fcsa

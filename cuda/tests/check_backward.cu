@@ -1,4 +1,6 @@
-// check_backward.cu: device check and timing of the sm80 backward (cuda/src/sm80/backward*).
+// check_backward.cu: device check and timing of the sm80 backward (cuda/src/sm80/backward*)
+// and, with --sm90, of the same with the Hopper main kernel (cuda/src/sm90/backward*;
+// cases it does not cover are skipped and counted).
 //
 // For every case of a sweep over the SPEC's features it draws fresh random inputs
 // (seed printed; --seed N repeats one), computes out, lse and every gradient with a
@@ -15,10 +17,13 @@
 //
 // Build (from the repository root; -gencode per GPU, add more for more targets):
 //   nvcc -std=c++17 -O3 --expt-relaxed-constexpr -DFCSA_WITH_CUDA -gencode=arch=compute_90a,code=sm_90a \
-//        -Icuda/include -Icuda/src cuda/tests/check_backward.cu cuda/src/sm80/backward*.cu cuda/src/sm80/shared_memory.cu \
+//        -DFCSA_SM90A_TARGET -Icuda/include -Icuda/src cuda/tests/check_backward.cu cuda/src/sm80/backward*.cu \
+//        cuda/src/sm80/shared_memory.cu cuda/src/sm80/varlen.cu cuda/src/sm90/backward*.cu cuda/src/sm90/tensor_map.cu \
 //        -o check_backward
+//   (or link the .o files of a library build of the same sources; without 90a code,
+//   --sm90 skips every case)
 // Run: ./check_backward [--quick] [--no-timing] [--timing-only] [--timing-l2norm-off]
-//      [--timing-mask] [--seed N]
+//      [--timing-mask] [--seed N] [--sm90]
 //   (--quick: a few small cases, for compute-sanitizer memcheck / racecheck).
 #include <algorithm>
 #include <chrono>
@@ -397,6 +402,9 @@ static Reference reference(const Case &cs, const std::vector<double> &q, const s
 // ---------------------------------------------------------------- one case
 
 static uint64_t g_seed = 0;
+// --sm90: the Hopper main kernel where it covers the case; the others are skipped.
+static bool g_sm90 = false;
+static int g_skipped = 0;
 
 struct Comparison {
     double error = 0, bound = 0;
@@ -532,7 +540,12 @@ static bool run_case(const Case &cs, uint64_t seed) {
         p.dscale = tdscale.view();
     }
 
-    const size_t ws_bytes = fcsa::sm80_backward_workspace(p);
+    const bool hopper = g_sm90 && fcsa::sm90_backward_supports(p) == FCSA_STATUS_SUCCESS;
+    if (g_sm90 && !hopper) {
+        ++g_skipped;
+        return true;
+    }
+    const size_t ws_bytes = fcsa::sm80_backward_workspace(p, hopper);
     void *ws = nullptr;
     CUDA_CHECK(cudaMalloc(&ws, std::max<size_t>(ws_bytes, 1)));
     DeviceTensor *outputs[] = {&tdq, &tdk, &tdv, &tdbias, &tdscale};
@@ -544,7 +557,7 @@ static bool run_case(const Case &cs, uint64_t seed) {
         for (DeviceTensor *t : outputs)
             if (t->device) t->poison();
         CUDA_CHECK(cudaMemset(ws, 0xFF, std::max<size_t>(ws_bytes, 1)));
-        const fcsa_status st = fcsa::sm80_backward(p, ws, nullptr);
+        const fcsa_status st = fcsa::sm80_backward(p, ws, nullptr, hopper);
         const cudaError_t sync = cudaDeviceSynchronize();
         if (st != FCSA_STATUS_SUCCESS || sync != cudaSuccess) {
             printf("FAIL %-44s status %d (%s) cuda %s\n", cs.name.c_str(), int(st), fcsa::g_error_message,
@@ -846,15 +859,16 @@ static void time_shape(int dtype, int64_t n, int64_t d, bool causal, bool determ
         CUDA_CHECK(cudaMemcpy(mask, host.data(), host.size(), cudaMemcpyHostToDevice));
         p.mask = contiguous_view(mask, FCSA_DTYPE_BOOL, b, 1, 1, n); // (b, 1, 1, nk)
     }
-    const size_t ws_bytes = fcsa::sm80_backward_workspace(p);
+    const bool hopper = g_sm90 && fcsa::sm90_backward_supports(p) == FCSA_STATUS_SUCCESS;
+    const size_t ws_bytes = fcsa::sm80_backward_workspace(p, hopper);
     void *ws;
     CUDA_CHECK(cudaMalloc(&ws, ws_bytes));
-    const double t = median_launch_ms([&] { return fcsa::sm80_backward(p, ws, nullptr); }, 10) * 1e-3;
+    const double t = median_launch_ms([&] { return fcsa::sm80_backward(p, ws, nullptr, hopper); }, 10) * 1e-3;
     CUDA_CHECK(cudaGetLastError());
     const double flops = 2.5 * 4.0 * double(b) * double(h) * double(n) * double(n) * double(d) * (causal ? 0.5 : 1.0);
-    printf("TIME %-4s d=%-3lld n=%-5lld b=%-2lld h=%-2lld %-6s %-5s%s %8.3f ms %6.1f TFLOP/s\n", dtype_name(dtype),
+    printf("TIME %-4s d=%-3lld n=%-5lld b=%-2lld h=%-2lld %-6s %-5s%s %-4s %8.3f ms %6.1f TFLOP/s\n", dtype_name(dtype),
            (long long)d, (long long)n, (long long)b, (long long)h, causal ? "causal" : "", deterministic ? "det" : "",
-           g_time_mask ? " mask" : "", t * 1e3, flops / t * 1e-12);
+           g_time_mask ? " mask" : "", hopper ? "sm90" : "sm80", t * 1e3, flops / t * 1e-12);
     fflush(stdout);
     cudaFree(ws);
     cudaFree(lse);
@@ -871,6 +885,7 @@ int main(int argc, char **argv) {
         if (!strcmp(argv[i], "--timing-only")) sweep_cases = false;
         if (!strcmp(argv[i], "--timing-l2norm-off")) g_time_l2norm = false;
         if (!strcmp(argv[i], "--timing-mask")) g_time_mask = true;
+        if (!strcmp(argv[i], "--sm90")) g_sm90 = true;
         if (!strcmp(argv[i], "--seed") && i + 1 < argc) g_seed = strtoull(argv[++i], nullptr, 10);
         if (!strcmp(argv[i], "--profile") && i + 4 < argc) { // dtype d n causal: one timed shape, for ncu
             time_shape(atoi(argv[i + 1]), atoll(argv[i + 3]), atoll(argv[i + 2]), atoi(argv[i + 4]) != 0, false);
@@ -887,7 +902,8 @@ int main(int argc, char **argv) {
         failures += !run_case(cases[i], g_seed + 1000 * i);
         ++count;
     }
-    printf("%d of %d cases passed\n", count - failures, count);
+    printf("%d of %d cases passed (%d skipped: not covered by --sm90)\n", count - failures - g_skipped, count - g_skipped,
+           g_skipped);
     if (timing && !quick) {
         for (int64_t d : {64, 128})
             for (bool causal : {false, true})

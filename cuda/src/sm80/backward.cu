@@ -104,14 +104,19 @@ struct Plan {
     size_t lse = 0, delta = 0, q_inv_norm = 0, dq_acc = 0, dk_acc = 0, dscale = 0, dbias_acc = 0;
     size_t varlen_keys = 0, varlen_queries = 0; // packed sequences: the tile tables (varlen.cuh)
     size_t dq_acc_bytes = 0, dbias_acc_bytes = 0;
-    bool dk_acc_used = false; // split head dim with l2norm: dk is finished by a row pass
+    bool dk_acc_used = false; // split head dim with l2norm, or the Hopper kernel: dk is finished by a row pass
+    bool hopper = false;      // the main kernel is the Hopper one (sm90/backward.cu)
+    size_t k_inv_norm = 0;    // its 1 / ||k|| per key
     size_t total = 0;
 };
 
 // smem_limit: the device's shared memory per block; the full shapes when they fit,
-// else the compact ones (the caller checks that those fit).
-Plan plan_workspace(const Problem &p, int smem_limit) {
+// else the compact ones (the caller checks that those fit). hopper: the Hopper main
+// kernel runs (sm90_backward_supports said yes), with q's norm folded as the
+// shared-scores kernel folds it, dK^ in float32 and 1 / ||k|| per key.
+Plan plan_workspace(const Problem &p, int smem_limit, bool hopper) {
     Plan plan;
+    plan.hopper = hopper;
     plan.bucket = head_dim_bucket(p);
     if (plan.bucket == 0) return plan;
     plan.shape = shape_for(p.dtype, plan.bucket, false);
@@ -134,7 +139,8 @@ Plan plan_workspace(const Problem &p, int smem_limit) {
     // shared-scores kernel takes the raw q tiles and 1 / ||q|| per row (from the prepass),
     // so no query tile is normalized in shared memory. bf16 only: in f16, dS / ||q||
     // leaves its range (subnormal for ordinary norms of ~100, infinite for tiny ones).
-    plan.fold_q_norm = plan.shared_scores_rows > 0 && p.l2norm && p.groups == 1 && p.dtype == FCSA_DTYPE_BFLOAT16;
+    plan.fold_q_norm =
+        hopper || (plan.shared_scores_rows > 0 && p.l2norm && p.groups == 1 && p.dtype == FCSA_DTYPE_BFLOAT16);
     if (p.dbias.present()) {
         if (is_full_shape(p.bias, p))
             plan.dbias_mode = kDbiasDirect;
@@ -157,8 +163,9 @@ Plan plan_workspace(const Problem &p, int smem_limit) {
     if (plan.fold_q_norm) plan.q_inv_norm = take(query_rows * 4);
     plan.dq_acc_bytes = query_rows * size_t(p.d) * 4;
     plan.dq_acc = take(plan.dq_acc_bytes);
-    plan.dk_acc_used = p.l2norm && plan.shape.column_splits > 1;
+    plan.dk_acc_used = hopper || (p.l2norm && plan.shape.column_splits > 1);
     if (plan.dk_acc_used) plan.dk_acc = take(key_rows * size_t(p.d) * 4);
+    if (hopper) plan.k_inv_norm = take(size_t(sm90_backward_key_norm_floats(p)) * 4);
     if (p.dscale.present()) plan.dscale = take(size_t(p.b * p.h * plan.main_key_tiles) * 4);
     if (plan.dbias_mode != kDbiasNone && plan.dbias_mode != kDbiasDirect) {
         const View &db = p.dbias;
@@ -593,7 +600,18 @@ template <typename T> fcsa_status backward(const Problem &pr, const Plan &plan, 
         if (plan.main_key_tiles * plan.shape.column_splits > INT32_MAX)
             return set_error(FCSA_STATUS_NOT_SUPPORTED, "cuda-sm80 backward: too many packed key tiles for the grid");
     }
-    if (fcsa_status s = check_launch(cudaError_t(run_kernel<T>(false, plan, p, stream)), "main kernel")) return s;
+    if (plan.hopper) {
+        Sm90BackwardBuffers buffers;
+        buffers.lse = p.lse;
+        buffers.delta = p.delta;
+        buffers.q_inv_norm = p.q_inv_norm;
+        buffers.k_inv_norm = reinterpret_cast<float *>(ws + plan.k_inv_norm);
+        buffers.dq_acc = p.dq_acc;
+        buffers.dk_acc = p.dk_acc;
+        if (fcsa_status s = sm90_backward_main(pr, buffers, stream)) return s;
+    } else if (fcsa_status s = check_launch(cudaError_t(run_kernel<T>(false, plan, p, stream)), "main kernel")) {
+        return s;
+    }
     if (pr.deterministic) {
         if (fcsa_status s = check_launch(cudaError_t(run_kernel<T>(true, plan, p, stream)), "dq kernel")) return s;
     }
@@ -644,12 +662,12 @@ template <typename T> fcsa_status backward(const Problem &pr, const Plan &plan, 
 } // namespace
 } // namespace sm80_bwd
 
-size_t sm80_backward_workspace(const Problem &p) {
+size_t sm80_backward_workspace(const Problem &p, bool hopper) {
     if (p.b == 0 || p.h == 0 || p.nq == 0 || p.nk == 0) return 0;
-    return sm80_bwd::plan_workspace(p, sm80_shared_memory_limit(p.device_index)).total;
+    return sm80_bwd::plan_workspace(p, sm80_shared_memory_limit(p.device_index), hopper).total;
 }
 
-fcsa_status sm80_backward(const Problem &p, void *workspace, void *stream_ptr) {
+fcsa_status sm80_backward(const Problem &p, void *workspace, void *stream_ptr, bool hopper) {
     using namespace sm80_bwd;
     cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
     if (p.dtype != FCSA_DTYPE_FLOAT32 && p.dtype != FCSA_DTYPE_FLOAT16 && p.dtype != FCSA_DTYPE_BFLOAT16)
@@ -668,7 +686,7 @@ fcsa_status sm80_backward(const Problem &p, void *workspace, void *stream_ptr) {
 
     const int smem_limit = sm80_shared_memory_limit(p.device_index);
     if (smem_limit < 0) return check_launch(cudaErrorInvalidDevice, "querying the shared memory per block");
-    const Plan plan = plan_workspace(p, smem_limit);
+    const Plan plan = plan_workspace(p, smem_limit, hopper);
     if (smem_needed(plan.shape) > smem_limit)
         return set_error(FCSA_STATUS_NOT_SUPPORTED,
                          "sm80 backward: head dims d = %lld, d_v = %lld need %d bytes of shared memory per block, "

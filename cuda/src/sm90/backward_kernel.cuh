@@ -1,0 +1,326 @@
+// backward_kernel.cuh: the Hopper backward's main kernel: TMA, mbarriers, warp
+// specialization and wgmma.
+//
+// One CTA per (key tile of 128 keys, kv head, batch), looping over the query tiles of
+// 64 rows of every query head that reads the kv head (causal: from the first tile that
+// sees one of its keys). Head dim 128. Three warpgroups:
+//   producer  one thread issues the copies: K and V once, then each query tile's Q and
+//             dO into a ring of kStages buffers, completing on the stage's "full"
+//             mbarrier, reused once the consumers have arrived on its "empty" one. Its
+//             warp lays out the tile's row factors (from lse, delta and 1 / ||q||) beside
+//             them.
+//   consumers two warpgroups of 64 keys each. First k^ = k / ||k|| in place (the
+//             key-norm pass's norms). Then per query tile, S and dP transposed,
+//             S^T = K^ Q^T and dP^T = V dO^T with q raw (its norm enters as a factor),
+//             so that the accumulators' rows are keys: P^T, packed to 16 bits in
+//             registers, is the A operand of dV += P^T dO as it stands (the forward's
+//             accumulator-to-fragment identity); dS^T goes to shared memory once, the A
+//             operand of dK^ += dS^T Q (read as it lies) and of dQ^ = dS K^ (read
+//             transposed), added to the float32 accumulator by atomics. dQ^ of a tile
+//             needs both consumers' dS^T: it is issued one tile later, behind an
+//             mbarrier, so neither consumer waits for the other in the loop and one's
+//             exponentials run under the other's products.
+//   epilogue  dV in T and dK^ in float32 (the l2norm backward's row pass finishes dk),
+//             each for the consumer's own keys, summed over the query heads in registers.
+//
+// The arithmetic is the portable shared-scores kernel's with q's norm folded
+// (sm80/backward_shared_scores.cuh): with q raw and k^ rounded to T,
+//   x    = (q . k^) scale log2(e) / ||q||             the log2 logit
+//   P    = 2^(x - lse log2(e))                        (0 where the key is hidden)
+//   dS'  = P (dP scale - delta scale) / ||q||          = scale dS / ||q||
+//   dV  += P^T dO,   dK^ += dS'^T q,   dQ^ / ||q|| += dS' k^
+// which is what the finishing passes of dq (dx_hat_scaled) and dk expect.
+#pragma once
+
+#include <cmath>
+
+#include "../backends.h"
+#include "../common/copy.cuh"
+#include "../common/numeric.cuh"
+#include "../common/sm90/barrier.cuh"
+#include "../common/sm90/tma.cuh"
+#include "../common/sm90/wgmma.cuh"
+#include "backward.cuh"
+#include "launch.h"
+
+namespace fcsa {
+namespace sm90 {
+
+template <typename T, int D>
+__global__ void __launch_bounds__(BackwardConfig<T, D>::kThreads, 1)
+    backward_kernel(const __grid_constant__ BackwardParams p) {
+#if defined(FCSA_SM90_DEVICE_CODE)
+    using namespace common;
+    using namespace common::sm90;
+    using C = BackwardConfig<T, D>;
+    using KTile = typename C::KTile;
+    using QTile = typename C::QTile;
+    using DsTile = typename C::DsTile;
+    constexpr int BM = C::kBlockM, BN = C::kBlockN, kStages = C::kStages;
+
+    extern __shared__ uint8_t smem_unaligned[];
+    uint8_t *smem = align_to_swizzle_atoms(smem_unaligned);
+    T *sK = reinterpret_cast<T *>(smem);
+    T *sV = reinterpret_cast<T *>(smem + C::kOffsetV);
+    T *sQ = reinterpret_cast<T *>(smem + C::kOffsetQ);
+    T *sDout = reinterpret_cast<T *>(smem + C::kOffsetDout);
+    T *sDs = reinterpret_cast<T *>(smem + C::kOffsetDs);
+    float4 *sFactors = reinterpret_cast<float4 *>(smem + C::kOffsetFactors);
+    uint64_t *kv_full = reinterpret_cast<uint64_t *>(smem + C::kOffsetBarriers);
+    uint64_t *full = kv_full + 1, *empty = full + kStages, *ds_ready = empty + kStages;
+
+    // ---- which keys: key tiles fastest, then kv heads, then batch
+    const int key_tiles = (p.nk + BN - 1) / BN;
+    const int kv_heads = p.heads / p.heads_per_kv;
+    const int n_tile = int(blockIdx.x % unsigned(key_tiles));
+    const int bkv = int(blockIdx.x / unsigned(key_tiles));
+    const int kvh = bkv % kv_heads, bi = bkv / kv_heads;
+    const int j0 = n_tile * BN;
+
+    // ---- which query tiles, per head: causal skips those whose rows see none of the keys
+    const int causal_offset = p.nk - p.nq; // row i sees keys j <= i + causal_offset
+    const int q_tiles = (p.nq + BM - 1) / BM;
+    int first_tile = 0;
+    if (p.causal && j0 - causal_offset > 0) first_tile = min(q_tiles, (j0 - causal_offset) / BM);
+    const int tiles_per_head = q_tiles - first_tile;
+    const int items = tiles_per_head * p.heads_per_kv;
+
+    const int warpgroup = threadIdx.x / 128;
+    if (threadIdx.x == 0) {
+        mbarrier_init(kv_full, 1);
+        for (int s = 0; s < kStages; ++s) {
+            mbarrier_init(&full[s], 1 + 32);           // the TMA's expect_tx, the factor-writing lanes
+            mbarrier_init(&empty[s], 128 * C::kConsumers); // every consumer thread reads the factors
+        }
+        for (int b = 0; b < C::kDsBuffers; ++b) mbarrier_init(&ds_ready[b], 128 * C::kConsumers);
+        mbarrier_init_fence();
+    }
+    __syncthreads();
+
+    if (warpgroup == 0) {
+        // ================================================================ producer
+        warpgroup_registers_release<C::kProducerRegisters>();
+        if (threadIdx.x >= 32) return;
+        const int lane = threadIdx.x;
+        if (lane == 0) {
+            tma_prefetch_map(&p.q_map);
+            tma_prefetch_map(&p.dout_map);
+            mbarrier_arrive_expect_tx(kv_full, 2 * KTile::kBytes);
+            tma_load_tile<BN, D>(sK, &p.k_map, kv_full, j0, kvh, bi);
+            tma_load_tile<BN, D>(sV, &p.v_map, kv_full, j0, kvh, bi);
+        }
+        const float scale_log2 = p.scale * kLog2e;
+        for (int it = 0; it < items; ++it) {
+            const int s = it % kStages;
+            const uint32_t round = it / kStages;
+            const int hq = kvh * p.heads_per_kv + it / tiles_per_head;
+            const int i0 = (first_tile + it % tiles_per_head) * BM;
+            if (round > 0) mbarrier_wait(&empty[s], (round - 1) & 1);
+            if (lane == 0) {
+                mbarrier_arrive_expect_tx(&full[s], 2 * QTile::kBytes);
+                tma_load_tile<BM, D>(sQ + s * (BM * D), &p.q_map, &full[s], i0, hq, bi);
+                tma_load_tile<BM, D>(sDout + s * (BM * D), &p.dout_map, &full[s], i0, hq, bi);
+            }
+            // Rows past nq: lse = +inf makes their P (and so dS) 0.
+            const int64_t row0 = (int64_t(bi) * p.heads + hq) * p.nq;
+            for (int r = lane; r < BM; r += 32) {
+                const int i = i0 + r;
+                float4 f = make_float4(0.f, INFINITY, 0.f, 0.f);
+                if (i < p.nq) {
+                    const float inv_q = p.q_inv_norm[row0 + i];
+                    f = make_float4(scale_log2 * inv_q, p.lse[row0 + i] * kLog2e, p.scale * inv_q,
+                                    p.delta[row0 + i] * p.scale * inv_q);
+                }
+                sFactors[s * BM + r] = f;
+            }
+            mbarrier_arrive(&full[s]);
+        }
+        return;
+    }
+
+    // ==================================================================== consumers
+    warpgroup_registers_claim<C::kConsumerRegisters>();
+    const int consumer = warpgroup - 1;
+    const int tid = threadIdx.x % 128, warp = tid / 32, lane = tid % 32;
+    const int g = lane / 4, t4 = lane % 4;
+    // The thread's two accumulator rows of S^T (and of dV, dK^): tile-local keys.
+    const int key_a = 64 * consumer + 16 * warp + g, key_b = key_a + 8;
+    const uint32_t k_base = shared_address(sK), v_base = shared_address(sV);
+    const uint32_t q_base = shared_address(sQ), dout_base = shared_address(sDout), ds_base = shared_address(sDs);
+    // dQ^ = dS K^: this consumer's columns of it, over all the CTA's keys.
+    static_assert(C::kDqColumns == KTile::kBlockCols, "a consumer's columns of K^ are one swizzled block");
+    const int dq_col0 = C::kDqColumns * consumer;
+    const uint32_t k_columns = k_base + consumer * KTile::kBlockBytes;
+
+    // ---- prologue: k^ = k / ||k|| in place, this consumer's rows (rows past nk: 0 / 0
+    // norms, zeros either way); both consumers' before any product reads K.
+    mbarrier_wait(kv_full, 0);
+    {
+        const float *key_inv_norms = p.k_inv_norm + (int64_t(bi) * kv_heads + kvh) * p.k_inv_norm_stride + j0;
+        constexpr int kChunks = D / 8; // 16-byte chunks per row
+        uint8_t *k_bytes = reinterpret_cast<uint8_t *>(sK);
+        for (int c = tid; c < 64 * kChunks; c += 128) {
+            const int r = 64 * consumer + c / kChunks, cb = (c % kChunks) / 8, chunk = c % 8;
+            // (a whole row: its chunks' order within the 128-byte line does not matter)
+            uint4 *at = reinterpret_cast<uint4 *>(k_bytes + (cb * BN + r) * 128 + chunk * 16);
+            const float inv = key_inv_norms[r];
+            float f[8];
+            chunk_to_float<T>(*at, f);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) f[e] *= inv;
+            *at = float_to_chunk<T>(f);
+        }
+        fence_async_shared();
+        named_barrier_sync(3, 128 * C::kConsumers);
+    }
+
+    float dv[D / 2], dk[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) dv[i] = dk[i] = 0.f;
+    float s[BM / 2], dp[BM / 2], dq[C::kDqColumns / 2];
+    uint32_t pf[BM / 16][4];
+
+    // dQ^ = dS'' K^ of tile `item` (both read transposed) once both consumers' dS^T of it
+    // are in, then dQ^ / ||q|| into the float32 accumulator (d == D). Waits for every
+    // product in flight.
+    auto add_dq = [&](int item) {
+        const int buffer = item % C::kDsBuffers;
+        mbarrier_wait(&ds_ready[buffer], (item / C::kDsBuffers) & 1);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk)
+            Wgmma<T, C::kDqColumns>::template ss<1, 1>(dq, DsTile::mn_major(ds_base + buffer * DsTile::kBytes, 16 * kk),
+                                                       KTile::mn_major(k_columns, 16 * kk), kk > 0);
+        wgmma_commit();
+        wgmma_wait<0>();
+        wgmma_fence_operands(dq);
+        const int hq = kvh * p.heads_per_kv + item / tiles_per_head;
+        float *dq_rows = p.dq_acc + (int64_t(bi) * p.heads + hq) * int64_t(p.nq) * D + dq_col0 + 2 * t4;
+        const int row_a = (first_tile + item % tiles_per_head) * BM + 16 * warp + g, row_b = row_a + 8;
+#pragma unroll
+        for (int j = 0; j < C::kDqColumns / 8; ++j) {
+            if (row_a < p.nq)
+                atomicAdd(reinterpret_cast<float2 *>(dq_rows + int64_t(row_a) * D + 8 * j),
+                          make_float2(dq[4 * j], dq[4 * j + 1]));
+            if (row_b < p.nq)
+                atomicAdd(reinterpret_cast<float2 *>(dq_rows + int64_t(row_b) * D + 8 * j),
+                          make_float2(dq[4 * j + 2], dq[4 * j + 3]));
+        }
+    };
+
+    for (int it = 0; it < items; ++it) {
+        const int stage = it % kStages, buffer = it % C::kDsBuffers;
+        const int i0 = (first_tile + it % tiles_per_head) * BM;
+        const uint32_t q_tile = q_base + stage * QTile::kBytes, dout_tile = dout_base + stage * QTile::kBytes;
+        mbarrier_wait(&full[stage], (it / kStages) & 1);
+
+        // 1. S^T = K^ Q^T and dP^T = V dO^T for this consumer's 64 keys.
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk)
+            Wgmma<T, BM>::template ss<0, 0>(s, KTile::k_major(k_base, 64 * consumer, 16 * kk),
+                                            QTile::k_major(q_tile, 0, 16 * kk), kk > 0);
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk)
+            Wgmma<T, BM>::template ss<0, 0>(dp, KTile::k_major(v_base, 64 * consumer, 16 * kk),
+                                            QTile::k_major(dout_tile, 0, 16 * kk), kk > 0);
+        wgmma_commit();
+        wgmma_wait<0>();
+        wgmma_fence_operands(s);
+        wgmma_fence_operands(dp);
+
+        // 2. P^T into registers and dS'^T into shared memory. A hidden key's dS is 0 by
+        // selection (its dP may hold a NaN of its value); rows past nq have P = 0 by their
+        // lse.
+        const float4 *factors = sFactors + stage * BM;
+        const bool every_key_seen = j0 + BN <= p.nk && (!p.causal || j0 + BN - 1 <= i0 + causal_offset);
+        T *ds_tile = sDs + buffer * (BN * BM);
+#pragma unroll
+        for (int j = 0; j < BM / 8; ++j) {
+            const int col = 8 * j + 2 * t4;
+            const float4 f[2] = {factors[col], factors[col + 1]};
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int key = j0 + (h ? key_b : key_a);
+#pragma unroll
+                for (int x = 0; x < 2; ++x) {
+                    const int e = 4 * j + 2 * h + x;
+                    const bool seen =
+                        every_key_seen || (key < p.nk && (!p.causal || key <= i0 + col + x + causal_offset));
+                    const float prob = seen ? exp2_approx(fmaf(s[e], f[x].x, -f[x].y)) : 0.f;
+                    dp[e] = seen ? prob * fmaf(dp[e], f[x].z, -f[x].w) : 0.f;
+                    s[e] = prob;
+                }
+                *reinterpret_cast<uint32_t *>(ds_tile + DsTile::offset(h ? key_b : key_a, col)) =
+                    pack_float2<T>(dp[4 * j + 2 * h], dp[4 * j + 2 * h + 1]);
+            }
+        }
+#pragma unroll
+        for (int kk = 0; kk < BM / 16; ++kk)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) pf[kk][r] = pack_float2<T>(s[8 * kk + 2 * r], s[8 * kk + 2 * r + 1]);
+        fence_async_shared();
+        mbarrier_arrive(&ds_ready[buffer]);    // for dQ^, the other consumer's too
+        named_barrier_sync(1 + consumer, 128); // this consumer's rows, for dK^
+
+        // 3. dV += P^T dO (A from registers) and dK^ += dS'^T Q (A as it lies in shared
+        // memory), B read transposed; then the previous tile's dQ^ behind them, so that
+        // neither consumer waits for the other's dS^T of this tile.
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < BM / 16; ++kk)
+            Wgmma<T, D>::template rs<1>(dv, pf[kk], QTile::mn_major(dout_tile, 16 * kk), 1);
+#pragma unroll
+        for (int kk = 0; kk < BM / 16; ++kk)
+            Wgmma<T, D>::template ss<0, 1>(dk, DsTile::k_major(ds_base + buffer * DsTile::kBytes, 64 * consumer, 16 * kk),
+                                           QTile::mn_major(q_tile, 16 * kk), 1);
+        wgmma_commit();
+        if (it > 0) add_dq(it - 1);
+        else wgmma_wait<0>();
+        wgmma_fence_operands(dv);
+        wgmma_fence_operands(dk);
+#pragma unroll
+        for (int kk = 0; kk < BM / 16; ++kk)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) asm volatile("" : "+r"(pf[kk][r])); // read until here
+        mbarrier_arrive(&empty[stage]); // Q, dO and the factors of this stage are free
+    }
+    if (items > 0) add_dq(items - 1);
+
+    // ---- epilogue: dV in T, dK^ in float32, this consumer's keys below nk
+    T *dv_rows = static_cast<T *>(p.dv) + bi * p.dv_stride[0] + kvh * p.dv_stride[1];
+    float *dk_rows = p.dk_acc + (int64_t(bi) * kv_heads + kvh) * int64_t(p.nk) * D;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int key = j0 + (h ? key_b : key_a);
+        if (key >= p.nk) continue;
+#pragma unroll
+        for (int j = 0; j < D / 8; ++j) {
+            const int col = 8 * j + 2 * t4, e = 4 * j + 2 * h;
+            *reinterpret_cast<uint32_t *>(dv_rows + int64_t(key) * p.dv_stride[2] + col) =
+                pack_float2<T>(dv[e], dv[e + 1]);
+            *reinterpret_cast<float2 *>(dk_rows + int64_t(key) * D + col) = make_float2(dk[e], dk[e + 1]);
+        }
+    }
+#endif
+}
+
+template <typename T, int D> bool backward_compiled() {
+    static const bool compiled = has_sm90a_image(backward_kernel<T, D>);
+    return compiled;
+}
+
+template <typename T, int D> fcsa_status launch_backward(const BackwardParams &params, cudaStream_t stream) {
+    using C = BackwardConfig<T, D>;
+    const int64_t key_tiles = (params.nk + C::kBlockN - 1) / C::kBlockN;
+    return launch(backward_kernel<T, D>, key_tiles * (params.heads / params.heads_per_kv) * params.batch, C::kThreads,
+                  C::kSmemBytes, stream, params, "cuda-sm90 backward", "batch * kv heads * key tiles");
+}
+
+} // namespace sm90
+} // namespace fcsa
+
+// Instantiates the backward for one (T, D); used once per backward_<dtype>_d<D>.cu.
+#define FCSA_INSTANTIATE_SM90_BACKWARD(T, D)                                                                  \
+    template fcsa_status fcsa::sm90::launch_backward<T, D>(const fcsa::sm90::BackwardParams &, cudaStream_t); \
+    template bool fcsa::sm90::backward_compiled<T, D>();
