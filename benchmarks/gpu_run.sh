@@ -44,11 +44,11 @@ stage_checks() {
         FCSA_MAX_SHARED_MEMORY=$limit "$dir/check_backward" --no-timing 2>&1 | grep -E "^FAIL|cases passed"
     done
     "$dir/check_backward" --sm90 --no-timing 2>&1 | grep -E "^FAIL|cases passed" # the Hopper main kernel
-    for tool in memcheck racecheck; do
-        for program in check_forward check_backward; do
-            compute-sanitizer --tool "$tool" --error-exitcode 3 --print-limit 20 "$dir/$program" --quick \
-                >"$RESULTS/sanitizer-$tool-$program.txt" 2>&1
-            echo "compute-sanitizer $tool $program: exit $? ($(tail -n 1 "$RESULTS/sanitizer-$tool-$program.txt"))"
+    for tool in memcheck racecheck synccheck; do
+        for program in check_forward check_backward "check_forward --sm90" "check_backward --sm90"; do
+            local log="$RESULTS/sanitizer-$tool-${program// /}.txt"
+            compute-sanitizer --tool "$tool" --error-exitcode 3 --print-limit 20 "$dir/"$program --quick >"$log" 2>&1
+            echo "compute-sanitizer $tool $program: exit $? ($(tail -n 1 "$log"))"
         done
     done
 }
