@@ -19,12 +19,7 @@ namespace sm90 {
 namespace {
 
 using Config = BackwardConfig<__nv_bfloat16, 128>;
-
-// 1 / ||k_j|| rows padded to whole key tiles (the key-norm pass writes 0 past nk).
-int64_t key_norm_stride(const Problem &p) {
-    constexpr int BN = Config::kBlockN;
-    return (p.nk + BN - 1) / BN * BN;
-}
+static_assert(Config::kBlockN == kKeyTile, "key tiles of the key-norm stride");
 
 fcsa_status run(const Problem &p, const Sm90BackwardBuffers &w, cudaStream_t stream) {
     using C = Config;
@@ -71,15 +66,10 @@ fcsa_status sm90_backward_supports(const Problem &p) {
     // (d = 64 measured slower here than on the portable path: backward.cuh.)
     if (p.d != 128 || p.d_v != 128) return refuse("needs a head dim of 128 for q, k and v");
     if (!sm90::backward_compiled<__nv_bfloat16, 128>()) return refuse("this build has no sm_90a code");
-    if (!p.l2norm || p.groups != 1 || p.bias.present() || p.mask.present() || p.scale_t.present() ||
-        p.dbias.present() || p.dscale.present())
-        return refuse("covers l2norm_qk with one group, no bias, no key mask and a scale given as a number");
+    // (dbias and dscale come with a bias and a scale tensor, which the common case has not)
+    if (const char *why = sm90::common_case_problem(p)) return refuse(why);
     if (p.deterministic) return refuse("adds dq by atomics: deterministic runs on the portable path");
-    if (p.varlen()) return refuse("has no packed sequences (cu_seqlens); the portable path runs them");
-    if (p.nq < 1 || p.nk < 1) return refuse("needs at least one query row and one key");
-    if (p.nq > INT32_MAX - 1024 || p.nk > INT32_MAX - 1024) return refuse("sequence lengths exceed 2^31 - 1025");
-    if (p.b * p.h > INT32_MAX || p.b * p.hk * (sm90::key_norm_stride(p) / 64) > INT32_MAX)
-        return refuse("batch * heads (or batch * kv heads * key tiles) exceeds 2^31 - 1");
+    if (p.nq < 1) return refuse("needs at least one query row");
     if (!p.dv.rows_16byte_aligned(2)) return refuse("writes dv with 16-byte-aligned rows only");
     if (sm90::Config::kSmemBytes > sm80_shared_memory_limit(p.device_index)) return refuse("needs more shared memory");
     static_assert(sm90::Config::kBlockM <= 128 && sm90::Config::kBlockN <= 128,

@@ -22,13 +22,8 @@ namespace fcsa {
 namespace sm90 {
 namespace {
 
-constexpr int64_t kMaxSequence = (int64_t(1) << 31) - 1024;
-
-// 1 / ||k_j|| rows padded to whole key tiles: the kernel copies a tile's worth at once.
-int64_t key_norm_stride(const Problem &p) {
-    constexpr int BN = ForwardConfig<__half, 128>::kBlockN;
-    return (p.nk + BN - 1) / BN * BN;
-}
+static_assert(ForwardConfig<__half, 64>::kBlockN == kKeyTile && ForwardConfig<__half, 128>::kBlockN == kKeyTile,
+              "key tiles of the key-norm stride");
 
 template <typename T> bool compiled(int64_t d) {
     return forward_head_dim_bucket(d) == 64 ? forward_compiled<T, 64>() : forward_compiled<T, 128>();
@@ -92,21 +87,12 @@ fcsa_status sm90_forward_supports(const Problem &p) {
         return refuse("needs a head dim that is a multiple of 8 up to 128, the same for q, k and v");
     if (!(bf16 ? sm90::compiled<__nv_bfloat16>(p.d) : sm90::compiled<__half>(p.d)))
         return refuse("this build has no sm_90a code");
-    if (!p.l2norm || p.groups != 1 || p.bias.present() || p.mask.present() || p.scale_t.present())
-        return refuse("covers l2norm_qk with one group, no bias, no key mask and a scale given as a number");
+    if (const char *why = sm90::common_case_problem(p)) return refuse(why);
     if (p.out.dtype != p.dtype) return refuse("writes out in the inputs' dtype only");
-    if (p.varlen()) return refuse("has no packed sequences (cu_seqlens); the portable path runs them");
     const float range = bf16 ? sm90::ForwardConfig<__nv_bfloat16, 128>::kBoundedRange
                              : sm90::ForwardConfig<__half, 128>::kBoundedRange;
     if (2.f * std::fabs(p.scale) * common::kLog2e > range)
         return refuse("the scale is too large for probabilities without a running maximum in this dtype");
-    if (p.nk < 1) return refuse("needs at least one key");
-    if (p.nq > sm90::kMaxSequence || p.nk > sm90::kMaxSequence)
-        return set_error(FCSA_STATUS_NOT_SUPPORTED, "cuda-sm90 forward: sequence lengths nq = %lld, nk = %lld exceed %lld",
-                         static_cast<long long>(p.nq), static_cast<long long>(p.nk),
-                         static_cast<long long>(sm90::kMaxSequence));
-    if (p.b * p.h > INT32_MAX || p.b * p.hk * (sm90::key_norm_stride(p) / 64) > INT32_MAX)
-        return refuse("batch * heads (or batch * kv heads * key tiles) exceeds 2^31 - 1");
     const size_t smem = bf16 ? sm90::smem_bytes<__nv_bfloat16>(p.d) : sm90::smem_bytes<__half>(p.d);
     if (int64_t(smem) > sm80_shared_memory_limit(p.device_index)) return refuse("needs more shared memory");
     static_assert(sm90::ForwardConfig<__half, 64>::kBlockM <= 128 && sm90::ForwardConfig<__half, 64>::kBlockN <= 128 &&

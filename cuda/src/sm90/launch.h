@@ -1,4 +1,5 @@
-// launch.h: what the Hopper kernels' host sides share: whether the device is a Hopper,
+// launch.h: what the Hopper kernels' host sides share: the key tile and the key-norm
+// rows padded to it, whether the device is a Hopper and a problem their common case,
 // whether the build's image of a kernel is its sm_90a code, and the launch with opt-in
 // shared memory. `who` names the caller in error messages.
 #pragma once
@@ -11,6 +12,28 @@
 
 namespace fcsa {
 namespace sm90 {
+
+// Keys per CTA tile of both kernels. 1 / ||k_j|| rows (the key-norm pass, which writes 0
+// past nk) are padded to whole tiles, so that a kernel copies a tile's worth at once.
+constexpr int kKeyTile = 128;
+inline int64_t key_norm_stride(const Problem &p) { return (p.nk + kKeyTile - 1) / kKeyTile * kKeyTile; }
+
+// Sequence lengths the kernels' int32 tile arithmetic holds.
+constexpr int64_t kMaxSequence = (int64_t(1) << 31) - 1024;
+
+// Why the kernels' common case does not cover `p` (l2norm with one group, no bias, key
+// mask or scale tensor, not packed, at least one key, lengths and grids in range), or
+// nullptr when it does.
+inline const char *common_case_problem(const Problem &p) {
+    if (!p.l2norm || p.groups != 1 || p.bias.present() || p.mask.present() || p.scale_t.present())
+        return "covers l2norm_qk with one group, no bias, no key mask and a scale given as a number";
+    if (p.varlen()) return "has no packed sequences (cu_seqlens); the portable path runs them";
+    if (p.nk < 1) return "needs at least one key";
+    if (p.nq > kMaxSequence || p.nk > kMaxSequence) return "needs sequence lengths below 2^31 - 1024";
+    if (p.b * p.h > INT32_MAX || p.b * p.hk * (key_norm_stride(p) / 64) > INT32_MAX)
+        return "batch * heads (or batch * kv heads * key tiles) exceeds 2^31 - 1";
+    return nullptr;
+}
 
 // Why `device` cannot run the Hopper kernels, or nullptr when it can.
 inline const char *device_problem(int device) {
