@@ -215,14 +215,21 @@ def test_options(option, nq, dtype, device):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("kernel", ["fma", "mma"])
+@pytest.mark.parametrize("kernel", ["fma", "mma", "mma-two-tiles", "mma-deep-ring"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
 @pytest.mark.parametrize("nq", [1, 3, 16])
 @pytest.mark.parametrize("layout", ["contiguous", "paged16"])
 def test_each_gpu_kernel_on_every_shape(layout, nq, dtype, kernel, monkeypatch):
-    # The library picks the tensor cores for 16-bit types; FCSA_DECODE_KERNEL=fma forces
-    # the FMA kernel (float32's and several groups'), so it is checked on these too.
-    monkeypatch.setenv("FCSA_DECODE_KERNEL", kernel)
+    # The library picks the tensor cores for 16-bit types: one m-tile on the shallow ring
+    # up to 16 packed rows (here nq = 1 and 3 with 4 query heads per kv head), two beyond.
+    # FCSA_DECODE_KERNEL=fma forces the FMA kernel (float32's and several groups'),
+    # FCSA_DECODE_MTILES=2 the two-m-tile kernels and FCSA_DECODE_RING=deep the deep ring,
+    # so that every kernel is checked on these shapes too.
+    monkeypatch.setenv("FCSA_DECODE_KERNEL", kernel.split("-")[0])
+    if kernel == "mma-two-tiles":
+        monkeypatch.setenv("FCSA_DECODE_MTILES", "2")
+    if kernel == "mma-deep-ring":
+        monkeypatch.setenv("FCSA_DECODE_RING", "deep")
     for d in (32, 128):
         check_kvcache("cuda", dtype, b=3, h=8, hk=2, nq=nq, d=d, capacity=1200,
                       page_size=LAYOUTS[layout], lengths=[0, 17, 1200 - nq], n_new=nq)

@@ -22,6 +22,7 @@ struct Plan {
     int splits = 1;         // CTAs per (sequence, kv head, row block) over the keys
     bool tensor_cores = false; // decode_stream_kernel rather than decode_kernel
     bool deep = false;         // decode_stream_kernel's deep ring
+    int m_tiles = 2;           // decode_stream_kernel's m16 tiles of packed rows (1: at most 16 rows)
     int threads = 0;           // per CTA
     size_t smem = 0;        // dynamic shared memory per CTA
     size_t workspace = 0;   // partial results when splits > 1

@@ -44,7 +44,12 @@ inline int64_t choose_splits(int64_t units, int64_t slots, int64_t most) {
 // the deep or the shallow ring.
 template <typename T, int D> void (*kernel_for(const Plan &plan))(Params) {
     if constexpr (sizeof(T) == 2) {
-        if (plan.tensor_cores) return plan.deep ? decode_stream_kernel<T, D, true> : decode_stream_kernel<T, D, false>;
+        if constexpr (D != 256) { // (D = 256 has one m tile either way)
+            if (plan.tensor_cores && plan.m_tiles == 1)
+                return plan.deep ? decode_stream_kernel<T, D, true, 1> : decode_stream_kernel<T, D, false, 1>;
+        }
+        if (plan.tensor_cores)
+            return plan.deep ? decode_stream_kernel<T, D, true, 2> : decode_stream_kernel<T, D, false, 2>;
     }
     return decode_kernel<T, D>;
 }
@@ -93,20 +98,34 @@ template <typename T, int D> fcsa_status plan_for(const KvCacheProblem &kv, Plan
     int64_t keys_per_step = Shape::kKeys;
     if constexpr (sizeof(T) == 2) {
         if (plan->tensor_cores) {
-            // Packed rows per CTA: up to the kernel's most. The ring: whichever of the deep
-            // and the shallow one keeps more bytes in flight per SM on this device (the
-            // shallow one fits the 99 KB of every GPU; the deep one, at d <= 64 too).
+            // Packed rows per CTA: up to the kernel's most. Up to 16 rows take the one-m-tile
+            // kernels (about half the registers of the two-m-tile ones) on the shallow ring:
+            // on an H200 that read K and V at 89-95% of copy bandwidth at d = 128 and 68-80%
+            // at d = 64, against 82-85% and 54-59% for two m-tiles (benchmarks/NOTES.md).
+            // Otherwise the ring is whichever of the deep and the shallow one keeps more bytes
+            // in flight per SM on this device (the shallow one fits the 99 KB of every GPU;
+            // the deep one, at d <= 64 too). FCSA_DECODE_MTILES=2 and FCSA_DECODE_RING=deep or
+            // shallow in the environment force the others, so that tests reach every kernel.
+            const char *m_tiles = std::getenv("FCSA_DECODE_MTILES");
+            const char *forced_ring = std::getenv("FCSA_DECODE_RING");
+            plan->m_tiles = D != 256 && rows <= 16 && !(m_tiles && std::strcmp(m_tiles, "2") == 0) ? 1 : 2;
+            const char *ring = forced_ring && *forced_ring ? forced_ring : plan->m_tiles == 1 ? "shallow" : nullptr;
             using Deep = StreamTile<T, D, true>;
             using Shallow = StreamTile<T, D, false>;
-            plan->block_rows = int(std::min<int64_t>((rows + 15) / 16 * 16, Deep::kMaxRows));
+            using Deep1 = StreamTile<T, D, true, 1>;
+            using Shallow1 = StreamTile<T, D, false, 1>;
+            const bool one = plan->m_tiles == 1;
+            plan->block_rows = int(std::min<int64_t>((rows + 15) / 16 * 16, one ? Deep1::kMaxRows : Deep::kMaxRows));
             plan->row_blocks = int((rows + plan->block_rows - 1) / plan->block_rows);
             keys_per_step = Deep::kKeys * Deep::kWarps;
             int64_t best = -1;
             for (const bool deep : {false, true}) {
-                const size_t smem = deep ? Deep::smem_bytes() : Shallow::smem_bytes();
+                const size_t smem = one ? (deep ? Deep1::smem_bytes() : Shallow1::smem_bytes())
+                                        : (deep ? Deep::smem_bytes() : Shallow::smem_bytes());
                 const int threads = deep ? Deep::kThreads : Shallow::kThreads;
                 const int stages = deep ? Deep::kStages : Shallow::kStages;
                 if (smem > size_t(smem_limit)) continue;
+                if (ring && std::strcmp(ring, deep ? "shallow" : "deep") == 0) continue;
                 Plan trial = *plan;
                 trial.deep = deep;
                 int blocks = 0;

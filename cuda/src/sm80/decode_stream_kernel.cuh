@@ -23,9 +23,11 @@ namespace fcsa {
 namespace sm80 {
 namespace decode {
 
-// Shapes for one dtype, head-dim bound D and ring depth (kDeep: the larger ring, for
-// GPUs with more than 99 KB of shared memory per block).
-template <typename T, int D, bool kDeep> struct StreamTile {
+// Shapes for one dtype, head-dim bound D, ring depth (kDeep: the larger ring, for GPUs
+// with more than 99 KB of shared memory per block) and m16 tiles of packed rows (kMTiles:
+// 2, or 1 for at most 16 rows, whose O takes half the registers and so leaves room for
+// more CTAs per SM).
+template <typename T, int D, bool kDeep, int kMTiles = 2> struct StreamTile {
     static_assert(sizeof(T) == 2, "16-bit operands");
     static constexpr int kWarps = D == 256 ? 2 : 4;
     static constexpr int kThreads = 32 * kWarps;
@@ -33,7 +35,8 @@ template <typename T, int D, bool kDeep> struct StreamTile {
     static constexpr int kKeys = 16;      // keys per block
     static constexpr int kStride = D + 8; // T per shared row: + 16 bytes, conflict-free ldmatrix
     static constexpr int kChunks = D / 8; // 16-byte chunks per row
-    static constexpr int kMaxMTiles = D == 256 ? 1 : 2; // O accumulators: 64 or 128 floats a lane
+    static_assert(kMTiles == 1 || kMTiles == 2, "one or two m16 tiles");
+    static constexpr int kMaxMTiles = D == 256 ? 1 : kMTiles; // O accumulators: 64 or 128 floats a lane
     static constexpr int kMaxRows = 16 * kMaxMTiles;
     static constexpr size_t kBlockBytes = 2 * kKeys * kStride * sizeof(T); // K, then V
     static constexpr size_t kRingBytes = size_t(kWarps) * kStages * kBlockBytes;
@@ -77,9 +80,9 @@ __device__ __forceinline__ void load_query_rows(const Params &p, const CtaWork &
     }
 }
 
-template <typename T, int D, bool kDeep>
-__global__ void __launch_bounds__(StreamTile<T, D, kDeep>::kThreads) decode_stream_kernel(const Params p) {
-    using S = StreamTile<T, D, kDeep>;
+template <typename T, int D, bool kDeep, int kMTiles>
+__global__ void __launch_bounds__(StreamTile<T, D, kDeep, kMTiles>::kThreads) decode_stream_kernel(const Params p) {
+    using S = StreamTile<T, D, kDeep, kMTiles>;
     constexpr int KB = S::kKeys, RS = S::kStride, W = S::kWarps, MT = S::kMaxMTiles;
     constexpr float kInf = __builtin_huge_valf();
     constexpr float kLog2e = 1.4426950408889634f;
