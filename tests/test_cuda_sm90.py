@@ -116,11 +116,58 @@ def test_hidden_keys_contribute_nothing(dtype):
     torch.testing.assert_close(got[:, :, rows], clean[:, :, rows], atol=0, rtol=0)
 
 
+def key_masks(b, nk):
+    """Masks the Hopper forward must take: about 25% of keys hidden at random; right
+    padding to lengths that stop inside a key tile, on a tile edge, at 1 and at nk; and a
+    batch with every key hidden (out 0, lse -inf)."""
+    lengths = [nk - 37, 128, 1, nk][:b]
+    padding = torch.arange(nk)[None, :] < torch.tensor(lengths)[:, None]
+    none = padding.clone()
+    none[0] = False
+    return {"random": random_mask(b, nk, p=0.75), "padding": padding, "none_in_batch_0": none}
+
+
+@needs_hopper
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("masking", ["random", "padding", "none_in_batch_0"])
+def test_key_mask_matches_reference(dtype, d, causal, masking):
+    b, h, nq, nk = 4, 4, 200, 385
+    tensors = qkv(b, h, nq, nk, d, hk=2)
+    tensors["mask"] = key_masks(b, nk)[masking]
+    cuda = {n: t.cuda().to(dtype) if t.is_floating_point() else t.cuda() for n, t in tensors.items()}
+    assert forward_backend(**cuda, causal=causal) == "cuda-sm90"
+    results = check_attention(tensors, dtype, "cuda", with_kwargs(causal=causal, return_lse=True))
+    if masking == "none_in_batch_0":
+        assert (results["out"][0] == 0).all()
+        assert (results["lse"][0] == float("-inf")).all()
+
+
+@needs_hopper
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("masking", ["random", "padding"])
+def test_key_mask_hides_nonfinite_keys(dtype, masking):
+    # NaN and inf in hidden keys' k and v (uninitialized padding) change nothing: the
+    # result equals, bit for bit, the one with zeros there.
+    b, h, nq, nk, d = 4, 2, 300, 700, 128
+    q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=dtype) for n in (nq, nk, nk))
+    mask = key_masks(b, nk)[masking].cuda()
+    hidden = ~mask[:, None, :, None]
+    with torch.no_grad():
+        clean = fcsa.flash_cosine_sim_attention(q, k.masked_fill(hidden, 0), v.masked_fill(hidden, 0), mask=mask)
+        for poison in (float("nan"), float("inf"), -float("inf")):
+            got = fcsa.flash_cosine_sim_attention(q, k.masked_fill(hidden, poison), v.masked_fill(hidden, poison),
+                                                  mask=mask)
+            assert fcsa.last_backend() == "cuda-sm90"
+            assert torch.isfinite(got).all(), poison
+            torch.testing.assert_close(got, clean, atol=0, rtol=0)
+
+
 @needs_hopper
 def test_declined_calls_run_on_the_portable_path(monkeypatch):
     q, k, v = (torch.randn(2, 2, 100, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     assert forward_backend(q, k, v) == "cuda-sm90"
-    assert forward_backend(q, k, v, mask=random_mask(2, 100).cuda()) == "cuda-sm80"
     assert forward_backend(q, k, v, attn_bias=torch.randn(2, 100, 100, device="cuda",
                                                           dtype=torch.bfloat16)) == "cuda-sm80"
     assert forward_backend(q, k, v, l2norm_qk=False) == "cuda-sm80"

@@ -6,6 +6,11 @@
 // H100), into the caller's workspace: [batch][kv head][padded_nk], the keys past nk
 // holding 0, so that kernels copy whole key tiles' worth. No normalized copy of k is
 // ever written. Rows whose squares overflow float32 take the rescaled path (l2norm.cuh).
+//
+// Under a key mask (a caller that asks for it) a hidden key's entry is kHiddenKey, which
+// no norm can be, and key_reach[batch] becomes one past the batch's last visible key: a
+// kernel tests a column's sign to drop it, whatever k and v hold there, and stops at the
+// reach (a right-padded batch reads none of its padding).
 #pragma once
 
 #include <cstdint>
@@ -20,6 +25,15 @@ namespace fcsa {
 namespace common {
 
 constexpr int kKeyNormThreads = 256;
+constexpr float kHiddenKey = -1.f;
+
+// The key mask as the pass reads it: mask[batch * stride_b + key * stride_k] != 0 where
+// visible; key_reach (zeroed before the pass) receives each batch's reach.
+struct KeyMaskPass {
+    const uint8_t *mask = nullptr;
+    int64_t stride_b = 0, stride_k = 0;
+    int *key_reach = nullptr;
+};
 constexpr int kKeyNormPasses = 4; // rows per lane group
 
 // Each lane group (RowLanes' widths) takes kKeyNormPasses rows of a (batch, kv head),
@@ -29,7 +43,7 @@ constexpr int kKeyNormPasses = 4; // rows per lane group
 template <typename T>
 __global__ void __launch_bounds__(kKeyNormThreads)
     key_norm_kernel(const T *k, int64_t stride_b, int64_t stride_h, int64_t stride_row, int kv_heads, int nk,
-                    int padded_nk, int key_blocks, int d, float *inv_norm) {
+                    int padded_nk, int key_blocks, int d, float *inv_norm, KeyMaskPass mask) {
     constexpr int E = Chunk<T>::N, kPer = chunks_per_lane<T>();
     const int chunks = d / E, width = row_lane_width(chunks), sub = threadIdx.x % width;
     const int rows_per_pass = kKeyNormThreads / width;
@@ -47,7 +61,12 @@ __global__ void __launch_bounds__(kKeyNormThreads)
                                                 : make_uint4(0u, 0u, 0u, 0u);
         }
     }
+    const int batch = slab / kv_heads;
+    auto hidden = [&](int j) {
+        return mask.mask != nullptr && j < nk && mask.mask[batch * mask.stride_b + int64_t(j) * mask.stride_k] == 0;
+    };
     uint32_t overflowed = 0u;
+    int reach = 0; // one past this thread's last visible key
 #pragma unroll
     for (int pass = 0; pass < kKeyNormPasses; ++pass) {
         float sum_sq = 0.f;
@@ -60,9 +79,19 @@ __global__ void __launch_bounds__(kKeyNormThreads)
         }
         sum_sq = lanes_sum(sum_sq, width);
         const int j = first_key + pass * rows_per_pass;
-        if (norm_overflowed<T>(sum_sq)) overflowed |= 1u << pass; // (rows past nk are zeros)
-        else if (j < padded_nk && sub == 0)
+        if (hidden(j)) {
+            if (j < padded_nk && sub == 0) inv_norm[int64_t(slab) * padded_nk + j] = kHiddenKey;
+        } else if (norm_overflowed<T>(sum_sq)) {
+            overflowed |= 1u << pass; // (rows past nk are zeros)
+        } else if (j < padded_nk && sub == 0) {
             inv_norm[int64_t(slab) * padded_nk + j] = j < nk ? inverse_norm<T>(sum_sq) : 0.f; // zeros: padding
+        }
+        if (j < nk && !hidden(j)) reach = j + 1;
+    }
+    // One atomic per warp, from the first kv head's blocks only (the mask is per batch).
+    if (mask.key_reach != nullptr && slab % kv_heads == 0) {
+        reach = __reduce_max_sync(0xffffffffu, unsigned(reach));
+        if (threadIdx.x % 32 == 0 && reach > 0) atomicMax(mask.key_reach + batch, reach);
     }
     // Keys whose sums of squares overflowed, after the loads' registers are free (l2norm.cuh).
 #pragma unroll 1
@@ -82,13 +111,25 @@ template <typename T> int64_t key_norm_blocks_per_row(int64_t d, int64_t padded_
 
 // Runs the pass over p.k into inv_norm (p.b * p.hk * padded_nk floats; padded_nk a
 // multiple of 64 at least nk). `who` names the caller in errors.
+// With key_reach (p.b ints), p.mask is applied and each batch's reach written there.
 template <typename T>
 fcsa_status run_key_norm_pass(const Problem &p, float *inv_norm, int64_t padded_nk, cudaStream_t stream,
-                              const char *who) {
+                              const char *who, int *key_reach = nullptr) {
     const int64_t key_blocks = key_norm_blocks_per_row<T>(p.d, padded_nk);
+    KeyMaskPass mask;
+    if (key_reach != nullptr) {
+        mask.mask = static_cast<const uint8_t *>(p.mask.data);
+        mask.stride_b = p.mask.stride[0];
+        mask.stride_k = p.mask.stride[3];
+        mask.key_reach = key_reach;
+        const cudaError_t err = cudaMemsetAsync(key_reach, 0, size_t(p.b) * sizeof(int), stream);
+        if (err != cudaSuccess)
+            return set_error(FCSA_STATUS_CUDA_ERROR, "%s: clearing the key reach failed: %s", who,
+                             cudaGetErrorString(err));
+    }
     key_norm_kernel<T><<<unsigned(p.b * p.hk * key_blocks), kKeyNormThreads, 0, stream>>>(
         static_cast<const T *>(p.k.data), p.k.stride[0], p.k.stride[1], p.k.stride[2], int(p.hk), int(p.nk),
-        int(padded_nk), int(key_blocks), int(p.d), inv_norm);
+        int(padded_nk), int(key_blocks), int(p.d), inv_norm, mask);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess)
         return set_error(FCSA_STATUS_CUDA_ERROR, "%s: key-norm pass launch failed: %s", who, cudaGetErrorString(err));

@@ -369,7 +369,9 @@ __device__ __forceinline__ void online_softmax(int rows, float *score_s, float *
     constexpr int kPerLane = (kKeys + 31) / 32;
     const int lane = threadIdx.x % 32;
     for (int r = threadIdx.x / 32; r < rows; r += kWarps) {
-        const float old_max = max_s[r];
+        // Lane 0 alone reads and writes max_s[r]: the other lanes' reads would be ordered
+        // before its write only by the shuffles, which order no memory.
+        const float old_max = lane == 0 ? max_s[r] : -kInf;
         float s[kPerLane], tile_max = -kInf;
 #pragma unroll
         for (int k = 0; k < kPerLane; ++k) {
@@ -377,7 +379,7 @@ __device__ __forceinline__ void online_softmax(int rows, float *score_s, float *
             s[k] = j < kKeys ? score_s[r * kKeys + j] : -kInf;
             tile_max = fmaxf(tile_max, s[k]);
         }
-        const float new_max = fmaxf(old_max, warp_max(tile_max));
+        const float new_max = warp_max(fmaxf(old_max, tile_max));
         float sum = 0.f;
 #pragma unroll
         for (int k = 0; k < kPerLane; ++k) {

@@ -67,7 +67,7 @@ fcsa_status sm90_backward_supports(const Problem &p) {
     if (p.d != 128 || p.d_v != 128) return refuse("needs a head dim of 128 for q, k and v");
     if (!sm90::backward_compiled<__nv_bfloat16, 128>()) return refuse("this build has no sm_90a code");
     // (dbias and dscale come with a bias and a scale tensor, which the common case has not)
-    if (const char *why = sm90::common_case_problem(p)) return refuse(why);
+    if (const char *why = sm90::common_case_problem(p, false)) return refuse(why);
     if (p.deterministic) return refuse("adds dq by atomics: deterministic runs on the portable path");
     if (p.nq < 1) return refuse("needs at least one query row");
     if (!p.dv.rows_16byte_aligned(2)) return refuse("writes dv with 16-byte-aligned rows only");

@@ -48,6 +48,9 @@ template <typename T, int D> fcsa_status run(const Problem &p, void *workspace, 
     float *inv_norm = static_cast<float *>(workspace);
     f.k_inv_norm = inv_norm;
     f.k_inv_norm_stride = key_norm_stride(p);
+    // Under a key mask each batch's reach follows the norms in the workspace.
+    int *key_reach = p.mask.present() ? reinterpret_cast<int *>(inv_norm + p.b * p.hk * f.k_inv_norm_stride) : nullptr;
+    f.key_reach = key_reach;
     f.batch = int(p.b);
     f.heads = int(p.h);
     f.heads_per_kv = int(p.heads_per_kv());
@@ -64,9 +67,9 @@ template <typename T, int D> fcsa_status run(const Problem &p, void *workspace, 
     f.ping_pong = ping_pong == nullptr || ping_pong[0] != '0';
     f.vec_out = p.out.rows_16byte_aligned(2);
     if (const fcsa_status st =
-            common::run_key_norm_pass<T>(p, inv_norm, f.k_inv_norm_stride, stream, "cuda-sm90 forward"))
+            common::run_key_norm_pass<T>(p, inv_norm, f.k_inv_norm_stride, stream, "cuda-sm90 forward", key_reach))
         return st;
-    return launch_forward<T, D>(f, stream);
+    return key_reach != nullptr ? launch_forward<T, D, true>(f, stream) : launch_forward<T, D, false>(f, stream);
 }
 
 template <typename T> fcsa_status run_bucket(const Problem &p, void *workspace, cudaStream_t stream) {
@@ -87,7 +90,7 @@ fcsa_status sm90_forward_supports(const Problem &p) {
         return refuse("needs a head dim that is a multiple of 8 up to 128, the same for q, k and v");
     if (!(bf16 ? sm90::compiled<__nv_bfloat16>(p.d) : sm90::compiled<__half>(p.d)))
         return refuse("this build has no sm_90a code");
-    if (const char *why = sm90::common_case_problem(p)) return refuse(why);
+    if (const char *why = sm90::common_case_problem(p, true)) return refuse(why);
     if (p.out.dtype != p.dtype) return refuse("writes out in the inputs' dtype only");
     const float range = bf16 ? sm90::ForwardConfig<__nv_bfloat16, 128>::kBoundedRange
                              : sm90::ForwardConfig<__half, 128>::kBoundedRange;
@@ -105,7 +108,7 @@ fcsa_status sm90_forward_supports(const Problem &p) {
 
 size_t sm90_forward_workspace(const Problem &p) {
     if (p.b == 0 || p.h == 0 || p.nq == 0) return 0;
-    return size_t(p.b * p.hk * sm90::key_norm_stride(p)) * sizeof(float);
+    return size_t(p.b * p.hk * sm90::key_norm_stride(p)) * sizeof(float) + (p.mask.present() ? size_t(p.b) * sizeof(int) : 0);
 }
 
 fcsa_status sm90_forward(const Problem &p, void *workspace, void *stream) {

@@ -4,8 +4,9 @@
 // One kernel template, forward_kernel<T, D> (forward_kernel.cuh), for float16 and
 // bfloat16 with the head dim zero-padded to a bucket D of 64 or 128 (TMA fills the
 // columns past d with zeros). It covers the common case: l2-normalized q and k with one
-// group, no bias or key mask, a scale given as a number, causal or not, grouped-query
-// kv, any 16-byte-aligned strides. Everything else runs on the portable path (sm80/).
+// group, no bias, a scale given as a number, causal or not, a key mask or not,
+// grouped-query kv, any 16-byte-aligned strides. Everything else runs on the portable
+// path (sm80/).
 #pragma once
 
 #include <cstdint>
@@ -26,6 +27,7 @@ struct ForwardParams {
     void *out;
     float *lse;               // optional
     const float *k_inv_norm;  // 1 / ||k_j||, [batch][kv head][k_inv_norm_stride] (the key-norm pass)
+    const int *key_reach;     // under a key mask: one past each batch's last visible key; else nullptr
     int64_t k_inv_norm_stride;
     int64_t out_stride[3];    // batch, head, row (elements)
     int64_t lse_stride[3];
@@ -34,9 +36,9 @@ struct ForwardParams {
     bool causal, vec_out, ping_pong;
 };
 
-// Three warpgroups: a producer (one thread issues every TMA copy) and two consumers of
-// 64 query rows each. K and V stream through kStages buffers each; 1 / ||k_j|| of a
-// tile arrives with its K.
+// Three warpgroups: a producer (one thread issues every TMA copy; under a key mask a
+// second warp zeros hidden keys' V rows) and two consumers of 64 query rows each. K and
+// V stream through kStages buffers each; 1 / ||k_j|| of a tile arrives with its K.
 template <typename T, int D> struct ForwardConfig {
     static_assert(D == 64 || D == 128, "head-dim buckets of the Hopper forward");
     static constexpr int kConsumers = 2;
@@ -60,14 +62,16 @@ template <typename T, int D> struct ForwardConfig {
     static constexpr int kOffsetV = kOffsetK + kStages * KTile::kBytes;
     static constexpr int kOffsetKInv = kOffsetV + kStages * KTile::kBytes;
     static constexpr int kOffsetBarriers = kOffsetKInv + kStages * kBlockN * 4;
-    static constexpr int kBarriers = 1 + 4 * kStages; // Q full; K and V full and empty per stage
+    // Q full; per stage K and V full and empty, and V ready (its hidden keys' rows zeroed)
+    static constexpr int kBarriers = 1 + 5 * kStages;
     // + 1024: the kernel aligns the dynamic shared memory's start to the swizzle's 1024 bytes.
     static constexpr int kSmemBytes = kOffsetBarriers + kBarriers * 8 + 1024;
     static_assert(kOffsetK % 1024 == 0 && kOffsetV % 1024 == 0, "swizzled tiles start on 1024-byte atoms");
 };
 
 // Launches the kernel for one (T, D); defined in forward_<dtype>_d<D>.cu.
-template <typename T, int D> fcsa_status launch_forward(const ForwardParams &params, cudaStream_t stream);
+// (kKeyMask: under a key mask, in forward_<dtype>_d<D>_key_mask.cu.)
+template <typename T, int D, bool kKeyMask> fcsa_status launch_forward(const ForwardParams &params, cudaStream_t stream);
 // Whether this build holds the kernel's sm_90a code (a build without 90a has an empty one).
 template <typename T, int D> bool forward_compiled();
 

@@ -6,11 +6,14 @@
 //   producer  one thread issues every copy: the Q tile once, then per key tile K (its
 //             warp copying 1 / ||k_j|| from the key-norm pass beside it) and V into a
 //             ring of kStages buffers, each completing on its "full" mbarrier, each
-//             reused once the consumers have arrived on its "empty" one.
+//             reused once the consumers have arrived on its "empty" one. Under a key
+//             mask a second warp zeros hidden keys' V rows (P is 0 there, but 0 * a NaN
+//             in v is not) and hands each V buffer on through its "ready" barrier.
 //   consumers two warpgroups of 64 query rows. The prologue l2-normalizes their Q rows
 //             in shared memory with scale * log2(e) folded in (the portable path's
 //             arithmetic), so a logit costs one FMA: x = (q^ . k) / ||k_j||. Then per key
-//             tile: S = Q K^T on wgmma from shared memory; p = 2^(x - offset) in place,
+//             tile: S = Q K^T on wgmma from shared memory; p = 2^(x - offset) in place
+//             (0 where the key-norm pass marked the key hidden: one select per score),
 //             with no running maximum (cosine-sim logits are bounded by |scale|), so O
 //             is never rescaled; O += P V on wgmma with P from registers. The next
 //             tile's S is issued before this tile's P V, so the exponentials of one run
@@ -34,7 +37,61 @@
 namespace fcsa {
 namespace sm90 {
 
+// The key mask's warp (forward_kernel's producer warp 1): once a V tile has landed, it
+// zeros the rows of its hidden keys, a row's 16-byte chunks in consecutive lanes (no
+// bank conflicts; their order within a swizzled 128-byte line does not matter), fences
+// them for the tensor cores and arrives on the tile's v_ready, which the consumers wait
+// on in place of v_full. It visits every tile in order, so it never runs a phase ahead
+// of v_full; the consumers' wait keeps the producer from refilling a buffer before it.
+// Not inlined: its registers stay out of the kernel's allocation.
 template <typename T, int D>
+__device__ __noinline__ void zero_hidden_values(const float *key_inv_norms, int tiles, T *sV, uint64_t *v_full,
+                                                uint64_t *v_ready, int lane) {
+    using namespace common::sm90;
+    using C = ForwardConfig<T, D>;
+    constexpr int BN = C::kBlockN, kStages = C::kStages;
+    constexpr int kLines = D / 8; // 16-byte chunks of a row
+    constexpr int kRowsAtOnce = 32 / kLines;
+    for (int t = 0; t < tiles; ++t) {
+        const float4 f = __ldg(reinterpret_cast<const float4 *>(key_inv_norms + t * BN) + lane);
+        const float flags[4] = {f.x, f.y, f.z, f.w};
+        uint32_t hidden[4]; // bit l of hidden[c]: key 4 l + c of the tile
+        int count = 0;
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            hidden[c] = __ballot_sync(0xffffffffu, flags[c] < 0.f);
+            count += __popc(hidden[c]);
+        }
+        const int s = t % kStages;
+        mbarrier_wait(&v_full[s], (t / kStages) & 1);
+        if (count > 0) {
+            uint8_t *v_tile = reinterpret_cast<uint8_t *>(sV + s * (BN * D));
+            for (int i = lane / kLines; i < count; i += kRowsAtOnce) {
+                int rank = i, c = 0; // the i-th hidden key, in (c, lane) order
+                uint32_t bits = hidden[0];
+#pragma unroll
+                for (int next = 1; next < 4; ++next) {
+                    if (c == next - 1 && rank >= __popc(bits)) {
+                        rank -= __popc(bits);
+                        c = next;
+                        bits = hidden[next];
+                    }
+                }
+                const int r = 4 * int(__fns(bits, 0u, rank + 1)) + c;
+                const int line = lane % kLines;
+                *reinterpret_cast<uint4 *>(v_tile + ((line / 8) * BN + r) * 128 + (line % 8) * 16) =
+                    make_uint4(0u, 0u, 0u, 0u);
+            }
+            fence_async_shared();
+        }
+        __syncwarp();
+        if (lane == 0) mbarrier_arrive(&v_ready[s]);
+    }
+}
+
+// kKeyMask: p.key_reach and the marks of hidden keys are read (a kernel of its own, so
+// that the kernel without a mask is the same code as before there was one).
+template <typename T, int D, bool kKeyMask>
 __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads, 1)
     forward_kernel(const __grid_constant__ ForwardParams p) {
 #if defined(FCSA_SM90_DEVICE_CODE)
@@ -53,7 +110,10 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads, 1)
     float *sKInv = reinterpret_cast<float *>(smem + C::kOffsetKInv);
     uint64_t *q_full = reinterpret_cast<uint64_t *>(smem + C::kOffsetBarriers);
     uint64_t *k_full = q_full + 1, *v_full = k_full + kStages;
-    uint64_t *k_empty = v_full + kStages, *v_empty = k_empty + kStages;
+    uint64_t *k_empty = v_full + kStages, *v_empty = k_empty + kStages, *v_ready = v_empty + kStages;
+    // The consumers take a V buffer once it has landed, or under a key mask once its
+    // hidden keys' rows are zero.
+    uint64_t *v_usable = kKeyMask ? v_ready : v_full;
 
     // ---- which tile: query tiles fastest (in reverse), then heads, then batch
     const int m_tile = p.num_m_tiles - 1 - int(blockIdx.x % unsigned(p.num_m_tiles));
@@ -62,9 +122,10 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads, 1)
     const int kvh = hq / p.heads_per_kv;
     const int m0 = m_tile * BM;
 
-    // ---- key tiles [0, tiles): causal stops after the last row's diagonal
+    // ---- key tiles [0, tiles): causal stops after the last row's diagonal, a key mask
+    // after the batch's last visible key
     const int causal_offset = p.nk - p.nq; // row i sees keys j <= i + causal_offset
-    int tiles = (p.nk + BN - 1) / BN;
+    int tiles = ((kKeyMask ? p.key_reach[bi] : p.nk) + BN - 1) / BN;
     if (p.causal) {
         const int last_key = min(m0 + BM, p.nq) - 1 + causal_offset;
         tiles = last_key < 0 ? 0 : min(tiles, last_key / BN + 1);
@@ -78,6 +139,7 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads, 1)
             mbarrier_init(&v_full[s], 1);
             mbarrier_init(&k_empty[s], 128 * C::kConsumers); // every consumer thread reads 1 / ||k||
             mbarrier_init(&v_empty[s], 4 * C::kConsumers);   // one arrival per consumer warp
+            mbarrier_init(&v_ready[s], 1);                    // the zeroing warp's lane 0
         }
         mbarrier_init_fence();
     }
@@ -89,8 +151,14 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads, 1)
         // (512 bytes) with ordinary loads and stores, so that everything the consumers'
         // threads read (not their tensor cores) is written by the generic proxy too.
         warpgroup_registers_release<C::kProducerRegisters>();
+        const int lane = threadIdx.x % 32;
+        const float *key_inv_norms =
+            p.k_inv_norm + (int64_t(bi) * (p.heads / p.heads_per_kv) + kvh) * p.k_inv_norm_stride;
+        if (kKeyMask && threadIdx.x / 32 == 1) {
+            zero_hidden_values<T, D>(key_inv_norms, tiles, sV, v_full, v_ready, lane);
+            return;
+        }
         if (threadIdx.x >= 32) return;
-        const int lane = threadIdx.x;
         if (lane == 0) {
             tma_prefetch_map(&p.q_map);
             tma_prefetch_map(&p.k_map);
@@ -98,8 +166,6 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads, 1)
             mbarrier_arrive_expect_tx(q_full, QTile::kBytes);
             tma_load_tile<BM, D>(sQ, &p.q_map, q_full, m0, hq, bi);
         }
-        const float *key_inv_norms =
-            p.k_inv_norm + (int64_t(bi) * (p.heads / p.heads_per_kv) + kvh) * p.k_inv_norm_stride;
         for (int t = 0; t < tiles; ++t) {
             const int s = t % kStages;
             const uint32_t round = t / kStages;
@@ -177,12 +243,24 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads, 1)
             Wgmma<T, D>::template rs<1>(o, pf[kk], KTile::mn_major(v_base + stage * KTile::kBytes, kk * 16), 1);
         wgmma_commit();
     };
-    // p = 2^(x - offset) in place; keys past nk or past a row's causal reach give 0.
+    // p = 2^(x - offset) in place; keys past nk or past a row's causal reach give 0, and
+    // so do keys the mask hides (1 / ||k|| < 0: a select, whatever x is).
     auto exponentials = [&](int t, int stage) {
         const int j0 = t * BN;
         const bool masked = j0 + BN > p.nk || (p.causal && j0 + BN - 1 > m0 + r0 + causal_offset);
         const float *inv = sKInv + stage * BN + 2 * t4;
-        if (!masked) {
+        if (kKeyMask && !masked) {
+#pragma unroll
+            for (int j = 0; j < BN / 8; ++j) {
+                const float2 f = *reinterpret_cast<const float2 *>(inv + 8 * j);
+                s[4 * j + 0] = f.x < 0.f ? 0.f : exp2_approx(fmaf(s[4 * j + 0], f.x, -offset));
+                s[4 * j + 1] = f.y < 0.f ? 0.f : exp2_approx(fmaf(s[4 * j + 1], f.y, -offset));
+                s[4 * j + 2] = f.x < 0.f ? 0.f : exp2_approx(fmaf(s[4 * j + 2], f.x, -offset));
+                s[4 * j + 3] = f.y < 0.f ? 0.f : exp2_approx(fmaf(s[4 * j + 3], f.y, -offset));
+                sum_a += s[4 * j + 0] + s[4 * j + 1];
+                sum_b += s[4 * j + 2] + s[4 * j + 3];
+            }
+        } else if (!masked) {
 #pragma unroll
             for (int j = 0; j < BN / 8; ++j) {
                 const float2 f = *reinterpret_cast<const float2 *>(inv + 8 * j);
@@ -200,10 +278,11 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads, 1)
             for (int j = 0; j < BN / 8; ++j) {
                 const float2 f = *reinterpret_cast<const float2 *>(inv + 8 * j);
                 const int key = j0 + 8 * j + 2 * t4;
-                s[4 * j + 0] = key < reach_a ? exp2_approx(fmaf(s[4 * j + 0], f.x, -offset)) : 0.f;
-                s[4 * j + 1] = key + 1 < reach_a ? exp2_approx(fmaf(s[4 * j + 1], f.y, -offset)) : 0.f;
-                s[4 * j + 2] = key < reach_b ? exp2_approx(fmaf(s[4 * j + 2], f.x, -offset)) : 0.f;
-                s[4 * j + 3] = key + 1 < reach_b ? exp2_approx(fmaf(s[4 * j + 3], f.y, -offset)) : 0.f;
+                const bool x_seen = !kKeyMask || f.x >= 0.f, y_seen = !kKeyMask || f.y >= 0.f;
+                s[4 * j + 0] = x_seen && key < reach_a ? exp2_approx(fmaf(s[4 * j + 0], f.x, -offset)) : 0.f;
+                s[4 * j + 1] = y_seen && key + 1 < reach_a ? exp2_approx(fmaf(s[4 * j + 1], f.y, -offset)) : 0.f;
+                s[4 * j + 2] = x_seen && key < reach_b ? exp2_approx(fmaf(s[4 * j + 2], f.x, -offset)) : 0.f;
+                s[4 * j + 3] = y_seen && key + 1 < reach_b ? exp2_approx(fmaf(s[4 * j + 3], f.y, -offset)) : 0.f;
                 sum_a += s[4 * j + 0] + s[4 * j + 1];
                 sum_b += s[4 * j + 2] + s[4 * j + 3];
             }
@@ -242,7 +321,7 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads, 1)
     for (int t = 1; t < tiles; ++t) {
         const int stage = t % kStages, previous = (t - 1) % kStages;
         mbarrier_wait(&k_full[stage], (t / kStages) & 1);
-        mbarrier_wait(&v_full[previous], ((t - 1) / kStages) & 1);
+        mbarrier_wait(&v_usable[previous], ((t - 1) / kStages) & 1);
         take_turn();
         issue_scores(stage);
         issue_pv(previous);
@@ -262,7 +341,7 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads, 1)
     }
     if (tiles > 0) {
         const int last = (tiles - 1) % kStages;
-        mbarrier_wait(&v_full[last], ((tiles - 1) / kStages) & 1);
+        mbarrier_wait(&v_usable[last], ((tiles - 1) / kStages) & 1);
         // V rows of keys past the last row's causal reach hold real values (only rows past
         // nk come back as zeros): their P is 0, but 0 * (a NaN or inf in v) must not reach
         // O. Both consumers zero them (ordinary stores, then a proxy fence for the tensor
@@ -332,20 +411,27 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads, 1)
 }
 
 template <typename T, int D> bool forward_compiled() {
-    static const bool compiled = has_sm90a_image(forward_kernel<T, D>);
+    static const bool compiled = has_sm90a_image(forward_kernel<T, D, false>);
     return compiled;
 }
 
-template <typename T, int D> fcsa_status launch_forward(const ForwardParams &params, cudaStream_t stream) {
+template <typename T, int D, bool kKeyMask>
+fcsa_status launch_forward(const ForwardParams &params, cudaStream_t stream) {
     using C = ForwardConfig<T, D>;
-    return launch(forward_kernel<T, D>, int64_t(params.num_m_tiles) * params.heads * params.batch, C::kThreads,
-                  C::kSmemBytes, stream, params, "cuda-sm90 forward", "batch * heads * query tiles");
+    return launch(forward_kernel<T, D, kKeyMask>, int64_t(params.num_m_tiles) * params.heads * params.batch,
+                  C::kThreads, C::kSmemBytes, stream, params, "cuda-sm90 forward", "batch * heads * query tiles");
 }
 
 } // namespace sm90
 } // namespace fcsa
 
-// Instantiates the forward for one (T, D); used once per forward_<dtype>_d<D>.cu.
-#define FCSA_INSTANTIATE_SM90_FORWARD(T, D)                                                                   \
-    template fcsa_status fcsa::sm90::launch_forward<T, D>(const fcsa::sm90::ForwardParams &, cudaStream_t);  \
+// Instantiates the forward for one (T, D) without a key mask, and whether the build holds
+// its code; used once per forward_<dtype>_d<D>.cu.
+#define FCSA_INSTANTIATE_SM90_FORWARD(T, D)                                                                         \
+    template fcsa_status fcsa::sm90::launch_forward<T, D, false>(const fcsa::sm90::ForwardParams &, cudaStream_t); \
     template bool fcsa::sm90::forward_compiled<T, D>();
+
+// Instantiates the forward for one (T, D) under a key mask; used once per
+// forward_<dtype>_d<D>_key_mask.cu.
+#define FCSA_INSTANTIATE_SM90_FORWARD_KEY_MASK(T, D) \
+    template fcsa_status fcsa::sm90::launch_forward<T, D, true>(const fcsa::sm90::ForwardParams &, cudaStream_t);
