@@ -39,7 +39,8 @@ namespace sm90 {
 
 // The key mask's warp (forward_kernel's producer warp 1): once a V tile has landed, it
 // zeros the rows of its hidden keys, a row's 16-byte chunks in consecutive lanes (no
-// bank conflicts; their order within a swizzled 128-byte line does not matter), fences
+// bank conflicts; their order within a swizzled 128-byte line does not matter), walking
+// the tile's hidden-key bitmaps a few rows per pass without ranking bits, fences
 // them for the tensor cores and arrives on the tile's v_ready, which the consumers wait
 // on in place of v_full. It visits every tile in order, so it never runs a phase ahead
 // of v_full; the consumers' wait keeps the producer from refilling a buffer before it.
@@ -65,22 +66,23 @@ __device__ __noinline__ void zero_hidden_values(const float *key_inv_norms, int 
         const int s = t % kStages;
         mbarrier_wait(&v_full[s], (t / kStages) & 1);
         if (count > 0) {
+            // kRowsAtOnce rows per pass, the g-th lowest remaining bit for lane group g:
+            // the bit arithmetic is the same in every lane, so the loop stays uniform.
             uint8_t *v_tile = reinterpret_cast<uint8_t *>(sV + s * (BN * D));
-            for (int i = lane / kLines; i < count; i += kRowsAtOnce) {
-                int rank = i, c = 0; // the i-th hidden key, in (c, lane) order
-                uint32_t bits = hidden[0];
+            const int group = lane / kLines, line = lane % kLines;
+            uint8_t *chunk = v_tile + (line / 8) * BN * 128 + (line % 8) * 16;
 #pragma unroll
-                for (int next = 1; next < 4; ++next) {
-                    if (c == next - 1 && rank >= __popc(bits)) {
-                        rank -= __popc(bits);
-                        c = next;
-                        bits = hidden[next];
+            for (int c = 0; c < 4; ++c) {
+                for (uint32_t bits = hidden[c]; bits != 0u;) {
+                    uint32_t mine = bits;
+                    for (int g = 0; g < group; ++g) mine &= mine - 1u;
+#pragma unroll
+                    for (int g = 0; g < kRowsAtOnce; ++g) bits &= bits - 1u;
+                    if (mine != 0u) {
+                        const int r = 4 * (__ffs(int(mine)) - 1) + c;
+                        *reinterpret_cast<uint4 *>(chunk + r * 128) = make_uint4(0u, 0u, 0u, 0u);
                     }
                 }
-                const int r = 4 * int(__fns(bits, 0u, rank + 1)) + c;
-                const int line = lane % kLines;
-                *reinterpret_cast<uint4 *>(v_tile + ((line / 8) * BN + r) * 128 + (line % 8) * 16) =
-                    make_uint4(0u, 0u, 0u, 0u);
             }
             fence_async_shared();
         }
