@@ -145,23 +145,61 @@ def test_key_mask_matches_reference(dtype, d, causal, masking):
 
 
 @needs_hopper
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("masking", ["random", "padding"])
-def test_key_mask_hides_nonfinite_keys(dtype, masking):
+def test_key_mask_over_many_key_tiles(d, causal, masking):
+    # Enough key tiles (1100 keys: 9) that every buffer of the K/V ring (2 stages at
+    # d = 128, 4 at d = 64) is refilled and each barrier's parity flips more than once.
+    b, h, nq, nk = 4, 2, 130, 1100
+    tensors = qkv(b, h, nq, nk, d)
+    tensors["mask"] = key_masks(b, nk)[masking]
+    cuda = {n: t.cuda().bfloat16() if t.is_floating_point() else t.cuda() for n, t in tensors.items()}
+    assert forward_backend(**cuda, causal=causal) == "cuda-sm90"
+    check_attention(tensors, torch.bfloat16, "cuda", with_kwargs(causal=causal), grad=False)
+
+
+@needs_hopper
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("masking", ["random", "padding"])
+def test_key_mask_hides_nonfinite_keys(dtype, d, causal, masking):
     # NaN and inf in hidden keys' k and v (uninitialized padding) change nothing: the
     # result equals, bit for bit, the one with zeros there.
-    b, h, nq, nk, d = 4, 2, 300, 700, 128
+    b, h, nq, nk = 4, 2, 300, 1100
     q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=dtype) for n in (nq, nk, nk))
     mask = key_masks(b, nk)[masking].cuda()
     hidden = ~mask[:, None, :, None]
     with torch.no_grad():
-        clean = fcsa.flash_cosine_sim_attention(q, k.masked_fill(hidden, 0), v.masked_fill(hidden, 0), mask=mask)
+        clean = fcsa.flash_cosine_sim_attention(q, k.masked_fill(hidden, 0), v.masked_fill(hidden, 0), mask=mask,
+                                                causal=causal)
         for poison in (float("nan"), float("inf"), -float("inf")):
             got = fcsa.flash_cosine_sim_attention(q, k.masked_fill(hidden, poison), v.masked_fill(hidden, poison),
-                                                  mask=mask)
+                                                  mask=mask, causal=causal)
             assert fcsa.last_backend() == "cuda-sm90"
             assert torch.isfinite(got).all(), poison
             torch.testing.assert_close(got, clean, atol=0, rtol=0)
+
+
+@needs_hopper
+@pytest.mark.parametrize("layout", ["strided", "broadcast", "left_padding"])
+def test_key_mask_layouts(layout):
+    # A mask read with a key stride of 2, one row broadcast over the batch, and keys
+    # hidden at the start (the kernel then reads every tile).
+    b, h, nq, nk, d = 3, 2, 150, 300, 128
+    tensors = qkv(b, h, nq, nk, d)
+    if layout == "strided":
+        mask = random_mask(b, 2 * nk)[:, ::2]
+        mask[:, 0] = True
+    elif layout == "broadcast":
+        mask = random_mask(1, nk).expand(b, nk)
+    else:
+        mask = torch.arange(nk)[None, :] >= torch.tensor([0, 130, 299])[:, None]
+    tensors["mask"] = mask
+    cuda = {n: t.cuda().bfloat16() if t.is_floating_point() else t.cuda() for n, t in tensors.items()}
+    assert forward_backend(**cuda) == "cuda-sm90"
+    check_attention(tensors, torch.bfloat16, "cuda", grad=False)
 
 
 @needs_hopper
