@@ -8,9 +8,10 @@
 // ever written. Rows whose squares overflow float32 take the rescaled path (l2norm.cuh).
 //
 // Under a key mask (a caller that asks for it) a hidden key's entry is kHiddenKey, which
-// no norm can be, and key_reach[batch] becomes one past the batch's last visible key: a
-// kernel tests a column's sign to drop it, whatever k and v hold there, and stops at the
-// reach (a right-padded batch reads none of its padding).
+// no norm can be, key_counts[2 batch] becomes one past the batch's last visible key and
+// key_counts[2 batch + 1] its number of visible keys: a kernel tests a column's sign to
+// drop it, whatever k and v hold there, stops at the reach (a right-padded batch reads
+// none of its padding), and where the two counts are equal has no hidden key to handle.
 #pragma once
 
 #include <cstdint>
@@ -28,11 +29,12 @@ constexpr int kKeyNormThreads = 256;
 constexpr float kHiddenKey = -1.f;
 
 // The key mask as the pass reads it: mask[batch * stride_b + key * stride_k] != 0 where
-// visible; key_reach (zeroed before the pass) receives each batch's reach.
+// visible; key_counts (zeroed before the pass) receives each batch's reach and number of
+// visible keys.
 struct KeyMaskPass {
     const uint8_t *mask = nullptr;
     int64_t stride_b = 0, stride_k = 0;
-    int *key_reach = nullptr;
+    int *key_counts = nullptr;
 };
 constexpr int kKeyNormPasses = 4; // rows per lane group
 
@@ -66,7 +68,7 @@ __global__ void __launch_bounds__(kKeyNormThreads)
         return mask.mask != nullptr && j < nk && mask.mask[batch * mask.stride_b + int64_t(j) * mask.stride_k] == 0;
     };
     uint32_t overflowed = 0u;
-    int reach = 0; // one past this thread's last visible key
+    int reach = 0, visible = 0; // one past this thread's last visible key; its visible keys
 #pragma unroll
     for (int pass = 0; pass < kKeyNormPasses; ++pass) {
         float sum_sq = 0.f;
@@ -86,12 +88,19 @@ __global__ void __launch_bounds__(kKeyNormThreads)
         } else if (j < padded_nk && sub == 0) {
             inv_norm[int64_t(slab) * padded_nk + j] = j < nk ? inverse_norm<T>(sum_sq) : 0.f; // zeros: padding
         }
-        if (j < nk && !hidden(j)) reach = j + 1;
+        if (j < nk && !hidden(j) && sub == 0) {
+            reach = j + 1;
+            ++visible;
+        }
     }
-    // One atomic per warp, from the first kv head's blocks only (the mask is per batch).
-    if (mask.key_reach != nullptr && slab % kv_heads == 0) {
+    // Two atomics per warp, from the first kv head's blocks only (the mask is per batch).
+    if (mask.key_counts != nullptr && slab % kv_heads == 0) {
         reach = __reduce_max_sync(0xffffffffu, unsigned(reach));
-        if (threadIdx.x % 32 == 0 && reach > 0) atomicMax(mask.key_reach + batch, reach);
+        visible = __reduce_add_sync(0xffffffffu, unsigned(visible));
+        if (threadIdx.x % 32 == 0 && reach > 0) {
+            atomicMax(mask.key_counts + 2 * batch, reach);
+            atomicAdd(mask.key_counts + 2 * batch + 1, visible);
+        }
     }
     // Keys whose sums of squares overflowed, after the loads' registers are free (l2norm.cuh).
 #pragma unroll 1
@@ -111,20 +120,21 @@ template <typename T> int64_t key_norm_blocks_per_row(int64_t d, int64_t padded_
 
 // Runs the pass over p.k into inv_norm (p.b * p.hk * padded_nk floats; padded_nk a
 // multiple of 64 at least nk). `who` names the caller in errors.
-// With key_reach (p.b ints), p.mask is applied and each batch's reach written there.
+// With key_counts (2 p.b ints), p.mask is applied and each batch's reach and number of
+// visible keys written there.
 template <typename T>
 fcsa_status run_key_norm_pass(const Problem &p, float *inv_norm, int64_t padded_nk, cudaStream_t stream,
-                              const char *who, int *key_reach = nullptr) {
+                              const char *who, int *key_counts = nullptr) {
     const int64_t key_blocks = key_norm_blocks_per_row<T>(p.d, padded_nk);
     KeyMaskPass mask;
-    if (key_reach != nullptr) {
+    if (key_counts != nullptr) {
         mask.mask = static_cast<const uint8_t *>(p.mask.data);
         mask.stride_b = p.mask.stride[0];
         mask.stride_k = p.mask.stride[3];
-        mask.key_reach = key_reach;
-        const cudaError_t err = cudaMemsetAsync(key_reach, 0, size_t(p.b) * sizeof(int), stream);
+        mask.key_counts = key_counts;
+        const cudaError_t err = cudaMemsetAsync(key_counts, 0, size_t(2 * p.b) * sizeof(int), stream);
         if (err != cudaSuccess)
-            return set_error(FCSA_STATUS_CUDA_ERROR, "%s: clearing the key reach failed: %s", who,
+            return set_error(FCSA_STATUS_CUDA_ERROR, "%s: clearing the key counts failed: %s", who,
                              cudaGetErrorString(err));
     }
     key_norm_kernel<T><<<unsigned(p.b * p.hk * key_blocks), kKeyNormThreads, 0, stream>>>(

@@ -48,9 +48,10 @@ template <typename T, int D> fcsa_status run(const Problem &p, void *workspace, 
     float *inv_norm = static_cast<float *>(workspace);
     f.k_inv_norm = inv_norm;
     f.k_inv_norm_stride = key_norm_stride(p);
-    // Under a key mask each batch's reach follows the norms in the workspace.
-    int *key_reach = p.mask.present() ? reinterpret_cast<int *>(inv_norm + p.b * p.hk * f.k_inv_norm_stride) : nullptr;
-    f.key_reach = key_reach;
+    // Under a key mask each batch's reach and number of visible keys follow the norms in
+    // the workspace.
+    int *key_counts = p.mask.present() ? reinterpret_cast<int *>(inv_norm + p.b * p.hk * f.k_inv_norm_stride) : nullptr;
+    f.key_counts = key_counts;
     f.batch = int(p.b);
     f.heads = int(p.h);
     f.heads_per_kv = int(p.heads_per_kv());
@@ -67,9 +68,9 @@ template <typename T, int D> fcsa_status run(const Problem &p, void *workspace, 
     f.ping_pong = ping_pong == nullptr || ping_pong[0] != '0';
     f.vec_out = p.out.rows_16byte_aligned(2);
     if (const fcsa_status st =
-            common::run_key_norm_pass<T>(p, inv_norm, f.k_inv_norm_stride, stream, "cuda-sm90 forward", key_reach))
+            common::run_key_norm_pass<T>(p, inv_norm, f.k_inv_norm_stride, stream, "cuda-sm90 forward", key_counts))
         return st;
-    return key_reach != nullptr ? launch_forward<T, D, true>(f, stream) : launch_forward<T, D, false>(f, stream);
+    return key_counts != nullptr ? launch_forward<T, D, true>(f, stream) : launch_forward<T, D, false>(f, stream);
 }
 
 template <typename T> fcsa_status run_bucket(const Problem &p, void *workspace, cudaStream_t stream) {
@@ -108,7 +109,7 @@ fcsa_status sm90_forward_supports(const Problem &p) {
 
 size_t sm90_forward_workspace(const Problem &p) {
     if (p.b == 0 || p.h == 0 || p.nq == 0) return 0;
-    return size_t(p.b * p.hk * sm90::key_norm_stride(p)) * sizeof(float) + (p.mask.present() ? size_t(p.b) * sizeof(int) : 0);
+    return size_t(p.b * p.hk * sm90::key_norm_stride(p)) * sizeof(float) + (p.mask.present() ? size_t(2 * p.b) * sizeof(int) : 0);
 }
 
 fcsa_status sm90_forward(const Problem &p, void *workspace, void *stream) {

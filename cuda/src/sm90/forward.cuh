@@ -27,7 +27,7 @@ struct ForwardParams {
     void *out;
     float *lse;               // optional
     const float *k_inv_norm;  // 1 / ||k_j||, [batch][kv head][k_inv_norm_stride] (the key-norm pass)
-    const int *key_reach;     // under a key mask: one past each batch's last visible key; else nullptr
+    const int *key_counts;    // under a key mask, per batch: one past its last visible key, its visible keys
     int64_t k_inv_norm_stride;
     int64_t out_stride[3];    // batch, head, row (elements)
     int64_t lse_stride[3];

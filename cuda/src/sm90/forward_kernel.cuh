@@ -91,7 +91,7 @@ __device__ __noinline__ void zero_hidden_values(const float *key_inv_norms, int 
     }
 }
 
-// kKeyMask: p.key_reach and the marks of hidden keys are read (a kernel of its own, so
+// kKeyMask: p.key_counts and the marks of hidden keys are read (a kernel of its own, so
 // that the kernel without a mask is the same code as before there was one).
 template <typename T, int D, bool kKeyMask>
 __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads, 1)
@@ -113,9 +113,6 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads, 1)
     uint64_t *q_full = reinterpret_cast<uint64_t *>(smem + C::kOffsetBarriers);
     uint64_t *k_full = q_full + 1, *v_full = k_full + kStages;
     uint64_t *k_empty = v_full + kStages, *v_empty = k_empty + kStages, *v_ready = v_empty + kStages;
-    // The consumers take a V buffer once it has landed, or under a key mask once its
-    // hidden keys' rows are zero.
-    uint64_t *v_usable = kKeyMask ? v_ready : v_full;
 
     // ---- which tile: query tiles fastest (in reverse), then heads, then batch
     const int m_tile = p.num_m_tiles - 1 - int(blockIdx.x % unsigned(p.num_m_tiles));
@@ -125,9 +122,12 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads, 1)
     const int m0 = m_tile * BM;
 
     // ---- key tiles [0, tiles): causal stops after the last row's diagonal, a key mask
-    // after the batch's last visible key
+    // after the batch's last visible key (keys past it are handled as keys past nk). A
+    // batch with hidden keys before that ("sparse") needs the zeroing warp and the select.
     const int causal_offset = p.nk - p.nq; // row i sees keys j <= i + causal_offset
-    int tiles = ((kKeyMask ? p.key_reach[bi] : p.nk) + BN - 1) / BN;
+    const int keys = kKeyMask ? p.key_counts[2 * bi] : p.nk;
+    const bool sparse = kKeyMask && p.key_counts[2 * bi + 1] < keys;
+    int tiles = (keys + BN - 1) / BN;
     if (p.causal) {
         const int last_key = min(m0 + BM, p.nq) - 1 + causal_offset;
         tiles = last_key < 0 ? 0 : min(tiles, last_key / BN + 1);
@@ -157,7 +157,7 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads, 1)
         const float *key_inv_norms =
             p.k_inv_norm + (int64_t(bi) * (p.heads / p.heads_per_kv) + kvh) * p.k_inv_norm_stride;
         if (kKeyMask && threadIdx.x / 32 == 1) {
-            zero_hidden_values<T, D>(key_inv_norms, tiles, sV, v_full, v_ready, lane);
+            if (sparse) zero_hidden_values<T, D>(key_inv_norms, tiles, sV, v_full, v_ready, lane);
             return;
         }
         if (threadIdx.x >= 32) return;
@@ -249,9 +249,9 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads, 1)
     // so do keys the mask hides (1 / ||k|| < 0: a select, whatever x is).
     auto exponentials = [&](int t, int stage) {
         const int j0 = t * BN;
-        const bool masked = j0 + BN > p.nk || (p.causal && j0 + BN - 1 > m0 + r0 + causal_offset);
+        const bool masked = j0 + BN > keys || (p.causal && j0 + BN - 1 > m0 + r0 + causal_offset);
         const float *inv = sKInv + stage * BN + 2 * t4;
-        if (kKeyMask && !masked) {
+        if (sparse && !masked) {
 #pragma unroll
             for (int j = 0; j < BN / 8; ++j) {
                 const float2 f = *reinterpret_cast<const float2 *>(inv + 8 * j);
@@ -274,8 +274,8 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads, 1)
                 sum_b += s[4 * j + 2] + s[4 * j + 3];
             }
         } else {
-            const int reach_a = p.causal ? min(p.nk, row_a + causal_offset + 1) : p.nk; // keys j < reach
-            const int reach_b = p.causal ? min(p.nk, row_b + causal_offset + 1) : p.nk;
+            const int reach_a = p.causal ? min(keys, row_a + causal_offset + 1) : keys; // keys j < reach
+            const int reach_b = p.causal ? min(keys, row_b + causal_offset + 1) : keys;
 #pragma unroll
             for (int j = 0; j < BN / 8; ++j) {
                 const float2 f = *reinterpret_cast<const float2 *>(inv + 8 * j);
@@ -307,6 +307,10 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads, 1)
             if (lane == 0) mbarrier_arrive(bar);
         }
     };
+
+    // The consumers take a V buffer once it has landed, or in a sparse batch once its
+    // hidden keys' rows are zero.
+    uint64_t *v_usable = sparse ? v_ready : v_full;
 
     // ---- main loop: S(t) is issued before P(t - 1) V(t - 1)
     if (tiles > 0) {
@@ -344,12 +348,13 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads, 1)
     if (tiles > 0) {
         const int last = (tiles - 1) % kStages;
         mbarrier_wait(&v_usable[last], ((tiles - 1) / kStages) & 1);
-        // V rows of keys past the last row's causal reach hold real values (only rows past
-        // nk come back as zeros): their P is 0, but 0 * (a NaN or inf in v) must not reach
+        // V rows of keys past the last row's causal reach, or past a key mask's last visible
+        // key, hold real values (only rows past nk come back as zeros): their P is 0, but
+        // 0 * (a NaN or inf in v) must not reach
         // O. Both consumers zero them (ordinary stores, then a proxy fence for the tensor
         // cores) before either multiplies.
         const int j0 = (tiles - 1) * BN;
-        const int reach = p.causal ? min(p.nk, min(m0 + BM, p.nq) + causal_offset) : p.nk; // keys j < reach
+        const int reach = p.causal ? min(keys, min(m0 + BM, p.nq) + causal_offset) : keys; // keys j < reach
         if (reach < min(p.nk, j0 + BN)) {
             constexpr int kLines = D / 64 * 8; // 16-byte chunks of a row
             uint8_t *v_tile = reinterpret_cast<uint8_t *>(sV + last * (BN * D));

@@ -66,9 +66,11 @@ template <typename T, int kRows, int kCols> struct SwizzledTile128 {
 };
 
 // The dynamic shared memory's start, rounded up to the 1024 bytes of an 8-row swizzle
-// atom (the kernels ask for 1024 bytes more than their tiles).
+// atom (the kernels ask for 1024 bytes more than their tiles). An offset from p, not an
+// integer round trip: the compiler keeps knowing the pointer is shared (STS and LDS
+// rather than generic stores and loads).
 __device__ __forceinline__ uint8_t *align_to_swizzle_atoms(uint8_t *p) {
-    return reinterpret_cast<uint8_t *>((reinterpret_cast<uintptr_t>(p) + 1023) & ~uintptr_t(1023));
+    return p + ((1024u - (shared_address(p) & 1023u)) & 1023u);
 }
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
