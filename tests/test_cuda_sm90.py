@@ -183,6 +183,34 @@ def test_key_mask_hides_nonfinite_keys(dtype, d, causal, masking):
 
 
 @needs_hopper
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
+def test_key_mask_holes_and_padding_in_one_launch(dtype):
+    # Batch 0 has holes before its last visible key and right padding after it (the
+    # zeroing warp and the consumers' tail zeroing in one tile), batch 1 only padding,
+    # batch 2 every key: CTAs of one launch take different barrier paths. NaN in every
+    # hidden key's k and v changes nothing.
+    b, h, nq, nk, d = 3, 2, 200, 700, 128
+    q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=dtype) for n in (nq, nk, nk))
+    mask = torch.ones(b, nk, dtype=torch.bool)
+    mask[0, 100:300:3] = False
+    mask[0, 650:] = False
+    mask[1, 333:] = False
+    mask = mask.cuda()
+    hidden = ~mask[:, None, :, None]
+    for causal in (False, True):
+        with torch.no_grad():
+            clean = fcsa.flash_cosine_sim_attention(q, k.masked_fill(hidden, 0), v.masked_fill(hidden, 0),
+                                                    mask=mask, causal=causal)
+            got = fcsa.flash_cosine_sim_attention(q, k.masked_fill(hidden, float("nan")),
+                                                  v.masked_fill(hidden, float("nan")), mask=mask, causal=causal)
+            assert fcsa.last_backend() == "cuda-sm90"
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, clean, atol=0, rtol=0)
+        tensors = {"q": q.float().cpu(), "k": k.float().cpu(), "v": v.float().cpu(), "mask": mask.cpu()}
+        check_attention(tensors, dtype, "cuda", with_kwargs(causal=causal), grad=False)
+
+
+@needs_hopper
 @pytest.mark.parametrize("layout", ["strided", "broadcast", "left_padding"])
 def test_key_mask_layouts(layout):
     # A mask read with a key stride of 2, one row broadcast over the batch, and keys

@@ -81,14 +81,15 @@ __global__ void __launch_bounds__(kKeyNormThreads)
         }
         sum_sq = lanes_sum(sum_sq, width);
         const int j = first_key + pass * rows_per_pass;
-        if (hidden(j)) {
+        const bool hidden_key = hidden(j);
+        if (hidden_key) {
             if (j < padded_nk && sub == 0) inv_norm[int64_t(slab) * padded_nk + j] = kHiddenKey;
         } else if (norm_overflowed<T>(sum_sq)) {
             overflowed |= 1u << pass; // (rows past nk are zeros)
         } else if (j < padded_nk && sub == 0) {
             inv_norm[int64_t(slab) * padded_nk + j] = j < nk ? inverse_norm<T>(sum_sq) : 0.f; // zeros: padding
         }
-        if (j < nk && !hidden(j) && sub == 0) {
+        if (j < nk && !hidden_key && sub == 0) {
             reach = j + 1;
             ++visible;
         }

@@ -7,8 +7,9 @@
 //             warp copying 1 / ||k_j|| from the key-norm pass beside it) and V into a
 //             ring of kStages buffers, each completing on its "full" mbarrier, each
 //             reused once the consumers have arrived on its "empty" one. Under a key
-//             mask a second warp zeros hidden keys' V rows (P is 0 there, but 0 * a NaN
-//             in v is not) and hands each V buffer on through its "ready" barrier.
+//             mask, in a batch with hidden keys before its last visible one, a second
+//             warp zeros hidden keys' V rows (P is 0 there, but 0 * a NaN in v is not)
+//             and hands each V buffer on through its "ready" barrier.
 //   consumers two warpgroups of 64 query rows. The prologue l2-normalizes their Q rows
 //             in shared memory with scale * log2(e) folded in (the portable path's
 //             arithmetic), so a logit costs one FMA: x = (q^ . k) / ||k_j||. Then per key
@@ -245,8 +246,9 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads, 1)
             Wgmma<T, D>::template rs<1>(o, pf[kk], KTile::mn_major(v_base + stage * KTile::kBytes, kk * 16), 1);
         wgmma_commit();
     };
-    // p = 2^(x - offset) in place; keys past nk or past a row's causal reach give 0, and
-    // so do keys the mask hides (1 / ||k|| < 0: a select, whatever x is).
+    // p = 2^(x - offset) in place; keys past the batch's keys (nk, or a key mask's reach)
+    // or past a row's causal reach give 0, and so do keys the mask hides (1 / ||k|| < 0:
+    // a select, whatever x is).
     auto exponentials = [&](int t, int stage) {
         const int j0 = t * BN;
         const bool masked = j0 + BN > keys || (p.causal && j0 + BN - 1 > m0 + r0 + causal_offset);
