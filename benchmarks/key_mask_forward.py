@@ -4,8 +4,8 @@ bf16, the fa shape (batch = 16384/n, heads = 2048/d), forward only, no autograd.
 mask runs on the path the library picks (the Hopper kernel on an H100/H200) and again
 with FCSA_DISABLE_SM90=1 (the portable kernels). Masks: none (the plain call), every key
 visible, 25% of the keys hidden at random, and right padding of the last 25% and 50%.
-Times are medians of CUDA-event timings; the table gives each mask's time over the plain
-call's.
+Times are medians of 20 CUDA-event timings (fcsa.benchmark_decode's timer); the table
+gives each mask's time over the plain call's.
 
     python benchmarks/key_mask_forward.py [--json PATH]
 """
@@ -18,20 +18,7 @@ import os
 import torch
 
 import fcsa
-
-
-def median_ms(fn, runs=20, warmup=5):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+from fcsa.benchmark_decode import median_ms
 
 
 def masks(b, n):
@@ -61,7 +48,8 @@ def main():
                     os.environ["FCSA_DISABLE_SM90"] = disable
                     with torch.no_grad():
                         row[path + "_ms"] = median_ms(
-                            lambda: fcsa.flash_cosine_sim_attention(q, k, v, mask=mask, causal=causal))
+                            lambda: fcsa.flash_cosine_sim_attention(q, k, v, mask=mask, causal=causal),
+                            q.device, runs=20, warmup=5)[0]
                         row[path + "_backend"] = fcsa.last_backend()
                 os.environ.pop("FCSA_DISABLE_SM90")
                 plain_ms = plain_ms or row["picked_ms"]

@@ -31,6 +31,12 @@ def forward_backend(q, k, v, **kwargs):
     return fcsa.last_backend()
 
 
+def forward_backend_on(tensors, dtype, **kwargs):
+    """forward_backend for check_attention's CPU tensors, moved to the GPU in dtype."""
+    cuda = {n: t.cuda().to(dtype) if t.is_floating_point() else t.cuda() for n, t in tensors.items()}
+    return forward_backend(**cuda, **kwargs)
+
+
 def backward_backend(q, k, v, **kwargs):
     # Autograd runs a CUDA backward on its own thread, and last_backend is per thread:
     # a hook on that thread reads it.
@@ -136,8 +142,7 @@ def test_key_mask_matches_reference(dtype, d, causal, masking):
     b, h, nq, nk = 4, 4, 200, 385
     tensors = qkv(b, h, nq, nk, d, hk=2)
     tensors["mask"] = key_masks(b, nk)[masking]
-    cuda = {n: t.cuda().to(dtype) if t.is_floating_point() else t.cuda() for n, t in tensors.items()}
-    assert forward_backend(**cuda, causal=causal) == "cuda-sm90"
+    assert forward_backend_on(tensors, dtype, causal=causal) == "cuda-sm90"
     results = check_attention(tensors, dtype, "cuda", with_kwargs(causal=causal, return_lse=True))
     if masking == "none_in_batch_0":
         assert (results["out"][0] == 0).all()
@@ -154,8 +159,7 @@ def test_key_mask_over_many_key_tiles(d, causal, masking):
     b, h, nq, nk = 4, 2, 130, 1100
     tensors = qkv(b, h, nq, nk, d)
     tensors["mask"] = key_masks(b, nk)[masking]
-    cuda = {n: t.cuda().bfloat16() if t.is_floating_point() else t.cuda() for n, t in tensors.items()}
-    assert forward_backend(**cuda, causal=causal) == "cuda-sm90"
+    assert forward_backend_on(tensors, torch.bfloat16, causal=causal) == "cuda-sm90"
     check_attention(tensors, torch.bfloat16, "cuda", with_kwargs(causal=causal), grad=False)
 
 
@@ -225,8 +229,7 @@ def test_key_mask_layouts(layout):
     else:
         mask = torch.arange(nk)[None, :] >= torch.tensor([0, 130, 299])[:, None]
     tensors["mask"] = mask
-    cuda = {n: t.cuda().bfloat16() if t.is_floating_point() else t.cuda() for n, t in tensors.items()}
-    assert forward_backend(**cuda) == "cuda-sm90"
+    assert forward_backend_on(tensors, torch.bfloat16) == "cuda-sm90"
     check_attention(tensors, torch.bfloat16, "cuda", grad=False)
 
 

@@ -80,7 +80,7 @@ fcsa_status sm90_backward_supports(const Problem &p) {
     return FCSA_STATUS_SUCCESS;
 }
 
-int64_t sm90_backward_key_norm_floats(const Problem &p) { return p.b * p.hk * sm90::key_norm_stride(p); }
+int64_t sm90_backward_key_norm_floats(const Problem &p) { return sm90::key_norm_floats(p); }
 
 fcsa_status sm90_backward_main(const Problem &p, const Sm90BackwardBuffers &buffers, void *stream) {
     return sm90::run(p, buffers, static_cast<cudaStream_t>(stream));

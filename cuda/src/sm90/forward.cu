@@ -50,7 +50,7 @@ template <typename T, int D> fcsa_status run(const Problem &p, void *workspace, 
     f.k_inv_norm_stride = key_norm_stride(p);
     // Under a key mask each batch's reach and number of visible keys follow the norms in
     // the workspace.
-    int *key_counts = p.mask.present() ? reinterpret_cast<int *>(inv_norm + p.b * p.hk * f.k_inv_norm_stride) : nullptr;
+    int *key_counts = p.mask.present() ? reinterpret_cast<int *>(inv_norm + key_norm_floats(p)) : nullptr;
     f.key_counts = key_counts;
     f.batch = int(p.b);
     f.heads = int(p.h);
@@ -109,7 +109,7 @@ fcsa_status sm90_forward_supports(const Problem &p) {
 
 size_t sm90_forward_workspace(const Problem &p) {
     if (p.b == 0 || p.h == 0 || p.nq == 0) return 0;
-    return size_t(p.b * p.hk * sm90::key_norm_stride(p)) * sizeof(float) + (p.mask.present() ? size_t(2 * p.b) * sizeof(int) : 0);
+    return size_t(sm90::key_norm_floats(p)) * sizeof(float) + (p.mask.present() ? size_t(2 * p.b) * sizeof(int) : 0);
 }
 
 fcsa_status sm90_forward(const Problem &p, void *workspace, void *stream) {

@@ -17,6 +17,8 @@ namespace sm90 {
 // past nk) are padded to whole tiles, so that a kernel copies a tile's worth at once.
 constexpr int kKeyTile = 128;
 inline int64_t key_norm_stride(const Problem &p) { return (p.nk + kKeyTile - 1) / kKeyTile * kKeyTile; }
+// The key-norm pass's floats in a kernel's workspace, [batch][kv head][key_norm_stride].
+inline int64_t key_norm_floats(const Problem &p) { return p.b * p.hk * key_norm_stride(p); }
 
 // Sequence lengths the kernels' int32 tile arithmetic holds.
 constexpr int64_t kMaxSequence = (int64_t(1) << 31) - 1024;
