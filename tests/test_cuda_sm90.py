@@ -122,6 +122,26 @@ def test_hidden_keys_contribute_nothing(dtype):
     torch.testing.assert_close(got[:, :, rows], clean[:, :, rows], atol=0, rtol=0)
 
 
+@needs_hopper
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_visible_nonfinite_key_reaches_every_row(dtype, d, poison):
+    # A NaN or inf in a key every row sees makes every row NaN, whichever way its
+    # exponential is taken: keys 25 and 120 of a 128-key tile take 2^x on the FMA pipe at
+    # d = 64, keys 1 and 130 on MUFU. The other heads stay finite.
+    b, h, n = 1, 2, 300
+    q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=dtype) for _ in range(3))
+    for key in (1, 25, 120, 130):
+        k_bad = k.clone()
+        k_bad[0, 0, key, 3] = poison
+        with torch.no_grad():
+            out = fcsa.flash_cosine_sim_attention(q, k_bad, v)
+            assert fcsa.last_backend() == "cuda-sm90"
+        assert torch.isnan(out[0, 0]).all(), key
+        assert torch.isfinite(out[0, 1]).all(), key
+
+
 def key_masks(b, nk):
     """Masks the Hopper forward must take: about 25% of keys hidden at random; right
     padding to lengths that stop inside a key tile, on a tile edge, at 1 and at nk; and a
