@@ -127,9 +127,9 @@ def test_hidden_keys_contribute_nothing(dtype):
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("poison", [float("nan"), float("inf")], ids=["nan", "inf"])
 def test_visible_nonfinite_key_reaches_every_row(dtype, d, poison):
-    # A NaN or inf in a key every row sees makes every row NaN, whichever way its
-    # exponential is taken: keys 25 and 120 of a 128-key tile take 2^x on the FMA pipe at
-    # d = 64, keys 1 and 130 on MUFU. The other heads stay finite.
+    # A NaN or inf in a key every row sees makes every row of its head NaN: keys at
+    # different places in a thread's score fragment (1, 25, 120) and in a second key tile
+    # (130). The other head stays finite.
     b, h, n = 1, 2, 300
     q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=dtype) for _ in range(3))
     for key in (1, 25, 120, 130):
