@@ -36,7 +36,8 @@ template <typename T> size_t smem_bytes(int64_t d) {
 template <typename T, int D> fcsa_status run(const Problem &p, void *workspace, cudaStream_t stream) {
     using C = ForwardConfig<T, D>;
     ForwardParams f{};
-    if (const fcsa_status st = encode_map(&f.q_map, p.q, p.dtype, C::kBlockM, "cuda-sm90 forward")) return st;
+    // q in boxes of one consumer's 64 rows
+    if (const fcsa_status st = encode_map(&f.q_map, p.q, p.dtype, 64, "cuda-sm90 forward")) return st;
     if (const fcsa_status st = encode_map(&f.k_map, p.k, p.dtype, C::kBlockN, "cuda-sm90 forward")) return st;
     if (const fcsa_status st = encode_map(&f.v_map, p.v, p.dtype, C::kBlockN, "cuda-sm90 forward")) return st;
     f.out = p.out.data;
@@ -99,9 +100,8 @@ fcsa_status sm90_forward_supports(const Problem &p) {
         return refuse("the scale is too large for probabilities without a running maximum in this dtype");
     const size_t smem = bf16 ? sm90::smem_bytes<__nv_bfloat16>(p.d) : sm90::smem_bytes<__half>(p.d);
     if (int64_t(smem) > sm80_shared_memory_limit(p.device_index)) return refuse("needs more shared memory");
-    static_assert(sm90::ForwardConfig<__half, 64>::kBlockM <= 128 && sm90::ForwardConfig<__half, 64>::kBlockN <= 128 &&
-                      sm90::ForwardConfig<__half, 128>::kBlockM <= 128 && sm90::ForwardConfig<__half, 128>::kBlockN <= 128,
-                  "boxes of at most 128 rows, as check_tma_views tries them");
+    static_assert(sm90::ForwardConfig<__half, 64>::kBlockN <= 128 && sm90::ForwardConfig<__half, 128>::kBlockN <= 128,
+                  "boxes of at most 128 rows (q's: 64), as check_tma_views tries them");
     if (const fcsa_status st = sm90::check_tma_views({{"q", &p.q}, {"k", &p.k}, {"v", &p.v}}, p.dtype, "cuda-sm90 forward"))
         return st;
     return FCSA_STATUS_SUCCESS;

@@ -36,19 +36,27 @@ struct ForwardParams {
     bool causal, vec_out, ping_pong;
 };
 
-// Three warpgroups: a producer (one thread issues every TMA copy; under a key mask a
-// second warp zeros hidden keys' V rows) and two consumers of 64 query rows each. K and
-// V stream through kStages buffers each; 1 / ||k_j|| of a tile arrives with its K.
+// A producer warpgroup (one thread issues every TMA copy; under a key mask a second
+// warp zeros hidden keys' V rows) and kConsumers consumer warpgroups of 64 query rows
+// each. K and V stream through kStages buffers each; 1 / ||k_j|| of a tile arrives with
+// its K. At d = 64 a warpgroup's exponentials on MUFU (16 per SM and clock) take as long
+// as its products on the tensor cores, so two consumers leave the tensor cores idle
+// whenever one's softmax runs long; three keep them fed.
 template <typename T, int D> struct ForwardConfig {
     static_assert(D == 64 || D == 128, "head-dim buckets of the Hopper forward");
-    static constexpr int kConsumers = 2;
+    static constexpr int kConsumers = D == 64 ? 3 : 2;
     static constexpr int kThreads = 128 * (1 + kConsumers);
     static constexpr int kBlockM = 64 * kConsumers;
     static constexpr int kBlockN = 128;
     static constexpr int kStages = D == 64 ? 4 : 2;
-    // setmaxnreg budgets: 128 * 56 + 256 * 224 = 64512 of the 65536 registers.
-    static constexpr int kProducerRegisters = 56;
-    static constexpr int kConsumerRegisters = 224;
+    // setmaxnreg budgets: 128 * 56 + 256 * 224 = 64512 of the 65536 registers with two
+    // consumers, 128 * 32 + 384 * 160 = 65536 with three.
+    static constexpr int kProducerRegisters = kConsumers == 3 ? 32 : 56;
+    static constexpr int kConsumerRegisters = kConsumers == 3 ? 160 : 224;
+    // Named barriers: 1 + c, consumer c's own; the turns of ping-pong from kTurnBarrier
+    // (one per consumer); kZeroBarrier, every consumer's, after the last V tile's zeroing.
+    static constexpr int kTurnBarrier = 1 + kConsumers;
+    static constexpr int kZeroBarrier = kTurnBarrier + kConsumers;
 
     // p = 2^(x - offset), offset = bound - kExpShift, lies in [2^(kExpShift - 2 bound),
     // 2^kExpShift]: float16 probabilities stay normal for 2 bound <= kBoundedRange

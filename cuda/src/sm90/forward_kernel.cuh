@@ -1,8 +1,8 @@
 // forward_kernel.cuh: the Hopper forward kernel: TMA, mbarriers, warp specialization
 // and wgmma.
 //
-// One CTA per (query tile of 128 rows, head, batch), query tiles in reverse so that
-// causal's long tiles start first. Three warpgroups:
+// One CTA per (query tile of 64 rows per consumer, head, batch), query tiles in reverse
+// so that causal's long tiles start first. Warpgroups (forward.cuh's ForwardConfig):
 //   producer  one thread issues every copy: the Q tile once, then per key tile K (its
 //             warp copying 1 / ||k_j|| from the key-norm pass beside it) and V into a
 //             ring of kStages buffers, each completing on its "full" mbarrier, each
@@ -10,7 +10,7 @@
 //             mask, in a batch with hidden keys before its last visible one, a second
 //             warp zeros hidden keys' V rows (P is 0 there, but 0 * a NaN in v is not)
 //             and hands each V buffer on through its "ready" barrier.
-//   consumers two warpgroups of 64 query rows. The prologue l2-normalizes their Q rows
+//   consumers two (three at d = 64) warpgroups of 64 query rows. The prologue l2-normalizes their Q rows
 //             in shared memory with scale * log2(e) folded in (the portable path's
 //             arithmetic), so a logit costs one FMA: x = (q^ . k) / ||k_j||. Then per key
 //             tile: S = Q K^T on wgmma from shared memory; p = 2^(x - offset) in place
@@ -18,8 +18,8 @@
 //             with no running maximum (cosine-sim logits are bounded by |scale|), so O
 //             is never rescaled; O += P V on wgmma with P from registers. The next
 //             tile's S is issued before this tile's P V, so the exponentials of one run
-//             while the tensor cores work on the other, and the two warpgroups take
-//             turns issuing (ping-pong, where it measured faster).
+//             while the tensor cores work on the other, and the warpgroups take
+//             turns issuing in a fixed round (ping-pong, where it measured faster).
 //   epilogue  O / rowsum -> shared (the warpgroup's own Q rows) -> global (16-byte
 //             stores), lse = ln(rowsum) + offset ln 2.
 #pragma once
@@ -167,7 +167,9 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads, 1)
             tma_prefetch_map(&p.k_map);
             tma_prefetch_map(&p.v_map);
             mbarrier_arrive_expect_tx(q_full, QTile::kBytes);
-            tma_load_tile<BM, D>(sQ, &p.q_map, q_full, m0, hq, bi);
+            // one 64-row box per consumer's rows
+            for (int c = 0; c < C::kConsumers; ++c)
+                tma_load_tile<64, D, BM>(sQ + c * 64 * 64, &p.q_map, q_full, m0 + 64 * c, hq, bi);
         }
         for (int t = 0; t < tiles; ++t) {
             const int s = t % kStages;
@@ -200,16 +202,18 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads, 1)
     const int row_a = m0 + r0 + 16 * warp + g;  // the thread's two accumulator rows
     const int row_b = row_a + 8;
     const int barrier_id = 1 + consumer;        // named barrier of this warpgroup
-    // Ping-pong: the two consumers take turns issuing their products (named barriers 3
-    // and 4), so that one's exponentials run while the tensor cores work for the other.
-    const int my_turn = 3 + consumer, their_turn = 4 - consumer;
+    // Ping-pong: the consumers take turns issuing their products, 0, 1, .., 0, .. (a
+    // named barrier per turn, which the consumer before arrives on), so that one's
+    // exponentials run while the tensor cores work for the others.
+    const int my_turn = C::kTurnBarrier + consumer;
+    const int next_turn = C::kTurnBarrier + (consumer + 1) % C::kConsumers;
     auto take_turn = [&]() {
         if (p.ping_pong) named_barrier_sync(my_turn, 256);
     };
     auto pass_turn = [&]() {
-        if (p.ping_pong) named_barrier_arrive(their_turn, 256);
+        if (p.ping_pong) named_barrier_arrive(next_turn, 256);
     };
-    if (consumer == 1) pass_turn(); // the first turn is consumer 0's
+    if (consumer == C::kConsumers - 1) pass_turn(); // the first turn is consumer 0's
 
     const float scale = p.scale;
     const float scale_log2 = scale * kLog2e;
@@ -367,7 +371,7 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads, 1)
                 *reinterpret_cast<uint4 *>(v_tile + (cb * BN + r) * 128 + chunk * 16) = make_uint4(0u, 0u, 0u, 0u);
             }
             fence_async_shared();
-            named_barrier_sync(5, 128 * C::kConsumers);
+            named_barrier_sync(C::kZeroBarrier, 128 * C::kConsumers);
         }
         take_turn();
         issue_pv(last);
@@ -376,8 +380,8 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads, 1)
         wgmma_fence_operands(o);
         release(&v_empty[last], false);
     }
-    // Consumer 1's last pass_turn is never taken: consumer 0 takes it, so that no named
-    // barrier is left half-arrived.
+    // The last consumer's last pass_turn is never taken: consumer 0 takes it, so that no
+    // named barrier is left half-arrived.
     if (consumer == 0) take_turn();
 
     // ---- epilogue: lse, O / rowsum staged in this warpgroup's rows of sQ, then global

@@ -26,13 +26,15 @@ __device__ __forceinline__ void tma_load_4d(void *dst, const CUtensorMap *map, u
                  : "memory");
 }
 
-// A kRows x kCols tile of `map` from (row0, head, batch) into dst, laid out as
-// SwizzledTile128 (wgmma.cuh) lays it: one copy per 64-column block.
-template <int kRows, int kCols, typename T>
+// kRows x kCols of `map` from (row0, head, batch) into dst, laid out as SwizzledTile128
+// (wgmma.cuh) lays a tile of kTileRows rows (dst: the first row's place in it, a multiple
+// of 8 rows from its start): one copy per 64-column block.
+template <int kRows, int kCols, int kTileRows = kRows, typename T>
 __device__ __forceinline__ void tma_load_tile(T *dst, const CUtensorMap *map, uint64_t *bar, int row0, int head,
                                               int batch) {
 #pragma unroll
-    for (int cb = 0; cb < kCols / 64; ++cb) tma_load_4d(dst + cb * kRows * 64, map, bar, cb * 64, row0, head, batch);
+    for (int cb = 0; cb < kCols / 64; ++cb)
+        tma_load_4d(dst + cb * kTileRows * 64, map, bar, cb * 64, row0, head, batch);
 }
 
 // `bytes` (a multiple of 16, both addresses 16-byte aligned) global -> shared, on `bar`.
