@@ -103,12 +103,15 @@ def test_every_element_written(causal):
 
 @needs_hopper
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
-def test_hidden_keys_contribute_nothing(dtype):
-    # NaN and inf in v and k at keys no row sees (past the last row's causal reach, inside
-    # the last key tile a query tile loads) must not reach any output.
-    b, h, nq, nk, d = 1, 2, 256, 300, 64
+@pytest.mark.parametrize("d,tile_rows", [(64, 192), (128, 128)])
+def test_hidden_keys_contribute_nothing(dtype, d, tile_rows):
+    # NaN and inf in v and k at keys no row of a query tile sees (past its last row's
+    # causal reach, inside the last key tile it loads) must not reach any output. The
+    # tile: 64 rows per consumer warpgroup, three of them at d = 64, two at d = 128.
+    b, h, nk = 1, 2, 300
+    nq = 2 * tile_rows
     q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=dtype) for n in (nq, nk, nk))
-    reach = nk - nq + 128  # the first query tile's last row sees keys j < reach
+    reach = nk - nq + tile_rows  # the first query tile's last row sees keys j < reach
     v_bad, k_bad = v.clone(), k.clone()
     v_bad[:, :, reach + 5] = float("nan")
     v_bad[:, :, reach + 9] = float("inf")
@@ -117,7 +120,7 @@ def test_hidden_keys_contribute_nothing(dtype):
         got = fcsa.flash_cosine_sim_attention(q, k_bad, v_bad, causal=True)
         assert fcsa.last_backend() == "cuda-sm90"
         clean = fcsa.flash_cosine_sim_attention(q, k, v, causal=True)
-    rows = slice(0, 128)  # the query tile whose reach stops before the poisoned keys
+    rows = slice(0, tile_rows)  # the query tile whose reach stops before the poisoned keys
     assert torch.isfinite(got[:, :, rows]).all()
     torch.testing.assert_close(got[:, :, rows], clean[:, :, rows], atol=0, rtol=0)
 
