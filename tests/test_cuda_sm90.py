@@ -145,6 +145,30 @@ def test_visible_nonfinite_key_reaches_every_row(dtype, d, poison):
         assert torch.isfinite(out[0, 1]).all(), key
 
 
+@needs_hopper
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("d", [16, 40, 64, 72, 128])
+def test_mask_with_every_key_visible_changes_no_bit(dtype, d):
+    # The key-mask kernel on a mask that hides nothing gives the unmasked kernel's out and
+    # lse bit for bit: head dims of every lane width of the key-norm pass, a zero key, and
+    # in bfloat16 keys whose squares overflow float32 (the pass's rescaled path).
+    b, h, nq, nk = 2, 2, 100, 300
+    q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=dtype) for n in (nq, nk, nk))
+    k[0, 0, 7] = 0
+    if dtype == torch.bfloat16:
+        k[0, 1, 130] *= 1e25
+        k[1, 0, 299] *= 1e36
+    everyone = torch.ones(b, nk, dtype=torch.bool, device="cuda")
+    with torch.no_grad():
+        out, lse = fcsa.flash_cosine_sim_attention(q, k, v, return_lse=True)
+        assert fcsa.last_backend() == "cuda-sm90"
+        out_mask, lse_mask = fcsa.flash_cosine_sim_attention(q, k, v, mask=everyone, return_lse=True)
+        assert fcsa.last_backend() == "cuda-sm90"
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, out_mask, atol=0, rtol=0)
+    torch.testing.assert_close(lse, lse_mask, atol=0, rtol=0)
+
+
 def key_masks(b, nk):
     """Masks the Hopper forward must take: about 25% of keys hidden at random; right
     padding to lengths that stop inside a key tile, on a tile edge, at 1 and at nk; and a
