@@ -62,9 +62,9 @@ template <typename T, int D> fcsa_status run(const Problem &p, void *workspace, 
     f.num_m_tiles = int((p.nq + C::kBlockM - 1) / C::kBlockM);
     f.scale = p.scale;
     f.causal = p.causal;
-    // Ping-pong between the consumers (one's softmax under the other's GEMMs): +1-8% at
-    // d = 128, within 1% either way at d = 64 (notes). FCSA_SM90_PINGPONG=0 turns it off,
-    // to measure.
+    // Ping-pong between the consumers (one's softmax under the others' GEMMs): +1-8% at
+    // d = 128, +1-4% with d = 64's three consumers (notes). FCSA_SM90_PINGPONG=0 turns it
+    // off, to measure.
     const char *ping_pong = std::getenv("FCSA_SM90_PINGPONG");
     f.ping_pong = ping_pong == nullptr || ping_pong[0] != '0';
     f.vec_out = p.out.rows_16byte_aligned(2);

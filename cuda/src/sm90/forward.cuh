@@ -39,9 +39,10 @@ struct ForwardParams {
 // A producer warpgroup (one thread issues every TMA copy; under a key mask a second
 // warp zeros hidden keys' V rows) and kConsumers consumer warpgroups of 64 query rows
 // each. K and V stream through kStages buffers each; 1 / ||k_j|| of a tile arrives with
-// its K. At d = 64 a warpgroup's exponentials on MUFU (16 per SM and clock) take as long
-// as its products on the tensor cores, so two consumers leave the tensor cores idle
-// whenever one's softmax runs long; three keep them fed.
+// its K. At d = 64 a warpgroup's softmax takes about as long as its products, and with
+// two consumers the kernel was latency-bound (ncu: the tensor pipe 49% busy, 0.54
+// eligible warps per scheduler; moving exponentials off MUFU made it slower); a third
+// consumer's products cover the others' softmax (+10-16% at 16k, benchmarks/NOTES.md).
 template <typename T, int D> struct ForwardConfig {
     static_assert(D == 64 || D == 128, "head-dim buckets of the Hopper forward");
     static constexpr int kConsumers = D == 64 ? 3 : 2;

@@ -3,23 +3,24 @@
 //
 // One CTA per (query tile of 64 rows per consumer, head, batch), query tiles in reverse
 // so that causal's long tiles start first. Warpgroups (forward.cuh's ForwardConfig):
-//   producer  one thread issues every copy: the Q tile once, then per key tile K (its
-//             warp copying 1 / ||k_j|| from the key-norm pass beside it) and V into a
-//             ring of kStages buffers, each completing on its "full" mbarrier, each
-//             reused once the consumers have arrived on its "empty" one. Under a key
-//             mask, in a batch with hidden keys before its last visible one, a second
-//             warp zeros hidden keys' V rows (P is 0 there, but 0 * a NaN in v is not)
-//             and hands each V buffer on through its "ready" barrier.
-//   consumers two (three at d = 64) warpgroups of 64 query rows. The prologue l2-normalizes their Q rows
-//             in shared memory with scale * log2(e) folded in (the portable path's
-//             arithmetic), so a logit costs one FMA: x = (q^ . k) / ||k_j||. Then per key
-//             tile: S = Q K^T on wgmma from shared memory; p = 2^(x - offset) in place
-//             (0 where the key-norm pass marked the key hidden: one select per score),
-//             with no running maximum (cosine-sim logits are bounded by |scale|), so O
-//             is never rescaled; O += P V on wgmma with P from registers. The next
-//             tile's S is issued before this tile's P V, so the exponentials of one run
-//             while the tensor cores work on the other, and the warpgroups take
-//             turns issuing in a fixed round (ping-pong, where it measured faster).
+//   producer  one thread issues every copy: the Q tile once (a box per consumer's
+//             rows), then per key tile K (its warp copying 1 / ||k_j|| from the
+//             key-norm pass beside it) and V into a ring of kStages buffers, each
+//             completing on its "full" mbarrier, each reused once the consumers have
+//             arrived on its "empty" one. Under a key mask, in a batch with hidden keys
+//             before its last visible one, a second warp zeros hidden keys' V rows (P is
+//             0 there, but 0 * a NaN in v is not) and hands each V buffer on through its
+//             "ready" barrier.
+//   consumers two (three at d = 64) warpgroups of 64 query rows. The prologue
+//             l2-normalizes their Q rows in shared memory with scale * log2(e) folded in
+//             (the portable path's arithmetic), so a logit costs one FMA:
+//             x = (q^ . k) / ||k_j||. Then per key tile: S = Q K^T on wgmma from shared
+//             memory; p = 2^(x - offset) in place (0 where the key-norm pass marked the
+//             key hidden: one select per score), with no running maximum (cosine-sim
+//             logits are bounded by |scale|), so O is never rescaled; O += P V on wgmma
+//             with P from registers. The next tile's S is issued before this tile's P V,
+//             so the exponentials of one run while the tensor cores work on the other,
+//             and the warpgroups take turns issuing in a fixed round (ping-pong).
 //   epilogue  O / rowsum -> shared (the warpgroup's own Q rows) -> global (16-byte
 //             stores), lse = ln(rowsum) + offset ln 2.
 #pragma once
