@@ -323,23 +323,29 @@ def test_packed_sequences_equal_each_sequence_alone(dtype, d, causal):
 
 @needs_hopper
 @pytest.mark.parametrize("d", [64, 128])
-def test_packed_sequences_do_not_see_their_neighbours(d):
-    # NaN and inf in the keys and values of the next sequence, which the tiles of a
-    # sequence read past its end, reach none of its outputs.
-    lengths = [200, 100, 300]
-    q, k, v, cu_q, cu_k = packed(lengths, lengths, 2, 2, d, torch.bfloat16)
-    k_bad, v_bad = k.clone(), v.clone()
-    k_bad[200:300] = float("nan")
-    v_bad[200:300, :, :3] = float("inf")
+@pytest.mark.parametrize("hk", [4, 1], ids=["mha", "mqa"])
+def test_packed_sequences_do_not_see_their_neighbours(d, hk):
+    # NaN and inf in the queries, keys and values of sequences 1 and 3, which the last
+    # tiles of sequences 0 and 2 read past their ends, reach none of 0's and 2's outputs.
+    lengths = [200, 100, 300, 90]
+    q, k, v, cu_q, cu_k = packed(lengths, lengths, 4, hk, d, torch.bfloat16)
+    bad = [slice(200, 300), slice(600, 690)]
+    good = [slice(0, 200), slice(300, 600)]
+    q_bad, k_bad, v_bad = q.clone(), k.clone(), v.clone()
+    for rows in bad:
+        q_bad[rows, :, 1] = float("nan")
+        k_bad[rows] = float("nan")
+        v_bad[rows, :, :3] = float("inf")
     with torch.no_grad():
         for causal in (False, True):
-            got = fcsa.flash_cosine_sim_attention_varlen(q, k_bad, v_bad, cu_q, cu_k, causal=causal)
+            got = fcsa.flash_cosine_sim_attention_varlen(q_bad, k_bad, v_bad, cu_q, cu_k, causal=causal)
             assert fcsa.last_backend() == "cuda-sm90"
             clean = fcsa.flash_cosine_sim_attention_varlen(q, k, v, cu_q, cu_k, causal=causal)
-            for rows in (slice(0, 200), slice(300, 600)):
+            for rows in good:
                 assert torch.isfinite(got[rows]).all()
                 torch.testing.assert_close(got[rows], clean[rows], atol=0, rtol=0)
-            assert torch.isnan(got[200:300]).all()
+            for rows in bad:
+                assert torch.isnan(got[rows]).all()
 
 
 @needs_hopper

@@ -201,8 +201,8 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads, 1)
                 // (a sequence starts anywhere: no float4; keys past it are never used)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
-                    const int j = j0 + 4 * lane + e;
-                    sKInv[s * BN + 4 * lane + e] = j < nk ? __ldg(key_inv_norms + k_begin + j) : 0.f;
+                    const int j = j0 + 32 * e + lane;
+                    sKInv[s * BN + 32 * e + lane] = j < nk ? __ldg(key_inv_norms + k_begin + j) : 0.f;
                 }
             } else {
                 reinterpret_cast<float4 *>(sKInv + s * BN)[lane] =
