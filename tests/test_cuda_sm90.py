@@ -280,6 +280,74 @@ def test_key_mask_layouts(layout):
     check_attention(tensors, torch.bfloat16, "cuda", grad=False)
 
 
+def packed(lengths_q, lengths_k, h, hk, d, dtype):
+    """Packed q (total_q, h, d), k and v (total_k, hk, d) on the GPU and their offsets."""
+    def offsets(lengths):
+        return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    q = torch.randn(sum(lengths_q), h, d, device="cuda", dtype=dtype)
+    k, v = (torch.randn(sum(lengths_k), hk, d, device="cuda", dtype=dtype) for _ in range(2))
+    return q, k, v, offsets(lengths_q), offsets(lengths_k)
+
+
+@needs_hopper
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("d", [40, 64, 128])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_packed_sequences_equal_each_sequence_alone(dtype, d, causal):
+    # The packed kernel tiles each sequence as the plain kernel tiles it alone, and the
+    # rows its tiles read past a sequence's end (the next sequence's) give P = 0 and
+    # zeroed V rows: out and lse equal, bit for bit. Lengths: empty, one row, a tile
+    # edge, many tiles, more keys than queries and the reverse, a sequence without keys.
+    lengths_q = [300, 0, 1, 129, 1000, 64, 7]
+    lengths_k = [280, 5, 1, 129, 1000, 0, 200]
+    q, k, v, cu_q, cu_k = packed(lengths_q, lengths_k, 4, 2, d, dtype)
+    with torch.no_grad():
+        out, lse = fcsa.flash_cosine_sim_attention_varlen(q, k, v, cu_q, cu_k, causal=causal, return_lse=True)
+        assert fcsa.last_backend() == "cuda-sm90"
+        bq, bk = cu_q.tolist(), cu_k.tolist()
+        for s in range(len(lengths_q)):
+            rows, keys = slice(bq[s], bq[s + 1]), slice(bk[s], bk[s + 1])
+            if lengths_q[s] == 0:
+                continue
+            if lengths_k[s] == 0:
+                assert torch.equal(out[rows], torch.zeros_like(out[rows]))
+                assert torch.equal(lse[:, rows], torch.full_like(lse[:, rows], float("-inf")))
+                continue
+            alone, alone_lse = fcsa.flash_cosine_sim_attention(
+                *(t[r].transpose(0, 1)[None] for t, r in ((q, rows), (k, keys), (v, keys))),
+                causal=causal, return_lse=True)
+            assert fcsa.last_backend() == "cuda-sm90"
+            torch.testing.assert_close(out[rows], alone[0].transpose(0, 1), atol=0, rtol=0)
+            torch.testing.assert_close(lse[:, rows], alone_lse[0], atol=0, rtol=0)
+
+
+@needs_hopper
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("hk", [4, 1], ids=["mha", "mqa"])
+def test_packed_sequences_do_not_see_their_neighbours(d, hk):
+    # NaN and inf in the queries, keys and values of sequences 1 and 3, which the last
+    # tiles of sequences 0 and 2 read past their ends, reach none of 0's and 2's outputs.
+    lengths = [200, 100, 300, 90]
+    q, k, v, cu_q, cu_k = packed(lengths, lengths, 4, hk, d, torch.bfloat16)
+    bad = [slice(200, 300), slice(600, 690)]
+    good = [slice(0, 200), slice(300, 600)]
+    q_bad, k_bad, v_bad = q.clone(), k.clone(), v.clone()
+    for rows in bad:
+        q_bad[rows, :, 1] = float("nan")
+        k_bad[rows] = float("nan")
+        v_bad[rows, :, :3] = float("inf")
+    with torch.no_grad():
+        for causal in (False, True):
+            got = fcsa.flash_cosine_sim_attention_varlen(q_bad, k_bad, v_bad, cu_q, cu_k, causal=causal)
+            assert fcsa.last_backend() == "cuda-sm90"
+            clean = fcsa.flash_cosine_sim_attention_varlen(q, k, v, cu_q, cu_k, causal=causal)
+            for rows in good:
+                assert torch.isfinite(got[rows]).all()
+                torch.testing.assert_close(got[rows], clean[rows], atol=0, rtol=0)
+            for rows in bad:
+                assert torch.isnan(got[rows]).all()
+
+
 @needs_hopper
 def test_declined_calls_run_on_the_portable_path(monkeypatch):
     q, k, v = (torch.randn(2, 2, 100, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
