@@ -153,7 +153,10 @@ __global__ void __launch_bounds__(BackwardConfig<T, D>::kThreads, 1)
     const uint32_t k_columns = k_base + consumer * KTile::kBlockBytes;
 
     // ---- prologue: k^ = k / ||k|| in place, this consumer's rows (rows past nk: 0 / 0
-    // norms, zeros either way); both consumers' before any product reads K.
+    // norms, zeros either way); both consumers' before any product reads K. An entry
+    // that is not finite (a NaN or inf in k) becomes 0: a row that sees the key has a NaN
+    // lse from the forward, so its P and dS are NaN whatever S is; a row that does not
+    // has dS = 0 by selection, and dQ^ = dS K^ must not meet 0 * NaN.
     mbarrier_wait(kv_full, 0);
     {
         const float *key_inv_norms = p.k_inv_norm + (int64_t(bi) * kv_heads + kvh) * p.k_inv_norm_stride + j0;
@@ -167,7 +170,10 @@ __global__ void __launch_bounds__(BackwardConfig<T, D>::kThreads, 1)
             float f[8];
             chunk_to_float<T>(*at, f);
 #pragma unroll
-            for (int e = 0; e < 8; ++e) f[e] *= inv;
+            for (int e = 0; e < 8; ++e) {
+                const float x = f[e] * inv;
+                f[e] = isfinite(x) ? x : 0.f;
+            }
             *at = float_to_chunk<T>(f);
         }
         fence_async_shared();

@@ -418,8 +418,9 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads, 1)
     const float inv_b = sum_b > 0.f ? reciprocal_approx(sum_b) : 0.f;
     if (p.lse != nullptr && t4 == 0) {
         float *lse = p.lse + bi * p.lse_stride[0] + hq * p.lse_stride[1] + int64_t(q_begin) * p.lse_stride[2];
-        if (row_a < nq) lse[int64_t(row_a) * p.lse_stride[2]] = sum_a > 0.f ? (offset + log2_approx(sum_a)) * kLn2 : -INFINITY;
-        if (row_b < nq) lse[int64_t(row_b) * p.lse_stride[2]] = sum_b > 0.f ? (offset + log2_approx(sum_b)) * kLn2 : -INFINITY;
+        // -inf for a row that saw no key; a NaN sum (a NaN logit) gives NaN, as log-sum-exp does
+        if (row_a < nq) lse[int64_t(row_a) * p.lse_stride[2]] = !(sum_a <= 0.f) ? (offset + log2_approx(sum_a)) * kLn2 : -INFINITY;
+        if (row_b < nq) lse[int64_t(row_b) * p.lse_stride[2]] = !(sum_b <= 0.f) ? (offset + log2_approx(sum_b)) * kLn2 : -INFINITY;
     }
     named_barrier_sync(barrier_id, 128); // every product that read these Q rows is done
     const int srow_a = r0 + 16 * warp + g;
