@@ -349,6 +349,38 @@ def test_packed_sequences_do_not_see_their_neighbours(d, hk):
 
 
 @needs_hopper
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("hk", [4, 1], ids=["mha", "mqa"])
+def test_packed_backward_keeps_neighbours_apart(hk, causal):
+    # The Hopper backward over packed sequences (bf16, d = 128): NaN in sequence 1's
+    # queries, keys, values and dout, which the last key and query tiles of sequence 0
+    # read past its end, reaches none of sequence 0's or 2's gradients; those equal the
+    # gradients without the NaN (up to the order of dq's atomic additions).
+    lengths = [200, 100, 300]
+    q, k, v, cu_q, cu_k = packed(lengths, lengths, 4, hk, 128, torch.bfloat16)
+    dout = torch.randn_like(q)
+    bad, good = slice(200, 300), [slice(0, 200), slice(300, 600)]
+
+    def grads(poison):
+        tensors = [t.clone() for t in (q, k, v, dout)]
+        if poison:
+            for t in tensors:
+                t[bad, :, 5] = float("nan")
+        leaves = [t.requires_grad_() for t in tensors[:3]]
+        seen = []
+        leaves[0].register_hook(lambda grad: seen.append(fcsa.last_backend()))
+        fcsa.flash_cosine_sim_attention_varlen(*leaves, cu_q, cu_k, causal=causal).backward(tensors[3])
+        assert seen == ["cuda-sm90"]
+        return [t.grad.float() for t in leaves]
+
+    got, want = grads(True), grads(False)
+    for g, w in zip(got, want):
+        for rows in good:
+            assert torch.isfinite(g[rows]).all()
+            torch.testing.assert_close(g[rows], w[rows], rtol=0, atol=1e-5 * w[rows].abs().max().item())
+
+
+@needs_hopper
 def test_declined_calls_run_on_the_portable_path(monkeypatch):
     q, k, v = (torch.randn(2, 2, 100, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     assert forward_backend(q, k, v) == "cuda-sm90"
