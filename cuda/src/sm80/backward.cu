@@ -174,8 +174,9 @@ Plan plan_workspace(const Problem &p, int smem_limit, bool hopper) {
         plan.dbias_acc = take(plan.dbias_acc_bytes);
     }
     if (p.varlen()) {
-        plan.varlen_keys = take(sm80::varlen_tiles_bytes(p, plan.shape.main_keys, true));
+        // (the Hopper main kernel reads a table of its own tiles in place of the portable one's)
         if (hopper) plan.hopper_key_tiles = take(sm80::varlen_tiles_bytes(p, sm90_backward_key_tile(), true));
+        else plan.varlen_keys = take(sm80::varlen_tiles_bytes(p, plan.shape.main_keys, true));
         if (p.deterministic) plan.varlen_queries = take(sm80::varlen_tiles_bytes(p, plan.shape.dq_queries, false));
     }
     plan.total = offset;
@@ -589,9 +590,10 @@ template <typename T> fcsa_status backward(const Problem &pr, const Plan &plan, 
 
     if (pr.varlen()) {
         // The tile tables; dscale's partials of spare CTAs (past the table's entries) stay 0.
-        if (fcsa_status s = sm80::build_varlen_tiles(pr, plan.shape.main_keys, true, ws + plan.varlen_keys, stream,
-                                                     &p.varlen_keys))
-            return s;
+        if (!plan.hopper)
+            if (fcsa_status s = sm80::build_varlen_tiles(pr, plan.shape.main_keys, true, ws + plan.varlen_keys,
+                                                         stream, &p.varlen_keys))
+                return s;
         if (pr.deterministic)
             if (fcsa_status s = sm80::build_varlen_tiles(pr, plan.shape.dq_queries, false, ws + plan.varlen_queries,
                                                          stream, &p.varlen_queries))
