@@ -139,10 +139,10 @@ def test_visible_nonfinite_key_reaches_every_row(dtype, d, poison):
         k_bad = k.clone()
         k_bad[0, 0, key, 3] = poison
         with torch.no_grad():
-            out = fcsa.flash_cosine_sim_attention(q, k_bad, v)
+            out, lse = fcsa.flash_cosine_sim_attention(q, k_bad, v, return_lse=True)
             assert fcsa.last_backend() == "cuda-sm90"
-        assert torch.isnan(out[0, 0]).all(), key
-        assert torch.isfinite(out[0, 1]).all(), key
+        assert torch.isnan(out[0, 0]).all() and torch.isnan(lse[0, 0]).all(), key
+        assert torch.isfinite(out[0, 1]).all() and torch.isfinite(lse[0, 1]).all(), key
 
 
 @needs_hopper
@@ -278,6 +278,107 @@ def test_key_mask_layouts(layout):
     tensors["mask"] = mask
     assert forward_backend_on(tensors, torch.bfloat16) == "cuda-sm90"
     check_attention(tensors, torch.bfloat16, "cuda", grad=False)
+
+
+def packed(lengths_q, lengths_k, h, hk, d, dtype):
+    """Packed q (total_q, h, d), k and v (total_k, hk, d) on the GPU and their offsets."""
+    def offsets(lengths):
+        return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    q = torch.randn(sum(lengths_q), h, d, device="cuda", dtype=dtype)
+    k, v = (torch.randn(sum(lengths_k), hk, d, device="cuda", dtype=dtype) for _ in range(2))
+    return q, k, v, offsets(lengths_q), offsets(lengths_k)
+
+
+@needs_hopper
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("d", [40, 64, 128])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_packed_sequences_equal_each_sequence_alone(dtype, d, causal):
+    # The packed kernel tiles each sequence as the plain kernel tiles it alone, and the
+    # rows its tiles read past a sequence's end (the next sequence's) give P = 0 and
+    # zeroed V rows: out and lse equal, bit for bit. Lengths: empty, one row, a tile
+    # edge, many tiles, more keys than queries and the reverse, a sequence without keys.
+    lengths_q = [300, 0, 1, 129, 1000, 64, 7]
+    lengths_k = [280, 5, 1, 129, 1000, 0, 200]
+    q, k, v, cu_q, cu_k = packed(lengths_q, lengths_k, 4, 2, d, dtype)
+    with torch.no_grad():
+        out, lse = fcsa.flash_cosine_sim_attention_varlen(q, k, v, cu_q, cu_k, causal=causal, return_lse=True)
+        assert fcsa.last_backend() == "cuda-sm90"
+        bq, bk = cu_q.tolist(), cu_k.tolist()
+        for s in range(len(lengths_q)):
+            rows, keys = slice(bq[s], bq[s + 1]), slice(bk[s], bk[s + 1])
+            if lengths_q[s] == 0:
+                continue
+            if lengths_k[s] == 0:
+                assert torch.equal(out[rows], torch.zeros_like(out[rows]))
+                assert torch.equal(lse[:, rows], torch.full_like(lse[:, rows], float("-inf")))
+                continue
+            alone, alone_lse = fcsa.flash_cosine_sim_attention(
+                *(t[r].transpose(0, 1)[None] for t, r in ((q, rows), (k, keys), (v, keys))),
+                causal=causal, return_lse=True)
+            assert fcsa.last_backend() == "cuda-sm90"
+            torch.testing.assert_close(out[rows], alone[0].transpose(0, 1), atol=0, rtol=0)
+            torch.testing.assert_close(lse[:, rows], alone_lse[0], atol=0, rtol=0)
+
+
+@needs_hopper
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("hk", [4, 1], ids=["mha", "mqa"])
+def test_packed_sequences_do_not_see_their_neighbours(d, hk):
+    # NaN and inf in the queries, keys and values of sequences 1 and 3, which the last
+    # tiles of sequences 0 and 2 read past their ends, reach none of 0's and 2's outputs.
+    lengths = [200, 100, 300, 90]
+    q, k, v, cu_q, cu_k = packed(lengths, lengths, 4, hk, d, torch.bfloat16)
+    bad = [slice(200, 300), slice(600, 690)]
+    good = [slice(0, 200), slice(300, 600)]
+    q_bad, k_bad, v_bad = q.clone(), k.clone(), v.clone()
+    for rows in bad:
+        q_bad[rows, :, 1] = float("nan")
+        k_bad[rows] = float("nan")
+        v_bad[rows, :, :3] = float("inf")
+    with torch.no_grad():
+        for causal in (False, True):
+            got = fcsa.flash_cosine_sim_attention_varlen(q_bad, k_bad, v_bad, cu_q, cu_k, causal=causal)
+            assert fcsa.last_backend() == "cuda-sm90"
+            clean = fcsa.flash_cosine_sim_attention_varlen(q, k, v, cu_q, cu_k, causal=causal)
+            for rows in good:
+                assert torch.isfinite(got[rows]).all()
+                torch.testing.assert_close(got[rows], clean[rows], atol=0, rtol=0)
+            for rows in bad:
+                assert torch.isnan(got[rows]).all()
+
+
+@needs_hopper
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("hk", [4, 1], ids=["mha", "mqa"])
+def test_packed_backward_keeps_neighbours_apart(hk, causal):
+    # The Hopper backward over packed sequences (bf16, d = 128): NaN in sequence 1's
+    # queries, keys, values and dout, which the last key and query tiles of sequence 0
+    # read past its end, reaches none of sequence 0's or 2's gradients; those equal the
+    # gradients without the NaN, bit for bit (at most 256 keys a sequence: two key tiles,
+    # so dq's two atomic additions give one sum in either order).
+    lengths = [200, 100, 250]
+    q, k, v, cu_q, cu_k = packed(lengths, lengths, 4, hk, 128, torch.bfloat16)
+    dout = torch.randn_like(q)
+    bad, good = slice(200, 300), [slice(0, 200), slice(300, 550)]
+
+    def grads(poison):
+        tensors = [t.clone() for t in (q, k, v, dout)]
+        if poison:
+            for t in tensors:
+                t[bad, :, 5] = float("nan")
+        leaves = [t.requires_grad_() for t in tensors[:3]]
+        seen = []
+        leaves[0].register_hook(lambda grad: seen.append(fcsa.last_backend()))
+        fcsa.flash_cosine_sim_attention_varlen(*leaves, cu_q, cu_k, causal=causal).backward(tensors[3])
+        assert seen == ["cuda-sm90"]
+        return [t.grad.float() for t in leaves]
+
+    got, want = grads(True), grads(False)
+    for g, w in zip(got, want):
+        for rows in good:
+            assert torch.isfinite(g[rows]).all()
+            torch.testing.assert_close(g[rows], w[rows], rtol=0, atol=0)
 
 
 @needs_hopper
@@ -418,21 +519,26 @@ def test_backward_every_gradient_written(causal):
 
 
 @needs_hopper
-@pytest.mark.xfail(strict=True, reason="sm90 (as sm80, tests/test_numerics.py GPU_HIDDEN): dQ = dS K "
-                                       "meets a NaN in a key some rows of its tile do not see")
-def test_backward_causally_hidden_key_holding_nan():
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_backward_causally_hidden_key_holding_nonfinite_values(poison):
     # Rows 128-169 are in query tiles that read key 170's tile but do not see key 170:
-    # their dq must be what it is with that key finite.
+    # their dq must be what it is with that key finite (two atomic additions per element,
+    # in either order the same sum). Rows that see it have a NaN lse, so their dq is NaN,
+    # and so is dv of every key they see (all of them).
     n, d = 300, 128
     q, k, v, dout = (torch.randn(1, 2, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
     k_bad = k.clone()
-    k_bad[:, :, 170] = float("nan")
+    k_bad[:, :, 170, :5] = poison
 
-    def dq_of(keys):
-        leaf = q.clone().requires_grad_()
-        fcsa.flash_cosine_sim_attention(leaf, keys, v, causal=True).backward(dout)
-        return leaf.grad
+    def grads_of(keys):
+        leaves = [t.clone().requires_grad_() for t in (q, v)]
+        fcsa.flash_cosine_sim_attention(leaves[0], keys, leaves[1], causal=True).backward(dout)
+        return [t.grad for t in leaves]
 
     assert backward_backend(q, k_bad, v, causal=True) == "cuda-sm90"
+    (got, dv), (want, _) = grads_of(k_bad), grads_of(k)
+    assert torch.isfinite(got[:, :, :170]).all()
+    assert torch.isnan(got[:, :, 170:]).all()
+    assert torch.isnan(dv).all()
     rows = slice(128, 170)
-    torch.testing.assert_close(dq_of(k_bad)[:, :, rows], dq_of(k)[:, :, rows], atol=0, rtol=0)
+    torch.testing.assert_close(got[:, :, rows], want[:, :, rows], atol=0, rtol=0)

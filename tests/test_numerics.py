@@ -323,6 +323,28 @@ def test_causally_hidden_keys_holding_nonfinite_values(nq, nk, keys, poison, dev
         assert relative_error(part, ref_part) <= 1e-4, name
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_visible_nonfinite_key_gives_nan_lse(poison, device):
+    # lse is log-sum-exp of the visible logits: NaN for a row that sees a key holding NaN
+    # or inf (its k^ is NaN), as out is, and the backward's P = exp(s - lse) carries the
+    # NaN into dv of every key such a row sees; rows and heads that do not see it keep
+    # finite values. (-inf stays for rows that see no key.)
+    b, h, nq, nk, d = 1, 2, 40, 50, 16
+    q, k, v = leaves(device, torch.float32, torch.randn(b, h, nq, d), torch.randn(b, h, nk, d),
+                     torch.randn(b, h, nk, d))
+    poisoned = with_values(k.detach(), (0, 0, 30, slice(0, 3)), poison).requires_grad_()
+    out, lse = fcsa.flash_cosine_sim_attention(q, poisoned, v, causal=True, return_lse=True)
+    seeing = slice(30 - (nk - nq), nq)  # rows i with i + nk - nq >= 30
+    assert torch.isnan(out[0, 0, seeing]).all() and torch.isnan(lse[0, 0, seeing]).all()
+    assert torch.isfinite(lse[0, 0, :seeing.start]).all() and torch.isfinite(lse[0, 1]).all()
+    assert torch.isfinite(out[0, 1]).all()
+    dq, dk, dv = torch.autograd.grad(out, (q, poisoned, v), torch.randn_like(out))
+    assert torch.isnan(dv[0, 0]).all()  # rows 20-39 see every key
+    for g in (dq, dk, dv):
+        assert torch.isfinite(g[0, 1]).all()
+
+
 # ---------------------------------------------------------------- the edge of float32
 
 @pytest.mark.parametrize("device", GPU_LOGITS)

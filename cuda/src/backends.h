@@ -51,13 +51,16 @@ fcsa_status sm90_forward_supports(const Problem &p);
 size_t sm90_forward_workspace(const Problem &p);
 fcsa_status sm90_forward(const Problem &p, void *workspace, void *stream);
 fcsa_status sm90_backward_supports(const Problem &p);
-// The backward's workspace beyond the portable backward's: 1 / ||k|| per key (floats).
+// The backward's workspace beyond the portable backward's: 1 / ||k|| per key (floats),
+// and for packed sequences a key-tile table (sm80/varlen.cuh) of this many keys a tile.
 int64_t sm90_backward_key_norm_floats(const Problem &p);
+int sm90_backward_key_tile();
 // What the portable backward's passes hand to the Hopper main kernel (its workspace).
 struct Sm90BackwardBuffers {
     const float *lse, *delta, *q_inv_norm; // per query row, contiguous (the prepass)
     float *k_inv_norm;                     // sm90_backward_key_norm_floats of them
     float *dq_acc, *dk_acc;                // dQ^ / ||q|| (zeroed), dK^ (written)
+    void *key_tiles;                       // packed sequences: room for the key-tile table
 };
 // The key-norm pass and the main kernel: dv written, dq_acc added to, dk_acc written.
 fcsa_status sm90_backward_main(const Problem &p, const Sm90BackwardBuffers &buffers, void *stream);

@@ -165,7 +165,8 @@ void forward_tile(const Problem &p, const ForwardLayout &layout, const TileKerne
         for (int64_t t = 0; t < d_v; ++t) row[t] *= inverse;
         store_row(p.out.data, p.out.offset(batch, head, first_row + r, 0), p.out.dtype, d_v, row);
         if (p.lse.present()) {
-            const float lse = sum > 0.f ? std::log(sum) + scratch.offset[size_t(r)] : -infinity;
+            // (a NaN sum, from a NaN logit, gives a NaN lse, as log-sum-exp does)
+            const float lse = !(sum <= 0.f) ? std::log(sum) + scratch.offset[size_t(r)] : -infinity;
             static_cast<float *>(p.lse.data)[p.lse.offset(batch, head, first_row + r, 0)] = lse;
         }
     }

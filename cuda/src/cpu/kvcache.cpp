@@ -108,7 +108,7 @@ void attend(const KvCacheProblem &kv, int64_t batch, int64_t kv_head) {
         store_row(p.out.data, p.out.offset(batch, head, row, 0), p.out.dtype, d_v, acc);
         if (p.lse.present())
             static_cast<float *>(p.lse.data)[p.lse.offset(batch, head, row, 0)] =
-                sum > 0.f ? row_max[size_t(r)] + std::log(sum) : -infinity;
+                !(sum <= 0.f) ? row_max[size_t(r)] + std::log(sum) : -infinity; // NaN sum: NaN
     }
 }
 

@@ -107,6 +107,7 @@ struct Plan {
     bool dk_acc_used = false; // split head dim with l2norm, or the Hopper kernel: dk is finished by a row pass
     bool hopper = false;      // the main kernel is the Hopper one (sm90/backward.cu)
     size_t k_inv_norm = 0;    // its 1 / ||k|| per key
+    size_t hopper_key_tiles = 0; // packed sequences: its key-tile table
     size_t total = 0;
 };
 
@@ -173,7 +174,9 @@ Plan plan_workspace(const Problem &p, int smem_limit, bool hopper) {
         plan.dbias_acc = take(plan.dbias_acc_bytes);
     }
     if (p.varlen()) {
-        plan.varlen_keys = take(sm80::varlen_tiles_bytes(p, plan.shape.main_keys, true));
+        // (the Hopper main kernel reads a table of its own tiles in place of the portable one's)
+        if (hopper) plan.hopper_key_tiles = take(sm80::varlen_tiles_bytes(p, sm90_backward_key_tile(), true));
+        else plan.varlen_keys = take(sm80::varlen_tiles_bytes(p, plan.shape.main_keys, true));
         if (p.deterministic) plan.varlen_queries = take(sm80::varlen_tiles_bytes(p, plan.shape.dq_queries, false));
     }
     plan.total = offset;
@@ -587,9 +590,10 @@ template <typename T> fcsa_status backward(const Problem &pr, const Plan &plan, 
 
     if (pr.varlen()) {
         // The tile tables; dscale's partials of spare CTAs (past the table's entries) stay 0.
-        if (fcsa_status s = sm80::build_varlen_tiles(pr, plan.shape.main_keys, true, ws + plan.varlen_keys, stream,
-                                                     &p.varlen_keys))
-            return s;
+        if (!plan.hopper)
+            if (fcsa_status s = sm80::build_varlen_tiles(pr, plan.shape.main_keys, true, ws + plan.varlen_keys,
+                                                         stream, &p.varlen_keys))
+                return s;
         if (pr.deterministic)
             if (fcsa_status s = sm80::build_varlen_tiles(pr, plan.shape.dq_queries, false, ws + plan.varlen_queries,
                                                          stream, &p.varlen_queries))
@@ -608,6 +612,7 @@ template <typename T> fcsa_status backward(const Problem &pr, const Plan &plan, 
         buffers.k_inv_norm = reinterpret_cast<float *>(ws + plan.k_inv_norm);
         buffers.dq_acc = p.dq_acc;
         buffers.dk_acc = p.dk_acc;
+        buffers.key_tiles = pr.varlen() ? ws + plan.hopper_key_tiles : nullptr;
         if (fcsa_status s = sm90_backward_main(pr, buffers, stream)) return s;
     } else if (fcsa_status s = check_launch(cudaError_t(run_kernel<T>(false, plan, p, stream)), "main kernel")) {
         return s;

@@ -398,9 +398,10 @@ __device__ __forceinline__ void online_softmax(int rows, float *score_s, float *
     }
 }
 
-// A row's lse from its running maximum and sum: -inf for a row that saw no key.
+// A row's lse from its running maximum and sum: -inf for a row that saw no key, NaN for
+// a NaN sum (a NaN logit), as log-sum-exp gives.
 __device__ __forceinline__ float row_lse(float max, float sum) {
-    return sum > 0.f ? max + logf(sum) : -__builtin_huge_valf();
+    return !(sum <= 0.f) ? max + logf(sum) : -__builtin_huge_valf();
 }
 
 // ---------------------------------------------------------------- split attention, FMA
@@ -582,7 +583,7 @@ template <typename T> __global__ void __launch_bounds__(kThreads) combine_kernel
         out[c] = common::from_float<T>(o * inverse);
     }
     if (lane == 0 && p.lse)
-        p.lse[b * p.lse_stride[0] + head * p.lse_stride[1] + i * p.lse_stride[2]] = sum > 0.f ? top + logf(sum) : -kInf;
+        p.lse[b * p.lse_stride[0] + head * p.lse_stride[1] + i * p.lse_stride[2]] = row_lse(top, sum);
 }
 
 } // namespace decode

@@ -380,7 +380,7 @@ __global__ void __launch_bounds__(StreamTile<T, D, kDeep, kMTiles>::kThreads) de
             }
         }
         const float inverse = sum > 0.f ? 1.f / sum : 0.f;
-        const float lse = sum > 0.f ? (top + log2f(sum)) * 0.6931471805599453f : -kInf;
+        const float lse = !(sum <= 0.f) ? (top + log2f(sum)) * 0.6931471805599453f : -kInf; // NaN sum: NaN
         if (p.splits == 1) {
             T *out = static_cast<T *>(p.out) + w.b * p.out_stride[0] + w.head(p, r) * p.out_stride[1] +
                      w.query_row(p, r) * p.out_stride[2] + column;

@@ -546,7 +546,7 @@ __global__ void __launch_bounds__(ForwardConfig<T, D, DV>::kThreads)
         const int i = row_index(h);
         if (p.lse != nullptr && t4 == 0 && i < nq())
             p.lse[bi * p.lse_stride[0] + hq * p.lse_stride[1] + int64_t(q_begin + i) * p.lse_stride[2]] =
-                sum > 0.f ? (row_max[h] + log2_approx(sum)) * kLn2 : -kInf;
+                !(sum <= 0.f) ? (row_max[h] + log2_approx(sum)) * kLn2 : -kInf; // NaN sum: NaN
     }
     if (kGeneral && C::k16Bit && p.out_f32) {
         // A float32 out for 16-bit inputs (what the backward's delta is taken from when it

@@ -46,10 +46,14 @@ fcsa_status run(const Problem &p, const Sm90BackwardBuffers &w, cudaStream_t str
     f.d = int(p.d);
     f.scale = p.scale;
     f.causal = p.causal;
+    if (p.varlen())
+        if (const fcsa_status st = sm80::build_varlen_tiles(p, C::kBlockN, true, w.key_tiles, stream, &f.varlen))
+            return st;
     if (const fcsa_status st =
             common::run_key_norm_pass<__nv_bfloat16>(p, w.k_inv_norm, f.k_inv_norm_stride, stream, kWho))
         return st;
-    return launch_backward<__nv_bfloat16, 128>(f, stream);
+    return p.varlen() ? launch_backward<__nv_bfloat16, 128, true>(f, stream)
+                      : launch_backward<__nv_bfloat16, 128, false>(f, stream);
 }
 
 } // namespace
@@ -67,7 +71,13 @@ fcsa_status sm90_backward_supports(const Problem &p) {
     if (p.d != 128 || p.d_v != 128) return refuse("needs a head dim of 128 for q, k and v");
     if (!sm90::backward_compiled<__nv_bfloat16, 128>()) return refuse("this build has no sm_90a code");
     // (dbias and dscale come with a bias and a scale tensor, which the common case has not)
-    if (const char *why = sm90::common_case_problem(p, false)) return refuse(why);
+    if (const char *why = sm90::common_case_problem(p, false, true)) return refuse(why);
+    if (p.varlen()) {
+        // (the tile table's int32 entries, and one CTA per entry and kv head)
+        const int64_t tiles = sm80::varlen_max_tiles(p, sm90::Config::kBlockN, true);
+        if (p.sequences >= INT32_MAX || tiles * p.hk > INT32_MAX)
+            return refuse("packed sequences: more key tiles times kv heads than 2^31 - 1");
+    }
     if (p.deterministic) return refuse("adds dq by atomics: deterministic runs on the portable path");
     if (p.nq < 1) return refuse("needs at least one query row");
     if (!p.dv.rows_16byte_aligned(2)) return refuse("writes dv with 16-byte-aligned rows only");
@@ -81,6 +91,7 @@ fcsa_status sm90_backward_supports(const Problem &p) {
 }
 
 int64_t sm90_backward_key_norm_floats(const Problem &p) { return sm90::key_norm_floats(p); }
+int sm90_backward_key_tile() { return sm90::Config::kBlockN; }
 
 fcsa_status sm90_backward_main(const Problem &p, const Sm90BackwardBuffers &buffers, void *stream) {
     return sm90::run(p, buffers, static_cast<cudaStream_t>(stream));

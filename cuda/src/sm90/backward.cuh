@@ -15,6 +15,7 @@
 #include <cuda_runtime.h>
 
 #include "../common/sm90/wgmma.cuh"
+#include "../sm80/varlen.cuh"
 #include "fcsa.h"
 
 namespace fcsa {
@@ -35,6 +36,7 @@ struct BackwardParams {
     int batch, heads, heads_per_kv, nq, nk, d;
     float scale;
     bool causal;
+    sm80::VarlenTiles varlen; // packed sequences: the key-tile table (b == 1 in the maps)
 };
 
 // Three warpgroups: a producer (one thread issues the copies; its warp also lays out
@@ -81,8 +83,10 @@ template <typename T, int D> struct BackwardConfig {
                   "swizzled tiles start on 1024-byte atoms");
 };
 
-// Launches the kernel for one (T, D); defined in backward_<dtype>_d<D>.cu.
-template <typename T, int D> fcsa_status launch_backward(const BackwardParams &params, cudaStream_t stream);
+// Launches the kernel for one (T, D); defined in backward_<dtype>_d<D>.cu (kPacked:
+// packed sequences, in backward_<dtype>_d<D>_packed.cu).
+template <typename T, int D, bool kPacked>
+fcsa_status launch_backward(const BackwardParams &params, cudaStream_t stream);
 // Whether this build holds the kernel's sm_90a code.
 template <typename T, int D> bool backward_compiled();
 

@@ -3,7 +3,8 @@
 //
 // One CTA per (key tile of 128 keys, kv head, batch), looping over the query tiles of
 // 64 rows of every query head that reads the kv head (causal: from the first tile that
-// sees one of its keys). Head dim 128. Three warpgroups:
+// sees one of its keys); for packed sequences one per (entry of the key-tile table, kv
+// head), kv heads fastest. Head dim 128. Three warpgroups:
 //   producer  one thread issues the copies: K and V once, then each query tile's Q and
 //             dO into a ring of kStages buffers, completing on the stage's "full"
 //             mbarrier, reused once the consumers have arrived on its "empty" one. Its
@@ -46,7 +47,13 @@
 namespace fcsa {
 namespace sm90 {
 
-template <typename T, int D>
+// kPacked: packed sequences (p.varlen), each CTA's key tile and sequence from the table.
+// Whole tiles come in by TMA, so a sequence's last key tile and last query tile hold the
+// next sequence's rows: those keys are hidden (selected out) and their K^ rows zeroed, and
+// those query rows are hidden and their Q and dO rows zeroed before any product reads them
+// (a NaN there must not meet a zero weight). A kernel of its own, so that the plain one is
+// the same code as before.
+template <typename T, int D, bool kPacked>
 __global__ void __launch_bounds__(BackwardConfig<T, D>::kThreads, 1)
     backward_kernel(const __grid_constant__ BackwardParams p) {
 #if defined(FCSA_SM90_DEVICE_CODE)
@@ -69,17 +76,26 @@ __global__ void __launch_bounds__(BackwardConfig<T, D>::kThreads, 1)
     uint64_t *kv_full = reinterpret_cast<uint64_t *>(smem + C::kOffsetBarriers);
     uint64_t *full = kv_full + 1, *empty = full + kStages, *ds_ready = empty + kStages;
 
-    // ---- which keys: key tiles fastest, then kv heads, then batch
-    const int key_tiles = (p.nk + BN - 1) / BN;
+    // ---- which keys: key tiles fastest, then kv heads, then batch; packed sequences: the
+    // table's entry (a spare CTA of the launch's bound returns), kv heads fastest
     const int kv_heads = p.heads / p.heads_per_kv;
-    const int n_tile = int(blockIdx.x % unsigned(key_tiles));
-    const int bkv = int(blockIdx.x / unsigned(key_tiles));
-    const int kvh = bkv % kv_heads, bi = bkv / kv_heads;
+    const unsigned entry = blockIdx.x / unsigned(kv_heads);
+    if constexpr (kPacked)
+        if (entry >= unsigned(*p.varlen.count)) return;
+    const int2 packed_tile = kPacked ? p.varlen.tiles[entry] : int2{};
+    const int4 sequence = kPacked ? p.varlen.sequences[packed_tile.x] : int4{};
+    const int key_tiles = (p.nk + BN - 1) / BN;
+    const int n_tile = kPacked ? packed_tile.y : int(blockIdx.x % unsigned(key_tiles));
+    const int bkv = kPacked ? 0 : int(blockIdx.x / unsigned(key_tiles));
+    const int kvh = kPacked ? int(blockIdx.x % unsigned(kv_heads)) : bkv % kv_heads, bi = bkv / kv_heads;
     const int j0 = n_tile * BN;
+    // This sequence's query rows and keys, and where they start in the tensors' rows.
+    const int nq = kPacked ? sequence.y : p.nq, nk = kPacked ? sequence.w : p.nk;
+    const int q_begin = kPacked ? sequence.x : 0, k_begin = kPacked ? sequence.z : 0;
 
     // ---- which query tiles, per head: causal skips those whose rows see none of the keys
-    const int causal_offset = p.nk - p.nq; // row i sees keys j <= i + causal_offset
-    const int q_tiles = (p.nq + BM - 1) / BM;
+    const int causal_offset = nk - nq; // row i sees keys j <= i + causal_offset
+    const int q_tiles = (nq + BM - 1) / BM;
     int first_tile = 0;
     if (p.causal && j0 - causal_offset > 0) first_tile = min(q_tiles, (j0 - causal_offset) / BM);
     const int tiles_per_head = q_tiles - first_tile;
@@ -106,8 +122,8 @@ __global__ void __launch_bounds__(BackwardConfig<T, D>::kThreads, 1)
             tma_prefetch_map(&p.q_map);
             tma_prefetch_map(&p.dout_map);
             mbarrier_arrive_expect_tx(kv_full, 2 * KTile::kBytes);
-            tma_load_tile<BN, D>(sK, &p.k_map, kv_full, j0, kvh, bi);
-            tma_load_tile<BN, D>(sV, &p.v_map, kv_full, j0, kvh, bi);
+            tma_load_tile<BN, D>(sK, &p.k_map, kv_full, k_begin + j0, kvh, bi);
+            tma_load_tile<BN, D>(sV, &p.v_map, kv_full, k_begin + j0, kvh, bi);
         }
         const float scale_log2 = p.scale * kLog2e;
         for (int it = 0; it < items; ++it) {
@@ -118,15 +134,15 @@ __global__ void __launch_bounds__(BackwardConfig<T, D>::kThreads, 1)
             if (round > 0) mbarrier_wait(&empty[s], (round - 1) & 1);
             if (lane == 0) {
                 mbarrier_arrive_expect_tx(&full[s], 2 * QTile::kBytes);
-                tma_load_tile<BM, D>(sQ + s * (BM * D), &p.q_map, &full[s], i0, hq, bi);
-                tma_load_tile<BM, D>(sDout + s * (BM * D), &p.dout_map, &full[s], i0, hq, bi);
+                tma_load_tile<BM, D>(sQ + s * (BM * D), &p.q_map, &full[s], q_begin + i0, hq, bi);
+                tma_load_tile<BM, D>(sDout + s * (BM * D), &p.dout_map, &full[s], q_begin + i0, hq, bi);
             }
             // Rows past nq: lse = +inf makes their P (and so dS) 0.
-            const int64_t row0 = (int64_t(bi) * p.heads + hq) * p.nq;
+            const int64_t row0 = (int64_t(bi) * p.heads + hq) * p.nq + q_begin;
             for (int r = lane; r < BM; r += 32) {
                 const int i = i0 + r;
                 float4 f = make_float4(0.f, INFINITY, 0.f, 0.f);
-                if (i < p.nq) {
+                if (i < nq) {
                     const float inv_q = p.q_inv_norm[row0 + i];
                     f = make_float4(scale_log2 * inv_q, p.lse[row0 + i] * kLog2e, p.scale * inv_q,
                                     p.delta[row0 + i] * p.scale * inv_q);
@@ -153,21 +169,28 @@ __global__ void __launch_bounds__(BackwardConfig<T, D>::kThreads, 1)
     const uint32_t k_columns = k_base + consumer * KTile::kBlockBytes;
 
     // ---- prologue: k^ = k / ||k|| in place, this consumer's rows (rows past nk: 0 / 0
-    // norms, zeros either way); both consumers' before any product reads K.
+    // norms, zeros either way); both consumers' before any product reads K. An entry
+    // that is not finite (a NaN or inf in k) becomes 0: a row that sees the key has a NaN
+    // lse from the forward, so its P and dS are NaN whatever S is; a row that does not
+    // has dS = 0 by selection, and dQ^ = dS K^ must not meet 0 * NaN.
     mbarrier_wait(kv_full, 0);
     {
-        const float *key_inv_norms = p.k_inv_norm + (int64_t(bi) * kv_heads + kvh) * p.k_inv_norm_stride + j0;
+        const float *key_inv_norms = p.k_inv_norm + (int64_t(bi) * kv_heads + kvh) * p.k_inv_norm_stride + k_begin + j0;
         constexpr int kChunks = D / 8; // 16-byte chunks per row
         uint8_t *k_bytes = reinterpret_cast<uint8_t *>(sK);
         for (int c = tid; c < 64 * kChunks; c += 128) {
             const int r = 64 * consumer + c / kChunks, cb = (c % kChunks) / 8, chunk = c % 8;
             // (a whole row: its chunks' order within the 128-byte line does not matter)
             uint4 *at = reinterpret_cast<uint4 *>(k_bytes + (cb * BN + r) * 128 + chunk * 16);
-            const float inv = key_inv_norms[r];
+            // (a packed sequence's next one's keys: zeros, so dQ^ = dS K^ never meets them)
+            const float inv = !kPacked || j0 + r < nk ? key_inv_norms[r] : 0.f;
             float f[8];
             chunk_to_float<T>(*at, f);
 #pragma unroll
-            for (int e = 0; e < 8; ++e) f[e] *= inv;
+            for (int e = 0; e < 8; ++e) {
+                const float x = f[e] * inv;
+                f[e] = isfinite(x) ? x : 0.f;
+            }
             *at = float_to_chunk<T>(f);
         }
         fence_async_shared();
@@ -195,14 +218,14 @@ __global__ void __launch_bounds__(BackwardConfig<T, D>::kThreads, 1)
         wgmma_wait<0>();
         wgmma_fence_operands(dq);
         const int hq = kvh * p.heads_per_kv + item / tiles_per_head;
-        float *dq_rows = p.dq_acc + (int64_t(bi) * p.heads + hq) * int64_t(p.nq) * D + dq_col0 + 2 * t4;
+        float *dq_rows = p.dq_acc + ((int64_t(bi) * p.heads + hq) * int64_t(p.nq) + q_begin) * D + dq_col0 + 2 * t4;
         const int row_a = (first_tile + item % tiles_per_head) * BM + 16 * warp + g, row_b = row_a + 8;
 #pragma unroll
         for (int j = 0; j < C::kDqColumns / 8; ++j) {
-            if (row_a < p.nq)
+            if (row_a < nq)
                 atomicAdd(reinterpret_cast<float2 *>(dq_rows + int64_t(row_a) * D + 8 * j),
                           make_float2(dq[4 * j], dq[4 * j + 1]));
-            if (row_b < p.nq)
+            if (row_b < nq)
                 atomicAdd(reinterpret_cast<float2 *>(dq_rows + int64_t(row_b) * D + 8 * j),
                           make_float2(dq[4 * j + 2], dq[4 * j + 3]));
         }
@@ -213,6 +236,26 @@ __global__ void __launch_bounds__(BackwardConfig<T, D>::kThreads, 1)
         const int i0 = (first_tile + it % tiles_per_head) * BM;
         const uint32_t q_tile = q_base + stage * QTile::kBytes, dout_tile = dout_base + stage * QTile::kBytes;
         mbarrier_wait(&full[stage], (it / kStages) & 1);
+        if constexpr (kPacked) {
+            // A sequence's last query tile: the next sequence's rows follow its own. Both
+            // consumers zero them in Q and dO (whole rows; ordinary stores, then a proxy
+            // fence for the tensor cores), so that they act as rows past the tensor do
+            // (their lse of +inf gives P = 0, and every product with them is 0).
+            if (i0 + BM > nq) {
+                constexpr int kChunks = D / 8; // 16-byte chunks per row
+                const int first = nq - i0, rows = BM - first;
+                uint8_t *q_bytes = reinterpret_cast<uint8_t *>(sQ + stage * (BM * D));
+                uint8_t *dout_bytes = reinterpret_cast<uint8_t *>(sDout + stage * (BM * D));
+                for (int c = threadIdx.x - 128; c < rows * kChunks; c += 128 * C::kConsumers) {
+                    const int r = first + c / kChunks, cb = (c % kChunks) / 8, chunk = c % 8;
+                    const int at = (cb * BM + r) * 128 + chunk * 16;
+                    *reinterpret_cast<uint4 *>(q_bytes + at) = make_uint4(0u, 0u, 0u, 0u);
+                    *reinterpret_cast<uint4 *>(dout_bytes + at) = make_uint4(0u, 0u, 0u, 0u);
+                }
+                fence_async_shared();
+                named_barrier_sync(4, 128 * C::kConsumers);
+            }
+        }
 
         // 1. S^T = K^ Q^T and dP^T = V dO^T for this consumer's 64 keys.
         wgmma_fence();
@@ -233,7 +276,7 @@ __global__ void __launch_bounds__(BackwardConfig<T, D>::kThreads, 1)
         // selection (its dP may hold a NaN of its value); rows past nq have P = 0 by their
         // lse.
         const float4 *factors = sFactors + stage * BM;
-        const bool every_key_seen = j0 + BN <= p.nk && (!p.causal || j0 + BN - 1 <= i0 + causal_offset);
+        const bool every_key_seen = j0 + BN <= nk && (!p.causal || j0 + BN - 1 <= i0 + causal_offset);
         T *ds_tile = sDs + buffer * (BN * BM);
 #pragma unroll
         for (int j = 0; j < BM / 8; ++j) {
@@ -246,7 +289,7 @@ __global__ void __launch_bounds__(BackwardConfig<T, D>::kThreads, 1)
                 for (int x = 0; x < 2; ++x) {
                     const int e = 4 * j + 2 * h + x;
                     const bool seen =
-                        every_key_seen || (key < p.nk && (!p.causal || key <= i0 + col + x + causal_offset));
+                        every_key_seen || (key < nk && (!p.causal || key <= i0 + col + x + causal_offset));
                     const float prob = seen ? exp2_approx(fmaf(s[e], f[x].x, -f[x].y)) : 0.f;
                     dp[e] = seen ? prob * fmaf(dp[e], f[x].z, -f[x].w) : 0.f;
                     s[e] = prob;
@@ -288,12 +331,12 @@ __global__ void __launch_bounds__(BackwardConfig<T, D>::kThreads, 1)
     if (items > 0) add_dq(items - 1);
 
     // ---- epilogue: dV in T, dK^ in float32, this consumer's keys below nk
-    T *dv_rows = static_cast<T *>(p.dv) + bi * p.dv_stride[0] + kvh * p.dv_stride[1];
-    float *dk_rows = p.dk_acc + (int64_t(bi) * kv_heads + kvh) * int64_t(p.nk) * D;
+    T *dv_rows = static_cast<T *>(p.dv) + bi * p.dv_stride[0] + kvh * p.dv_stride[1] + int64_t(k_begin) * p.dv_stride[2];
+    float *dk_rows = p.dk_acc + ((int64_t(bi) * kv_heads + kvh) * int64_t(p.nk) + k_begin) * D;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         const int key = j0 + (h ? key_b : key_a);
-        if (key >= p.nk) continue;
+        if (key >= nk) continue;
 #pragma unroll
         for (int j = 0; j < D / 8; ++j) {
             const int col = 8 * j + 2 * t4, e = 4 * j + 2 * h;
@@ -306,21 +349,34 @@ __global__ void __launch_bounds__(BackwardConfig<T, D>::kThreads, 1)
 }
 
 template <typename T, int D> bool backward_compiled() {
-    static const bool compiled = has_sm90a_image(backward_kernel<T, D>);
+    static const bool compiled = has_sm90a_image(backward_kernel<T, D, false>);
     return compiled;
 }
 
-template <typename T, int D> fcsa_status launch_backward(const BackwardParams &params, cudaStream_t stream) {
+template <typename T, int D, bool kPacked>
+fcsa_status launch_backward(const BackwardParams &params, cudaStream_t stream) {
     using C = BackwardConfig<T, D>;
-    const int64_t key_tiles = (params.nk + C::kBlockN - 1) / C::kBlockN;
-    return launch(backward_kernel<T, D>, key_tiles * (params.heads / params.heads_per_kv) * params.batch, C::kThreads,
-                  C::kSmemBytes, stream, params, "cuda-sm90 backward", "batch * kv heads * key tiles");
+    const int64_t kv_heads = params.heads / params.heads_per_kv;
+    if constexpr (kPacked) {
+        return launch(backward_kernel<T, D, true>, params.varlen.max_tiles * kv_heads, C::kThreads, C::kSmemBytes,
+                      stream, params, "cuda-sm90 backward", "kv heads * packed key tiles");
+    } else {
+        const int64_t key_tiles = (params.nk + C::kBlockN - 1) / C::kBlockN;
+        return launch(backward_kernel<T, D, false>, key_tiles * kv_heads * params.batch, C::kThreads, C::kSmemBytes,
+                      stream, params, "cuda-sm90 backward", "batch * kv heads * key tiles");
+    }
 }
 
 } // namespace sm90
 } // namespace fcsa
 
-// Instantiates the backward for one (T, D); used once per backward_<dtype>_d<D>.cu.
-#define FCSA_INSTANTIATE_SM90_BACKWARD(T, D)                                                                  \
-    template fcsa_status fcsa::sm90::launch_backward<T, D>(const fcsa::sm90::BackwardParams &, cudaStream_t); \
+// Instantiates the backward for one (T, D), and whether the build holds its code; used
+// once per backward_<dtype>_d<D>.cu.
+#define FCSA_INSTANTIATE_SM90_BACKWARD(T, D)                                                                         \
+    template fcsa_status fcsa::sm90::launch_backward<T, D, false>(const fcsa::sm90::BackwardParams &, cudaStream_t); \
     template bool fcsa::sm90::backward_compiled<T, D>();
+
+// Instantiates the backward for one (T, D) over packed sequences; used once per
+// backward_<dtype>_d<D>_packed.cu.
+#define FCSA_INSTANTIATE_SM90_BACKWARD_PACKED(T, D) \
+    template fcsa_status fcsa::sm90::launch_backward<T, D, true>(const fcsa::sm90::BackwardParams &, cudaStream_t);

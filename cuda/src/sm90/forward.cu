@@ -33,6 +33,18 @@ template <typename T> size_t smem_bytes(int64_t d) {
     return forward_head_dim_bucket(d) == 64 ? ForwardConfig<T, 64>::kSmemBytes : ForwardConfig<T, 128>::kSmemBytes;
 }
 
+// Query rows per tile of the kernel for head dim d (both dtypes alike).
+int block_m(int64_t d) {
+    static_assert(ForwardConfig<__half, 64>::kBlockM == ForwardConfig<__nv_bfloat16, 64>::kBlockM &&
+                      ForwardConfig<__half, 128>::kBlockM == ForwardConfig<__nv_bfloat16, 128>::kBlockM,
+                  "tiles alike in both dtypes");
+    return forward_head_dim_bucket(d) == 64 ? ForwardConfig<__half, 64>::kBlockM : ForwardConfig<__half, 128>::kBlockM;
+}
+
+// The workspace: the key-norm pass's floats, then under a key mask each batch's key
+// counts, or for packed sequences the tile table.
+size_t key_counts_bytes(const Problem &p) { return p.mask.present() ? size_t(2 * p.b) * sizeof(int) : 0; }
+
 template <typename T, int D> fcsa_status run(const Problem &p, void *workspace, cudaStream_t stream) {
     using C = ForwardConfig<T, D>;
     ForwardParams f{};
@@ -53,13 +65,17 @@ template <typename T, int D> fcsa_status run(const Problem &p, void *workspace, 
     // the workspace.
     int *key_counts = p.mask.present() ? reinterpret_cast<int *>(inv_norm + key_norm_floats(p)) : nullptr;
     f.key_counts = key_counts;
+    if (p.varlen())
+        if (const fcsa_status st = sm80::build_varlen_tiles(p, C::kBlockM, false, inv_norm + key_norm_floats(p), stream,
+                                                            &f.varlen))
+            return st;
     f.batch = int(p.b);
     f.heads = int(p.h);
     f.heads_per_kv = int(p.heads_per_kv());
     f.nq = int(p.nq);
     f.nk = int(p.nk);
     f.d = int(p.d);
-    f.num_m_tiles = int((p.nq + C::kBlockM - 1) / C::kBlockM);
+    f.num_m_tiles = p.varlen() ? 1 : int((p.nq + C::kBlockM - 1) / C::kBlockM); // (packed: the table's)
     f.scale = p.scale;
     f.causal = p.causal;
     // Ping-pong between the consumers (one's softmax under the others' GEMMs): +1-8% at
@@ -71,7 +87,8 @@ template <typename T, int D> fcsa_status run(const Problem &p, void *workspace, 
     if (const fcsa_status st =
             common::run_key_norm_pass<T>(p, inv_norm, f.k_inv_norm_stride, stream, "cuda-sm90 forward", key_counts))
         return st;
-    return key_counts != nullptr ? launch_forward<T, D, true>(f, stream) : launch_forward<T, D, false>(f, stream);
+    if (key_counts != nullptr) return launch_forward<T, D, true, false>(f, stream);
+    return p.varlen() ? launch_forward<T, D, false, true>(f, stream) : launch_forward<T, D, false, false>(f, stream);
 }
 
 template <typename T> fcsa_status run_bucket(const Problem &p, void *workspace, cudaStream_t stream) {
@@ -92,7 +109,13 @@ fcsa_status sm90_forward_supports(const Problem &p) {
         return refuse("needs a head dim that is a multiple of 8 up to 128, the same for q, k and v");
     if (!(bf16 ? sm90::compiled<__nv_bfloat16>(p.d) : sm90::compiled<__half>(p.d)))
         return refuse("this build has no sm_90a code");
-    if (const char *why = sm90::common_case_problem(p, true)) return refuse(why);
+    if (const char *why = sm90::common_case_problem(p, true, true)) return refuse(why);
+    if (p.varlen()) {
+        // (the tile table's int32 entries, and one CTA per entry and head)
+        const int64_t tiles = sm80::varlen_max_tiles(p, sm90::block_m(p.d), false);
+        if (p.sequences >= INT32_MAX || tiles * p.h > INT32_MAX)
+            return refuse("packed sequences: more query tiles times heads than 2^31 - 1");
+    }
     if (p.out.dtype != p.dtype) return refuse("writes out in the inputs' dtype only");
     const float range = bf16 ? sm90::ForwardConfig<__nv_bfloat16, 128>::kBoundedRange
                              : sm90::ForwardConfig<__half, 128>::kBoundedRange;
@@ -109,7 +132,9 @@ fcsa_status sm90_forward_supports(const Problem &p) {
 
 size_t sm90_forward_workspace(const Problem &p) {
     if (p.b == 0 || p.h == 0 || p.nq == 0) return 0;
-    return size_t(sm90::key_norm_floats(p)) * sizeof(float) + (p.mask.present() ? size_t(2 * p.b) * sizeof(int) : 0);
+    // (the norms' floats are a multiple of 128: the table after them stays 16-byte aligned)
+    return size_t(sm90::key_norm_floats(p)) * sizeof(float) + sm90::key_counts_bytes(p) +
+           (p.varlen() ? sm80::varlen_tiles_bytes(p, sm90::block_m(p.d), false) : 0);
 }
 
 fcsa_status sm90_forward(const Problem &p, void *workspace, void *stream) {

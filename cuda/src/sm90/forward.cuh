@@ -4,9 +4,9 @@
 // One kernel template, forward_kernel<T, D> (forward_kernel.cuh), for float16 and
 // bfloat16 with the head dim zero-padded to a bucket D of 64 or 128 (TMA fills the
 // columns past d with zeros). It covers the common case: l2-normalized q and k with one
-// group, no bias, a scale given as a number, causal or not, a key mask or not,
-// grouped-query kv, any 16-byte-aligned strides. Everything else runs on the portable
-// path (sm80/).
+// group, no bias, a scale given as a number, causal or not, a key mask or packed
+// sequences or neither, grouped-query kv, any 16-byte-aligned strides. Everything else
+// runs on the portable path (sm80/).
 #pragma once
 
 #include <cstdint>
@@ -16,6 +16,7 @@
 #include <cuda_runtime.h>
 
 #include "../common/sm90/wgmma.cuh"
+#include "../sm80/varlen.cuh"
 #include "fcsa.h"
 
 namespace fcsa {
@@ -28,6 +29,7 @@ struct ForwardParams {
     float *lse;               // optional
     const float *k_inv_norm;  // 1 / ||k_j||, [batch][kv head][k_inv_norm_stride] (the key-norm pass)
     const int *key_counts;    // under a key mask, per batch: one past its last visible key, its visible keys
+    sm80::VarlenTiles varlen; // packed sequences: the tile table (b == 1 in the maps and strides)
     int64_t k_inv_norm_stride;
     int64_t out_stride[3];    // batch, head, row (elements)
     int64_t lse_stride[3];
@@ -78,9 +80,11 @@ template <typename T, int D> struct ForwardConfig {
     static_assert(kOffsetK % 1024 == 0 && kOffsetV % 1024 == 0, "swizzled tiles start on 1024-byte atoms");
 };
 
-// Launches the kernel for one (T, D); defined in forward_<dtype>_d<D>.cu.
-// (kKeyMask: under a key mask, in forward_<dtype>_d<D>_key_mask.cu.)
-template <typename T, int D, bool kKeyMask> fcsa_status launch_forward(const ForwardParams &params, cudaStream_t stream);
+// Launches the kernel for one (T, D); defined in forward_<dtype>_d<D>.cu (kKeyMask:
+// under a key mask, in forward_<dtype>_d<D>_key_mask.cu; kPacked: packed sequences, in
+// forward_<dtype>_d<D>_packed.cu).
+template <typename T, int D, bool kKeyMask, bool kPacked>
+fcsa_status launch_forward(const ForwardParams &params, cudaStream_t stream);
 // Whether this build holds the kernel's sm_90a code (a build without 90a has an empty one).
 template <typename T, int D> bool forward_compiled();
 

@@ -2,7 +2,9 @@
 // and wgmma.
 //
 // One CTA per (query tile of 64 rows per consumer, head, batch), query tiles in reverse
-// so that causal's long tiles start first. Warpgroups (forward.cuh's ForwardConfig):
+// so that causal's long tiles start first; for packed sequences one per (entry of the
+// tile table, head), heads fastest (sm80/varlen.cuh). Warpgroups (forward.cuh's
+// ForwardConfig):
 //   producer  one thread issues every copy: the Q tile once (a box per consumer's
 //             rows), then per key tile K (its warp copying 1 / ||k_j|| from the
 //             key-norm pass beside it) and V into a ring of kStages buffers, each
@@ -93,9 +95,12 @@ __device__ __noinline__ void zero_hidden_values(const float *key_inv_norms, int 
     }
 }
 
-// kKeyMask: p.key_counts and the marks of hidden keys are read (a kernel of its own, so
-// that the kernel without a mask is the same code as before there was one).
-template <typename T, int D, bool kKeyMask>
+// kKeyMask: p.key_counts and the marks of hidden keys are read. kPacked: packed
+// sequences (p.varlen), each CTA's query tile and sequence from the table; the tiles'
+// rows past the sequence belong to the next one (TMA fills zeros only past the tensor),
+// so those keys are dropped and their V rows zeroed as keys past the causal reach are.
+// (Kernels of their own, so that the plain kernel is the same code as before either.)
+template <typename T, int D, bool kKeyMask, bool kPacked>
 __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads, 1)
     forward_kernel(const __grid_constant__ ForwardParams p) {
 #if defined(FCSA_SM90_DEVICE_CODE)
@@ -116,22 +121,33 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads, 1)
     uint64_t *k_full = q_full + 1, *v_full = k_full + kStages;
     uint64_t *k_empty = v_full + kStages, *v_empty = k_empty + kStages, *v_ready = v_empty + kStages;
 
-    // ---- which tile: query tiles fastest (in reverse), then heads, then batch
-    const int m_tile = p.num_m_tiles - 1 - int(blockIdx.x % unsigned(p.num_m_tiles));
-    const int bh = int(blockIdx.x / unsigned(p.num_m_tiles));
-    const int hq = bh % p.heads, bi = bh / p.heads;
+    // ---- which tile: query tiles fastest (in reverse), then heads, then batch; packed
+    // sequences: the table's entry (a spare CTA of the launch's bound returns), then heads
+    static_assert(!(kKeyMask && kPacked), "packed sequences take no mask");
+    const unsigned entry = blockIdx.x / unsigned(p.heads);
+    if constexpr (kPacked)
+        if (entry >= unsigned(*p.varlen.count)) return;
+    const int2 packed_tile = kPacked ? p.varlen.tiles[entry] : int2{};
+    const int4 sequence = kPacked ? p.varlen.sequences[packed_tile.x] : int4{};
+    const int m_tile = kPacked ? packed_tile.y : p.num_m_tiles - 1 - int(blockIdx.x % unsigned(p.num_m_tiles));
+    const int bh = kPacked ? 0 : int(blockIdx.x / unsigned(p.num_m_tiles));
+    const int hq = kPacked ? int(blockIdx.x % unsigned(p.heads)) : bh % p.heads;
+    const int bi = kPacked ? 0 : bh / p.heads;
     const int kvh = hq / p.heads_per_kv;
     const int m0 = m_tile * BM;
+    // This sequence's query rows and keys, and where they start in the tensors' rows.
+    const int nq = kPacked ? sequence.y : p.nq, nk = kPacked ? sequence.w : p.nk;
+    const int q_begin = kPacked ? sequence.x : 0, k_begin = kPacked ? sequence.z : 0;
 
     // ---- key tiles [0, tiles): causal stops after the last row's diagonal, a key mask
     // after the batch's last visible key (keys past it are handled as keys past nk). A
     // batch with hidden keys before that ("sparse") needs the zeroing warp and the select.
-    const int causal_offset = p.nk - p.nq; // row i sees keys j <= i + causal_offset
-    const int keys = kKeyMask ? p.key_counts[2 * bi] : p.nk;
+    const int causal_offset = nk - nq; // row i sees keys j <= i + causal_offset
+    const int keys = kKeyMask ? p.key_counts[2 * bi] : nk;
     const bool sparse = kKeyMask && p.key_counts[2 * bi + 1] < keys;
     int tiles = (keys + BN - 1) / BN;
     if (p.causal) {
-        const int last_key = min(m0 + BM, p.nq) - 1 + causal_offset;
+        const int last_key = min(m0 + BM, nq) - 1 + causal_offset;
         tiles = last_key < 0 ? 0 : min(tiles, last_key / BN + 1);
     }
 
@@ -170,7 +186,7 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads, 1)
             mbarrier_arrive_expect_tx(q_full, QTile::kBytes);
             // one 64-row box per consumer's rows
             for (int c = 0; c < C::kConsumers; ++c)
-                tma_load_tile<64, D, BM>(sQ + c * 64 * 64, &p.q_map, q_full, m0 + 64 * c, hq, bi);
+                tma_load_tile<64, D, BM>(sQ + c * 64 * 64, &p.q_map, q_full, q_begin + m0 + 64 * c, hq, bi);
         }
         for (int t = 0; t < tiles; ++t) {
             const int s = t % kStages;
@@ -179,16 +195,25 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads, 1)
             if (round > 0) mbarrier_wait(&k_empty[s], (round - 1) & 1);
             if (lane == 0) {
                 mbarrier_arrive_expect_tx(&k_full[s], KTile::kBytes);
-                tma_load_tile<BN, D>(sK + s * (BN * D), &p.k_map, &k_full[s], j0, kvh, bi);
+                tma_load_tile<BN, D>(sK + s * (BN * D), &p.k_map, &k_full[s], k_begin + j0, kvh, bi);
             }
-            static_assert(BN == 32 * 4, "one float4 of 1 / ||k|| per lane");
-            reinterpret_cast<float4 *>(sKInv + s * BN)[lane] =
-                __ldg(reinterpret_cast<const float4 *>(key_inv_norms + j0) + lane);
+            static_assert(BN == 32 * 4, "four of 1 / ||k|| per lane");
+            if (kPacked) {
+                // (a sequence starts anywhere: no float4; keys past it are never used)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int j = j0 + 32 * e + lane;
+                    sKInv[s * BN + 32 * e + lane] = j < nk ? __ldg(key_inv_norms + k_begin + j) : 0.f;
+                }
+            } else {
+                reinterpret_cast<float4 *>(sKInv + s * BN)[lane] =
+                    __ldg(reinterpret_cast<const float4 *>(key_inv_norms + j0) + lane);
+            }
             mbarrier_arrive(&k_full[s]);
             if (round > 0) mbarrier_wait(&v_empty[s], (round - 1) & 1);
             if (lane == 0) {
                 mbarrier_arrive_expect_tx(&v_full[s], KTile::kBytes);
-                tma_load_tile<BN, D>(sV + s * (BN * D), &p.v_map, &v_full[s], j0, kvh, bi);
+                tma_load_tile<BN, D>(sV + s * (BN * D), &p.v_map, &v_full[s], k_begin + j0, kvh, bi);
             }
         }
         return;
@@ -361,11 +386,13 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads, 1)
         // O. Both consumers zero them (ordinary stores, then a proxy fence for the tensor
         // cores) before either multiplies.
         const int j0 = (tiles - 1) * BN;
-        const int reach = p.causal ? min(keys, min(m0 + BM, p.nq) + causal_offset) : keys; // keys j < reach
-        if (reach < min(p.nk, j0 + BN)) {
+        const int reach = p.causal ? min(keys, min(m0 + BM, nq) + causal_offset) : keys; // keys j < reach
+        // rows past the tensor came in as zeros; a packed sequence's next one's did not
+        const int loaded = kPacked ? j0 + BN : min(nk, j0 + BN);
+        if (reach < loaded) {
             constexpr int kLines = D / 64 * 8; // 16-byte chunks of a row
             uint8_t *v_tile = reinterpret_cast<uint8_t *>(sV + last * (BN * D));
-            const int first = reach - j0, rows = min(p.nk, j0 + BN) - reach;
+            const int first = reach - j0, rows = loaded - reach;
             for (int c = threadIdx.x - 128; c < rows * kLines; c += 128 * C::kConsumers) {
                 const int r = first + c / kLines, cb = (c % kLines) / 8, chunk = c % 8;
                 // (a whole row: its chunks' order within the 128-byte line does not matter)
@@ -391,9 +418,10 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads, 1)
     const float inv_a = sum_a > 0.f ? reciprocal_approx(sum_a) : 0.f; // no visible key: out = 0
     const float inv_b = sum_b > 0.f ? reciprocal_approx(sum_b) : 0.f;
     if (p.lse != nullptr && t4 == 0) {
-        float *lse = p.lse + bi * p.lse_stride[0] + hq * p.lse_stride[1];
-        if (row_a < p.nq) lse[int64_t(row_a) * p.lse_stride[2]] = sum_a > 0.f ? (offset + log2_approx(sum_a)) * kLn2 : -INFINITY;
-        if (row_b < p.nq) lse[int64_t(row_b) * p.lse_stride[2]] = sum_b > 0.f ? (offset + log2_approx(sum_b)) * kLn2 : -INFINITY;
+        float *lse = p.lse + bi * p.lse_stride[0] + hq * p.lse_stride[1] + int64_t(q_begin) * p.lse_stride[2];
+        // -inf for a row that saw no key; a NaN sum (a NaN logit) gives NaN, as log-sum-exp does
+        if (row_a < nq) lse[int64_t(row_a) * p.lse_stride[2]] = !(sum_a <= 0.f) ? (offset + log2_approx(sum_a)) * kLn2 : -INFINITY;
+        if (row_b < nq) lse[int64_t(row_b) * p.lse_stride[2]] = !(sum_b <= 0.f) ? (offset + log2_approx(sum_b)) * kLn2 : -INFINITY;
     }
     named_barrier_sync(barrier_id, 128); // every product that read these Q rows is done
     const int srow_a = r0 + 16 * warp + g;
@@ -405,12 +433,12 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads, 1)
             pack_float2<T>(o[4 * j + 2] * inv_b, o[4 * j + 3] * inv_b);
     }
     named_barrier_sync(barrier_id, 128);
-    T *out = static_cast<T *>(p.out) + bi * p.out_stride[0] + hq * p.out_stride[1];
+    T *out = static_cast<T *>(p.out) + bi * p.out_stride[0] + hq * p.out_stride[1] + int64_t(q_begin) * p.out_stride[2];
     constexpr int kChunks = D / 8;
     for (int c = tid; c < 64 * kChunks; c += 128) {
         const int r = c / kChunks, col = (c % kChunks) * 8;
         const int i = m0 + r0 + r;
-        if (i >= p.nq || col >= p.d) continue;
+        if (i >= nq || col >= p.d) continue;
         const uint4 chunk = *reinterpret_cast<const uint4 *>(sQ + QTile::offset(r0 + r, col));
         T *dst = out + int64_t(i) * p.out_stride[2] + col;
         if (p.vec_out) {
@@ -425,15 +453,19 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads, 1)
 }
 
 template <typename T, int D> bool forward_compiled() {
-    static const bool compiled = has_sm90a_image(forward_kernel<T, D, false>);
+    static const bool compiled = has_sm90a_image(forward_kernel<T, D, false, false>);
     return compiled;
 }
 
-template <typename T, int D, bool kKeyMask>
+template <typename T, int D, bool kKeyMask, bool kPacked>
 fcsa_status launch_forward(const ForwardParams &params, cudaStream_t stream) {
     using C = ForwardConfig<T, D>;
-    return launch(forward_kernel<T, D, kKeyMask>, int64_t(params.num_m_tiles) * params.heads * params.batch,
-                  C::kThreads, C::kSmemBytes, stream, params, "cuda-sm90 forward", "batch * heads * query tiles");
+    if constexpr (kPacked)
+        return launch(forward_kernel<T, D, false, true>, params.varlen.max_tiles * params.heads, C::kThreads,
+                      C::kSmemBytes, stream, params, "cuda-sm90 forward", "heads * packed query tiles");
+    else
+        return launch(forward_kernel<T, D, kKeyMask, false>, int64_t(params.num_m_tiles) * params.heads * params.batch,
+                      C::kThreads, C::kSmemBytes, stream, params, "cuda-sm90 forward", "batch * heads * query tiles");
 }
 
 } // namespace sm90
@@ -441,11 +473,17 @@ fcsa_status launch_forward(const ForwardParams &params, cudaStream_t stream) {
 
 // Instantiates the forward for one (T, D) without a key mask, and whether the build holds
 // its code; used once per forward_<dtype>_d<D>.cu.
-#define FCSA_INSTANTIATE_SM90_FORWARD(T, D)                                                                         \
-    template fcsa_status fcsa::sm90::launch_forward<T, D, false>(const fcsa::sm90::ForwardParams &, cudaStream_t); \
+#define FCSA_INSTANTIATE_SM90_FORWARD(T, D)                                                    \
+    template fcsa_status fcsa::sm90::launch_forward<T, D, false, false>(const fcsa::sm90::ForwardParams &, \
+                                                                        cudaStream_t);                     \
     template bool fcsa::sm90::forward_compiled<T, D>();
 
 // Instantiates the forward for one (T, D) under a key mask; used once per
 // forward_<dtype>_d<D>_key_mask.cu.
 #define FCSA_INSTANTIATE_SM90_FORWARD_KEY_MASK(T, D) \
-    template fcsa_status fcsa::sm90::launch_forward<T, D, true>(const fcsa::sm90::ForwardParams &, cudaStream_t);
+    template fcsa_status fcsa::sm90::launch_forward<T, D, true, false>(const fcsa::sm90::ForwardParams &, cudaStream_t);
+
+// Instantiates the forward for one (T, D) over packed sequences; used once per
+// forward_<dtype>_d<D>_packed.cu.
+#define FCSA_INSTANTIATE_SM90_FORWARD_PACKED(T, D) \
+    template fcsa_status fcsa::sm90::launch_forward<T, D, false, true>(const fcsa::sm90::ForwardParams &, cudaStream_t);

@@ -24,13 +24,13 @@ inline int64_t key_norm_floats(const Problem &p) { return p.b * p.hk * key_norm_
 constexpr int64_t kMaxSequence = (int64_t(1) << 31) - 1024;
 
 // Why the kernels' common case does not cover `p` (l2norm with one group, no bias or
-// scale tensor, a key mask only where the kernel takes one, not packed, at least one
-// key, lengths and grids in range), or nullptr when it does.
-inline const char *common_case_problem(const Problem &p, bool takes_key_mask) {
+// scale tensor, a key mask or packed sequences only where the kernel takes them, at
+// least one key, lengths and grids in range), or nullptr when it does.
+inline const char *common_case_problem(const Problem &p, bool takes_key_mask, bool takes_packed = false) {
     if (!p.l2norm || p.groups != 1 || p.bias.present() || p.scale_t.present())
         return "covers l2norm_qk with one group, no bias and a scale given as a number";
     if (p.mask.present() && !takes_key_mask) return "has no key mask; the portable path runs it";
-    if (p.varlen()) return "has no packed sequences (cu_seqlens); the portable path runs them";
+    if (p.varlen() && !takes_packed) return "has no packed sequences (cu_seqlens); the portable path runs them";
     if (p.nk < 1) return "needs at least one key";
     if (p.nq > kMaxSequence || p.nk > kMaxSequence) return "needs sequence lengths below 2^31 - 1024";
     if (p.b * p.h > INT32_MAX || p.b * p.hk * (key_norm_stride(p) / 64) > INT32_MAX)
