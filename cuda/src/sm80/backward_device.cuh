@@ -106,7 +106,7 @@ __device__ __forceinline__ void l2norm_backward_row(const T *x_row, const float 
         int group[kPer];
         element_groups<kMaxD>(d, groups, lane, group);
         float inv[kPer], xhat_dot[kPer];
-        bool clamped[kPer];
+        bool clamped[kPer], no_gradient[kPer];
         group_inverse_norms<T, kMaxD>(x, group, groups, x_row, d, inv, clamped);
         // <x^, dx^> per group = inv * <x, dx^>.
         for (int g = 0; g < groups; ++g) {
@@ -115,16 +115,27 @@ __device__ __forceinline__ void l2norm_backward_row(const T *x_row, const float 
             for (int m = 0; m < kPer; ++m)
                 if (group[m] == g) dot = fmaf(x[m] * inv[m], dy[m], dot);
             dot = warp_sum(dot);
+            // No gradient in, none out, whatever x holds (a hidden key's k may hold NaN or
+            // inf, and its dK^ is 0): looked at only where the dot is not finite.
+            bool none = false;
+            if (!isfinite(dot)) {
+                float size = 0.f;
+#pragma unroll
+                for (int m = 0; m < kPer; ++m)
+                    if (group[m] == g) size += fabsf(dy[m]);
+                none = warp_sum(size) == 0.f;
+            }
 #pragma unroll
             for (int m = 0; m < kPer; ++m)
-                if (group[m] == g) xhat_dot[m] = dot;
+                if (group[m] == g) xhat_dot[m] = dot, no_gradient[m] = none;
         }
 #pragma unroll
         for (int m = 0; m < kPer; ++m) {
             const int c = lane + 32 * m;
             if (c < d) {
                 const float xhat = x[m] * inv[m];
-                const float dx = (clamped[m] ? dy[m] : dy[m] - xhat * xhat_dot[m]) * (scaled ? 1.f : inv[m]);
+                float dx = (clamped[m] ? dy[m] : dy[m] - xhat * xhat_dot[m]) * (scaled ? 1.f : inv[m]);
+                if (no_gradient[m]) dx = 0.f;
                 out[c] = common::from_float<T>(dx);
             }
         }
@@ -158,10 +169,22 @@ __device__ __forceinline__ void l2norm_backward_lanes(const float (&x)[kPer][E],
     const float inv = common::safe_inverse_norm<T, float>(sum_sq, x_row, 0, 0, d);
     const bool clamped = !(norm >= kNormEpsilon);
     const float xhat_dot = lanes_sum(dot, width) * inv, post = scaled ? 1.f : inv;
+    // No gradient in, none out, whatever x holds (a hidden key's k may hold NaN or inf, and
+    // its dK^ is 0): looked at only where some row's dot is not finite.
+    bool no_gradient = false;
+    if (__any_sync(0xffffffffu, !isfinite(xhat_dot))) {
+        float size = 0.f;
+#pragma unroll
+        for (int m = 0; m < kPer; ++m)
+#pragma unroll
+            for (int e = 0; e < E; ++e) size += fabsf(dy[m][e]);
+        no_gradient = lanes_sum(size, width) == 0.f;
+    }
 #pragma unroll
     for (int m = 0; m < kPer; ++m)
 #pragma unroll
-        for (int e = 0; e < E; ++e) dy[m][e] = (clamped ? dy[m][e] : dy[m][e] - x[m][e] * inv * xhat_dot) * post;
+        for (int e = 0; e < E; ++e)
+            dy[m][e] = no_gradient ? 0.f : (clamped ? dy[m][e] : dy[m][e] - x[m][e] * inv * xhat_dot) * post;
 }
 
 } // namespace sm80_bwd

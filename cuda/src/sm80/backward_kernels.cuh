@@ -47,6 +47,7 @@
 #include "../common/copy.cuh"
 #include "../common/l2norm.cuh"
 #include "../common/mma.cuh"
+#include "../common/nonfinite.cuh"
 #include "../common/numeric.cuh"
 #include "backward_device.cuh"
 #include "backward_gemm.cuh"
@@ -426,11 +427,15 @@ __device__ __forceinline__ void normalize_query_stage(const Params &p, const Ext
 }
 
 // Per head, before a kernel's query-tile loop: kStages - 1 query tiles in flight (one
-// commit group per tile) and, with l2norm, K^ formed in place once and the first query
+// commit group per tile), K^ made ready once (below), and with l2norm the first query
 // tile normalized unless q's norm is folded (the loop's first barrier publishes both).
+// K^ ready: l2-normalized in place (with l2norm), and every entry that is not finite (a
+// NaN or inf in k) set to 0. A row that sees such a key has a NaN lse from the forward,
+// so its P and dS are NaN whatever S is; a row that does not has dS = 0 by selection,
+// and dQ^ = dS K^ must not meet 0 * NaN.
 template <typename T, class S, bool kVarlen>
 __device__ __forceinline__ void start_query_tiles(const Params &p, const Extent<kVarlen> &e,
-                                                  const KeyQuerySmem<T> &s, int keys, bool &k_normalized,
+                                                  const KeyQuerySmem<T> &s, int keys, bool &k_ready,
                                                   int64_t batch, int64_t head, int64_t qt_begin, int64_t query_tiles,
                                                   int tid) {
     __syncthreads(); // the previous head's last tiles are no longer read
@@ -441,11 +446,17 @@ __device__ __forceinline__ void start_query_tiles(const Params &p, const Extent<
         common::cp_async_commit();
     }
     const bool normalize_q = p.l2norm && p.q_inv_norm == nullptr;
-    if ((normalize_q || !k_normalized) && qt_begin < query_tiles) {
+    if ((normalize_q || !k_ready) && qt_begin < query_tiles) {
         common::cp_async_wait<S::kStages - 2>(); // K, V (first head) and the first query tile
         __syncthreads();
-        if (!k_normalized) common::normalize_tile<T, S::kKeys, S::D, S::kThreads>(s.k, keys, p.d, p.groups, tid);
-        k_normalized = true;
+        if (!k_ready) {
+            if (p.l2norm) {
+                common::normalize_tile<T, S::kKeys, S::D, S::kThreads>(s.k, keys, p.d, p.groups, tid);
+                __syncthreads();
+            }
+            common::zero_nonfinite_rows<T, typename S::KTile, S::kThreads>(s.k, 0, keys, tid);
+        }
+        k_ready = true;
         if (normalize_q) normalize_query_stage<T, S>(p, e, s, qt_begin, 0, tid);
     }
 }
@@ -638,7 +649,7 @@ template <typename T, class S, bool kGeneral, bool kVarlen> struct MainKernel {
         clear_all(dk, dv);
 
         const int64_t qt_begin = first_query_tile<BR>(p, e, j0, query_tiles);
-        bool k_normalized = !p.l2norm; // K^ is formed in place once, with the first query tile
+        bool k_ready = false; // K^ is made ready in place once, with the first query tile
         for (int64_t head = head0; head < head0 + p.heads_per_kv; ++head) {
             const float scale = head_scale(p, head);
             if (kGeneral && lead && p.dbias_mode == kDbiasDirect) {
@@ -650,7 +661,7 @@ template <typename T, class S, bool kGeneral, bool kVarlen> struct MainKernel {
 
             // l2norm: q and k are normalized in shared memory as their tiles land, each
             // query tile one iteration ahead of its use (the loop's barrier publishes it).
-            start_query_tiles<T, S>(p, e, s, keys, k_normalized, batch, head, qt_begin, query_tiles, tid);
+            start_query_tiles<T, S>(p, e, s, keys, k_ready, batch, head, qt_begin, query_tiles, tid);
 
             for (int64_t qt = qt_begin; qt < query_tiles; ++qt) {
                 const int stage = static_cast<int>((qt - qt_begin) % S::kStages);
@@ -986,14 +997,18 @@ template <typename T, class S, bool kVarlen> struct DqKernel {
             }
             if (kt + 1 < key_tiles) issue_key_tile(p, e, s, batch, kv, kt + 1, stage ^ 1, tid);
             common::cp_async_commit();
+            // Q (once) and this key tile normalized in place with l2norm; the tile's entries
+            // that are not finite set to 0 (start_query_tiles says why).
+            const int keys = static_cast<int>(e.k_count(p) - kt * BC < BC ? e.k_count(p) - kt * BC : BC);
             if (p.l2norm) {
-                // Q (once) and this key tile normalized in place.
                 if (kt == 0) common::normalize_tile<T, BR, D, S::kThreads>(s.q, rows, p.d, p.groups, tid);
-                const int keys = static_cast<int>(e.k_count(p) - kt * BC < BC ? e.k_count(p) - kt * BC : BC);
                 common::normalize_tile<T, BC, D, S::kThreads>(s.k + stage * S::KTile::kElements, keys, p.d, p.groups,
                                                               tid);
                 __syncthreads();
             }
+            common::zero_nonfinite_rows<T, typename S::KTile, S::kThreads>(s.k + stage * S::KTile::kElements, 0, keys,
+                                                                           tid);
+            __syncthreads();
             const T *k_s = s.k + stage * S::KTile::kElements;
             const T *v_s = s.v + stage * S::KTile::kElements;
             const uint8_t *ok_s = s.key_ok + stage * BC;

@@ -150,13 +150,13 @@ template <typename T, class S, bool kMasked, bool kVarlen> struct SharedScoresKe
 
         // Causal: the query tiles before qt_begin see none of these keys, for every head.
         const int64_t qt_begin = first_query_tile<BR>(p, e, j0, query_tiles);
-        bool k_normalized = !p.l2norm; // K^ is formed in place once, with the first query tile
+        bool k_ready = false; // K^ is made ready in place once, with the first query tile
         // q's norm folded (Params::q_inv_norm): the query tiles stay raw, S and scale dS
         // are divided by ||q|| per row. Else they are normalized in place as they land.
         const bool fold_q_norm = p.q_inv_norm != nullptr;
         for (int64_t head = head0; qt_begin < query_tiles && head < head0 + p.heads_per_kv; ++head) {
             const float scale = head_scale(p, head);
-            start_query_tiles<T, S>(p, e, s, keys, k_normalized, batch, head, qt_begin, query_tiles, tid);
+            start_query_tiles<T, S>(p, e, s, keys, k_ready, batch, head, qt_begin, query_tiles, tid);
 
             int stage = 0; // of tile qt; tile qt + 1 goes to the other one
             for (int64_t qt = qt_begin; qt < query_tiles; ++qt, stage ^= 1) {
