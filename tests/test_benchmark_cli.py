@@ -287,11 +287,16 @@ def test_varlen_table_and_json(capsys, tmp_path):
                            "float32", "--runs", "1", "--warmup", "0", "--causal",
                            "--json", str(path)]) == 0
     text = capsys.readouterr().out
-    for line in ("forward:", "backward:", "varlen / one seq", "varlen / padded"):
+    for line in ("forward:", "backward:", "varlen / one seq", "varlen / padded",
+                 "the padded batch computes at least"):
         assert line in text
     data = json.loads(path.read_text())
     assert data["date"][:4].isdigit() and data["device"]
     assert len(data["lengths"]) == 3 and all(5 <= n <= 70 for n in data["lengths"])
+    # causal: the padded batch's padded queries see every key of their document
+    n, m = data["lengths"], max(data["lengths"])
+    floor = sum(x * x / 2 + (m - x) * x for x in n) / sum(x * x / 2 for x in n)
+    assert data["padded_floor"] == pytest.approx(floor) and data["padded_floor"] >= 1
     ok = [r for r in data["records"] if r["status"] == "ok"]
     assert {(r["impl"], r["mode"]) for r in ok} == {
         (impl, mode) for impl in ("varlen", "one seq", "padded") for mode in ("fwd", "bwd")}
