@@ -429,10 +429,12 @@ __device__ __forceinline__ void normalize_query_stage(const Params &p, const Ext
 // Per head, before a kernel's query-tile loop: kStages - 1 query tiles in flight (one
 // commit group per tile), K^ made ready once (below), and with l2norm the first query
 // tile normalized unless q's norm is folded (the loop's first barrier publishes both).
-// K^ ready: l2-normalized in place (with l2norm), and every entry that is not finite (a
-// NaN or inf in k) set to 0. A row that sees such a key has a NaN lse from the forward,
-// so its P and dS are NaN whatever S is; a row that does not has dS = 0 by selection,
-// and dQ^ = dS K^ must not meet 0 * NaN.
+// K^ ready (with l2norm): l2-normalized in place, and every entry that is not finite (a
+// NaN or inf in k makes k^ NaN) set to 0. A row that sees such a key has a NaN lse from
+// the forward, so its P and dS are NaN whatever S is; a row that does not has dS = 0 by
+// selection, and dQ^ = dS K^ must not meet 0 * NaN. (Raw k, without l2norm, stays as it
+// is: there a visible key's inf can give a row the logit -inf, p = 0 with a finite lse,
+// which a zeroed k would turn into p > 0; a hidden one's NaN still meets dS = 0.)
 template <typename T, class S, bool kVarlen>
 __device__ __forceinline__ void start_query_tiles(const Params &p, const Extent<kVarlen> &e,
                                                   const KeyQuerySmem<T> &s, int keys, bool &k_ready,
@@ -449,11 +451,9 @@ __device__ __forceinline__ void start_query_tiles(const Params &p, const Extent<
     if ((normalize_q || !k_ready) && qt_begin < query_tiles) {
         common::cp_async_wait<S::kStages - 2>(); // K, V (first head) and the first query tile
         __syncthreads();
-        if (!k_ready) {
-            if (p.l2norm) {
-                common::normalize_tile<T, S::kKeys, S::D, S::kThreads>(s.k, keys, p.d, p.groups, tid);
-                __syncthreads();
-            }
+        if (!k_ready) { // (with l2norm only: the caller starts k_ready = !l2norm)
+            common::normalize_tile<T, S::kKeys, S::D, S::kThreads>(s.k, keys, p.d, p.groups, tid);
+            __syncthreads();
             common::zero_nonfinite_rows<T, typename S::KTile, S::kThreads>(s.k, 0, keys, tid);
         }
         k_ready = true;
@@ -649,7 +649,7 @@ template <typename T, class S, bool kGeneral, bool kVarlen> struct MainKernel {
         clear_all(dk, dv);
 
         const int64_t qt_begin = first_query_tile<BR>(p, e, j0, query_tiles);
-        bool k_ready = false; // K^ is made ready in place once, with the first query tile
+        bool k_ready = !p.l2norm; // K^ is made ready in place once, with the first query tile
         for (int64_t head = head0; head < head0 + p.heads_per_kv; ++head) {
             const float scale = head_scale(p, head);
             if (kGeneral && lead && p.dbias_mode == kDbiasDirect) {
@@ -997,18 +997,18 @@ template <typename T, class S, bool kVarlen> struct DqKernel {
             }
             if (kt + 1 < key_tiles) issue_key_tile(p, e, s, batch, kv, kt + 1, stage ^ 1, tid);
             common::cp_async_commit();
-            // Q (once) and this key tile normalized in place with l2norm; the tile's entries
-            // that are not finite set to 0 (start_query_tiles says why).
-            const int keys = static_cast<int>(e.k_count(p) - kt * BC < BC ? e.k_count(p) - kt * BC : BC);
             if (p.l2norm) {
+                // Q (once) and this key tile normalized in place, then the tile's entries that
+                // are not finite set to 0 (start_query_tiles says why).
+                const int keys = static_cast<int>(e.k_count(p) - kt * BC < BC ? e.k_count(p) - kt * BC : BC);
                 if (kt == 0) common::normalize_tile<T, BR, D, S::kThreads>(s.q, rows, p.d, p.groups, tid);
                 common::normalize_tile<T, BC, D, S::kThreads>(s.k + stage * S::KTile::kElements, keys, p.d, p.groups,
                                                               tid);
                 __syncthreads();
+                common::zero_nonfinite_rows<T, typename S::KTile, S::kThreads>(s.k + stage * S::KTile::kElements, 0,
+                                                                               keys, tid);
+                __syncthreads();
             }
-            common::zero_nonfinite_rows<T, typename S::KTile, S::kThreads>(s.k + stage * S::KTile::kElements, 0, keys,
-                                                                           tid);
-            __syncthreads();
             const T *k_s = s.k + stage * S::KTile::kElements;
             const T *v_s = s.v + stage * S::KTile::kElements;
             const uint8_t *ok_s = s.key_ok + stage * BC;
