@@ -72,12 +72,7 @@ fcsa_status sm90_backward_supports(const Problem &p) {
     if (!sm90::backward_compiled<__nv_bfloat16, 128>()) return refuse("this build has no sm_90a code");
     // (dbias and dscale come with a bias and a scale tensor, which the common case has not)
     if (const char *why = sm90::common_case_problem(p, false, true)) return refuse(why);
-    if (p.varlen()) {
-        // (the tile table's int32 entries, and one CTA per entry and kv head)
-        const int64_t tiles = sm80::varlen_max_tiles(p, sm90::Config::kBlockN, true);
-        if (p.sequences >= INT32_MAX || tiles * p.hk > INT32_MAX)
-            return refuse("packed sequences: more key tiles times kv heads than 2^31 - 1");
-    }
+    if (const char *why = sm90::packed_tiles_problem(p, sm90::Config::kBlockN, true, p.hk)) return refuse(why);
     if (p.deterministic) return refuse("adds dq by atomics: deterministic runs on the portable path");
     if (p.nq < 1) return refuse("needs at least one query row");
     if (!p.dv.rows_16byte_aligned(2)) return refuse("writes dv with 16-byte-aligned rows only");

@@ -110,12 +110,7 @@ fcsa_status sm90_forward_supports(const Problem &p) {
     if (!(bf16 ? sm90::compiled<__nv_bfloat16>(p.d) : sm90::compiled<__half>(p.d)))
         return refuse("this build has no sm_90a code");
     if (const char *why = sm90::common_case_problem(p, true, true)) return refuse(why);
-    if (p.varlen()) {
-        // (the tile table's int32 entries, and one CTA per entry and head)
-        const int64_t tiles = sm80::varlen_max_tiles(p, sm90::block_m(p.d), false);
-        if (p.sequences >= INT32_MAX || tiles * p.h > INT32_MAX)
-            return refuse("packed sequences: more query tiles times heads than 2^31 - 1");
-    }
+    if (const char *why = sm90::packed_tiles_problem(p, sm90::block_m(p.d), false, p.h)) return refuse(why);
     if (p.out.dtype != p.dtype) return refuse("writes out in the inputs' dtype only");
     const float range = bf16 ? sm90::ForwardConfig<__nv_bfloat16, 128>::kBoundedRange
                              : sm90::ForwardConfig<__half, 128>::kBoundedRange;

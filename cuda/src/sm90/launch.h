@@ -9,6 +9,7 @@
 #include <cuda_runtime.h>
 
 #include "../backends.h"
+#include "../sm80/varlen.cuh"
 
 namespace fcsa {
 namespace sm90 {
@@ -22,6 +23,18 @@ inline int64_t key_norm_floats(const Problem &p) { return p.b * p.hk * key_norm_
 
 // Sequence lengths the kernels' int32 tile arithmetic holds.
 constexpr int64_t kMaxSequence = (int64_t(1) << 31) - 1024;
+
+// Why packed sequences' tile table (tiles of `block` query rows, or keys with by_keys)
+// would overflow the kernels' int32 entries and grid of one CTA per entry and each of
+// `heads`, or nullptr when it fits (or `p` has no packed sequences).
+inline const char *packed_tiles_problem(const Problem &p, int block, bool by_keys, int64_t heads) {
+    if (!p.varlen()) return nullptr;
+    const int64_t tiles = sm80::varlen_max_tiles(p, block, by_keys);
+    if (p.sequences >= INT32_MAX || tiles * heads > INT32_MAX)
+        return by_keys ? "packed sequences: more key tiles times kv heads than 2^31 - 1"
+                       : "packed sequences: more query tiles times heads than 2^31 - 1";
+    return nullptr;
+}
 
 // Why the kernels' common case does not cover `p` (l2norm with one group, no bias or
 // scale tensor, a key mask or packed sequences only where the kernel takes them, at
