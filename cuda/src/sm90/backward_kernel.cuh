@@ -203,19 +203,36 @@ __global__ void __launch_bounds__(BackwardConfig<T, D>::kThreads, 1)
     float s[BM / 2], dp[BM / 2], dq[C::kDqColumns / 2];
     uint32_t pf[BM / 16][4];
 
+    // Ping-pong: the consumers issue their products in turns, S^T and dP^T of one, then
+    // of the other, then dV, dK^ and dQ^ of one, then of the other, so that one's
+    // exponentials, dS and atomics run while the tensor cores work through the other's
+    // products (met at the same time, both would wait on the tensor cores, then leave
+    // them idle together). A turn orders the issue only: the products stay asynchronous.
+    const int my_turn = C::kTurnBarrier + consumer;
+    const int next_turn = C::kTurnBarrier + (consumer + 1) % C::kConsumers;
+    auto take_turn = [&]() {
+        named_barrier_sync(my_turn, 128 * C::kConsumers);
+    };
+    auto pass_turn = [&]() {
+        named_barrier_arrive(next_turn, 128 * C::kConsumers);
+    };
+    if (consumer == C::kConsumers - 1) pass_turn(); // the first turn is consumer 0's
+
     // dQ^ = dS'' K^ of tile `item` (both read transposed) once both consumers' dS^T of it
     // are in, then dQ^ / ||q|| into the float32 accumulator (d == D). Waits for every
     // product in flight.
-    auto add_dq = [&](int item) {
+    auto issue_dq = [&](int item) {
         const int buffer = item % C::kDsBuffers;
         mbarrier_wait(&ds_ready[buffer], (item / C::kDsBuffers) & 1);
+        wgmma_discard(dq);
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk)
             Wgmma<T, C::kDqColumns>::template ss<1, 1>(dq, DsTile::mn_major(ds_base + buffer * DsTile::kBytes, 16 * kk),
                                                        KTile::mn_major(k_columns, 16 * kk), kk > 0);
         wgmma_commit();
-        wgmma_wait<0>();
+    };
+    auto add_dq = [&](int item) {
         wgmma_fence_operands(dq);
         const int hq = kvh * p.heads_per_kv + item / tiles_per_head;
         float *dq_rows = p.dq_acc + ((int64_t(bi) * p.heads + hq) * int64_t(p.nq) + q_begin) * D + dq_col0 + 2 * t4;
@@ -258,19 +275,23 @@ __global__ void __launch_bounds__(BackwardConfig<T, D>::kThreads, 1)
         }
 
         // 1. S^T = K^ Q^T and dP^T = V dO^T for this consumer's 64 keys.
+        take_turn();
+        wgmma_discard(s);
+        wgmma_discard(dp);
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk)
             Wgmma<T, BM>::template ss<0, 0>(s, KTile::k_major(k_base, 64 * consumer, 16 * kk),
                                             QTile::k_major(q_tile, 0, 16 * kk), kk > 0);
+        wgmma_commit();
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk)
             Wgmma<T, BM>::template ss<0, 0>(dp, KTile::k_major(v_base, 64 * consumer, 16 * kk),
                                             QTile::k_major(dout_tile, 0, 16 * kk), kk > 0);
         wgmma_commit();
-        wgmma_wait<0>();
+        pass_turn();
+        wgmma_wait<1>();
         wgmma_fence_operands(s);
-        wgmma_fence_operands(dp);
 
         // 2. P^T into registers and dS'^T into shared memory. A hidden key's dS is 0 by
         // selection (its dP may hold a NaN of its value); rows past nq have P = 0 by their
@@ -278,6 +299,16 @@ __global__ void __launch_bounds__(BackwardConfig<T, D>::kThreads, 1)
         const float4 *factors = sFactors + stage * BM;
         const bool every_key_seen = j0 + BN <= nk && (!p.causal || j0 + BN - 1 <= i0 + causal_offset);
         T *ds_tile = sDs + buffer * (BN * BM);
+#pragma unroll
+        for (int j = 0; j < BM / 8; ++j) {
+            const int col = 8 * j + 2 * t4;
+            const float2 f[2] = {*reinterpret_cast<const float2 *>(&factors[col]),
+                                 *reinterpret_cast<const float2 *>(&factors[col + 1])};
+#pragma unroll
+            for (int e = 4 * j; e < 4 * j + 4; ++e) s[e] = exp2_approx(fmaf(s[e], f[e % 2].x, -f[e % 2].y));
+        }
+        wgmma_wait<0>();
+        wgmma_fence_operands(dp);
 #pragma unroll
         for (int j = 0; j < BM / 8; ++j) {
             const int col = 8 * j + 2 * t4;
@@ -290,7 +321,7 @@ __global__ void __launch_bounds__(BackwardConfig<T, D>::kThreads, 1)
                     const int e = 4 * j + 2 * h + x;
                     const bool seen =
                         every_key_seen || (key < nk && (!p.causal || key <= i0 + col + x + causal_offset));
-                    const float prob = seen ? exp2_approx(fmaf(s[e], f[x].x, -f[x].y)) : 0.f;
+                    const float prob = seen ? s[e] : 0.f;
                     dp[e] = seen ? prob * fmaf(dp[e], f[x].z, -f[x].w) : 0.f;
                     s[e] = prob;
                 }
@@ -306,20 +337,33 @@ __global__ void __launch_bounds__(BackwardConfig<T, D>::kThreads, 1)
         mbarrier_arrive(&ds_ready[buffer]);    // for dQ^, the other consumer's too
         named_barrier_sync(1 + consumer, 128); // this consumer's rows, for dK^
 
-        // 3. dV += P^T dO (A from registers) and dK^ += dS'^T Q (A as it lies in shared
-        // memory), B read transposed; then the previous tile's dQ^ behind them, so that
-        // neither consumer waits for the other's dS^T of this tile.
-        wgmma_fence();
+        // 3. The previous tile's dQ^ (its dS'^T from both consumers is in by now: neither
+        // consumer waits for the other's of this tile), then dV += P^T dO (A from
+        // registers) and dK^ += dS'^T Q (A as it lies in shared memory), B read
+        // transposed; the previous dQ^ goes out by atomics while dV and dK^ are computed.
+        // (Each batch is waited for in the block that issues it: a wait in another block
+        // makes the compiler serialize the products.)
+        auto issue_dv_dk = [&]() {
+            wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < BM / 16; ++kk)
-            Wgmma<T, D>::template rs<1>(dv, pf[kk], QTile::mn_major(dout_tile, 16 * kk), 1);
+            for (int kk = 0; kk < BM / 16; ++kk)
+                Wgmma<T, D>::template rs<1>(dv, pf[kk], QTile::mn_major(dout_tile, 16 * kk), 1);
 #pragma unroll
-        for (int kk = 0; kk < BM / 16; ++kk)
-            Wgmma<T, D>::template ss<0, 1>(dk, DsTile::k_major(ds_base + buffer * DsTile::kBytes, 64 * consumer, 16 * kk),
-                                           QTile::mn_major(q_tile, 16 * kk), 1);
-        wgmma_commit();
-        if (it > 0) add_dq(it - 1);
-        else wgmma_wait<0>();
+            for (int kk = 0; kk < BM / 16; ++kk)
+                Wgmma<T, D>::template ss<0, 1>(dk, DsTile::k_major(ds_base + buffer * DsTile::kBytes, 64 * consumer, 16 * kk),
+                                               QTile::mn_major(q_tile, 16 * kk), 1);
+            wgmma_commit();
+        };
+        if (it > 0) {
+            issue_dq(it - 1);
+            issue_dv_dk();
+            wgmma_wait<1>();
+            add_dq(it - 1);
+            wgmma_wait<0>();
+        } else {
+            issue_dv_dk();
+            wgmma_wait<0>();
+        }
         wgmma_fence_operands(dv);
         wgmma_fence_operands(dk);
 #pragma unroll
@@ -328,7 +372,14 @@ __global__ void __launch_bounds__(BackwardConfig<T, D>::kThreads, 1)
             for (int r = 0; r < 4; ++r) asm volatile("" : "+r"(pf[kk][r])); // read until here
         mbarrier_arrive(&empty[stage]); // Q, dO and the factors of this stage are free
     }
-    if (items > 0) add_dq(items - 1);
+    if (items > 0) {
+        issue_dq(items - 1);
+        wgmma_wait<0>();
+        add_dq(items - 1);
+    }
+    // The last consumer's last pass_turn is never taken: consumer 0 takes it, so that no
+    // named barrier is left half-arrived.
+    if (consumer == 0) take_turn();
 
     // ---- epilogue: dV in T, dK^ in float32, this consumer's keys below nk
     T *dv_rows = static_cast<T *>(p.dv) + bi * p.dv_stride[0] + kvh * p.dv_stride[1] + int64_t(k_begin) * p.dv_stride[2];

@@ -84,6 +84,14 @@ template <int N> __device__ __forceinline__ void wgmma_fence_operands(float (&d)
 #pragma unroll
     for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
+// Accumulators about to be overwritten (a chain whose first product does not
+// accumulate): their old values die here. Without it the products' read-write operands
+// keep the last values alive around a loop, and the copies the compiler then makes of
+// them between products serialize the wgmma pipeline.
+template <int N> __device__ __forceinline__ void wgmma_discard(float (&d)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "=f"(d[i]));
+}
 
 // The operand lists of m64nNk16 per N (accumulators, then A, B, scale-d, transposes).
 #define FCSA_WGMMA_ACC_64 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
