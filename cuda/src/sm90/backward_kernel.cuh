@@ -203,24 +203,23 @@ __global__ void __launch_bounds__(BackwardConfig<T, D>::kThreads, 1)
     float s[BM / 2], dp[BM / 2], dq[C::kDqColumns / 2];
     uint32_t pf[BM / 16][4];
 
-    // Ping-pong: the consumers issue their products in turns, S^T and dP^T of one, then
-    // of the other, then dV, dK^ and dQ^ of one, then of the other, so that one's
-    // exponentials, dS and atomics run while the tensor cores work through the other's
-    // products (met at the same time, both would wait on the tensor cores, then leave
-    // them idle together). A turn orders the issue only: the products stay asynchronous.
+    // Ping-pong: the consumers issue S^T and dP^T in turns, so that they do not meet on
+    // the tensor cores with the same products and then leave them idle together: once
+    // the turns have set them apart, one's exponentials, dS and atomics run while the
+    // tensor cores work through the other's products. A turn orders the issue only.
     const int my_turn = C::kTurnBarrier + consumer;
     const int next_turn = C::kTurnBarrier + (consumer + 1) % C::kConsumers;
     auto take_turn = [&]() {
-        named_barrier_sync(my_turn, 128 * C::kConsumers);
+        if (p.ping_pong) named_barrier_sync(my_turn, 128 * C::kConsumers);
     };
     auto pass_turn = [&]() {
-        named_barrier_arrive(next_turn, 128 * C::kConsumers);
+        if (p.ping_pong) named_barrier_arrive(next_turn, 128 * C::kConsumers);
     };
     if (consumer == C::kConsumers - 1) pass_turn(); // the first turn is consumer 0's
 
-    // dQ^ = dS'' K^ of tile `item` (both read transposed) once both consumers' dS^T of it
-    // are in, then dQ^ / ||q|| into the float32 accumulator (d == D). Waits for every
-    // product in flight.
+    // dQ^ = dS'' K^ of tile `item` (both read transposed), issued once both consumers'
+    // dS^T of it are in; add_dq, once it has landed, adds dQ^ / ||q|| to the float32
+    // accumulator (d == D).
     auto issue_dq = [&](int item) {
         const int buffer = item % C::kDsBuffers;
         mbarrier_wait(&ds_ready[buffer], (item / C::kDsBuffers) & 1);
@@ -293,9 +292,9 @@ __global__ void __launch_bounds__(BackwardConfig<T, D>::kThreads, 1)
         wgmma_wait<1>();
         wgmma_fence_operands(s);
 
-        // 2. P^T into registers and dS'^T into shared memory. A hidden key's dS is 0 by
-        // selection (its dP may hold a NaN of its value); rows past nq have P = 0 by their
-        // lse.
+        // 2. P^T (while dP^T is computed), then dS'^T into shared memory. A hidden key's
+        // P and dS are 0 by selection (its dP may hold a NaN of its value); rows past nq
+        // have P = 0 by their lse.
         const float4 *factors = sFactors + stage * BM;
         const bool every_key_seen = j0 + BN <= nk && (!p.causal || j0 + BN - 1 <= i0 + causal_offset);
         T *ds_tile = sDs + buffer * (BN * BM);
