@@ -34,6 +34,7 @@
 #pragma once
 
 #include <cmath>
+#include <type_traits>
 
 #include "../backends.h"
 #include "../common/copy.cuh"
@@ -234,17 +235,20 @@ __global__ void __launch_bounds__(BackwardConfig<T, D>::kThreads, 1)
     auto add_dq = [&](int item) {
         wgmma_fence_operands(dq);
         const int hq = kvh * p.heads_per_kv + item / tiles_per_head;
-        float *dq_rows = p.dq_acc + ((int64_t(bi) * p.heads + hq) * int64_t(p.nq) + q_begin) * D + dq_col0 + 2 * t4;
-        const int row_a = (first_tile + item % tiles_per_head) * BM + 16 * warp + g, row_b = row_a + 8;
+        const int tile_row0 = (first_tile + item % tiles_per_head) * BM;
+        const int row_a = tile_row0 + 16 * warp + g, row_b = row_a + 8;
+        float *at_a = p.dq_acc + ((int64_t(bi) * p.heads + hq) * int64_t(p.nq) + q_begin + row_a) * D + dq_col0 + 2 * t4;
+        float *at_b = at_a + 8 * D;
+        auto add_rows = [&](bool in_a, bool in_b) {
 #pragma unroll
-        for (int j = 0; j < C::kDqColumns / 8; ++j) {
-            if (row_a < nq)
-                atomicAdd(reinterpret_cast<float2 *>(dq_rows + int64_t(row_a) * D + 8 * j),
-                          make_float2(dq[4 * j], dq[4 * j + 1]));
-            if (row_b < nq)
-                atomicAdd(reinterpret_cast<float2 *>(dq_rows + int64_t(row_b) * D + 8 * j),
-                          make_float2(dq[4 * j + 2], dq[4 * j + 3]));
-        }
+            for (int j = 0; j < C::kDqColumns / 8; ++j) {
+                if (in_a) atomicAdd(reinterpret_cast<float2 *>(at_a + 8 * j), make_float2(dq[4 * j], dq[4 * j + 1]));
+                if (in_b) atomicAdd(reinterpret_cast<float2 *>(at_b + 8 * j), make_float2(dq[4 * j + 2], dq[4 * j + 3]));
+            }
+        };
+        // (rows past nq only in the last query tile)
+        if (tile_row0 + BM <= nq) add_rows(true, true);
+        else add_rows(row_a < nq, row_b < nq);
     };
 
     for (int it = 0; it < items; ++it) {
@@ -297,7 +301,6 @@ __global__ void __launch_bounds__(BackwardConfig<T, D>::kThreads, 1)
         // have P = 0 by their lse.
         const float4 *factors = sFactors + stage * BM;
         const bool every_key_seen = j0 + BN <= nk && (!p.causal || j0 + BN - 1 <= i0 + causal_offset);
-        T *ds_tile = sDs + buffer * (BN * BM);
 #pragma unroll
         for (int j = 0; j < BM / 8; ++j) {
             const int col = 8 * j + 2 * t4;
@@ -308,26 +311,38 @@ __global__ void __launch_bounds__(BackwardConfig<T, D>::kThreads, 1)
         }
         wgmma_wait<0>();
         wgmma_fence_operands(dp);
+        // Only a tile on an edge (past nk, or the causal diagonal) hides keys from some
+        // rows: every other one takes the loop without selects. The thread's dS^T rows
+        // key_a and key_a + 8 share their swizzle (key_a % 8 == g): chunk j of both lies
+        // at (j ^ g) * 16 bytes in its row.
+        const uint32_t ds_row_a = ds_base + buffer * DsTile::kBytes + key_a * 128 + 4 * t4;
+        auto form_ds = [&](auto edge) {
 #pragma unroll
-        for (int j = 0; j < BM / 8; ++j) {
-            const int col = 8 * j + 2 * t4;
-            const float4 f[2] = {factors[col], factors[col + 1]};
+            for (int j = 0; j < BM / 8; ++j) {
+                const int col = 8 * j + 2 * t4;
+                const float4 f[2] = {factors[col], factors[col + 1]};
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const int key = j0 + (h ? key_b : key_a);
+                for (int h = 0; h < 2; ++h) {
+                    const int key = j0 + (h ? key_b : key_a);
 #pragma unroll
-                for (int x = 0; x < 2; ++x) {
-                    const int e = 4 * j + 2 * h + x;
-                    const bool seen =
-                        every_key_seen || (key < nk && (!p.causal || key <= i0 + col + x + causal_offset));
-                    const float prob = seen ? s[e] : 0.f;
-                    dp[e] = seen ? prob * fmaf(dp[e], f[x].z, -f[x].w) : 0.f;
-                    s[e] = prob;
+                    for (int x = 0; x < 2; ++x) {
+                        const int e = 4 * j + 2 * h + x;
+                        if constexpr (decltype(edge)::value) {
+                            const bool seen = key < nk && (!p.causal || key <= i0 + col + x + causal_offset);
+                            const float prob = seen ? s[e] : 0.f;
+                            dp[e] = seen ? prob * fmaf(dp[e], f[x].z, -f[x].w) : 0.f;
+                            s[e] = prob;
+                        } else {
+                            dp[e] = s[e] * fmaf(dp[e], f[x].z, -f[x].w);
+                        }
+                    }
+                    store_shared_u32(ds_row_a + h * (8 * 128) + ((j ^ g) << 4),
+                                     pack_float2<T>(dp[4 * j + 2 * h], dp[4 * j + 2 * h + 1]));
                 }
-                *reinterpret_cast<uint32_t *>(ds_tile + DsTile::offset(h ? key_b : key_a, col)) =
-                    pack_float2<T>(dp[4 * j + 2 * h], dp[4 * j + 2 * h + 1]);
             }
-        }
+        };
+        if (every_key_seen) form_ds(std::false_type{});
+        else form_ds(std::true_type{});
 #pragma unroll
         for (int kk = 0; kk < BM / 16; ++kk)
 #pragma unroll

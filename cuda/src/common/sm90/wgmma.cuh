@@ -73,6 +73,12 @@ __device__ __forceinline__ uint8_t *align_to_swizzle_atoms(uint8_t *p) {
     return p + ((1024u - (shared_address(p) & 1023u)) & 1023u);
 }
 
+// A 32-bit store into a swizzled tile by its shared-memory address (the caller does the
+// swizzle's arithmetic once, where the tile's offset() would repeat it per store).
+__device__ __forceinline__ void store_shared_u32(uint32_t address, uint32_t value) {
+    asm volatile("st.shared.b32 [%0], %1;" ::"r"(address), "r"(value) : "memory");
+}
+
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
 template <int kPending> __device__ __forceinline__ void wgmma_wait() {
