@@ -127,29 +127,35 @@ __global__ void __launch_bounds__(BackwardConfig<T, D>::kThreads, 1)
             tma_load_tile<BN, D>(sV, &p.v_map, kv_full, k_begin + j0, kvh, bi);
         }
         const float scale_log2 = p.scale * kLog2e;
+        static_assert(BM == 64, "two rows of factors per lane");
         for (int it = 0; it < items; ++it) {
             const int s = it % kStages;
             const uint32_t round = it / kStages;
             const int hq = kvh * p.heads_per_kv + it / tiles_per_head;
             const int i0 = (first_tile + it % tiles_per_head) * BM;
+            // The tile's row factors are loaded before the stage is free, so that their
+            // latency is not added to the consumers' wait for the stage. Rows past nq:
+            // lse = +inf makes their P (and so dS) 0.
+            const int64_t row0 = (int64_t(bi) * p.heads + hq) * p.nq + q_begin;
+            float inv_q[2], lse[2], delta[2];
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int i = i0 + lane + 32 * h;
+                const bool in = i < nq;
+                inv_q[h] = in ? p.q_inv_norm[row0 + i] : 0.f;
+                lse[h] = in ? p.lse[row0 + i] : INFINITY;
+                delta[h] = in ? p.delta[row0 + i] : 0.f;
+            }
             if (round > 0) mbarrier_wait(&empty[s], (round - 1) & 1);
             if (lane == 0) {
                 mbarrier_arrive_expect_tx(&full[s], 2 * QTile::kBytes);
                 tma_load_tile<BM, D>(sQ + s * (BM * D), &p.q_map, &full[s], q_begin + i0, hq, bi);
                 tma_load_tile<BM, D>(sDout + s * (BM * D), &p.dout_map, &full[s], q_begin + i0, hq, bi);
             }
-            // Rows past nq: lse = +inf makes their P (and so dS) 0.
-            const int64_t row0 = (int64_t(bi) * p.heads + hq) * p.nq + q_begin;
-            for (int r = lane; r < BM; r += 32) {
-                const int i = i0 + r;
-                float4 f = make_float4(0.f, INFINITY, 0.f, 0.f);
-                if (i < nq) {
-                    const float inv_q = p.q_inv_norm[row0 + i];
-                    f = make_float4(scale_log2 * inv_q, p.lse[row0 + i] * kLog2e, p.scale * inv_q,
-                                    p.delta[row0 + i] * p.scale * inv_q);
-                }
-                sFactors[s * BM + r] = f;
-            }
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+                sFactors[s * BM + lane + 32 * h] = make_float4(scale_log2 * inv_q[h], lse[h] * kLog2e, p.scale * inv_q[h],
+                                                               delta[h] * p.scale * inv_q[h]);
             mbarrier_arrive(&full[s]);
         }
         return;
