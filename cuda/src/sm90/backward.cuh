@@ -52,19 +52,16 @@ template <typename T, int D> struct BackwardConfig {
     static constexpr int kThreads = 128 * (1 + kConsumers);
     static constexpr int kBlockN = 64 * kConsumers; // keys per CTA
     static constexpr int kBlockM = 64;              // query rows per tile
-    // Three stages of Q and dO: a stage is free only once dV and dK^ of its tile have
-    // landed, so with two the next load had a tile's time at most (ncu: the consumers
-    // waited for their tiles 11% of the time).
-    static constexpr int kStages = 3;
+    static constexpr int kStages = 2;
     // setmaxnreg budgets: 128 * 24 + 256 * 240 = 64512 of the 65536 registers.
     static constexpr int kProducerRegisters = 24;
     static constexpr int kConsumerRegisters = 240;
     // dQ^ = dS K^: each consumer takes 64 of its columns over all 128 keys.
     static constexpr int kDqColumns = 64;
     // dS^T of tile t is written in step t and read by both consumers' dQ^ in step t + 1.
-    // A consumer writes tile t's once it has seen the other's of t - 1, so the other has
-    // finished step t - 2 and with it every read of t - 3's: three buffers.
-    static constexpr int kDsBuffers = 3;
+    // A consumer writing tile t has seen the other's dS^T of t - 2 ready, so the other
+    // may still be reading t - 3's: four buffers.
+    static constexpr int kDsBuffers = 4;
 
     using KTile = common::sm90::SwizzledTile128<T, kBlockN, D>;  // K (as k^) and V
     using QTile = common::sm90::SwizzledTile128<T, kBlockM, D>;  // Q and dO

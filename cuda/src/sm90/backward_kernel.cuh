@@ -224,13 +224,12 @@ __global__ void __launch_bounds__(BackwardConfig<T, D>::kThreads, 1)
     };
     if (consumer == C::kConsumers - 1) pass_turn(); // the first turn is consumer 0's
 
-    // Both consumers' dS'^T of tile `item` are in shared memory.
-    auto wait_ds = [&](int item) { mbarrier_wait(&ds_ready[item % C::kDsBuffers], (item / C::kDsBuffers) & 1); };
-    // dQ^ = dS'' K^ of tile `item` (both read transposed), once wait_ds(item) has
-    // returned; add_dq, once it has landed, adds dQ^ / ||q|| to the float32 accumulator
-    // (d == D).
+    // dQ^ = dS'' K^ of tile `item` (both read transposed), issued once both consumers'
+    // dS^T of it are in; add_dq, once it has landed, adds dQ^ / ||q|| to the float32
+    // accumulator (d == D).
     auto issue_dq = [&](int item) {
         const int buffer = item % C::kDsBuffers;
+        mbarrier_wait(&ds_ready[buffer], (item / C::kDsBuffers) & 1);
         wgmma_discard(dq);
         wgmma_fence();
 #pragma unroll
@@ -318,10 +317,6 @@ __global__ void __launch_bounds__(BackwardConfig<T, D>::kThreads, 1)
         }
         wgmma_wait<0>();
         wgmma_fence_operands(dp);
-        // Both consumers' dS'^T of the previous tile are in: the other consumer has then
-        // finished the products of the tile before it, which read the buffer this tile's
-        // dS'^T is about to overwrite (kDsBuffers == 3).
-        if (it > 0) wait_ds(it - 1);
         // Only a tile on an edge (past nk, or the causal diagonal) hides keys from some
         // rows: every other one takes the loop without selects. The thread's dS^T rows
         // key_a and key_a + 8 share their swizzle (key_a % 8 == g): chunk j of both lies
@@ -398,7 +393,6 @@ __global__ void __launch_bounds__(BackwardConfig<T, D>::kThreads, 1)
         mbarrier_arrive(&empty[stage]); // Q, dO and the factors of this stage are free
     }
     if (items > 0) {
-        wait_ds(items - 1);
         issue_dq(items - 1);
         wgmma_wait<0>();
         add_dq(items - 1);
