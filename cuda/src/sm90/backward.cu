@@ -3,7 +3,6 @@
 // the portable one's: sm80/backward.cu calls sm90_backward_main in place of its own main
 // kernel). No allocation, no synchronization: safe in graph capture.
 #include <cstdint>
-#include <cstdlib>
 
 #include <cuda.h>
 #include <cuda_bf16.h>
@@ -47,10 +46,6 @@ fcsa_status run(const Problem &p, const Sm90BackwardBuffers &w, cudaStream_t str
     f.d = int(p.d);
     f.scale = p.scale;
     f.causal = p.causal;
-    // Ping-pong between the consumers (notes); FCSA_SM90_BWD_PINGPONG=0 turns it off, to
-    // measure.
-    const char *ping_pong = std::getenv("FCSA_SM90_BWD_PINGPONG");
-    f.ping_pong = ping_pong == nullptr || ping_pong[0] != '0';
     if (p.varlen())
         if (const fcsa_status st = sm80::build_varlen_tiles(p, C::kBlockN, true, w.key_tiles, stream, &f.varlen))
             return st;

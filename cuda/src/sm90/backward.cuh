@@ -36,7 +36,6 @@ struct BackwardParams {
     int batch, heads, heads_per_kv, nq, nk, d;
     float scale;
     bool causal;
-    bool ping_pong;           // the consumers issue their products in turns
     sm80::VarlenTiles varlen; // packed sequences: the key-tile table (b == 1 in the maps)
 };
 
@@ -77,9 +76,6 @@ template <typename T, int D> struct BackwardConfig {
     static constexpr int kOffsetFactors = kOffsetDs + kDsBuffers * DsTile::kBytes;
     static constexpr int kOffsetBarriers = kOffsetFactors + kStages * kFactorBytes;
     static constexpr int kBarriers = 1 + 2 * kStages + kDsBuffers; // K and V; a stage's full and empty; dS ready
-    // Named barriers: 1 + consumer (a consumer's dS rows), 3 (K^ in place), 4 (packed rows
-    // zeroed), then one per consumer for the turns of ping-pong.
-    static constexpr int kTurnBarrier = 5;
     // + 1024: the kernel aligns the dynamic shared memory's start to the swizzle's 1024 bytes.
     static constexpr int kSmemBytes = kOffsetBarriers + kBarriers * 8 + 1024;
     static_assert(kOffsetQ % 1024 == 0 && kOffsetDout % 1024 == 0 && kOffsetDs % 1024 == 0 &&

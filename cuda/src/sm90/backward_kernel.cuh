@@ -20,7 +20,9 @@
 //             transposed), added to the float32 accumulator by atomics. dQ^ of a tile
 //             needs both consumers' dS^T: it is issued one tile later, behind an
 //             mbarrier, so neither consumer waits for the other in the loop and one's
-//             exponentials run under the other's products.
+//             exponentials run under the other's products. Within a consumer, P^T is
+//             formed while dP^T is still computed, and the previous tile's dQ^ goes
+//             out by atomics while dV and dK^ are computed.
 //   epilogue  dV in T and dK^ in float32 (the l2norm backward's row pass finishes dk),
 //             each for the consumer's own keys, summed over the query heads in registers.
 //
@@ -210,20 +212,6 @@ __global__ void __launch_bounds__(BackwardConfig<T, D>::kThreads, 1)
     float s[BM / 2], dp[BM / 2], dq[C::kDqColumns / 2];
     uint32_t pf[BM / 16][4];
 
-    // Ping-pong: the consumers issue S^T and dP^T in turns, so that they do not meet on
-    // the tensor cores with the same products and then leave them idle together: once
-    // the turns have set them apart, one's exponentials, dS and atomics run while the
-    // tensor cores work through the other's products. A turn orders the issue only.
-    const int my_turn = C::kTurnBarrier + consumer;
-    const int next_turn = C::kTurnBarrier + (consumer + 1) % C::kConsumers;
-    auto take_turn = [&]() {
-        if (p.ping_pong) named_barrier_sync(my_turn, 128 * C::kConsumers);
-    };
-    auto pass_turn = [&]() {
-        if (p.ping_pong) named_barrier_arrive(next_turn, 128 * C::kConsumers);
-    };
-    if (consumer == C::kConsumers - 1) pass_turn(); // the first turn is consumer 0's
-
     // dQ^ = dS'' K^ of tile `item` (both read transposed), issued once both consumers'
     // dS^T of it are in; add_dq, once it has landed, adds dQ^ / ||q|| to the float32
     // accumulator (d == D).
@@ -284,7 +272,6 @@ __global__ void __launch_bounds__(BackwardConfig<T, D>::kThreads, 1)
         }
 
         // 1. S^T = K^ Q^T and dP^T = V dO^T for this consumer's 64 keys.
-        take_turn();
         wgmma_discard(s);
         wgmma_discard(dp);
         wgmma_fence();
@@ -298,7 +285,6 @@ __global__ void __launch_bounds__(BackwardConfig<T, D>::kThreads, 1)
             Wgmma<T, BM>::template ss<0, 0>(dp, KTile::k_major(v_base, 64 * consumer, 16 * kk),
                                             QTile::k_major(dout_tile, 0, 16 * kk), kk > 0);
         wgmma_commit();
-        pass_turn();
         wgmma_wait<1>();
         wgmma_fence_operands(s);
 
@@ -397,9 +383,6 @@ __global__ void __launch_bounds__(BackwardConfig<T, D>::kThreads, 1)
         wgmma_wait<0>();
         add_dq(items - 1);
     }
-    // The last consumer's last pass_turn is never taken: consumer 0 takes it, so that no
-    // named barrier is left half-arrived.
-    if (consumer == 0) take_turn();
 
     // ---- epilogue: dV in T, dK^ in float32, this consumer's keys below nk
     T *dv_rows = static_cast<T *>(p.dv) + bi * p.dv_stride[0] + kvh * p.dv_stride[1] + int64_t(k_begin) * p.dv_stride[2];
