@@ -27,6 +27,9 @@
 //             at d = 64 the plain kernel sums its rows on the tensor cores (P times a
 //             column of ones) instead of with float adds.
 //   epilogue  O / rowsum -> shared -> global (16-byte stores), lse = ln(sum) + max.
+//             Causal: a warp whose rows hold an accumulator that is not finite (a NaN
+//             or inf value of a key past some rows' reach met their p = 0 in P V)
+//             computes those rows again afterwards (common/nonfinite_rows.cuh).
 // Products: mma.m16n8k16 for f16/bf16 (ldmatrix, .trans for V); float32 through
 // 3xTF32 (mma.m16n8k8 on split operands), which keeps float32 accuracy.
 // Checked against a float64 reference, and timed, by cuda/tests/check_forward.cu.
@@ -37,12 +40,97 @@
 #include "../common/copy.cuh"
 #include "../common/l2norm.cuh"
 #include "../common/mma.cuh"
+#include "../common/nonfinite_rows.cuh"
 #include "../common/numeric.cuh"
 #include "../backends.h"
 #include "forward.cuh"
 
 namespace fcsa {
 namespace sm80 {
+
+// Which query tile, head and batch CTA `cta` computes: query tiles fastest, in reverse so
+// that causal's long tiles start first, then heads, then batch. Packed sequences
+// (kVarlen): the CTA's entry of the table, fastest-varying by head (the heads of a tile
+// share its K/V in L2), gives its query tile and sequence (first query row, rows, first
+// key, keys); a CTA past the table's entries returns before it asks. The kernel and the
+// recomputation of its non-finite rows (ForwardRows) both ask here.
+template <bool kVarlen> struct CtaTile {
+    int4 sequence;
+    int m_tile, hq, bi;
+    __device__ __forceinline__ CtaTile(const ForwardParams &p, uint32_t cta) {
+        // (32-bit division: a 64-bit one is a slow subroutine; the grid is < 2^31 CTAs.)
+        const int2 packed_tile = kVarlen ? p.varlen.tiles[cta / uint32_t(p.heads)] : int2{};
+        sequence = kVarlen ? p.varlen.sequences[packed_tile.x] : int4{};
+        m_tile = kVarlen ? packed_tile.y : p.num_m_tiles - 1 - int(cta % uint32_t(p.num_m_tiles));
+        const uint32_t batch_head = cta / uint32_t(p.num_m_tiles);
+        hq = kVarlen ? int(cta % uint32_t(p.heads)) : int(batch_head % uint32_t(p.heads));
+        bi = kVarlen ? 0 : int(batch_head / uint32_t(p.heads));
+    }
+};
+
+// The calling warp's rows of its CTA's tile as common::recompute_nonfinite_rows reads
+// them (see there), found from the parameters, blockIdx and threadIdx as the kernel finds
+// them.
+template <typename T, int D, int DV, bool kVarlen> struct ForwardRows {
+    using Params = ForwardParams;
+    using Element = T;
+    static constexpr int kValueColumns = DV;
+    const ForwardParams &p;
+    int bi, hq, kvh, q_begin, k_begin, nq, nk, first_row, rows_end;
+    __device__ explicit ForwardRows(const ForwardParams &params) : p(params) {
+        using C = ForwardConfig<T, D, DV>;
+        const CtaTile<kVarlen> at(p, blockIdx.x);
+        bi = at.bi;
+        hq = at.hq;
+        kvh = hq / p.heads_per_kv;
+        q_begin = kVarlen ? at.sequence.x : 0;
+        k_begin = kVarlen ? at.sequence.z : 0;
+        nq = kVarlen ? at.sequence.y : p.nq;
+        nk = kVarlen ? at.sequence.w : p.nk;
+        const int m0 = at.m_tile * C::kBlockM;
+        first_row = m0 + int(threadIdx.x / 32) * C::kRowsPerWarp;
+        rows_end = min(m0 + C::kBlockM, nq);
+    }
+    __device__ const T *q(int i) const {
+        return static_cast<const T *>(p.q) + bi * p.q_stride[0] + hq * p.q_stride[1] +
+               int64_t(q_begin + i) * p.q_stride[2];
+    }
+    __device__ const T *k(int j) const {
+        return static_cast<const T *>(p.k) + bi * p.k_stride[0] + kvh * p.k_stride[1] +
+               int64_t(k_begin + j) * p.k_stride[2];
+    }
+    __device__ const T *v(int j) const {
+        return static_cast<const T *>(p.v) + bi * p.v_stride[0] + kvh * p.v_stride[1] +
+               int64_t(k_begin + j) * p.v_stride[2];
+    }
+    __device__ bool key_visible(int j) const {
+        return p.mask == nullptr || p.mask[bi * p.mask_stride[0] + int64_t(j) * p.mask_stride[1]] != 0;
+    }
+    __device__ double bias(int i, int j) const {
+        if (p.bias == nullptr) return 0.0;
+        const int64_t at = bi * p.bias_stride[0] + hq * p.bias_stride[1] + int64_t(i) * p.bias_stride[2] +
+                           int64_t(j) * p.bias_stride[3];
+        return p.bias_is_f32 ? static_cast<const float *>(p.bias)[at]
+                             : common::to_float(static_cast<const T *>(p.bias)[at]);
+    }
+    __device__ double scale() const { return p.scale_t != nullptr ? p.scale_t[hq * p.scale_stride] : p.scale; }
+    __device__ int d() const { return p.d; }
+    __device__ int d_v() const { return p.d_v; }
+    __device__ int groups() const { return p.groups; }
+    __device__ bool l2norm() const { return p.l2norm; }
+    // out in float32 for 16-bit inputs where the kernel writes it so (out_f32), else in T
+    __device__ void out(int i, int col, double x) const {
+        const int64_t at = bi * p.out_stride[0] + hq * p.out_stride[1] + int64_t(q_begin + i) * p.out_stride[2] + col;
+        if (common::ElementTraits<T>::kIs16Bit && !p.out_f32)
+            static_cast<T *>(p.out)[at] = common::from_float<T>(float(x));
+        else
+            static_cast<float *>(p.out)[at] = float(x);
+    }
+    __device__ void lse(int i, double x) const {
+        if (p.lse != nullptr)
+            p.lse[bi * p.lse_stride[0] + hq * p.lse_stride[1] + int64_t(q_begin + i) * p.lse_stride[2]] = float(x);
+    }
+};
 
 // Zeros the rows of a V tile (keys j0 ..) whose keys the mask hides: P is 0 there, and
 // 0 * (a NaN or inf in v) must not reach O. Runs on partly masked tiles only. (Out of
@@ -90,20 +178,12 @@ __global__ void __launch_bounds__(ForwardConfig<T, D, DV>::kThreads)
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int g = lane >> 2, t4 = lane & 3; // fragment row group and column pair
 
-    // ---- which tile
-    // (32-bit division: a 64-bit one is a slow subroutine; the grid is < 2^31 CTAs.)
-    const uint32_t cta = blockIdx.x;
-    // Packed sequences: the CTA's entry of the table, fastest-varying by head (the heads
-    // of a tile share its K/V in L2), gives its query tile and sequence.
-    const uint32_t entry = cta / uint32_t(p.heads);
+    // ---- which tile (CtaTile)
     if constexpr (kVarlen)
-        if (entry >= uint32_t(*p.varlen.count)) return; // a spare CTA of the launch's bound
-    const int2 packed_tile = kVarlen ? p.varlen.tiles[entry] : int2{};
-    const int4 sequence = kVarlen ? p.varlen.sequences[packed_tile.x] : int4{};
-    const int m_tile = kVarlen ? packed_tile.y : p.num_m_tiles - 1 - int(cta % uint32_t(p.num_m_tiles));
-    const uint32_t batch_head = cta / uint32_t(p.num_m_tiles);
-    const int hq = kVarlen ? int(cta % uint32_t(p.heads)) : int(batch_head % uint32_t(p.heads));
-    const int bi = kVarlen ? 0 : int(batch_head / uint32_t(p.heads));
+        if (blockIdx.x / uint32_t(p.heads) >= uint32_t(*p.varlen.count)) return; // a spare CTA of the launch's bound
+    const CtaTile<kVarlen> at(p, blockIdx.x);
+    const int4 sequence = at.sequence;
+    const int m_tile = at.m_tile, hq = at.hq, bi = at.bi;
     // The sequence's lengths (read from the parameters at each use in the other kernels:
     // copies held in registers cost f32 d = 64 three more), and its first query row and
     // key in the packed tensors.
@@ -537,6 +617,30 @@ __global__ void __launch_bounds__(ForwardConfig<T, D, DV>::kThreads)
         stage ^= 1;
     }
 
+    // ---- causal: the warp's rows whose accumulators are not finite. Keys past a row's
+    // reach but within the tile's last row's met that row's p = 0 in P V, and 0 * (a NaN
+    // or inf in v) is NaN. Such rows (rare) are computed again once out is stored
+    // (common::recompute_nonfinite_rows). Looked at here, on registers live anyway: any
+    // code inside the loop doubled the general kernel's spills (benchmarks/NOTES.md, v1).
+    uint32_t nonfinite_rows = 0u; // bit 8 h + g: the lane group's row h (row_index)
+    if (p.causal) {
+#pragma unroll
+        for (int h = 0; h < kRows; ++h) {
+            // NaN or inf where any term is (or, harmlessly, where the sum overflows)
+            float total = 0.f;
+#pragma unroll
+            for (int i = 0; i < kOBlocks; ++i) total += o[h / 2][i].x[2 * (h % 2)] + o[h / 2][i].x[2 * (h % 2) + 1];
+            nonfinite_rows |= quad_rows(__ballot_sync(0xffffffffu, !isfinite(total))) << (8 * h);
+        }
+    }
+    // After the warp's stores of its rows (the same warp writes them again: __syncwarp).
+    auto recompute_rows = [&] {
+        if (nonfinite_rows != 0u) {
+            __syncwarp();
+            recompute_nonfinite_rows<ForwardRows<T, D, DV, kVarlen>>(p, nonfinite_rows);
+        }
+    };
+
     // ---- epilogue: normalize, lse, stage the warp's rows in its part of sQ, store
     float inv_sum[kRows];
 #pragma unroll
@@ -566,25 +670,26 @@ __global__ void __launch_bounds__(ForwardConfig<T, D, DV>::kThreads)
                 dst[1] = o[h / 2][n].x[e0 + 1] * inv_sum[h];
             }
         }
-        return;
+    } else {
+        T *out = static_cast<T *>(p.out) + bi * p.out_stride[0] + hq * p.out_stride[1] +
+                 int64_t(q_begin + m0 + warp_row0) * p.out_stride[2];
+        // Only this warp ever read these rows of sQ; rows of out (stride OS <= QS) fit in them.
+        T *staging = sQ + warp_row0 * QS;
+#pragma unroll
+        for (int h = 0; h < kRows; ++h)
+#pragma unroll
+            for (int i = 0; i < kOBlocks; ++i) {
+                const int e0 = 2 * (h % 2);
+                T *dst = staging + (16 * (h / 2) + g + 8 * (h % 2)) * OS + i * 8 + 2 * t4;
+                const float lo = o[h / 2][i].x[e0] * inv_sum[h], hi = o[h / 2][i].x[e0 + 1] * inv_sum[h];
+                if constexpr (C::k16Bit) *reinterpret_cast<uint32_t *>(dst) = pack_float2<T>(lo, hi);
+                else *reinterpret_cast<float2 *>(dst) = make_float2(lo, hi);
+            }
+        __syncwarp();
+        store_tile<T, C::kRowsPerWarp, DV, 32>(out, p.out_stride[2], staging,
+                                               rows_here - warp_row0, p.d_v, p.vec_out, lane);
     }
-    T *out = static_cast<T *>(p.out) + bi * p.out_stride[0] + hq * p.out_stride[1] +
-             int64_t(q_begin + m0 + warp_row0) * p.out_stride[2];
-    // Only this warp ever read these rows of sQ; rows of out (stride OS <= QS) fit in them.
-    T *staging = sQ + warp_row0 * QS;
-#pragma unroll
-    for (int h = 0; h < kRows; ++h)
-#pragma unroll
-        for (int i = 0; i < kOBlocks; ++i) {
-            const int e0 = 2 * (h % 2);
-            T *dst = staging + (16 * (h / 2) + g + 8 * (h % 2)) * OS + i * 8 + 2 * t4;
-            const float lo = o[h / 2][i].x[e0] * inv_sum[h], hi = o[h / 2][i].x[e0 + 1] * inv_sum[h];
-            if constexpr (C::k16Bit) *reinterpret_cast<uint32_t *>(dst) = pack_float2<T>(lo, hi);
-            else *reinterpret_cast<float2 *>(dst) = make_float2(lo, hi);
-        }
-    __syncwarp();
-    store_tile<T, C::kRowsPerWarp, DV, 32>(out, p.out_stride[2], staging,
-                                           rows_here - warp_row0, p.d_v, p.vec_out, lane);
+    recompute_rows();
 }
 
 // Whether the kernel without the general paths covers these parameters: no bias, no key

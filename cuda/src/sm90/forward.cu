@@ -52,9 +52,15 @@ template <typename T, int D> fcsa_status run(const Problem &p, void *workspace, 
     if (const fcsa_status st = encode_map(&f.q_map, p.q, p.dtype, 64, "cuda-sm90 forward")) return st;
     if (const fcsa_status st = encode_map(&f.k_map, p.k, p.dtype, C::kBlockN, "cuda-sm90 forward")) return st;
     if (const fcsa_status st = encode_map(&f.v_map, p.v, p.dtype, C::kBlockN, "cuda-sm90 forward")) return st;
+    f.q = p.q.data;
+    f.k = p.k.data;
+    f.v = p.v.data;
     f.out = p.out.data;
     f.lse = static_cast<float *>(p.lse.data);
     for (int i = 0; i < 3; ++i) {
+        f.q_stride[i] = p.q.stride[i];
+        f.k_stride[i] = p.k.stride[i];
+        f.v_stride[i] = p.v.stride[i];
         f.out_stride[i] = p.out.stride[i];
         f.lse_stride[i] = p.lse.stride[i];
     }

@@ -25,6 +25,10 @@ namespace sm90 {
 struct ForwardParams {
     // q (d, nq, h, b), k and v (d, nk, hk, b): boxes of 64 columns by a tile's rows.
     CUtensorMap q_map, k_map, v_map;
+    // q, k, v as plain pointers and strides (elements; batch, head, row): read only where
+    // a causal tile's rows are computed again (common/nonfinite_rows.cuh)
+    const void *q, *k, *v;
+    int64_t q_stride[3], k_stride[3], v_stride[3];
     void *out;
     float *lse;               // optional
     const float *k_inv_norm;  // 1 / ||k_j||, [batch][kv head][k_inv_norm_stride] (the key-norm pass)
@@ -75,8 +79,11 @@ template <typename T, int D> struct ForwardConfig {
     static constexpr int kOffsetBarriers = kOffsetKInv + kStages * kBlockN * 4;
     // Q full; per stage K and V full and empty, and V ready (its hidden keys' rows zeroed)
     static constexpr int kBarriers = 1 + 5 * kStages;
+    // Causal tiles: per consumer, per warp, the rows whose accumulators are not finite
+    // (forward_kernel.cuh's epilogue), 16 bytes per consumer.
+    static constexpr int kOffsetRecompute = (kOffsetBarriers + kBarriers * 8 + 15) / 16 * 16;
     // + 1024: the kernel aligns the dynamic shared memory's start to the swizzle's 1024 bytes.
-    static constexpr int kSmemBytes = kOffsetBarriers + kBarriers * 8 + 1024;
+    static constexpr int kSmemBytes = kOffsetRecompute + kConsumers * 16 + 1024;
     static_assert(kOffsetK % 1024 == 0 && kOffsetV % 1024 == 0, "swizzled tiles start on 1024-byte atoms");
 };
 

@@ -24,13 +24,18 @@
 //             so the exponentials of one run while the tensor cores work on the other,
 //             and the warpgroups take turns issuing in a fixed round (ping-pong).
 //   epilogue  O / rowsum -> shared (the warpgroup's own Q rows) -> global (16-byte
-//             stores), lse = ln(rowsum) + offset ln 2.
+//             stores), lse = ln(rowsum) + offset ln 2. Causal: a warpgroup with rows
+//             whose accumulators are not finite (a NaN or inf value of a key past some
+//             rows' reach met their p = 0 in P V) computes those rows again afterwards
+//             (common/nonfinite_rows.cuh).
 #pragma once
 
 #include <cmath>
 
 #include "../backends.h"
+#include "../common/key_norm.cuh"
 #include "../common/l2norm.cuh"
+#include "../common/nonfinite_rows.cuh"
 #include "../common/numeric.cuh"
 #include "../common/sm90/barrier.cuh"
 #include "../common/sm90/tma.cuh"
@@ -95,6 +100,82 @@ __device__ __noinline__ void zero_hidden_values(const float *key_inv_norms, int 
     }
 }
 
+// Which query tile, head and batch CTA `cta` computes: query tiles fastest (in reverse),
+// then heads, then batch; packed sequences (kPacked): the table's entry, heads fastest,
+// and the entry's sequence (first query row, rows, first key, keys); a CTA past the
+// table's entries returns before it asks. The kernel and the recomputation of its
+// non-finite rows (ForwardRows) both ask here.
+template <bool kPacked> struct CtaTile {
+    int4 sequence;
+    int m_tile, hq, bi;
+    __device__ __forceinline__ CtaTile(const ForwardParams &p, unsigned cta) {
+        const int2 packed_tile = kPacked ? p.varlen.tiles[cta / unsigned(p.heads)] : int2{};
+        sequence = kPacked ? p.varlen.sequences[packed_tile.x] : int4{};
+        m_tile = kPacked ? packed_tile.y : p.num_m_tiles - 1 - int(cta % unsigned(p.num_m_tiles));
+        const int bh = kPacked ? 0 : int(cta / unsigned(p.num_m_tiles));
+        hq = kPacked ? int(cta % unsigned(p.heads)) : bh % p.heads;
+        bi = kPacked ? 0 : bh / p.heads;
+    }
+};
+
+// The calling consumer warp's rows of its CTA's tile as common::recompute_nonfinite_rows
+// reads them (see there), found from the parameters, blockIdx and threadIdx as the kernel
+// finds them. The kernel's common case: l2norm with one group, no bias, a scale given as
+// a number, d_v = d; under a key mask the key-norm pass's marks say which keys are hidden
+// (kHiddenKey; a NaN inverse norm, a key holding NaN or inf, is a visible one).
+template <typename T, int D, bool kKeyMask, bool kPacked> struct ForwardRows {
+    using Params = ForwardParams;
+    using Element = T;
+    static constexpr int kValueColumns = D;
+    const ForwardParams &p;
+    int bi, hq, kvh, q_begin, k_begin, nq, nk, first_row, rows_end;
+    __device__ explicit ForwardRows(const ForwardParams &params) : p(params) {
+        constexpr int BM = ForwardConfig<T, D>::kBlockM;
+        const CtaTile<kPacked> at(p, blockIdx.x);
+        bi = at.bi;
+        hq = at.hq;
+        kvh = hq / p.heads_per_kv;
+        q_begin = kPacked ? at.sequence.x : 0;
+        k_begin = kPacked ? at.sequence.z : 0;
+        nq = kPacked ? at.sequence.y : p.nq;
+        nk = kPacked ? at.sequence.w : p.nk;
+        const int m0 = at.m_tile * BM;
+        first_row = m0 + 16 * int(threadIdx.x / 32 - 4); // a consumer's 64 rows, 16 per warp
+        rows_end = min(m0 + BM, nq);
+    }
+    __device__ const T *q(int i) const {
+        return static_cast<const T *>(p.q) + bi * p.q_stride[0] + hq * p.q_stride[1] +
+               int64_t(q_begin + i) * p.q_stride[2];
+    }
+    __device__ const T *k(int j) const {
+        return static_cast<const T *>(p.k) + bi * p.k_stride[0] + kvh * p.k_stride[1] +
+               int64_t(k_begin + j) * p.k_stride[2];
+    }
+    __device__ const T *v(int j) const {
+        return static_cast<const T *>(p.v) + bi * p.v_stride[0] + kvh * p.v_stride[1] +
+               int64_t(k_begin + j) * p.v_stride[2];
+    }
+    __device__ bool key_visible(int j) const {
+        if constexpr (!kKeyMask) return true;
+        const int64_t row = int64_t(bi) * (p.heads / p.heads_per_kv) + kvh;
+        return p.k_inv_norm[row * p.k_inv_norm_stride + k_begin + j] != common::kHiddenKey;
+    }
+    __device__ double bias(int, int) const { return 0.0; }
+    __device__ double scale() const { return p.scale; }
+    __device__ int d() const { return p.d; }
+    __device__ int d_v() const { return p.d; }
+    __device__ int groups() const { return 1; }
+    __device__ bool l2norm() const { return true; }
+    __device__ void out(int i, int col, double x) const {
+        static_cast<T *>(p.out)[bi * p.out_stride[0] + hq * p.out_stride[1] + int64_t(q_begin + i) * p.out_stride[2] +
+                                col] = common::from_float<T>(float(x));
+    }
+    __device__ void lse(int i, double x) const {
+        if (p.lse != nullptr)
+            p.lse[bi * p.lse_stride[0] + hq * p.lse_stride[1] + int64_t(q_begin + i) * p.lse_stride[2]] = float(x);
+    }
+};
+
 // kKeyMask: p.key_counts and the marks of hidden keys are read. kPacked: packed
 // sequences (p.varlen), each CTA's query tile and sequence from the table; the tiles'
 // rows past the sequence belong to the next one (TMA fills zeros only past the tensor),
@@ -124,15 +205,11 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads, 1)
     // ---- which tile: query tiles fastest (in reverse), then heads, then batch; packed
     // sequences: the table's entry (a spare CTA of the launch's bound returns), then heads
     static_assert(!(kKeyMask && kPacked), "packed sequences take no mask");
-    const unsigned entry = blockIdx.x / unsigned(p.heads);
     if constexpr (kPacked)
-        if (entry >= unsigned(*p.varlen.count)) return;
-    const int2 packed_tile = kPacked ? p.varlen.tiles[entry] : int2{};
-    const int4 sequence = kPacked ? p.varlen.sequences[packed_tile.x] : int4{};
-    const int m_tile = kPacked ? packed_tile.y : p.num_m_tiles - 1 - int(blockIdx.x % unsigned(p.num_m_tiles));
-    const int bh = kPacked ? 0 : int(blockIdx.x / unsigned(p.num_m_tiles));
-    const int hq = kPacked ? int(blockIdx.x % unsigned(p.heads)) : bh % p.heads;
-    const int bi = kPacked ? 0 : bh / p.heads;
+        if (blockIdx.x / unsigned(p.heads) >= unsigned(*p.varlen.count)) return;
+    const CtaTile<kPacked> at(p, blockIdx.x);
+    const int4 sequence = at.sequence;
+    const int m_tile = at.m_tile, hq = at.hq, bi = at.bi;
     const int kvh = hq / p.heads_per_kv;
     const int m0 = m_tile * BM;
     // This sequence's query rows and keys, and where they start in the tensors' rows.
@@ -412,6 +489,26 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads, 1)
     // named barrier is left half-arrived.
     if (consumer == 0) take_turn();
 
+    // ---- causal: this warp's rows whose accumulators are not finite. Keys past a row's
+    // reach but within the tile's last row's met that row's p = 0 in P V, and 0 * (a NaN
+    // or inf in v) is NaN. Such rows (rare) are computed again once out is stored
+    // (common::recompute_nonfinite_rows); looked at here, after the loop, on registers
+    // live anyway. A word per warp (bit g: row_a, bit 8 + g: row_b), which the barriers
+    // below publish to the warpgroup, so that all of it takes the rare branch or none.
+    uint32_t *nonfinite_rows = reinterpret_cast<uint32_t *>(smem + C::kOffsetRecompute) + 4 * consumer;
+    if (p.causal) {
+        // NaN or inf where any term is (or, harmlessly, where the sum overflows)
+        float total_a = 0.f, total_b = 0.f;
+#pragma unroll
+        for (int j = 0; j < D / 8; ++j) {
+            total_a += o[4 * j] + o[4 * j + 1];
+            total_b += o[4 * j + 2] + o[4 * j + 3];
+        }
+        const uint32_t rows = quad_rows(__ballot_sync(0xffffffffu, !isfinite(total_a))) |
+                              quad_rows(__ballot_sync(0xffffffffu, !isfinite(total_b))) << 8;
+        if (lane == 0) nonfinite_rows[warp] = rows;
+    }
+
     // ---- epilogue: lse, O / rowsum staged in this warpgroup's rows of sQ, then global
     sum_a = quad_sum(sum_a);
     sum_b = quad_sum(sum_b);
@@ -447,6 +544,15 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads, 1)
             const T *e = reinterpret_cast<const T *>(&chunk);
 #pragma unroll
             for (int k = 0; k < 8; ++k) dst[k] = e[k];
+        }
+    }
+    if (p.causal) {
+        const uint4 words = *reinterpret_cast<const uint4 *>(nonfinite_rows);
+        if ((words.x | words.y | words.z | words.w) != 0u) {
+            // every warp's stores of out before any row is written again
+            named_barrier_sync(barrier_id, 128);
+            if (nonfinite_rows[warp] != 0u)
+                recompute_nonfinite_rows<ForwardRows<T, D, kKeyMask, kPacked>>(p, nonfinite_rows[warp]);
         }
     }
 #endif
