@@ -38,6 +38,51 @@ __device__ __forceinline__ uint32_t quad_rows(uint32_t lanes) {
 // replace it, and a row whose every logit is NaN would look like one that sees no key).
 __device__ __forceinline__ double max_keeping_nan(double a, double b) { return a != a || b <= a ? a : b; }
 
+// What every backend's Rows (below) shares: the calling warp's rows of its CTA's tile
+// and where a row of q, k, v and lse lies, from the backend's parameters P (q, k, v,
+// lse and their strides, heads_per_kv, nq, nk) and its CtaTile `at` (the CTA's batch,
+// head, query tile and, for packed sequences, its sequence: first query row, rows, first
+// key, keys). Rows i and keys j count from the sequence's first ones.
+template <typename T, class P, bool kPacked> struct TileRows {
+    using Params = P;
+    using Element = T;
+    const P &p;
+    int bi, hq, kvh, q_begin, k_begin, nq, nk, first_row, rows_end;
+    template <class CtaTile>
+    __device__ TileRows(const P &params, const CtaTile &at, int block_m, int warp_row0) : p(params) {
+        bi = at.bi;
+        hq = at.hq;
+        kvh = hq / p.heads_per_kv;
+        q_begin = kPacked ? at.sequence.x : 0;
+        k_begin = kPacked ? at.sequence.z : 0;
+        nq = kPacked ? at.sequence.y : p.nq;
+        nk = kPacked ? at.sequence.w : p.nk;
+        const int m0 = at.m_tile * block_m;
+        first_row = m0 + warp_row0;
+        rows_end = min(m0 + block_m, nq);
+    }
+    __device__ const T *q(int i) const {
+        return static_cast<const T *>(p.q) + bi * p.q_stride[0] + hq * p.q_stride[1] +
+               int64_t(q_begin + i) * p.q_stride[2];
+    }
+    __device__ const T *k(int j) const {
+        return static_cast<const T *>(p.k) + bi * p.k_stride[0] + kvh * p.k_stride[1] +
+               int64_t(k_begin + j) * p.k_stride[2];
+    }
+    __device__ const T *v(int j) const {
+        return static_cast<const T *>(p.v) + bi * p.v_stride[0] + kvh * p.v_stride[1] +
+               int64_t(k_begin + j) * p.v_stride[2];
+    }
+    // out's element (i, col), for the backend's out()
+    __device__ int64_t out_index(int i, int col) const {
+        return bi * p.out_stride[0] + hq * p.out_stride[1] + int64_t(q_begin + i) * p.out_stride[2] + col;
+    }
+    __device__ void lse(int i, double x) const {
+        if (p.lse != nullptr)
+            p.lse[bi * p.lse_stride[0] + hq * p.lse_stride[1] + int64_t(q_begin + i) * p.lse_stride[2]] = float(x);
+    }
+};
+
 // <q^, k^> summed over the l2norm groups of `width` columns (<q, k> without l2norm), by one
 // lane over the whole row: x / max(||x||, 1e-12) per group, the norms in float64, which
 // no float input overflows. (A NaN in q or k makes the dot product NaN whatever the

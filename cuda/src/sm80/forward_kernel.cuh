@@ -71,38 +71,14 @@ template <bool kVarlen> struct CtaTile {
 // The calling warp's rows of its CTA's tile as common::recompute_nonfinite_rows reads
 // them (see there), found from the parameters, blockIdx and threadIdx as the kernel finds
 // them.
-template <typename T, int D, int DV, bool kVarlen> struct ForwardRows {
-    using Params = ForwardParams;
-    using Element = T;
+template <typename T, int D, int DV, bool kVarlen>
+struct ForwardRows : common::TileRows<T, ForwardParams, kVarlen> {
+    using Base = common::TileRows<T, ForwardParams, kVarlen>;
+    using C = ForwardConfig<T, D, DV>;
     static constexpr int kValueColumns = DV;
-    const ForwardParams &p;
-    int bi, hq, kvh, q_begin, k_begin, nq, nk, first_row, rows_end;
-    __device__ explicit ForwardRows(const ForwardParams &params) : p(params) {
-        using C = ForwardConfig<T, D, DV>;
-        const CtaTile<kVarlen> at(p, blockIdx.x);
-        bi = at.bi;
-        hq = at.hq;
-        kvh = hq / p.heads_per_kv;
-        q_begin = kVarlen ? at.sequence.x : 0;
-        k_begin = kVarlen ? at.sequence.z : 0;
-        nq = kVarlen ? at.sequence.y : p.nq;
-        nk = kVarlen ? at.sequence.w : p.nk;
-        const int m0 = at.m_tile * C::kBlockM;
-        first_row = m0 + int(threadIdx.x / 32) * C::kRowsPerWarp;
-        rows_end = min(m0 + C::kBlockM, nq);
-    }
-    __device__ const T *q(int i) const {
-        return static_cast<const T *>(p.q) + bi * p.q_stride[0] + hq * p.q_stride[1] +
-               int64_t(q_begin + i) * p.q_stride[2];
-    }
-    __device__ const T *k(int j) const {
-        return static_cast<const T *>(p.k) + bi * p.k_stride[0] + kvh * p.k_stride[1] +
-               int64_t(k_begin + j) * p.k_stride[2];
-    }
-    __device__ const T *v(int j) const {
-        return static_cast<const T *>(p.v) + bi * p.v_stride[0] + kvh * p.v_stride[1] +
-               int64_t(k_begin + j) * p.v_stride[2];
-    }
+    using Base::bi, Base::hq, Base::p;
+    __device__ explicit ForwardRows(const ForwardParams &params)
+        : Base(params, CtaTile<kVarlen>(params, blockIdx.x), C::kBlockM, int(threadIdx.x / 32) * C::kRowsPerWarp) {}
     __device__ bool key_visible(int j) const {
         return p.mask == nullptr || p.mask[bi * p.mask_stride[0] + int64_t(j) * p.mask_stride[1]] != 0;
     }
@@ -120,15 +96,10 @@ template <typename T, int D, int DV, bool kVarlen> struct ForwardRows {
     __device__ bool l2norm() const { return p.l2norm; }
     // out in float32 for 16-bit inputs where the kernel writes it so (out_f32), else in T
     __device__ void out(int i, int col, double x) const {
-        const int64_t at = bi * p.out_stride[0] + hq * p.out_stride[1] + int64_t(q_begin + i) * p.out_stride[2] + col;
         if (common::ElementTraits<T>::kIs16Bit && !p.out_f32)
-            static_cast<T *>(p.out)[at] = common::from_float<T>(float(x));
+            static_cast<T *>(p.out)[this->out_index(i, col)] = common::from_float<T>(float(x));
         else
-            static_cast<float *>(p.out)[at] = float(x);
-    }
-    __device__ void lse(int i, double x) const {
-        if (p.lse != nullptr)
-            p.lse[bi * p.lse_stride[0] + hq * p.lse_stride[1] + int64_t(q_begin + i) * p.lse_stride[2]] = float(x);
+            static_cast<float *>(p.out)[this->out_index(i, col)] = float(x);
     }
 };
 

@@ -123,38 +123,15 @@ template <bool kPacked> struct CtaTile {
 // finds them. The kernel's common case: l2norm with one group, no bias, a scale given as
 // a number, d_v = d; under a key mask the key-norm pass's marks say which keys are hidden
 // (kHiddenKey; a NaN inverse norm, a key holding NaN or inf, is a visible one).
-template <typename T, int D, bool kKeyMask, bool kPacked> struct ForwardRows {
-    using Params = ForwardParams;
-    using Element = T;
+template <typename T, int D, bool kKeyMask, bool kPacked>
+struct ForwardRows : common::TileRows<T, ForwardParams, kPacked> {
+    using Base = common::TileRows<T, ForwardParams, kPacked>;
     static constexpr int kValueColumns = D;
-    const ForwardParams &p;
-    int bi, hq, kvh, q_begin, k_begin, nq, nk, first_row, rows_end;
-    __device__ explicit ForwardRows(const ForwardParams &params) : p(params) {
-        constexpr int BM = ForwardConfig<T, D>::kBlockM;
-        const CtaTile<kPacked> at(p, blockIdx.x);
-        bi = at.bi;
-        hq = at.hq;
-        kvh = hq / p.heads_per_kv;
-        q_begin = kPacked ? at.sequence.x : 0;
-        k_begin = kPacked ? at.sequence.z : 0;
-        nq = kPacked ? at.sequence.y : p.nq;
-        nk = kPacked ? at.sequence.w : p.nk;
-        const int m0 = at.m_tile * BM;
-        first_row = m0 + 16 * int(threadIdx.x / 32 - 4); // a consumer's 64 rows, 16 per warp
-        rows_end = min(m0 + BM, nq);
-    }
-    __device__ const T *q(int i) const {
-        return static_cast<const T *>(p.q) + bi * p.q_stride[0] + hq * p.q_stride[1] +
-               int64_t(q_begin + i) * p.q_stride[2];
-    }
-    __device__ const T *k(int j) const {
-        return static_cast<const T *>(p.k) + bi * p.k_stride[0] + kvh * p.k_stride[1] +
-               int64_t(k_begin + j) * p.k_stride[2];
-    }
-    __device__ const T *v(int j) const {
-        return static_cast<const T *>(p.v) + bi * p.v_stride[0] + kvh * p.v_stride[1] +
-               int64_t(k_begin + j) * p.v_stride[2];
-    }
+    using Base::bi, Base::kvh, Base::k_begin, Base::p;
+    // a consumer's 64 rows, 16 per warp
+    __device__ explicit ForwardRows(const ForwardParams &params)
+        : Base(params, CtaTile<kPacked>(params, blockIdx.x), ForwardConfig<T, D>::kBlockM,
+               16 * int(threadIdx.x / 32 - 4)) {}
     __device__ bool key_visible(int j) const {
         if constexpr (!kKeyMask) return true;
         const int64_t row = int64_t(bi) * (p.heads / p.heads_per_kv) + kvh;
@@ -167,12 +144,7 @@ template <typename T, int D, bool kKeyMask, bool kPacked> struct ForwardRows {
     __device__ int groups() const { return 1; }
     __device__ bool l2norm() const { return true; }
     __device__ void out(int i, int col, double x) const {
-        static_cast<T *>(p.out)[bi * p.out_stride[0] + hq * p.out_stride[1] + int64_t(q_begin + i) * p.out_stride[2] +
-                                col] = common::from_float<T>(float(x));
-    }
-    __device__ void lse(int i, double x) const {
-        if (p.lse != nullptr)
-            p.lse[bi * p.lse_stride[0] + hq * p.lse_stride[1] + int64_t(q_begin + i) * p.lse_stride[2]] = float(x);
+        static_cast<T *>(p.out)[this->out_index(i, col)] = common::from_float<T>(float(x));
     }
 };
 
