@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "forward_tile.cuh"
 #include "numeric.cuh"
 
 namespace fcsa {
@@ -40,16 +41,14 @@ __device__ __forceinline__ double max_keeping_nan(double a, double b) { return a
 
 // What every backend's Rows (below) shares: the calling warp's rows of its CTA's tile
 // and where a row of q, k, v and lse lies, from the backend's parameters P (q, k, v,
-// lse and their strides, heads_per_kv, nq, nk) and its CtaTile `at` (the CTA's batch,
-// head, query tile and, for packed sequences, its sequence: first query row, rows, first
-// key, keys). Rows i and keys j count from the sequence's first ones.
+// lse and their strides, heads_per_kv, nq, nk) and the CTA's tile (forward_tile.cuh).
+// Rows i and keys j count from the sequence's first ones.
 template <typename T, class P, bool kPacked> struct TileRows {
     using Params = P;
     using Element = T;
     const P &p;
     int bi, hq, kvh, q_begin, k_begin, nq, nk, first_row, rows_end;
-    template <class CtaTile>
-    __device__ TileRows(const P &params, const CtaTile &at, int block_m, int warp_row0) : p(params) {
+    __device__ TileRows(const P &params, const CtaTile<kPacked> &at, int block_m, int warp_row0) : p(params) {
         bi = at.bi;
         hq = at.hq;
         kvh = hq / p.heads_per_kv;

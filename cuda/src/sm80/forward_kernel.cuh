@@ -39,6 +39,7 @@
 
 #include "../common/copy.cuh"
 #include "../common/l2norm.cuh"
+#include "../common/forward_tile.cuh"
 #include "../common/mma.cuh"
 #include "../common/nonfinite_rows.cuh"
 #include "../common/numeric.cuh"
@@ -47,26 +48,6 @@
 
 namespace fcsa {
 namespace sm80 {
-
-// Which query tile, head and batch CTA `cta` computes: query tiles fastest, in reverse so
-// that causal's long tiles start first, then heads, then batch. Packed sequences
-// (kVarlen): the CTA's entry of the table, fastest-varying by head (the heads of a tile
-// share its K/V in L2), gives its query tile and sequence (first query row, rows, first
-// key, keys); a CTA past the table's entries returns before it asks. The kernel and the
-// recomputation of its non-finite rows (ForwardRows) both ask here.
-template <bool kVarlen> struct CtaTile {
-    int4 sequence;
-    int m_tile, hq, bi;
-    __device__ __forceinline__ CtaTile(const ForwardParams &p, uint32_t cta) {
-        // (32-bit division: a 64-bit one is a slow subroutine; the grid is < 2^31 CTAs.)
-        const int2 packed_tile = kVarlen ? p.varlen.tiles[cta / uint32_t(p.heads)] : int2{};
-        sequence = kVarlen ? p.varlen.sequences[packed_tile.x] : int4{};
-        m_tile = kVarlen ? packed_tile.y : p.num_m_tiles - 1 - int(cta % uint32_t(p.num_m_tiles));
-        const uint32_t batch_head = cta / uint32_t(p.num_m_tiles);
-        hq = kVarlen ? int(cta % uint32_t(p.heads)) : int(batch_head % uint32_t(p.heads));
-        bi = kVarlen ? 0 : int(batch_head / uint32_t(p.heads));
-    }
-};
 
 // The calling warp's rows of its CTA's tile as common::recompute_nonfinite_rows reads
 // them (see there), found from the parameters, blockIdx and threadIdx as the kernel finds
@@ -78,7 +59,7 @@ struct ForwardRows : common::TileRows<T, ForwardParams, kVarlen> {
     static constexpr int kValueColumns = DV;
     using Base::bi, Base::hq, Base::p;
     __device__ explicit ForwardRows(const ForwardParams &params)
-        : Base(params, CtaTile<kVarlen>(params, blockIdx.x), C::kBlockM, int(threadIdx.x / 32) * C::kRowsPerWarp) {}
+        : Base(params, common::CtaTile<kVarlen>(params, blockIdx.x), C::kBlockM, int(threadIdx.x / 32) * C::kRowsPerWarp) {}
     __device__ bool key_visible(int j) const {
         return p.mask == nullptr || p.mask[bi * p.mask_stride[0] + int64_t(j) * p.mask_stride[1]] != 0;
     }
@@ -152,7 +133,7 @@ __global__ void __launch_bounds__(ForwardConfig<T, D, DV>::kThreads)
     // ---- which tile (CtaTile)
     if constexpr (kVarlen)
         if (blockIdx.x / uint32_t(p.heads) >= uint32_t(*p.varlen.count)) return; // a spare CTA of the launch's bound
-    const CtaTile<kVarlen> at(p, blockIdx.x);
+    const common::CtaTile<kVarlen> at(p, blockIdx.x);
     const int4 sequence = at.sequence;
     const int m_tile = at.m_tile, hq = at.hq, bi = at.bi;
     // The sequence's lengths (read from the parameters at each use in the other kernels:

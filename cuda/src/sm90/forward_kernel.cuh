@@ -35,6 +35,7 @@
 #include "../backends.h"
 #include "../common/key_norm.cuh"
 #include "../common/l2norm.cuh"
+#include "../common/forward_tile.cuh"
 #include "../common/nonfinite_rows.cuh"
 #include "../common/numeric.cuh"
 #include "../common/sm90/barrier.cuh"
@@ -100,24 +101,6 @@ __device__ __noinline__ void zero_hidden_values(const float *key_inv_norms, int 
     }
 }
 
-// Which query tile, head and batch CTA `cta` computes: query tiles fastest (in reverse),
-// then heads, then batch; packed sequences (kPacked): the table's entry, heads fastest,
-// and the entry's sequence (first query row, rows, first key, keys); a CTA past the
-// table's entries returns before it asks. The kernel and the recomputation of its
-// non-finite rows (ForwardRows) both ask here.
-template <bool kPacked> struct CtaTile {
-    int4 sequence;
-    int m_tile, hq, bi;
-    __device__ __forceinline__ CtaTile(const ForwardParams &p, unsigned cta) {
-        const int2 packed_tile = kPacked ? p.varlen.tiles[cta / unsigned(p.heads)] : int2{};
-        sequence = kPacked ? p.varlen.sequences[packed_tile.x] : int4{};
-        m_tile = kPacked ? packed_tile.y : p.num_m_tiles - 1 - int(cta % unsigned(p.num_m_tiles));
-        const int bh = kPacked ? 0 : int(cta / unsigned(p.num_m_tiles));
-        hq = kPacked ? int(cta % unsigned(p.heads)) : bh % p.heads;
-        bi = kPacked ? 0 : bh / p.heads;
-    }
-};
-
 // The calling consumer warp's rows of its CTA's tile as common::recompute_nonfinite_rows
 // reads them (see there), found from the parameters, blockIdx and threadIdx as the kernel
 // finds them. The kernel's common case: l2norm with one group, no bias, a scale given as
@@ -130,7 +113,7 @@ struct ForwardRows : common::TileRows<T, ForwardParams, kPacked> {
     using Base::bi, Base::kvh, Base::k_begin, Base::p;
     // a consumer's 64 rows, 16 per warp
     __device__ explicit ForwardRows(const ForwardParams &params)
-        : Base(params, CtaTile<kPacked>(params, blockIdx.x), ForwardConfig<T, D>::kBlockM,
+        : Base(params, common::CtaTile<kPacked>(params, blockIdx.x), ForwardConfig<T, D>::kBlockM,
                16 * int(threadIdx.x / 32 - 4)) {}
     __device__ bool key_visible(int j) const {
         if constexpr (!kKeyMask) return true;
@@ -179,7 +162,7 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads, 1)
     static_assert(!(kKeyMask && kPacked), "packed sequences take no mask");
     if constexpr (kPacked)
         if (blockIdx.x / unsigned(p.heads) >= unsigned(*p.varlen.count)) return;
-    const CtaTile<kPacked> at(p, blockIdx.x);
+    const common::CtaTile<kPacked> at(p, blockIdx.x);
     const int4 sequence = at.sequence;
     const int m_tile = at.m_tile, hq = at.hq, bi = at.bi;
     const int kvh = hq / p.heads_per_kv;
