@@ -574,6 +574,7 @@ __global__ void __launch_bounds__(ForwardConfig<T, D, DV>::kThreads)
     // or inf in v) is NaN. Such rows (rare) are computed again once out is stored
     // (common::recompute_nonfinite_rows). Looked at here, on registers live anyway: any
     // code inside the loop doubled the general kernel's spills (benchmarks/NOTES.md, v1).
+    static_assert(8 * kRows <= 32, "a warp's rows fit in one word of bits");
     uint32_t nonfinite_rows = 0u; // bit 8 h + g: the lane group's row h (row_index)
     if (p.causal) {
 #pragma unroll

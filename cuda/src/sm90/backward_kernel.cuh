@@ -218,7 +218,7 @@ __global__ void __launch_bounds__(BackwardConfig<T, D>::kThreads, 1)
     auto issue_dq = [&](int item) {
         const int buffer = item % C::kDsBuffers;
         mbarrier_wait(&ds_ready[buffer], (item / C::kDsBuffers) & 1);
-        wgmma_discard(dq);
+        wgmma_discard(dq); // (no product in flight: the wait<0> for dP, or the loop's last, retired them)
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk)
@@ -272,6 +272,8 @@ __global__ void __launch_bounds__(BackwardConfig<T, D>::kThreads, 1)
         }
 
         // 1. S^T = K^ Q^T and dP^T = V dO^T for this consumer's 64 keys.
+        // (no product in flight: the previous tile ended in wait<0>; a discard with one in
+        // flight would let the compiler reuse registers a product still writes)
         wgmma_discard(s);
         wgmma_discard(dp);
         wgmma_fence();
