@@ -586,13 +586,6 @@ __global__ void __launch_bounds__(ForwardConfig<T, D, DV>::kThreads)
             nonfinite_rows |= quad_rows(__ballot_sync(0xffffffffu, !isfinite(total))) << (8 * h);
         }
     }
-    // After the warp's stores of its rows (the same warp writes them again: __syncwarp).
-    auto recompute_rows = [&] {
-        if (nonfinite_rows != 0u) {
-            __syncwarp();
-            recompute_nonfinite_rows<ForwardRows<T, D, DV, kVarlen>>(p, nonfinite_rows);
-        }
-    };
 
     // ---- epilogue: normalize, lse, stage the warp's rows in its part of sQ, store
     float inv_sum[kRows];
@@ -642,7 +635,11 @@ __global__ void __launch_bounds__(ForwardConfig<T, D, DV>::kThreads)
         store_tile<T, C::kRowsPerWarp, DV, 32>(out, p.out_stride[2], staging,
                                                rows_here - warp_row0, p.d_v, p.vec_out, lane);
     }
-    recompute_rows();
+    // After the warp's stores of its rows (the same warp writes them again: __syncwarp).
+    if (nonfinite_rows != 0u) {
+        __syncwarp();
+        recompute_nonfinite_rows<ForwardRows<T, D, DV, kVarlen>>(p, nonfinite_rows);
+    }
 }
 
 // Whether the kernel without the general paths covers these parameters: no bias, no key
