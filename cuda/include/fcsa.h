@@ -185,6 +185,9 @@ FCSA_API void fcsa_options_init(fcsa_options *options);
  *   bias, dbias      : 4-D, each dim equal to (b, h, nq, nk)'s or 1 (broadcast);
  *                      dtype of q or float32; optional. dbias has bias' shape and
  *                      dtype and receives the gradient summed over broadcast dims.
+ *                      (A bias of one column, broadcast over the keys, shifts each
+ *                      row's logits alike, which softmax does not see: its gradient
+ *                      is 0, and the CUDA backend writes 0 without summing.)
  *   scale, dscale    : float32, shape () or (h,); optional. When given, scale
  *                      replaces options.scale; dscale receives d(loss)/d(scale).
  *   lse              : float32 (b, h, nq): log sum_j exp(s_ij), -inf for a row that

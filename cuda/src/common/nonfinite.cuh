@@ -51,5 +51,46 @@ __device__ __forceinline__ void zero_nonfinite_rows(T *tile, int first, int last
     }
 }
 
+// For a raw k (without l2norm): a 32-bit word with each NaN replaced by +0 and each
+// infinity by the largest finite value of its sign (of its products, for float32). A key hidden from a row then meets
+// its dS = 0 in dQ = dS K as a finite number; a key the row sees keeps, in practice,
+// the logit the forward gave it: -inf there (P = 0 with a finite lse) stays a logit far
+// below any other (P = 0 again), and a NaN or +inf there left the row's lse NaN, which
+// makes its P NaN whatever the logit. (Zeros would turn the first into P > 0.)
+template <typename T> __device__ __forceinline__ uint32_t word_saturated(uint32_t w) {
+    constexpr uint32_t m = ExponentBits<T>::kMask;
+    if constexpr (sizeof(T) == 4) {
+        // (the largest that tf32 holds too: the 3xTF32 products split it exactly, where
+        // rounding FLT_MAX to tf32 would give inf again)
+        if ((w & m) != m) return w;
+        return (w & 0x007FFFFFu) != 0u ? 0u : (w & 0x80000000u) | 0x7F7FE000u;
+    } else {
+        // The largest finite value: every exponent bit but the lowest, every mantissa bit.
+        constexpr uint32_t mantissa = (~m & 0x7FFFu), largest = (m - (m & (~m + 1u))) | mantissa;
+        uint32_t out = 0u;
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const uint32_t x = (w >> (16 * half)) & 0xFFFFu;
+            const uint32_t y = (x & m) != m ? x : (x & mantissa) != 0u ? 0u : (x & 0x8000u) | largest;
+            out |= y << (16 * half);
+        }
+        return out;
+    }
+}
+
+// Rows [0, rows) of a shared K tile of raw keys with word_saturated applied to every
+// element that is not finite (all kThreads threads; the caller's barrier publishes them).
+template <typename T, class Tile, int kThreads>
+__device__ __forceinline__ void saturate_nonfinite_rows(T *tile, int rows, int tid) {
+    constexpr int kPerRow = Tile::kChunksPerRow;
+    for (int c = tid; c < rows * kPerRow; c += kThreads) {
+        uint4 *at = reinterpret_cast<uint4 *>(tile + Tile::chunk_offset(c / kPerRow, (c % kPerRow) * Tile::kChunk));
+        const uint4 v = *at;
+        const uint4 z = make_uint4(word_saturated<T>(v.x), word_saturated<T>(v.y), word_saturated<T>(v.z),
+                                   word_saturated<T>(v.w));
+        if (z.x != v.x || z.y != v.y || z.z != v.z || z.w != v.w) *at = z;
+    }
+}
+
 } // namespace common
 } // namespace fcsa

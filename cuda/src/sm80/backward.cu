@@ -51,6 +51,9 @@ bool is_full_shape(const View &bias, const Problem &p) {
     return true;
 }
 
+// A bias of one column: a shift common to each row's logits, which softmax does not see.
+bool key_broadcast_bias(const Problem &p) { return p.bias.present() && p.bias.shape[3] == 1; }
+
 // The head-dim bucket the kernels are instantiated for (0: none fits).
 int head_dim_bucket(int32_t dtype, int64_t d) {
     if (d <= 0 || d % 8 != 0 || d > kMaxHeadDim) return 0;
@@ -101,7 +104,7 @@ struct Plan {
     int32_t dbias_mode = kDbiasNone;
     int32_t shared_scores_rows = 0; // the shared-scores kernel's query tile (0: the main kernel)
     bool fold_q_norm = false;   // it folds q's norm into its scores (Params::q_inv_norm)
-    size_t lse = 0, delta = 0, q_inv_norm = 0, dq_acc = 0, dk_acc = 0, dscale = 0, dbias_acc = 0;
+    size_t lse = 0, delta = 0, q_inv_norm = 0, dq_acc = 0, dk_acc = 0, dscale = 0, dscale_rows = 0, dbias_acc = 0;
     size_t varlen_keys = 0, varlen_queries = 0; // packed sequences: the tile tables (varlen.cuh)
     size_t dq_acc_bytes = 0, dbias_acc_bytes = 0;
     bool dk_acc_used = false; // split head dim with l2norm, or the Hopper kernel: dk is finished by a row pass
@@ -142,15 +145,14 @@ Plan plan_workspace(const Problem &p, int smem_limit, bool hopper) {
     // leaves its range (subnormal for ordinary norms of ~100, infinite for tiny ones).
     plan.fold_q_norm =
         hopper || (plan.shared_scores_rows > 0 && p.l2norm && p.groups == 1 && p.dtype == FCSA_DTYPE_BFLOAT16);
-    if (p.dbias.present()) {
+    // (A bias broadcast over the keys gets dbias = 0, written by backward(): kDbiasNone.)
+    if (p.dbias.present() && !key_broadcast_bias(p)) {
         if (is_full_shape(p.bias, p))
             plan.dbias_mode = kDbiasDirect;
         else if (!p.deterministic)
             plan.dbias_mode = kDbiasAtomic;
-        else if (p.bias.shape[3] == p.nk)
-            plan.dbias_mode = kDbiasOwnedKeys;
         else
-            plan.dbias_mode = kDbiasOwnedQueries;
+            plan.dbias_mode = kDbiasOwnedKeys;
     }
     size_t offset = 0;
     auto take = [&offset](size_t bytes) {
@@ -167,7 +169,10 @@ Plan plan_workspace(const Problem &p, int smem_limit, bool hopper) {
     plan.dk_acc_used = hopper || (p.l2norm && plan.shape.column_splits > 1);
     if (plan.dk_acc_used) plan.dk_acc = take(key_rows * size_t(p.d) * 4);
     if (hopper) plan.k_inv_norm = take(size_t(sm90_backward_key_norm_floats(p)) * 4);
-    if (p.dscale.present()) plan.dscale = take(size_t(p.b * p.h * plan.main_key_tiles) * 4);
+    if (p.dscale.present()) {
+        plan.dscale = take(size_t(p.b * p.h * plan.main_key_tiles) * 4);
+        plan.dscale_rows = take(query_rows * 8);
+    }
     if (plan.dbias_mode != kDbiasNone && plan.dbias_mode != kDbiasDirect) {
         const View &db = p.dbias;
         plan.dbias_acc_bytes = size_t(db.shape[0] * db.shape[1] * db.shape[2] * db.shape[3]) * 4;
@@ -393,8 +398,8 @@ __global__ void __launch_bounds__(kPassThreads) zero_kernel(Strided4 x, int elem
 // dscale[hs] = sum over batches, (heads,) key tiles of the main kernel's partials, in a
 // fixed order: one block per output, a fixed split over threads and a fixed tree.
 __global__ void __launch_bounds__(kPassThreads)
-    dscale_reduce_kernel(const float *partial, int64_t b, int64_t h, int64_t key_tiles, bool per_head, float *dscale,
-                         int64_t dscale_stride) {
+    dscale_reduce_kernel(const float *partial, const float *rows, int64_t b, int64_t h, int64_t nq, int64_t key_tiles,
+                         bool per_head, float *dscale, int64_t dscale_stride) {
     __shared__ float sums[kPassThreads];
     const int64_t out = blockIdx.x;
     const int64_t heads = per_head ? 1 : h;
@@ -404,6 +409,14 @@ __global__ void __launch_bounds__(kPassThreads)
         const int64_t tile = e % key_tiles, head = per_head ? out : (e / key_tiles) % h;
         const int64_t batch = e / (key_tiles * heads);
         sum += partial[(batch * h + head) * key_tiles + tile];
+    }
+    // minus sum_i R_i C_i (Params::dscale_rows): the part of the rows' dS that delta's
+    // rounding left, times the rows' mean cosine under P.
+    const int64_t row_terms = b * heads * nq;
+    for (int64_t e = threadIdx.x; e < row_terms; e += blockDim.x) {
+        const int64_t i = e % nq, head = per_head ? out : (e / nq) % h, batch = e / (nq * heads);
+        const float2 rc = reinterpret_cast<const float2 *>(rows)[(batch * h + head) * nq + i];
+        sum = fmaf(-rc.x, rc.y, sum);
     }
     sums[threadIdx.x] = sum;
     __syncthreads();
@@ -486,6 +499,13 @@ template <typename T> fcsa_status backward(const Problem &pr, const Plan &plan, 
         if (cudaError_t e = cudaMemsetAsync(ws + plan.dq_acc, 0, plan.dq_acc_bytes, stream))
             return check_launch(e, "memset of the dq accumulator");
     }
+    if (plan.dscale_rows > 0) {
+        if (cudaError_t e = cudaMemsetAsync(ws + plan.dscale_rows, 0, size_t(pr.b * pr.h * pr.nq) * 8, stream))
+            return check_launch(e, "memset of the dscale row sums");
+    }
+    if (pr.dbias.present() && plan.dbias_mode == kDbiasNone) {
+        if (fcsa_status s = zero_fill(pr.dbias, stream)) return s;
+    }
     if (plan.dbias_acc_bytes > 0) {
         if (cudaError_t e = cudaMemsetAsync(ws + plan.dbias_acc, 0, plan.dbias_acc_bytes, stream))
             return check_launch(e, "memset of the dbias accumulator");
@@ -559,6 +579,7 @@ template <typename T> fcsa_status backward(const Problem &pr, const Plan &plan, 
     p.dq_acc = reinterpret_cast<float *>(ws + plan.dq_acc);
     p.dk_acc = plan.dk_acc_used ? reinterpret_cast<float *>(ws + plan.dk_acc) : nullptr;
     p.dscale_partial = pr.dscale.present() ? reinterpret_cast<float *>(ws + plan.dscale) : nullptr;
+    p.dscale_rows = pr.dscale.present() ? reinterpret_cast<float *>(ws + plan.dscale_rows) : nullptr;
     p.dbias_mode = plan.dbias_mode;
     if (plan.dbias_mode != kDbiasNone) {
         const View &db = pr.dbias;
@@ -566,7 +587,6 @@ template <typename T> fcsa_status backward(const Problem &pr, const Plan &plan, 
         p.dbias_f32 = db.dtype == FCSA_DTYPE_FLOAT32;
         for (int i = 0; i < 4; ++i) p.dbias_stride[i] = db.stride[i];
         p.dbias_sum_rows = db.shape[2] == 1 && pr.nq > 1;
-        p.dbias_sum_keys = db.shape[3] == 1 && pr.nk > 1;
         if (plan.dbias_mode != kDbiasDirect) {
             p.dbias_acc = reinterpret_cast<float *>(ws + plan.dbias_acc);
             // Contiguous over dbias' own shape, 0 on its dimensions of size 1.
@@ -581,10 +601,6 @@ template <typename T> fcsa_status backward(const Problem &pr, const Plan &plan, 
         if (plan.dbias_mode == kDbiasOwnedKeys) {
             p.main_batches_per_cta = batch_broadcast ? int32_t(pr.b) : 1;
             p.main_kv_heads_per_cta = head_broadcast ? int32_t(pr.hk) : 1;
-        } else if (plan.dbias_mode == kDbiasOwnedQueries) {
-            p.dq_batches_per_cta = batch_broadcast ? int32_t(pr.b) : 1;
-            p.dq_heads_per_cta = head_broadcast ? int32_t(pr.h) : 1;
-            p.dq_tiles_per_cta = p.dbias_sum_rows ? int32_t(ceil_div(pr.nq, plan.shape.dq_queries)) : 1;
         }
     }
 
@@ -657,8 +673,8 @@ template <typename T> fcsa_status backward(const Problem &pr, const Plan &plan, 
     if (p.dscale_partial != nullptr) {
         const bool per_head = pr.dscale.shape[1] == pr.h;
         dscale_reduce_kernel<<<unsigned(per_head ? pr.h : 1), kPassThreads, 0, stream>>>(
-            p.dscale_partial, pr.b, pr.h, plan.main_key_tiles, per_head, static_cast<float *>(pr.dscale.data),
-            pr.dscale.stride[1]);
+            p.dscale_partial, p.dscale_rows, pr.b, pr.h, pr.nq, plan.main_key_tiles, per_head,
+            static_cast<float *>(pr.dscale.data), pr.dscale.stride[1]);
         if (fcsa_status s = check_launch(cudaGetLastError(), "dscale reduction")) return s;
     }
     return FCSA_STATUS_SUCCESS;

@@ -110,8 +110,7 @@ template <typename T, int kHeadDim, int kWarps, int kKeys> struct DqShape {
     static constexpr int kOffLse = kOffV + 2 * KTile::kBytes;
     static constexpr int kOffDelta = kOffLse + BR * 4;
     static constexpr int kOffKeyOk = kOffDelta + BR * 4; // [2][BC] bytes
-    static constexpr int kOffReduce = kOffKeyOk + 2 * BC;
-    static constexpr int kSmemBytes = kOffReduce + (kWarps > 1 ? kWarps * 4 : 0); // see block_sum
+    static constexpr int kSmemBytes = kOffKeyOk + 2 * BC;
     static_assert(BC % 16 == 0, "tile shapes");
 };
 
@@ -268,8 +267,7 @@ __device__ __forceinline__ void main_tile_dbias(const Params &p, const FragC (&d
     }
     const int64_t *st = p.dbias_acc_stride;
     const int64_t base = batch * st[0] + head * st[1];
-    const bool sum_rows = p.dbias_sum_rows, sum_keys = p.dbias_sum_keys;
-    if (!sum_rows && !sum_keys) {
+    if (!p.dbias_sum_rows) {
 #pragma unroll
         for (int kt = 0; kt < S::KT; ++kt)
 #pragma unroll
@@ -279,7 +277,7 @@ __device__ __forceinline__ void main_tile_dbias(const Params &p, const FragC (&d
                     const int64_t j = key0 + 16 * kt + g + 8 * (e >> 1), i = i0 + 8 * n + 2 * t + (e & 1);
                     if (i < p.nq && j < p.nk) dbias_add(p, base + i * st[2] + j * st[3], ds[kt][n].x[e]);
                 }
-    } else if (sum_rows && !sum_keys) {
+    } else {
         // Each key row: the thread's columns, then the 4 lanes of the row.
 #pragma unroll
         for (int kt = 0; kt < S::KT; ++kt)
@@ -292,31 +290,27 @@ __device__ __forceinline__ void main_tile_dbias(const Params &p, const FragC (&d
                 const int64_t j = key0 + 16 * kt + g + 8 * half;
                 if (t == 0 && j < p.nk) dbias_add(p, base + j * st[3], sum);
             }
-    } else if (!sum_rows && sum_keys) {
-        // Only with atomics (a broadcast key dim is owned by the dq kernel otherwise).
-#pragma unroll
-        for (int n = 0; n < S::BR / 8; ++n)
-#pragma unroll
-            for (int col = 0; col < 2; ++col) {
-                float sum = 0.f;
-#pragma unroll
-                for (int kt = 0; kt < S::KT; ++kt) sum += ds[kt][n].x[col] + ds[kt][n].x[2 + col];
-#pragma unroll
-                for (int offset = 4; offset < 32; offset *= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-                const int64_t i = i0 + 8 * n + 2 * t + col;
-                if (g == 0 && i < p.nq) dbias_add(p, base + i * st[2], sum);
-            }
-    } else {
-        float sum = 0.f;
-#pragma unroll
-        for (int kt = 0; kt < S::KT; ++kt)
-#pragma unroll
-            for (int n = 0; n < S::BR / 8; ++n)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) sum += ds[kt][n].x[e];
-        sum = warp_sum(sum);
-        if (lane == 0) dbias_add(p, base, sum);
     }
+}
+
+// Per query row, a warp's sums over its keys of dS and of P cos, for the tile rows r0
+// and r0 + 1 (r0 = 8n + 2t): the four values summed over the 8 lanes that share them
+// (those of one t) by halving, so that each of the lanes g = 0, 2, 4, 6 ends with one
+// (4 shuffles, not 12), and added into Params::dscale_rows at `row` (r0's index in
+// [b][h][nq]) where r0 + c < rows.
+__device__ __forceinline__ void add_dscale_rows(const Params &p, int64_t row, int r0, int rows,
+                                                const float (&ds_sum)[2], const float (&p_cos_sum)[2], int lane) {
+    // Lane bit 4 picks the pair (dS or P cos), bit 3 the row of the pair.
+    const bool upper = lane & 16, odd = lane & 8;
+    float pair[2] = {upper ? p_cos_sum[0] : ds_sum[0], upper ? p_cos_sum[1] : ds_sum[1]};
+    const float give0 = upper ? ds_sum[0] : p_cos_sum[0], give1 = upper ? ds_sum[1] : p_cos_sum[1];
+    pair[0] += __shfl_xor_sync(0xffffffffu, give0, 16);
+    pair[1] += __shfl_xor_sync(0xffffffffu, give1, 16);
+    float value = odd ? pair[1] : pair[0];
+    value += __shfl_xor_sync(0xffffffffu, odd ? pair[0] : pair[1], 8);
+    value += __shfl_xor_sync(0xffffffffu, value, 4);
+    const int c = odd ? 1 : 0;
+    if ((lane & 4) == 0 && r0 + c < rows) atomicAdd(p.dscale_rows + 2 * (row + c) + (upper ? 1 : 0), value);
 }
 
 // Writes zeros to dbias rows [row_begin, row_end) x keys [key0, key0 + keys) of one
@@ -388,6 +382,7 @@ __device__ __forceinline__ void carve_key_query(KeyQuerySmem<T> &s, unsigned cha
     s.delta = reinterpret_cast<float *>(base + S::kOffDelta);
 }
 
+
 // Starts the copies of query tile `qt` of (batch, head) into pipeline stage `stage` of a
 // main kernel (shape S, shared memory s): the q and dO rows and their lse and delta (and
 // 1 / ||q|| where Params::q_inv_norm is set), all with cp.async (rows past nq: zeros,
@@ -432,9 +427,9 @@ __device__ __forceinline__ void normalize_query_stage(const Params &p, const Ext
 // K^ ready (with l2norm): l2-normalized in place, and every entry that is not finite (a
 // NaN or inf in k makes k^ NaN) set to 0. A row that sees such a key has a NaN lse from
 // the forward, so its P and dS are NaN whatever S is; a row that does not has dS = 0 by
-// selection, and dQ^ = dS K^ must not meet 0 * NaN. (Raw k, without l2norm, stays as it
-// is: there a visible key's inf can give a row the logit -inf, p = 0 with a finite lse,
-// which a zeroed k would turn into p > 0; a hidden one's NaN still meets dS = 0.)
+// selection, and dQ^ = dS K^ must not meet 0 * NaN. Raw k (without l2norm): NaN set to
+// 0 and infinities to the largest finite values (common::word_saturated says why not
+// zeros). The caller starts k_ready = false.
 template <typename T, class S, bool kVarlen>
 __device__ __forceinline__ void start_query_tiles(const Params &p, const Extent<kVarlen> &e,
                                                   const KeyQuerySmem<T> &s, int keys, bool &k_ready,
@@ -451,10 +446,12 @@ __device__ __forceinline__ void start_query_tiles(const Params &p, const Extent<
     if ((normalize_q || !k_ready) && qt_begin < query_tiles) {
         common::cp_async_wait<S::kStages - 2>(); // K, V (first head) and the first query tile
         __syncthreads();
-        if (!k_ready) { // (with l2norm only: the caller starts k_ready = !l2norm)
+        if (!k_ready && p.l2norm) {
             common::normalize_tile<T, S::kKeys, S::D, S::kThreads>(s.k, keys, p.d, p.groups, tid);
             __syncthreads();
             common::zero_nonfinite_rows<T, typename S::KTile, S::kThreads>(s.k, 0, keys, tid);
+        } else if (!k_ready) {
+            common::saturate_nonfinite_rows<T, typename S::KTile, S::kThreads>(s.k, keys, tid);
         }
         k_ready = true;
         if (normalize_q) normalize_query_stage<T, S>(p, e, s, qt_begin, 0, tid);
@@ -649,7 +646,7 @@ template <typename T, class S, bool kGeneral, bool kVarlen> struct MainKernel {
         clear_all(dk, dv);
 
         const int64_t qt_begin = first_query_tile<BR>(p, e, j0, query_tiles);
-        bool k_ready = !p.l2norm; // K^ is made ready in place once, with the first query tile
+        bool k_ready = false; // K^ is made ready in place once, with the first query tile
         for (int64_t head = head0; head < head0 + p.heads_per_kv; ++head) {
             const float scale = head_scale(p, head);
             if (kGeneral && lead && p.dbias_mode == kDbiasDirect) {
@@ -720,15 +717,41 @@ template <typename T, class S, bool kGeneral, bool kVarlen> struct MainKernel {
                         probability_and_grad(score, grad, true, scale, 0.f, lse_s[r], delta_s[r]);
                     });
                 } else {
-                    for_each_score([&](float &score, float &grad, int r, int jl, bool key_visible) {
-                        const bool visible = key_visible && r < rows && jl - r <= diagonal;
-                        const float cosine = score;
-                        const float bias = has_bias && visible ? bias_at<T>(p, bias_bh, i0 + r, j0 + jl) : 0.f;
-                        probability_and_grad(score, grad, visible, scale, bias, lse_s[r], delta_s[r]);
-                        dscale_sum = fmaf(grad, cosine, dscale_sum);
-                    });
+                    // Row by row (n outer), so that with dscale each row's sums of dS and
+                    // P cos over this warp's keys are added up once (Params::dscale_rows;
+                    // the dq kernel forms them when deterministic). with_dscale: a variant of
+                    // its own (chosen once per tile).
+                    const bool dscale_rows = has_dscale && lead && !p.deterministic;
+                    auto general_tile = [&](auto with_dscale) {
+#pragma unroll
+                        for (int n = 0; n < NQ8; ++n) {
+                            float ds_sum[2] = {0.f, 0.f}, p_cos_sum[2] = {0.f, 0.f};
+#pragma unroll
+                            for (int kt = 0; kt < KT; ++kt)
+#pragma unroll
+                                for (int e = 0; e < 4; ++e) {
+                                    const int r = 8 * n + 2 * t + (e & 1), jl = warp_key0 + 16 * kt + g + 8 * (e >> 1);
+                                    float &score = sc[kt][n].x[e], &grad = dp[kt][n].x[e];
+                                    const bool visible = key_ok[kt][e >> 1] && r < rows && jl - r <= diagonal;
+                                    const float cosine = score;
+                                    const float bias =
+                                        has_bias && visible ? bias_at<T>(p, bias_bh, i0 + r, j0 + jl) : 0.f;
+                                    probability_and_grad(score, grad, visible, scale, bias, lse_s[r], delta_s[r]);
+                                    if constexpr (decltype(with_dscale)::value) {
+                                        dscale_sum = fmaf(grad, cosine, dscale_sum);
+                                        ds_sum[e & 1] += grad;
+                                        p_cos_sum[e & 1] = fmaf(score, cosine, p_cos_sum[e & 1]);
+                                    }
+                                }
+                            if (decltype(with_dscale)::value && dscale_rows)
+                                add_dscale_rows(p, (batch * p.h + head) * p.nq + i0 + 8 * n + 2 * t, 8 * n + 2 * t,
+                                                rows, ds_sum, p_cos_sum, lane);
+                        }
+                    };
+                    if (has_dscale) general_tile(std::true_type{});
+                    else general_tile(std::false_type{});
                 }
-                if (kGeneral && lead && p.dbias_mode != kDbiasNone && p.dbias_mode != kDbiasOwnedQueries)
+                if (kGeneral && lead && p.dbias_mode != kDbiasNone)
                     main_tile_dbias<T, S>(p, dp, batch, head, i0, j0 + warp_key0, lane);
 
                 // dV += P^T dO and dK^ += scale dS^T Q^, A operands straight from registers.
@@ -891,7 +914,6 @@ template <typename T, class S, bool kVarlen> struct DqKernel {
     static constexpr int BR = S::BR, BC = S::BC, D = S::D, NK8 = S::BC / 8, ND8 = S::D / 8;
 
     struct Smem : KeyQuerySmem<T> {
-        float *reduce;
         uint8_t *key_ok;
     };
 
@@ -899,7 +921,6 @@ template <typename T, class S, bool kVarlen> struct DqKernel {
         Smem s;
         carve_key_query<T, S>(s, base);
         s.key_ok = reinterpret_cast<uint8_t *>(base + S::kOffKeyOk);
-        s.reduce = reinterpret_cast<float *>(base + S::kOffReduce);
         return s;
     }
 
@@ -929,21 +950,10 @@ template <typename T, class S, bool kVarlen> struct DqKernel {
             for (int64_t head = blockIdx.y; head < p.h; head += gridDim.y) query_tile_item(p, e, s, 0, head, qt, tid);
         } else {
             const Extent<false> e{};
-            const int64_t query_tiles = (p.nq + BR - 1) / BR;
-            const int64_t tiles_per_cta = p.dq_tiles_per_cta;
-            const int64_t batch_groups = (p.b + p.dq_batches_per_cta - 1) / p.dq_batches_per_cta;
-            const int64_t head_groups = (p.h + p.dq_heads_per_cta - 1) / p.dq_heads_per_cta;
-            const int64_t t_begin = blockIdx.x * tiles_per_cta;
-            const int64_t t_end = t_begin + tiles_per_cta < query_tiles ? t_begin + tiles_per_cta : query_tiles;
-            for (int64_t item = blockIdx.y; item < batch_groups * head_groups; item += gridDim.y) {
-                const int64_t b_begin = (item % batch_groups) * p.dq_batches_per_cta;
-                const int64_t h_begin = (item / batch_groups) * p.dq_heads_per_cta;
-                const int64_t b_end = b_begin + p.dq_batches_per_cta < p.b ? b_begin + p.dq_batches_per_cta : p.b;
-                const int64_t h_end = h_begin + p.dq_heads_per_cta < p.h ? h_begin + p.dq_heads_per_cta : p.h;
-                for (int64_t batch = b_begin; batch < b_end; ++batch)
-                    for (int64_t head = h_begin; head < h_end; ++head)
-                        for (int64_t qt = t_begin; qt < t_end; ++qt) query_tile_item(p, e, s, batch, head, qt, tid);
-            }
+            // One query tile per CTA, the (batch, head) items over grid.y.
+            const int64_t qt = blockIdx.x;
+            for (int64_t item = blockIdx.y; item < p.b * p.h; item += gridDim.y)
+                query_tile_item(p, e, s, item / p.h, item % p.h, qt, tid);
         }
     }
 
@@ -980,7 +990,10 @@ template <typename T, class S, bool kVarlen> struct DqKernel {
         FragC dq[1][ND8];
 #pragma unroll
         for (int n = 0; n < ND8; ++n) common::clear(dq[0][n]);
-        float row_dbias[2] = {0.f, 0.f}; // sum over keys of dS, rows g and g + 8
+        // With dscale, rows r0 and r0 + 8: sums over the keys of dS and of P cos
+        // (Params::dscale_rows).
+        const bool dscale_rows = p.dscale_rows != nullptr;
+        float ds_sum[2] = {0.f, 0.f}, p_cos_sum[2] = {0.f, 0.f};
         const int r0 = warp * 16 + g;
         float lse_row[2], delta_row[2];
 
@@ -1008,6 +1021,12 @@ template <typename T, class S, bool kVarlen> struct DqKernel {
                 common::zero_nonfinite_rows<T, typename S::KTile, S::kThreads>(s.k + stage * S::KTile::kElements, 0,
                                                                                keys, tid);
                 __syncthreads();
+            } else {
+                // Raw k: the tile's NaN and inf made finite (start_query_tiles says how).
+                const int keys = static_cast<int>(e.k_count(p) - kt * BC < BC ? e.k_count(p) - kt * BC : BC);
+                common::saturate_nonfinite_rows<T, typename S::KTile, S::kThreads>(s.k + stage * S::KTile::kElements,
+                                                                                   keys, tid);
+                __syncthreads();
             }
             const T *k_s = s.k + stage * S::KTile::kElements;
             const T *v_s = s.v + stage * S::KTile::kElements;
@@ -1025,17 +1044,27 @@ template <typename T, class S, bool kVarlen> struct DqKernel {
                                            lane);
             const int diagonal = clamp_to_int(p.causal ? i0 + e.causal_offset(p) - j0 : int64_t(1) << 30);
             const bool has_bias = p.bias != nullptr;
+            // P and dS in place; with_rows: the sums for Params::dscale_rows (a variant of
+            // its own, so that the common tile does not pay for them).
+            auto form_ds = [&](auto with_rows) {
 #pragma unroll
-            for (int n = 0; n < NK8; ++n)
+                for (int n = 0; n < NK8; ++n)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int r = r0 + 8 * (e >> 1), c = 8 * n + 2 * t + (e & 1);
-                    const bool visible = ok_s[c] != 0 && r < rows && c - r <= diagonal;
-                    const float bias = has_bias && visible ? bias_at<T>(p, bias_bh, i0 + r, j0 + c) : 0.f;
-                    probability_and_grad(sc[0][n].x[e], dp[0][n].x[e], visible, scale, bias,
-                                         lse_row[e >> 1], delta_row[e >> 1]);
-                    row_dbias[e >> 1] += dp[0][n].x[e];
-                }
+                    for (int e = 0; e < 4; ++e) {
+                        const int r = r0 + 8 * (e >> 1), c = 8 * n + 2 * t + (e & 1);
+                        const bool visible = ok_s[c] != 0 && r < rows && c - r <= diagonal;
+                        const float bias = has_bias && visible ? bias_at<T>(p, bias_bh, i0 + r, j0 + c) : 0.f;
+                        const float cosine = sc[0][n].x[e];
+                        probability_and_grad(sc[0][n].x[e], dp[0][n].x[e], visible, scale, bias,
+                                             lse_row[e >> 1], delta_row[e >> 1]);
+                        if constexpr (decltype(with_rows)::value) {
+                            ds_sum[e >> 1] += dp[0][n].x[e];
+                            p_cos_sum[e >> 1] = fmaf(sc[0][n].x[e], cosine, p_cos_sum[e >> 1]);
+                        }
+                    }
+            };
+            if (dscale_rows) form_ds(std::true_type{});
+            else form_ds(std::false_type{});
             typename G::Operand op[1][BC / 16];
 #pragma unroll
             for (int kq = 0; kq < BC / 16; ++kq) G::to_operand(op[0][kq], dp[0][2 * kq], dp[0][2 * kq + 1], scale);
@@ -1055,17 +1084,13 @@ template <typename T, class S, bool kVarlen> struct DqKernel {
             }
         }
 
-        if (p.dbias_mode == kDbiasOwnedQueries) {
-            const int64_t *st = p.dbias_acc_stride;
-            const int64_t base = batch * st[0] + head * st[1];
-            const float row0 = common::quad_sum(row_dbias[0]), row1 = common::quad_sum(row_dbias[1]);
-            if (!p.dbias_sum_rows) {
-                if (t == 0 && r0 < rows) p.dbias_acc[base + (i0 + r0) * st[2]] += row0;
-                if (t == 0 && r0 + 8 < rows) p.dbias_acc[base + (i0 + r0 + 8) * st[2]] += row1;
-            } else {
-                // Rows broadcast too: one sum over the tile, in a fixed order.
-                const float total = block_sum<S::kThreads / 32>(t == 0 ? row0 + row1 : 0.f, s.reduce, tid);
-                if (tid == 0) p.dbias_acc[base] += total;
+        if (dscale_rows) {
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const float ds_row = common::quad_sum(ds_sum[half]), p_cos_row = common::quad_sum(p_cos_sum[half]);
+                const int r = r0 + 8 * half;
+                if (t == 0 && r < rows)
+                    *reinterpret_cast<float2 *>(p.dscale_rows + 2 * (row_base + r)) = make_float2(ds_row, p_cos_row);
             }
         }
     }

@@ -72,13 +72,11 @@ template <typename T, class S> int launch_dq_shape(const Params &p, void *stream
     // Packed sequences: the query tiles of the table's bound, one per CTA.
     const bool varlen = p.varlen_queries.tiles != nullptr;
     const int64_t query_tiles = varlen ? p.varlen_queries.max_tiles : (p.nq + S::BR - 1) / S::BR;
-    const int64_t tile_groups = (query_tiles + p.dq_tiles_per_cta - 1) / p.dq_tiles_per_cta;
-    const int64_t items = (p.b + p.dq_batches_per_cta - 1) / p.dq_batches_per_cta *
-                          ((p.h + p.dq_heads_per_cta - 1) / p.dq_heads_per_cta);
+    const int64_t items = p.b * p.h;
     const auto kernel = varlen ? dq_kernel<T, S, true> : dq_kernel<T, S, false>;
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSmemBytes);
     if (err != cudaSuccess) return err;
-    const dim3 grid(static_cast<unsigned>(tile_groups), grid_items(items));
+    const dim3 grid(static_cast<unsigned>(query_tiles), grid_items(items));
     kernel<<<grid, S::kThreads, S::kSmemBytes, static_cast<cudaStream_t>(stream)>>>(p);
     return cudaGetLastError();
 }

@@ -14,7 +14,8 @@
 //                   S, P, dP over all keys and owns its rows of dQ^ (no atomics);
 //   4. post-passes  dq (and dk when the head dim was split) through the l2norm
 //                   backward into q's dtype; dbias from its float32 accumulator;
-//                   dscale from the per-CTA partials, in a fixed order.
+//                   dscale from the per-CTA partials and the per-row sums
+//                   (Params::dscale_rows), in a fixed order.
 #pragma once
 
 #include <cstdint>
@@ -30,12 +31,12 @@ enum DbiasMode : int32_t {
     kDbiasNone = 0,
     kDbiasDirect = 1,      // bias has the full (b, h, nq, nk) shape: dS is stored as is
     kDbiasAtomic = 2,      // broadcast dims, float atomics into the float32 accumulator
-    kDbiasOwnedKeys = 3,   // deterministic, nk not broadcast: the main kernel's CTAs own
-                           // their key columns and loop over the batches / heads that
-                           // meet in one dbias entry, adding in a fixed order
-    kDbiasOwnedQueries = 4 // deterministic, nk broadcast: the dq kernel's CTAs own their
-                           // rows and loop likewise
+    kDbiasOwnedKeys = 3    // deterministic: the main kernel's CTAs own their key columns
+                           // and loop over the batches / heads that meet in one dbias
+                           // entry, adding in a fixed order
 };
+// (A bias broadcast over the keys has no gradient to compute: softmax does not see a
+// shift common to a row's logits, so its dbias is exactly 0 and backward.cu writes it.)
 
 // A (batch, head, row, column) tensor with a contiguous last dimension.
 struct Rows {
@@ -96,6 +97,12 @@ struct Params {
     float *dq_acc = nullptr;  // [b][h][nq][d] float32: dq^ (atomics, or the dq kernel)
     float *dk_acc = nullptr;  // [b][hk][nk][d] float32 when the head dim is split and l2norm
     float *dscale_partial = nullptr; // [b][h][key tiles of the main kernel], or nullptr
+    // With dscale, [b][h][nq][2]: per query row, R_i = sum_j dS_ij and C_i = sum_j P_ij
+    // cos_ij (added by the main kernel, or stored by the dq kernel when deterministic).
+    // delta_i = <dO_i, O_i> misses the rounding of P in the forward's 16-bit P V, so a
+    // row's dS does not sum to 0 as softmax's gradient does: dS - P R does, and dscale is
+    // sum dS cos - sum_i R_i C_i.
+    float *dscale_rows = nullptr;
     int32_t dbias_mode = kDbiasNone;
     void *dbias = nullptr;           // kDbiasDirect: the caller's dbias
     bool dbias_f32 = false;
@@ -103,12 +110,10 @@ struct Params {
     float *dbias_acc = nullptr;      // other modes: float32, dbias' shape, contiguous
     int64_t dbias_acc_stride[4] = {0, 0, 0, 0}; // 0 on every dimension of size 1
     bool dbias_sum_rows = false; // bias broadcast over nq > 1 rows: sum them
-    bool dbias_sum_keys = false; // bias broadcast over nk > 1 keys: sum them
 
-    // Work partition of the deterministic dbias modes: how many batches / kv heads /
-    // query heads / query tiles one CTA loops over (1 otherwise).
+    // Work partition of the deterministic dbias mode: how many batches / kv heads one
+    // CTA loops over (1 otherwise).
     int32_t main_batches_per_cta = 1, main_kv_heads_per_cta = 1;
-    int32_t dq_batches_per_cta = 1, dq_heads_per_cta = 1, dq_tiles_per_cta = 1;
 
     // Query rows per tile of the shared-scores kernel, which then runs instead of the
     // main kernel (64 or 128); 0: the main kernel.

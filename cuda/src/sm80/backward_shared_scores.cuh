@@ -150,7 +150,7 @@ template <typename T, class S, bool kMasked, bool kVarlen> struct SharedScoresKe
 
         // Causal: the query tiles before qt_begin see none of these keys, for every head.
         const int64_t qt_begin = first_query_tile<BR>(p, e, j0, query_tiles);
-        bool k_ready = !p.l2norm; // K^ is made ready in place once, with the first query tile
+        bool k_ready = false; // K^ is made ready in place once, with the first query tile
         // q's norm folded (Params::q_inv_norm): the query tiles stay raw, S and scale dS
         // are divided by ||q|| per row. Else they are normalized in place as they land.
         const bool fold_q_norm = p.q_inv_norm != nullptr;
