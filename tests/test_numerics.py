@@ -341,17 +341,21 @@ def test_causally_hidden_keys_holding_nonfinite_values(l2norm_qk, nq, nk, keys, 
 @pytest.mark.parametrize("d", [16, 64])
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 @pytest.mark.parametrize("hiding", ["mask", "causal"])
-def test_hidden_raw_keys_holding_nonfinite_values(hiding, deterministic, d, dtype, device):
+@pytest.mark.parametrize("scale", ["number", "learnable"])
+def test_hidden_raw_keys_holding_nonfinite_values(scale, hiding, deterministic, d, dtype, device):
     # Without l2norm the backward multiplies raw k tiles: a NaN or inf in a key hidden
     # from a row must not meet that row's dS = 0 in dQ = dS K, in any of the CUDA
     # backward's kernels (16-bit d = 64 without bias is the shared-scores one,
     # deterministic adds the dq kernel; they make such entries finite in shared memory).
-    # The same call with those entries 0 is the reference: it rounds alike.
+    # The same call with those entries 0 is the reference: it rounds alike. A learnable
+    # scale takes the general kernel, whose dscale must not meet them either.
     b, h, hk, nq, nk = 2, 4, 2, 96, 130
     q, v = torch.randn(b, h, nq, d), torch.randn(b, hk, nk, d)
     k = torch.randn(b, hk, nk, d)
-    kwargs = dict(l2norm_qk=False, scale=0.25, deterministic=deterministic)
+    kwargs = dict(l2norm_qk=False, deterministic=deterministic)
     extra = {}
+    if scale == "number":
+        kwargs["scale"] = 0.25
     if hiding == "mask":
         mask = random_mask(b, nk, p=0.6)
         extra["mask"] = mask.to(device)
@@ -365,6 +369,8 @@ def test_hidden_raw_keys_holding_nonfinite_values(hiding, deterministic, d, dtyp
     results = {}
     for fill in (float("nan"), float("inf"), 0.0):
         inputs = dict(zip("qkv", leaves(device, dtype, q, with_values(k, where, fill), v)), **extra)
+        if scale == "learnable":
+            (inputs["scale"],) = leaves(device, torch.float32, torch.tensor(0.25))
         results[fill] = attention_and_grads(inputs, dout, **kwargs)
     zero = results.pop(0.0)
     blind = slice(None) if hiding == "mask" else slice(0, 60 - (nk - nq))
@@ -373,6 +379,9 @@ def test_hidden_raw_keys_holding_nonfinite_values(hiding, deterministic, d, dtyp
             part = got[name][:, :, blind]
             assert torch.isfinite(part).all(), (fill, name)
             torch.testing.assert_close(part, zero[name][:, :, blind], msg=f"{fill} {name}")
+        if scale == "learnable" and hiding == "mask":
+            assert torch.isfinite(got["dscale"]).all(), fill
+            torch.testing.assert_close(got["dscale"], zero["dscale"], msg=f"{fill} dscale")
         if hiding == "mask":
             for name in ("dk", "dv"):
                 assert torch.isfinite(got[name]).all(), (fill, name)

@@ -56,7 +56,10 @@ __device__ __forceinline__ void zero_nonfinite_rows(T *tile, int first, int last
 // its dS = 0 in dQ = dS K as a finite number; a key the row sees keeps, in practice,
 // the logit the forward gave it: -inf there (P = 0 with a finite lse) stays a logit far
 // below any other (P = 0 again), and a NaN or +inf there left the row's lse NaN, which
-// makes its P NaN whatever the logit. (Zeros would turn the first into P > 0.)
+// makes its P NaN whatever the logit. (Zeros would turn the first into P > 0.) In
+// float16 the largest is 65504, so "far below" needs scale |q_c| 65504 well above the
+// row's other logits: a visible key with -inf and a q component near 0 at a small
+// scale can get P > 0 where the forward had 0 (a hidden one never matters).
 template <typename T> __device__ __forceinline__ uint32_t word_saturated(uint32_t w) {
     constexpr uint32_t m = ExponentBits<T>::kMask;
     if constexpr (sizeof(T) == 4) {

@@ -499,7 +499,7 @@ template <typename T> fcsa_status backward(const Problem &pr, const Plan &plan, 
         if (cudaError_t e = cudaMemsetAsync(ws + plan.dq_acc, 0, plan.dq_acc_bytes, stream))
             return check_launch(e, "memset of the dq accumulator");
     }
-    if (plan.dscale_rows > 0) {
+    if (pr.dscale.present()) {
         if (cudaError_t e = cudaMemsetAsync(ws + plan.dscale_rows, 0, size_t(pr.b * pr.h * pr.nq) * 8, stream))
             return check_launch(e, "memset of the dscale row sums");
     }

@@ -733,7 +733,9 @@ template <typename T, class S, bool kGeneral, bool kVarlen> struct MainKernel {
                                     const int r = 8 * n + 2 * t + (e & 1), jl = warp_key0 + 16 * kt + g + 8 * (e >> 1);
                                     float &score = sc[kt][n].x[e], &grad = dp[kt][n].x[e];
                                     const bool visible = key_ok[kt][e >> 1] && r < rows && jl - r <= diagonal;
-                                    const float cosine = score;
+                                    // (0 where hidden: a raw key's saturated k can make its
+                                    // product inf, and 0 * inf would reach dscale)
+                                    const float cosine = visible ? score : 0.f;
                                     const float bias =
                                         has_bias && visible ? bias_at<T>(p, bias_bh, i0 + r, j0 + jl) : 0.f;
                                     probability_and_grad(score, grad, visible, scale, bias, lse_s[r], delta_s[r]);
@@ -1054,7 +1056,7 @@ template <typename T, class S, bool kVarlen> struct DqKernel {
                         const int r = r0 + 8 * (e >> 1), c = 8 * n + 2 * t + (e & 1);
                         const bool visible = ok_s[c] != 0 && r < rows && c - r <= diagonal;
                         const float bias = has_bias && visible ? bias_at<T>(p, bias_bh, i0 + r, j0 + c) : 0.f;
-                        const float cosine = sc[0][n].x[e];
+                        const float cosine = visible ? sc[0][n].x[e] : 0.f; // (as the main kernel's)
                         probability_and_grad(sc[0][n].x[e], dp[0][n].x[e], visible, scale, bias,
                                              lse_row[e >> 1], delta_row[e >> 1]);
                         if constexpr (decltype(with_rows)::value) {

@@ -26,7 +26,7 @@
 namespace fcsa {
 namespace sm80_bwd {
 
-// How dbias is produced (see choose_dbias_mode in backward.cu).
+// How dbias is produced (see plan_workspace in backward.cu).
 enum DbiasMode : int32_t {
     kDbiasNone = 0,
     kDbiasDirect = 1,      // bias has the full (b, h, nq, nk) shape: dS is stored as is
