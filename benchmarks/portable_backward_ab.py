@@ -33,6 +33,6 @@ for name, dtype, d, n, kw in cases:
     out = fcsa.flash_cosine_sim_attention(q, k, v, **kw)
     dout = torch.randn_like(out)
     ms = do_bench(lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True), warmup=10, rep=60)
-    rows.append(dict(tag=tag, case=name, ms=ms, backend=fcsa.last_backend() if hasattr(fcsa, "last_backend") else ""))
+    rows.append(dict(tag=tag, case=name, ms=ms, backend=fcsa.last_backend()))
     print(f"{tag:5s} {name:38s} {ms:8.3f} ms", flush=True)
 json.dump(dict(device=torch.cuda.get_device_name(), rows=rows), open(path, "w"), indent=1)

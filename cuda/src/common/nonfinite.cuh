@@ -37,23 +37,9 @@ template <typename T> __device__ __forceinline__ uint32_t word_without_nonfinite
     }
 }
 
-// Rows [first, last) of a shared tile (layout Tile: PaddedTile, SwizzledTile) with every
-// NaN and inf set to 0; all kThreads threads (the caller's barrier publishes them).
-template <typename T, class Tile, int kThreads>
-__device__ __forceinline__ void zero_nonfinite_rows(T *tile, int first, int last, int tid) {
-    constexpr int kPerRow = Tile::kChunksPerRow;
-    for (int c = first * kPerRow + tid; c < last * kPerRow; c += kThreads) {
-        uint4 *at = reinterpret_cast<uint4 *>(tile + Tile::chunk_offset(c / kPerRow, (c % kPerRow) * Tile::kChunk));
-        const uint4 v = *at;
-        const uint4 z = make_uint4(word_without_nonfinite<T>(v.x), word_without_nonfinite<T>(v.y),
-                                   word_without_nonfinite<T>(v.z), word_without_nonfinite<T>(v.w));
-        if (z.x != v.x || z.y != v.y || z.z != v.z || z.w != v.w) *at = z;
-    }
-}
-
 // For a raw k (without l2norm): a 32-bit word with each NaN replaced by +0 and each
-// infinity by the largest finite value of its sign (of its products, for float32). A key hidden from a row then meets
-// its dS = 0 in dQ = dS K as a finite number; a key the row sees keeps, in practice,
+// infinity by the largest finite value of its sign (of its products, for float32). A
+// key hidden from a row then meets its dS = 0 in dQ = dS K as a finite number; a key the row sees keeps, in practice,
 // the logit the forward gave it: -inf there (P = 0 with a finite lse) stays a logit far
 // below any other (P = 0 again), and a NaN or +inf there left the row's lse NaN, which
 // makes its P NaN whatever the logit. (Zeros would turn the first into P > 0.) In
@@ -81,16 +67,17 @@ template <typename T> __device__ __forceinline__ uint32_t word_saturated(uint32_
     }
 }
 
-// Rows [0, rows) of a shared K tile of raw keys with word_saturated applied to every
-// element that is not finite (all kThreads threads; the caller's barrier publishes them).
-template <typename T, class Tile, int kThreads>
-__device__ __forceinline__ void saturate_nonfinite_rows(T *tile, int rows, int tid) {
+// Rows [first, last) of a shared tile (layout Tile: PaddedTile, SwizzledTile) with every
+// NaN and inf set to 0 (kSaturate: word_saturated's values instead, for raw keys); all
+// kThreads threads (the caller's barrier publishes them).
+template <typename T, class Tile, int kThreads, bool kSaturate = false>
+__device__ __forceinline__ void zero_nonfinite_rows(T *tile, int first, int last, int tid) {
     constexpr int kPerRow = Tile::kChunksPerRow;
-    for (int c = tid; c < rows * kPerRow; c += kThreads) {
+    auto word = [](uint32_t w) { return kSaturate ? word_saturated<T>(w) : word_without_nonfinite<T>(w); };
+    for (int c = first * kPerRow + tid; c < last * kPerRow; c += kThreads) {
         uint4 *at = reinterpret_cast<uint4 *>(tile + Tile::chunk_offset(c / kPerRow, (c % kPerRow) * Tile::kChunk));
         const uint4 v = *at;
-        const uint4 z = make_uint4(word_saturated<T>(v.x), word_saturated<T>(v.y), word_saturated<T>(v.z),
-                                   word_saturated<T>(v.w));
+        const uint4 z = make_uint4(word(v.x), word(v.y), word(v.z), word(v.w));
         if (z.x != v.x || z.y != v.y || z.z != v.z || z.w != v.w) *at = z;
     }
 }

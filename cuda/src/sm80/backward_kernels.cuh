@@ -421,6 +421,14 @@ __device__ __forceinline__ void normalize_query_stage(const Params &p, const Ext
                                                         tid);
 }
 
+// A K tile's rows [0, keys) made finite in place (start_query_tiles says why): NaN and
+// inf set to 0 in K^, saturated in a raw k. All threads; the caller's barrier publishes.
+template <typename T, class KTile, int kThreads>
+__device__ __forceinline__ void make_keys_finite(const Params &p, T *k_tile, int keys, int tid) {
+    if (p.l2norm) common::zero_nonfinite_rows<T, KTile, kThreads>(k_tile, 0, keys, tid);
+    else common::zero_nonfinite_rows<T, KTile, kThreads, true>(k_tile, 0, keys, tid);
+}
+
 // Per head, before a kernel's query-tile loop: kStages - 1 query tiles in flight (one
 // commit group per tile), K^ made ready once (below), and with l2norm the first query
 // tile normalized unless q's norm is folded (the loop's first barrier publishes both).
@@ -451,7 +459,7 @@ __device__ __forceinline__ void start_query_tiles(const Params &p, const Extent<
             __syncthreads();
             common::zero_nonfinite_rows<T, typename S::KTile, S::kThreads>(s.k, 0, keys, tid);
         } else if (!k_ready) {
-            common::saturate_nonfinite_rows<T, typename S::KTile, S::kThreads>(s.k, keys, tid);
+            common::zero_nonfinite_rows<T, typename S::KTile, S::kThreads, true>(s.k, 0, keys, tid);
         }
         k_ready = true;
         if (normalize_q) normalize_query_stage<T, S>(p, e, s, qt_begin, 0, tid);
@@ -1012,24 +1020,17 @@ template <typename T, class S, bool kVarlen> struct DqKernel {
             }
             if (kt + 1 < key_tiles) issue_key_tile(p, e, s, batch, kv, kt + 1, stage ^ 1, tid);
             common::cp_async_commit();
+            // With l2norm, Q (once) and this key tile normalized in place; then the tile's
+            // entries that are not finite made finite (start_query_tiles says why).
+            const int keys = static_cast<int>(e.k_count(p) - kt * BC < BC ? e.k_count(p) - kt * BC : BC);
             if (p.l2norm) {
-                // Q (once) and this key tile normalized in place, then the tile's entries that
-                // are not finite set to 0 (start_query_tiles says why).
-                const int keys = static_cast<int>(e.k_count(p) - kt * BC < BC ? e.k_count(p) - kt * BC : BC);
                 if (kt == 0) common::normalize_tile<T, BR, D, S::kThreads>(s.q, rows, p.d, p.groups, tid);
                 common::normalize_tile<T, BC, D, S::kThreads>(s.k + stage * S::KTile::kElements, keys, p.d, p.groups,
                                                               tid);
                 __syncthreads();
-                common::zero_nonfinite_rows<T, typename S::KTile, S::kThreads>(s.k + stage * S::KTile::kElements, 0,
-                                                                               keys, tid);
-                __syncthreads();
-            } else {
-                // Raw k: the tile's NaN and inf made finite (start_query_tiles says how).
-                const int keys = static_cast<int>(e.k_count(p) - kt * BC < BC ? e.k_count(p) - kt * BC : BC);
-                common::saturate_nonfinite_rows<T, typename S::KTile, S::kThreads>(s.k + stage * S::KTile::kElements,
-                                                                                   keys, tid);
-                __syncthreads();
             }
+            make_keys_finite<T, typename S::KTile, S::kThreads>(p, s.k + stage * S::KTile::kElements, keys, tid);
+            __syncthreads();
             const T *k_s = s.k + stage * S::KTile::kElements;
             const T *v_s = s.v + stage * S::KTile::kElements;
             const uint8_t *ok_s = s.key_ok + stage * BC;
